@@ -1,0 +1,177 @@
+"""NumPy adapter: hand-written gradients (``grad=``) checked against finite differences.
+
+NumPy has no automatic differentiation, so the analytic side is the user's own function: for a scalar
+``fn``, ``grad(*args)`` returns one gradient per checked argument; for a non-scalar ``fn``,
+``grad(cotangent, *args)`` is a vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._layout import Candidate, layout_leaves
+from gradbridge._outputs import output_leaves, output_specs
+from gradbridge._rng import SharedRandomState
+from gradbridge._tree import flatten
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, np.generic))
+
+
+def _is_output(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, np.generic, float, int)) and not isinstance(value, bool)
+
+
+def _floating(value: Any) -> bool:
+    return np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+class NumpyPrepared:
+    """A NumPy function (and its ``grad``) over the flat float64 vector of checked leaves."""
+
+    analytic_source = "the grad= function you passed (hand-written)"
+
+    def __init__(self, spec: CheckSpec, candidates: List[Candidate], leaves: List[LeafSpec], chosen: List[int],
+                 rebuilds: list) -> None:
+        self.spec = spec
+        self.candidates = candidates
+        self.leaves = leaves
+        self.chosen = chosen
+        self.rebuilds = rebuilds
+        self.x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).ravel() for i in chosen])
+        self.rng = SharedRandomState(spec.seed)
+        self._outputs: Optional[List[LeafSpec]] = None
+        self._output_rebuild = None
+        self.notes = [f"{leaf.name} ({leaf.dtype}) is checked on a float64 copy"
+                      for leaf in leaves if leaf.dtype != "float64"]
+
+    @property
+    def output_specs(self) -> List[LeafSpec]:
+        if self._outputs is None:
+            raise RuntimeError("output_specs is known after the first evaluation")
+        return self._outputs
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with self.rng.preserved():
+            yield
+
+    def _arguments(self, x: np.ndarray) -> tuple:
+        """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest."""
+        values = [np.array(c.value, copy=True) for c in self.candidates]
+        for leaf, i in zip(self.leaves, self.chosen):
+            values[i] = x[leaf.slice].reshape(leaf.shape).copy()
+        values = [v if isinstance(c.value, np.ndarray) else (v[()] if isinstance(v, np.ndarray) else v)
+                  for v, c in zip(values, self.candidates)]
+        return tuple(rebuild(values) for rebuild in self.rebuilds)
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        self.rng.reseed()
+        result = self.spec.fn(*self._arguments(x), **self.spec.kwargs)
+        leaves = [leaf for leaf in output_leaves(result, _is_output) if _floating(leaf.value) or
+                  isinstance(leaf.value, (int, np.integer))]
+        if not leaves:
+            raise FunctionEvaluationError(
+                f"fn: expected a float or NumPy array as output, got {type(result).__name__}")
+        arrays = [np.asarray(leaf.value, dtype=np.float64) for leaf in leaves]
+        if self._outputs is None:
+            self._outputs = output_specs([(l.path, np.shape(l.value), str(np.asarray(l.value).dtype))
+                                          for l in leaves])
+            _, self._output_rebuild = flatten(result, "out", _is_output)
+        return np.concatenate([a.ravel() for a in arrays])
+
+    def evaluate(self, points: np.ndarray) -> np.ndarray:
+        return np.stack([self._call(x) for x in points])
+
+    def _gradients(self, result: Any) -> np.ndarray:
+        """Turn ``grad``'s return value into one flat vector over the checked leaves, checking shapes."""
+        items = list(result) if isinstance(result, (list, tuple)) else [result]
+        floating = [i for i, c in enumerate(self.candidates) if c.floating]
+        if len(items) == len(self.chosen):
+            mapping = list(self.chosen)
+        elif len(items) == len(floating):
+            mapping = floating
+        else:
+            expected = ", ".join(leaf.name for leaf in self.leaves)
+            raise FunctionEvaluationError(
+                f"grad: returned {len(items)} gradient(s), expected {len(self.chosen)}, one per checked "
+                f"argument ({expected}), in argument order")
+        by_candidate = dict(zip(mapping, items))
+        flat = []
+        for leaf, i in zip(self.leaves, self.chosen):
+            gradient = np.asarray(by_candidate[i], dtype=np.float64)
+            if gradient.shape != leaf.shape and gradient.size != leaf.size:
+                raise FunctionEvaluationError(
+                    f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
+                    "(the shape of the argument)")
+            flat.append(gradient.ravel())
+        return np.concatenate(flat)
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        outputs = self.output_specs
+        scalar = len(outputs) == 1 and outputs[0].size == 1
+        if scalar:
+            self.rng.reseed()
+            gradient = self._gradients(self.spec.grad(*self._arguments(self.x0), **self.spec.kwargs))
+            return cotangents[:, :1] * gradient[None, :]
+        rows = []
+        for cotangent in cotangents:
+            blocks = [cotangent[spec.slice].reshape(spec.shape) for spec in outputs]
+            structured = self._output_rebuild(blocks)
+            self.rng.reseed()
+            rows.append(self._gradients(self.spec.grad(structured, *self._arguments(self.x0), **self.spec.kwargs)))
+        return np.stack(rows)
+
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        raise ModeUnsupportedError("forward mode: a NumPy grad= gives reverse-mode gradients only")
+
+    def gradient_function(self, cotangent: np.ndarray) -> "NumpyPrepared":
+        raise ModeUnsupportedError("order=2 needs second derivatives, which a NumPy grad= function does not provide")
+
+
+class NumpyAdapter:
+    """Adapter for plain NumPy code with a user-written gradient."""
+
+    name = "numpy"
+    module_name = "numpy"
+    install_hint = "pip install numpy"
+
+    def is_loaded(self) -> bool:
+        return True
+
+    def owns(self, value: Any) -> bool:
+        return _is_array(value)
+
+    def version(self) -> str:
+        return np.__version__
+
+    def prepare(self, spec: CheckSpec) -> NumpyPrepared:
+        if spec.grad is None:
+            raise InvalidArgumentError(
+                "grad: NumPy code has no automatic differentiation, so pass grad=your_gradient_function: "
+                "grad(*args) returning one gradient per checked argument for a scalar fn, or "
+                "grad(cotangent, *args) (a vector-Jacobian product) for a non-scalar fn")
+        if spec.params is not None:
+            raise InvalidArgumentError("params: the NumPy backend has no modules; pass parameters as arguments")
+        candidates: List[Candidate] = []
+        rebuilds = []
+        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
+            leaves, rebuild = flatten(arg, name, _is_array)
+            base = len(candidates)
+            for leaf in leaves:
+                array = np.asarray(leaf.value)
+                candidates.append(Candidate(leaf.path, leaf.value, array.shape, str(array.dtype),
+                                            np.issubdtype(array.dtype, np.floating), "input", index))
+            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(leaves):
+                            rebuild(values[base:base + count]))
+        leaves, chosen = layout_leaves(candidates, spec.wrt)
+        return NumpyPrepared(spec, candidates, leaves, chosen, rebuilds)
+
+
+ADAPTER = NumpyAdapter()

@@ -1,0 +1,22 @@
+"""gradbridge: is the gradient of your code right? One call, four frameworks.
+
+>>> import gradbridge as gb
+>>> report = gb.check(fn, x, w)      # compare autodiff (or your grad) with finite differences
+>>> print(report); assert report.passed
+
+The core imports only the standard library and NumPy; framework adapters (``gradbridge.backends``)
+are imported only when a check needs them.
+"""
+
+from ._api import assert_check, check
+from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
+                      InvalidArgumentError, ModeUnsupportedError)
+from ._report import Report, RowResult, WorstElement
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "check", "assert_check", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
+    "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
+    "__version__",
+]

@@ -1,0 +1,132 @@
+"""The public entry points: :func:`check` and :func:`assert_check`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+from . import _registry
+from ._adapter import CheckSpec
+from ._check import run_check
+from ._errors import GradientCheckError, InvalidArgumentError
+from ._finite_diff import step_description
+from ._options import normalize_wrt, validate_kwargs, validate_options
+from ._report import Report
+from ._tolerance import Tolerance
+from ._tree import flatten
+
+Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
+
+
+def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]] = None, params: Any = None,
+          wrt: Wrt = None, mode: str = "full", order: int = 1, eps: Optional[float] = None,
+          atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
+          backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "rev",
+          probes: int = 3, train: bool = False, chunk_size: int = 256) -> Report:
+    """Check the gradients of ``fn`` at ``args`` against central finite differences.
+
+    The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
+    tuples and dicts too) and ``params``; the user's arrays, modules and random generators are left
+    exactly as they were, also when ``fn`` raises. A wrong gradient never raises here: read
+    ``report.passed``, print the report, or use :func:`assert_check`.
+
+    Args:
+        fn: the function to check. Its analytic derivatives come from the framework's autodiff (torch,
+            JAX, TensorFlow) or from ``grad`` (NumPy).
+        *args: the point at which to check. Floating arrays are checked; integers, booleans and other
+            values pass through unchanged.
+        grad: NumPy only. For a scalar ``fn``, ``grad(*args)`` returns one gradient per checked argument
+            (a single array when there is one). For a non-scalar ``fn``, ``grad(cotangent, *args)`` is a
+            VJP returning the same.
+        params: parameters ``fn`` closes over, checked by name: a ``torch.nn.Module`` (its named
+            parameters) or an iterable of tensors. When ``fn`` is itself a module, its parameters are
+            used unless ``params`` says otherwise (``params=()`` checks the inputs only).
+        wrt: narrow what is checked: argument positions (int), names or name prefixes (``"x"``,
+            ``"fc1"``, ``"fc1.weight"``), the array objects themselves, or a list of these.
+        mode: ``"full"`` compares every Jacobian entry; ``"fast"`` compares random projections with
+            ``probes`` Gaussian probes per checked leaf and re-runs ``full`` on a failing leaf.
+        order: 1 checks first derivatives; 2 also checks the derivative of ``x -> J(x)^T v`` (like
+            ``torch.autograd.gradgradcheck``).
+        eps: relative finite-difference step; the step of element j is ``eps * max(1, |x_j|)``.
+            Default ``cbrt(float64 eps)`` (about 6e-6).
+        atol, rtol: replace the default error-estimated tolerance by ``|a - n| <= atol + rtol*|n|``.
+        seed: seeds the probes of ``fast`` mode and every RNG re-seeded before each evaluation.
+        backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``; detected from the arguments
+            when None.
+        kwargs: keyword arguments passed to ``fn`` unchanged (never checked).
+        analytic: ``"rev"`` (VJPs: checks backward passes, the default), ``"fwd"`` (JVPs) or ``"both"``.
+        probes: number of random probes per leaf in ``fast`` mode.
+        train: keep modules in training mode (dropout masks frozen by re-seeding, BatchNorm on batch
+            statistics) instead of the default evaluation mode.
+        chunk_size: most points evaluated in one batch.
+
+    Returns:
+        A :class:`Report`; ``report.passed`` is the verdict.
+
+    Raises:
+        InvalidArgumentError: a bad argument or option (the message names it).
+        BackendNotAvailableError: the framework for ``backend`` is not installed.
+        FunctionEvaluationError: ``fn`` (or its gradient) raised, or returned NaN/Inf or non-arrays.
+    """
+    if not callable(fn):
+        raise InvalidArgumentError(f"fn: expected a callable (function, autograd Function's apply, module), "
+                                   f"got {type(fn).__name__}")
+    options = validate_options(mode=mode, order=order, eps=eps, atol=atol, rtol=rtol, seed=seed, probes=probes,
+                               analytic=analytic, train=train, chunk_size=chunk_size)
+    call_kwargs = validate_kwargs(kwargs)
+    if grad is not None and not callable(grad):
+        raise InvalidArgumentError(f"grad: expected a callable returning gradients, got {type(grad).__name__}")
+    adapter = _registry.get_adapter(backend) if backend is not None else _registry.detect_adapter(
+        _values_of(args, params, fn))
+    spec = CheckSpec(fn=fn, args=tuple(args), kwargs=call_kwargs, params=params, wrt=normalize_wrt(wrt), grad=grad,
+                     seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)))
+    prepared = adapter.prepare(spec)
+    report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
+                    mode=options.mode, order=options.order, tolerance=Tolerance(options.atol, options.rtol).describe(),
+                    step=step_description(options.eps))
+    report.notes.append(f"analytic side: {prepared.analytic_source}")
+    return run_check(prepared, options, report)
+
+
+def assert_check(fn: Callable[..., Any], *args: Any, **options: Any) -> Report:
+    """Like :func:`check`, but raise :class:`GradientCheckError` (an ``AssertionError``) carrying the
+    report when the check fails. Returns the report when it passes."""
+    report = check(fn, *args, **options)
+    if not report.passed:
+        raise GradientCheckError(report)
+    return report
+
+
+def _values_of(args: Tuple[Any, ...], params: Any, fn: Any) -> Iterable[Any]:
+    leaves, _ = flatten((args, params), "args", lambda v: not isinstance(v, (list, tuple, dict)))
+    return [leaf.value for leaf in leaves] + [fn]
+
+
+def function_name(fn: Any) -> str:
+    """A readable name: ``MyLinear.apply`` for a classmethod, the qualified name otherwise."""
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None)
+    if isinstance(owner, type) and name:
+        return f"{owner.__name__}.{name}"
+    return getattr(fn, "__qualname__", None) or name or type(fn).__name__
+
+
+def argument_names(fn: Any, count: int) -> Tuple[str, ...]:
+    """Names for the positional arguments: from ``fn``'s signature where it has them, else ``arg0``...."""
+    target = fn
+    owner = getattr(fn, "__self__", None)
+    skip = 0
+    if isinstance(owner, type) and hasattr(owner, "forward") and getattr(fn, "__name__", "") == "apply":
+        target, skip = owner.forward, 1  # autograd-Function style: forward(ctx, *inputs)
+    try:
+        parameters = list(inspect.signature(target).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        parameters = []
+    names = []
+    for p in parameters:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        elif p.kind == p.VAR_POSITIONAL:
+            break
+    names = names[:count]
+    return tuple(names) + tuple(f"arg{i}" for i in range(len(names), count))

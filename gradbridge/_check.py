@@ -1,0 +1,262 @@
+"""The check algorithm: compare analytic derivatives with central finite differences.
+
+``full`` mode builds the whole Jacobian both ways (2 evaluations per input element for the numeric
+side; one VJP per output element, or one JVP per input element, for the analytic side) and compares
+it block by block: one block per (checked leaf, output). ``fast`` mode compares random projections
+``v . (J u)`` (numeric) with ``(J^T v) . u`` (analytic) for several Gaussian probes per leaf, and re-runs
+the full check on any leaf that fails so the report still names the element. ``order=2`` then checks
+``x -> J(x)^T v`` for a random ``v`` the same way (the gradient of the gradient).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ._adapter import LeafSpec, PreparedFunction
+from ._errors import GradbridgeError, ModeUnsupportedError
+from ._evaluate import Evaluator, describe_perturbation
+from ._finite_diff import DEFAULT_RELATIVE_STEP, FLOAT64_EPS, central_points, element_steps, roundoff_error
+from ._options import Options
+from ._report import Report, RowResult, WorstElement
+from ._tolerance import Tolerance, grade, relative_error
+
+#: Two evaluations at the same point may differ by this much (relative) before the function counts as random.
+NONDETERMINISM_RTOL = 1e3 * FLOAT64_EPS
+
+
+class _Counts:
+    """Evaluation counts summed over the first- and second-order evaluators."""
+
+    def __init__(self) -> None:
+        self.evaluators: List[Evaluator] = []
+
+    def add(self, evaluator: Evaluator) -> Evaluator:
+        self.evaluators.append(evaluator)
+        return evaluator
+
+    def fill(self, report: Report) -> None:
+        report.evaluations = sum(e.evaluations for e in self.evaluators)
+        report.vjps = sum(e.vjps for e in self.evaluators)
+        report.jvps = sum(e.jvps for e in self.evaluators)
+
+
+def run_check(prepared: PreparedFunction, options: Options, report: Report) -> Report:
+    """Run the whole check inside the adapter's deterministic session and fill ``report``."""
+    started = time.perf_counter()
+    tolerance = Tolerance(options.atol, options.rtol)
+    counts = _Counts()
+    evaluator = counts.add(Evaluator(prepared, options.chunk_size))
+    try:
+        with prepared.session():
+            problem = _nondeterminism(evaluator, prepared.x0)
+            if problem:
+                report.problem = problem
+                return report
+            report.rows.extend(_check_order(evaluator, options, tolerance, order=1))
+            if options.order == 2:
+                report.rows.extend(_second_order(evaluator, options, tolerance, counts))
+    finally:
+        counts.fill(report)
+        report.notes.extend(n for n in prepared.notes if n not in report.notes)
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
+    """Evaluate twice at ``x0``; a difference means finite differences would measure noise."""
+    outputs = evaluator.evaluate(np.stack([x0, x0]), ["the unperturbed input", "the unperturbed input"])
+    if outputs.shape[1] == 0:
+        raise GradbridgeError("fn: returned no floating-point output to differentiate")
+    difference = float(np.max(np.abs(outputs[0] - outputs[1])))
+    scale = max(1.0, float(np.max(np.abs(outputs[0]))))
+    if difference > NONDETERMINISM_RTOL * scale:
+        return (f"fn is not deterministic: two evaluations at the same input differ by {difference:.3g} even with "
+                "every random generator re-seeded before each evaluation, so finite differences would measure "
+                "noise, not gradients. Make the randomness depend on a seed or key the check controls "
+                "(torch/NumPy/Python global RNGs, a JAX key argument), or remove it (train=False).")
+    return None
+
+
+def _second_order(first: Evaluator, options: Options, tolerance: Tolerance, counts: _Counts) -> List[RowResult]:
+    output_size = sum(spec.size for spec in first.prepared.output_specs)
+    cotangent = np.random.default_rng(options.seed + 1).standard_normal(output_size)
+    try:
+        derived = first.prepared.gradient_function(cotangent)
+    except ModeUnsupportedError as exc:
+        return [RowResult(input=leaf.name, output="gradient", shape=leaf.shape, kind=leaf.kind, order=2,
+                          status="unsupported", message=str(exc)) for leaf in first.prepared.leaves]
+    evaluator = counts.add(Evaluator(derived, options.chunk_size, what="the gradient of fn"))
+    evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])
+    return _check_order(evaluator, options, tolerance, order=2)
+
+
+def _check_order(evaluator: Evaluator, options: Options, tolerance: Tolerance, order: int) -> List[RowResult]:
+    leaves = list(evaluator.prepared.leaves)
+    modes = ("rev", "fwd") if options.analytic == "both" else (options.analytic,)
+    rows: List[RowResult] = []
+    if options.mode == "full":
+        numeric, fd_error, steps = _numeric_jacobian(evaluator, options, leaves)
+        for analytic_mode in modes:
+            rows.extend(_full_rows(evaluator, tolerance, leaves, numeric, fd_error, steps, analytic_mode, order))
+        return rows
+    for analytic_mode in modes:
+        for row in _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order):
+            if row.status != "fail":
+                rows.append(row)
+                continue
+            leaf = next(l for l in leaves if l.name == row.input)
+            numeric, fd_error, steps = _numeric_jacobian(evaluator, options, [leaf])
+            for localized in _full_rows(evaluator, tolerance, [leaf], numeric, fd_error, steps, analytic_mode, order):
+                localized.method = f"fast ({options.probes} probes) then full on this leaf"
+                if localized.status == "pass":
+                    localized.message = ("the projection check failed but every element agrees: "
+                                         f"projection detail: {row.message}")
+                rows.append(localized)
+    return rows
+
+
+def _numeric_jacobian(evaluator: Evaluator, options: Options, leaves: Sequence[LeafSpec]):
+    """Central-difference Jacobian columns for ``leaves``: (m, n_leaves) values, error estimates and steps."""
+    x0 = evaluator.prepared.x0
+    columns = np.concatenate([np.arange(leaf.offset, leaf.offset + leaf.size) for leaf in leaves])
+    steps = element_steps(x0, options.eps)
+    plus, minus, spans = central_points(x0, columns, steps)
+    names = evaluator.prepared.leaves
+    described = ([describe_perturbation(names, c, "+") for c in columns]
+                 + [describe_perturbation(names, c, "-") for c in columns])
+    outputs = evaluator.evaluate(np.concatenate([plus, minus]), described)
+    f_plus, f_minus = outputs[: len(columns)], outputs[len(columns):]
+    numeric = ((f_plus - f_minus) / spans[:, None]).T
+    fd_error = roundoff_error(f_plus, f_minus, spans).T
+    full_numeric = np.zeros((outputs.shape[1], len(x0)))
+    full_error = np.zeros_like(full_numeric)
+    full_numeric[:, columns] = numeric
+    full_error[:, columns] = fd_error
+    return full_numeric, full_error, spans_by_column(len(x0), columns, spans / 2.0)
+
+
+def spans_by_column(size: int, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.full(size, np.nan)
+    out[columns] = values
+    return out
+
+
+def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
+    """The whole Jacobian (m, n) from unit cotangents (rev) or unit tangents (fwd)."""
+    m = sum(spec.size for spec in evaluator.prepared.output_specs)
+    n = len(evaluator.prepared.x0)
+    if analytic_mode == "rev":
+        return evaluator.vjp(np.eye(m))
+    return evaluator.jvp(np.eye(n)).T
+
+
+def _full_rows(evaluator, tolerance, leaves, numeric, fd_error, steps, analytic_mode, order) -> List[RowResult]:
+    try:
+        analytic = _analytic_jacobian(evaluator, analytic_mode)
+    except ModeUnsupportedError as exc:
+        return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+    rows = []
+    for leaf in leaves:
+        for output in evaluator.prepared.output_specs:
+            a = analytic[output.slice, leaf.slice]
+            n = numeric[output.slice, leaf.slice]
+            allowed = tolerance.bounds(n, fd_error[output.slice, leaf.slice])
+            rows.append(_block_row(leaf, output, a, n, allowed, steps[leaf.slice], analytic_mode, order))
+    return rows
+
+
+def _block_row(leaf: LeafSpec, output: LeafSpec, a: np.ndarray, n: np.ndarray, allowed: np.ndarray,
+               steps: np.ndarray, analytic_mode: str, order: int) -> RowResult:
+    difference = np.abs(a - n)
+    bad = ~(difference <= allowed)  # NaN counts as bad
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bad & ~np.isfinite(difference), np.inf, difference / np.where(allowed > 0, allowed, np.inf))
+    ratio = np.nan_to_num(ratio, nan=np.inf)
+    out_i, in_j = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else (0, 0)
+    rel = relative_error(a, n)
+    row = RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
+                    method="full", analytic_mode=analytic_mode,
+                    status="fail" if bad.any() else "pass",
+                    max_abs_error=float(np.max(difference)) if difference.size else 0.0,
+                    rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
+                    mismatches=int(bad.sum()), compared=int(a.size))
+    if ratio.size:
+        row.worst = WorstElement(input_index=leaf.unravel(int(in_j)), output_index=output.unravel(int(out_i)),
+                                 analytic=float(a[out_i, in_j]), numeric=float(n[out_i, in_j]),
+                                 abs_error=float(difference[out_i, in_j]), allowed=float(allowed[out_i, in_j]),
+                                 step=float(steps[in_j]))
+    return row
+
+
+def _unsupported_rows(evaluator, leaves, analytic_mode, order, message) -> List[RowResult]:
+    return [RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
+                      method="full", analytic_mode=analytic_mode, status="unsupported", message=message)
+            for leaf in leaves for output in evaluator.prepared.output_specs]
+
+
+def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> List[RowResult]:
+    """Projection check: per probe p and leaf L, compare v_p . (J u_pL) both ways."""
+    prepared = evaluator.prepared
+    x0 = prepared.x0
+    rng = np.random.default_rng(options.seed)
+    m = sum(spec.size for spec in prepared.output_specs)
+    step = DEFAULT_RELATIVE_STEP if options.eps is None else options.eps
+    scale = np.maximum(1.0, np.abs(x0))
+    cotangents = rng.standard_normal((options.probes, m))
+    directions = np.zeros((options.probes * len(leaves), len(x0)))
+    for p in range(options.probes):
+        for k, leaf in enumerate(leaves):
+            directions[p * len(leaves) + k, leaf.slice] = rng.standard_normal(leaf.size) * scale[leaf.slice]
+    try:
+        if analytic_mode == "rev":
+            gradients = evaluator.vjp(cotangents)
+            analytic = np.array([gradients[i // len(leaves)] @ directions[i] for i in range(len(directions))])
+        else:
+            pushed = evaluator.jvp(directions)
+            analytic = np.array([cotangents[i // len(leaves)] @ pushed[i] for i in range(len(directions))])
+            gradients = None
+    except ModeUnsupportedError as exc:
+        return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+    plus_points = x0 + step * directions
+    minus_points = x0 - step * directions
+    spans = (plus_points - minus_points)
+    labels = [f"{leaves[i % len(leaves)].name} probe {i // len(leaves) + 1}" for i in range(len(directions))]
+    outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]), [f"x + h*u ({l})" for l in labels]
+                                 + [f"x - h*u ({l})" for l in labels])
+    f_plus, f_minus = outputs[: len(directions)], outputs[len(directions):]
+    rows = []
+    for k, leaf in enumerate(leaves):
+        worst: Optional[WorstElement] = None
+        failed = 0
+        differences = []
+        for p in range(options.probes):
+            i = p * len(leaves) + k
+            v = cotangents[p]
+            numeric = float(v @ (f_plus[i] - f_minus[i])) / (2.0 * step)
+            fd_error = FLOAT64_EPS * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
+            if gradients is not None:
+                magnitude = float(np.linalg.norm(gradients[p, leaf.slice] * scale[leaf.slice]))
+            else:
+                magnitude = float(np.linalg.norm(v)) * float(np.linalg.norm(pushed[i])) / max(1.0, np.sqrt(m))
+            allowed = tolerance.scalar_bound(numeric, magnitude, fd_error)
+            difference = abs(analytic[i] - numeric)
+            differences.append((analytic[i], numeric))
+            is_bad = not (difference <= allowed)
+            failed += int(is_bad)
+            candidate = WorstElement((), (), float(analytic[i]), numeric, float(difference), float(allowed), step)
+            if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
+                worst = candidate
+        a_values = np.array([d[0] for d in differences])
+        n_values = np.array([d[1] for d in differences])
+        rel = relative_error(a_values, n_values)
+        rows.append(RowResult(
+            input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
+            method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
+            status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
+            rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong", mismatches=failed,
+            compared=options.probes, worst=worst,
+            message=f"{failed} of {options.probes} probes outside tolerance" if failed else ""))
+    return rows

@@ -1,0 +1,91 @@
+"""Validation of the options of :func:`gradbridge.check`: one clear error per bad value."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
+
+from ._errors import InvalidArgumentError
+
+MODES = ("full", "fast")
+ANALYTIC = ("rev", "fwd", "both")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of one check (see :func:`gradbridge.check` for their meaning)."""
+
+    mode: str
+    order: int
+    eps: Optional[float]
+    atol: Optional[float]
+    rtol: Optional[float]
+    seed: int
+    probes: int
+    analytic: str
+    train: bool
+    chunk_size: int
+
+
+def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name}: expected a {'positive' if positive else 'non-negative'} number or None, got {value!r}")
+    value = float(value)
+    if not (value > 0 if positive else value >= 0) or value != value or value == float("inf"):
+        raise InvalidArgumentError(f"{name}: expected a {'positive' if positive else 'non-negative'} finite number, got {value!r}")
+    return value
+
+
+def _integer(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InvalidArgumentError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InvalidArgumentError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, seed: Any, probes: Any,
+                     analytic: Any, train: Any, chunk_size: Any) -> Options:
+    """Check every option's type and range; raise :class:`InvalidArgumentError` naming the first bad one."""
+    if order not in (1, 2) or isinstance(order, bool):
+        raise InvalidArgumentError(f"order: expected 1 (gradients) or 2 (gradients of gradients), got {order!r}")
+    if not isinstance(train, bool):
+        raise InvalidArgumentError(f"train: expected True or False, got {train!r}")
+    return Options(
+        mode=_choice("mode", mode, MODES),
+        order=int(order),
+        eps=_number("eps", eps, positive=True),
+        atol=_number("atol", atol, positive=False),
+        rtol=_number("rtol", rtol, positive=False),
+        seed=_integer("seed", seed, 0),
+        probes=_integer("probes", probes, 1),
+        analytic=_choice("analytic", analytic, ANALYTIC),
+        train=train,
+        chunk_size=_integer("chunk_size", chunk_size, 1),
+    )
+
+
+def normalize_wrt(wrt: Any) -> Optional[Tuple[Any, ...]]:
+    """``wrt`` as a tuple of entries (positions, names, or array objects), or None for "everything"."""
+    if wrt is None:
+        return None
+    if isinstance(wrt, (list, tuple)):
+        if not wrt:
+            raise InvalidArgumentError("wrt: expected None, an argument position, a name, or a non-empty list of them; got an empty list")
+        return tuple(wrt)
+    return (wrt,)
+
+
+def validate_kwargs(kwargs: Any) -> Mapping[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidArgumentError(f"kwargs: expected a dict of keyword arguments for fn, got {type(kwargs).__name__}")
+    return dict(kwargs)

@@ -1,0 +1,73 @@
+"""Plain-text rendering of a :class:`~gradbridge._report.Report` (terminal and CI logs)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from ._report import Report, RowResult
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+
+
+def _index(index: Sequence[int]) -> str:
+    return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _row_cells(row: RowResult) -> List[str]:
+    name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
+    verdict = {"pass": "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR"}[row.status]
+    if row.status == "unsupported":
+        return [name, row.output, str(tuple(row.shape)), verdict, "-", "-", "-", row.message]
+    worst = "-"
+    if row.worst is not None and row.output == "v.out":
+        worst = "(random projections)"
+    elif row.worst is not None:
+        worst = f"{row.input}{_index(row.worst.input_index)} -> {row.output}{_index(row.worst.output_index)}"
+    return [name, row.output, str(tuple(row.shape)), verdict, row.grade, _fmt(row.rel_error),
+            _fmt(row.max_abs_error), worst]
+
+
+def render_text(report: Report) -> str:
+    """The report as a plain-text block: a header, a table, and the worst elements of failing rows."""
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [f"gradbridge check of {report.function}: {verdict}  ({report.summary()})",
+             f"  backend {report.backend} {report.backend_version} | mode {report.mode} | order {report.order} | "
+             f"{report.evaluations} evaluations, {report.vjps} VJPs, {report.jvps} JVPs | {report.seconds:.3f} s",
+             f"  tolerance: {report.tolerance}",
+             f"  step:      {report.step}"]
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    if report.problem:
+        lines.append(f"  problem: {report.problem}")
+    if report.rows:
+        header = ["input", "output", "shape", "verdict", "grade", "rel err", "max |a-n|", "worst element"]
+        lines.append("")
+        lines.extend("  " + l for l in _table(header, [_row_cells(r) for r in report.rows]))
+    detailed = [r for r in report.rows if r.worst is not None and r.status == "fail"]
+    for row in detailed:
+        w = row.worst
+        lines.append("")
+        lines.append(f"  {row.input} -> {row.output}: {row.mismatches} of {row.compared} compared entries outside "
+                     f"tolerance ({row.method}, {row.analytic_mode}-mode analytic)")
+        lines.append(f"    worst element {row.input}{_index(w.input_index)} -> {row.output}{_index(w.output_index)}:")
+        lines.append(f"      analytic (autodiff/grad): {w.analytic!r}")
+        lines.append(f"      numeric (finite diff.):   {w.numeric!r}")
+        step = "" if w.step is None else f", step {w.step:.3g}"
+        lines.append(f"      |difference| {_fmt(w.abs_error)} vs allowed {_fmt(w.allowed)} "
+                     f"({_fmt(w.ratio)}x over{step})")
+        if row.message:
+            lines.append(f"    {row.message}")
+    for row in report.rows:
+        if row.status == "error":
+            lines.append(f"  {row.input}: {row.message}")
+    return "\n".join(lines)

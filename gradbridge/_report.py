@@ -1,0 +1,133 @@
+"""The result of a check: one row per compared (input, output) block, readable and machine-readable.
+
+``str(report)`` is for people (a table, the worst element of each row with the analytic and numeric
+values side by side); ``report.to_dict()`` is for machines (JSON-serialisable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+
+@dataclass
+class WorstElement:
+    """The element of a block that is furthest outside its tolerance (or closest to it, on a pass).
+
+    ``analytic`` comes from the framework's differentiation (or the user's ``grad``); ``numeric`` from
+    central finite differences. ``ratio`` is ``|analytic - numeric| / allowed``: above 1 fails.
+    """
+
+    input_index: Tuple[int, ...]
+    output_index: Tuple[int, ...]
+    analytic: float
+    numeric: float
+    abs_error: float
+    allowed: float
+    step: Optional[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.abs_error / self.allowed if self.allowed > 0 else (0.0 if self.abs_error == 0 else float("inf"))
+
+
+@dataclass
+class RowResult:
+    """One compared block: the derivative of one output with respect to one checked input or parameter.
+
+    ``status`` is ``"pass"``, ``"fail"``, ``"unsupported"`` (the mode is not available for this function;
+    neither a pass nor a failure) or ``"error"``.
+    """
+
+    input: str
+    output: str
+    shape: Tuple[int, ...]
+    kind: str = "input"
+    order: int = 1
+    method: str = "full"
+    analytic_mode: str = "rev"
+    status: str = "pass"
+    max_abs_error: float = 0.0
+    rel_error: float = 0.0
+    grade: str = "correct"
+    mismatches: int = 0
+    compared: int = 0
+    worst: Optional[WorstElement] = None
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("pass", "unsupported")
+
+
+@dataclass
+class Report:
+    """Outcome of :func:`gradbridge.check`. ``passed`` is the verdict; ``rows`` the details.
+
+    Attributes:
+        function: the checked function's name.
+        backend: ``numpy``, ``torch``, ``jax`` or ``tensorflow`` (with ``backend_version``).
+        mode: ``full`` (every Jacobian entry) or ``fast`` (random projections).
+        order: 1 for gradients, 2 also checks the gradient of the gradient.
+        rows: one :class:`RowResult` per compared block.
+        problem: a reason the check could not judge gradients at all (e.g. a non-deterministic
+            function); set only when it makes the check fail.
+        tolerance: the comparison rule in force, as a formula.
+        step: the finite-difference step rule.
+        evaluations: number of evaluations of the function (points), ``vjps``/``jvps`` analytic calls.
+        seconds: wall time of the check.
+        notes: things the user should know (promotion from float32, modes put in eval, ...).
+    """
+
+    function: str
+    backend: str
+    backend_version: str
+    mode: str
+    order: int
+    rows: List[RowResult] = field(default_factory=list)
+    problem: Optional[str] = None
+    tolerance: str = ""
+    step: str = ""
+    evaluations: int = 0
+    vjps: int = 0
+    jvps: int = 0
+    seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and all(row.passed for row in self.rows)
+
+    @property
+    def failures(self) -> List[RowResult]:
+        return [row for row in self.rows if not row.passed]
+
+    def row(self, input: str, output: Optional[str] = None, order: int = 1) -> RowResult:
+        """The row for ``input`` (and ``output``, if several) at ``order``; KeyError if there is none."""
+        for row in self.rows:
+            if row.input == input and row.order == order and (output is None or row.output == output):
+                return row
+        raise KeyError(f"no row for input {input!r}" + (f", output {output!r}" if output else "") + f", order {order}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict of the whole report."""
+        data = asdict(self)
+        data["passed"] = self.passed
+        for row, row_data in zip(self.rows, data["rows"]):
+            row_data["passed"] = row.passed
+        return data
+
+    def summary(self) -> str:
+        """One line: the verdict and what failed."""
+        if self.problem:
+            return f"FAILED: {self.problem}"
+        failed = self.failures
+        if not failed:
+            return f"passed: {len(self.rows)} block(s) checked"
+        names = ", ".join(sorted({f.input + ("" if f.order == 1 else f" (order {f.order})") for f in failed}))
+        return f"FAILED: {len(failed)} of {len(self.rows)} block(s) wrong: {names}"
+
+    def __str__(self) -> str:
+        from ._render import render_text
+
+        return render_text(self)

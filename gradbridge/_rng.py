@@ -1,0 +1,36 @@
+"""Pin and restore the random number generators every backend shares: Python's and NumPy's global ones.
+
+User code of any framework may draw from ``random`` or ``numpy.random`` (a NumPy dropout, say). During a
+check both are re-seeded identically before every evaluation, and afterwards the user's generator
+states are put back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterator
+
+import numpy as np
+
+
+class SharedRandomState:
+    """Saves the global Python and NumPy RNG states on enter and restores them on exit."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def reseed(self) -> None:
+        """Put both global generators into the same state before an evaluation."""
+        random.seed(self.seed)
+        np.random.seed(self.seed % (2**32))
+
+    @contextlib.contextmanager
+    def preserved(self) -> Iterator["SharedRandomState"]:
+        python_state = random.getstate()
+        numpy_state = np.random.get_state()
+        try:
+            yield self
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

@@ -1,0 +1,75 @@
+"""When an analytic derivative counts as equal to its finite-difference estimate, and how wrong it is.
+
+One documented rule, applied per element and never scaled with array size::
+
+    |analytic - numeric| <= atol + rtol * |numeric| + safety * fd_error
+
+``fd_error`` is the estimated round-off error of the finite difference for that element. With the
+default tolerance, ``atol`` is relative to the largest numeric entry of the block being compared
+(``1e-7 * max(1, max|numeric|)``), so a function's overall scale does not decide the verdict. When the
+user passes ``atol`` or ``rtol``, exactly ``atol + rtol*|numeric|`` is used and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+DEFAULT_RTOL = 1e-5
+DEFAULT_ATOL_FACTOR = 1e-7
+SAFETY = 10.0
+
+#: Relative-error grades: (upper bound, name); the first bound above the error names the grade.
+GRADES = ((1e-7, "correct"), (1e-4, "acceptable"), (1e-2, "suspicious"), (np.inf, "wrong"))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The tolerance rule of a check: user-given ``atol``/``rtol``, or the defaults."""
+
+    atol: Optional[float]
+    rtol: Optional[float]
+
+    @property
+    def user_given(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def describe(self) -> str:
+        if self.user_given:
+            return (f"|analytic - numeric| <= atol + rtol*|numeric|  "
+                    f"(atol={self.atol or 0.0:g}, rtol={self.rtol or 0.0:g}, given by the caller)")
+        return (f"|analytic - numeric| <= atol + rtol*|numeric| + {SAFETY:g}*fd_error  "
+                f"(rtol={DEFAULT_RTOL:g}, atol={DEFAULT_ATOL_FACTOR:g}*max(1, max|numeric|) per block, "
+                "fd_error = estimated round-off of the finite difference)")
+
+    def bounds(self, numeric: np.ndarray, fd_error: np.ndarray) -> np.ndarray:
+        """Allowed absolute difference per element of a block of the Jacobian."""
+        if self.user_given:
+            return (self.atol or 0.0) + (self.rtol or 0.0) * np.abs(numeric)
+        scale = max(1.0, float(np.max(np.abs(numeric)))) if numeric.size else 1.0
+        return DEFAULT_ATOL_FACTOR * scale + DEFAULT_RTOL * np.abs(numeric) + SAFETY * fd_error
+
+    def scalar_bound(self, numeric: float, magnitude: float, fd_error: float) -> float:
+        """Allowed difference for a projected (scalar) comparison of expected size ``magnitude``."""
+        if self.user_given:
+            return (self.atol or 0.0) + (self.rtol or 0.0) * max(abs(numeric), magnitude)
+        return (DEFAULT_ATOL_FACTOR * max(1.0, magnitude) + DEFAULT_RTOL * max(abs(numeric), magnitude)
+                + SAFETY * fd_error)
+
+
+def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    """``||a - n|| / (||a|| + ||n||)`` (0 when both are zero): in [0, 1], size-independent."""
+    denominator = float(np.linalg.norm(analytic) + np.linalg.norm(numeric))
+    if denominator == 0.0:
+        return 0.0
+    return float(np.linalg.norm(analytic - numeric)) / denominator
+
+
+def grade(rel_error: float) -> str:
+    """Name the relative error: correct (< 1e-7), acceptable (< 1e-4), suspicious (< 1e-2), wrong."""
+    for bound, name in GRADES:
+        if rel_error < bound:
+            return name
+    return "wrong"
