@@ -1,0 +1,396 @@
+"""PyTorch adapter: custom ``autograd.Function``s, plain functions and ``nn.Module``s.
+
+How a check stays off the user's objects:
+
+* Checked inputs are views into one float64 tensor built from the flat vector, never the user's tensors.
+* Module parameters and buffers are swapped for float64 copies only while the function runs
+  (``torch.nn.utils.stateless._reparametrize_module``, the mechanism behind ``torch.func.functional_call``),
+  so a ``fn`` that closes over the module sees the copies; the module itself is never written to.
+* Plain tensors passed as ``params=`` have their ``.data`` swapped for a float64 view during each call
+  and restored afterwards (their storage is never written to).
+* The session puts modules in eval mode (unless ``train=True``), sets the default dtype to float64,
+  re-seeds the CPU (and, if initialised, CUDA) generators before each evaluation, and restores all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._layout import Candidate, layout_leaves
+from gradbridge._outputs import output_leaves, output_specs
+from gradbridge._rng import SharedRandomState
+from gradbridge._tree import flatten
+
+_FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _floating(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point()
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+class _ModuleState:
+    """Swaps a module's parameters and buffers for float64 copies while the user's function runs."""
+
+    def __init__(self, module: torch.nn.Module, checked: Dict[str, int]) -> None:
+        self.module = module
+        self.checked = checked  # parameter name -> index of its leaf
+        self.constants: Dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters(remove_duplicate=True):
+            if name not in checked:
+                self.constants[name] = param.detach().to(torch.float64) if param.is_floating_point() else param.detach()
+        self.buffers = {name: buf for name, buf in module.named_buffers(remove_duplicate=True) if buf is not None}
+
+    def replacement(self, leaf_values: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        values = dict(self.constants)
+        for name, index in self.checked.items():
+            values[name] = leaf_values[index]
+        for name, buf in self.buffers.items():  # fresh copies: train-mode BatchNorm writes into them
+            values[name] = buf.detach().to(torch.float64).clone() if buf.is_floating_point() else buf.detach().clone()
+        return values
+
+    @contextlib.contextmanager
+    def applied(self, leaf_values: Sequence[torch.Tensor]) -> Iterator[None]:
+        with _reparametrize_module(self.module, self.replacement(leaf_values), tie_weights=True):
+            yield
+
+
+class _DataSwap:
+    """For plain tensors given as ``params=``: point ``.data`` at float64 views, put the original back after."""
+
+    def __init__(self, tensors: Dict[int, torch.Tensor]) -> None:
+        self.tensors = tensors  # leaf index -> user's tensor
+        self.originals = {index: tensor.data for index, tensor in tensors.items()}
+        self.requires_grad = {index: tensor.requires_grad for index, tensor in tensors.items()}
+
+    @contextlib.contextmanager
+    def applied(self, leaf_values: Sequence[torch.Tensor], needs_grad: bool) -> Iterator[List[torch.Tensor]]:
+        try:
+            for index, tensor in self.tensors.items():
+                tensor.data = leaf_values[index].detach()
+                if needs_grad and not tensor.requires_grad:
+                    tensor.requires_grad_(True)
+            yield list(self.tensors.values())
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        for index, tensor in self.tensors.items():
+            tensor.data = self.originals[index]
+            if tensor.requires_grad != self.requires_grad[index]:
+                tensor.requires_grad_(self.requires_grad[index])
+
+
+class TorchProblem:
+    """Everything about one torch check that is fixed: structure, modules, state to restore."""
+
+    def __init__(self, spec: CheckSpec, candidates: List[Candidate], leaves: List[LeafSpec], chosen: List[int],
+                 rebuild_args: Callable[[Sequence[Any]], tuple], module: Optional[torch.nn.Module],
+                 module_state: Optional[_ModuleState], data_swap: Optional[_DataSwap], device: torch.device) -> None:
+        self.spec = spec
+        self.candidates = candidates
+        self.leaves = leaves
+        self.chosen = chosen
+        self.rebuild_args = rebuild_args
+        self.module = module
+        self.module_state = module_state
+        self.data_swap = data_swap
+        self.device = device
+        self.rng = SharedRandomState(spec.seed)
+        self.outputs: Optional[List[LeafSpec]] = None
+        self.low_precision_outputs: List[str] = []
+
+    def reseed(self) -> None:
+        self.rng.reseed()
+        torch.default_generator.manual_seed(self.spec.seed)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(self.spec.seed)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        cpu_state = torch.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        default_dtype = torch.get_default_dtype()
+        modes = [(m, m.training) for m in self.module.modules()] if self.module is not None else []
+        try:
+            with self.rng.preserved():
+                torch.set_default_dtype(torch.float64)
+                if self.module is not None and not self.spec.train:
+                    self.module.eval()
+                yield
+        finally:
+            for submodule, training in modes:
+                submodule.training = training
+            torch.set_default_dtype(default_dtype)
+            torch.set_rng_state(cpu_state)
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
+            if self.data_swap is not None:
+                self.data_swap.restore()
+
+    def forward(self, x: torch.Tensor, needs_grad: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run ``fn`` with checked leaves taken from the flat tensor ``x``.
+
+        Returns the flat float64 output and the user tensors (``params=`` tensors) that stand in for
+        some leaves, whose gradients must be added to those of ``x``.
+        """
+        leaf_values = [x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves]
+        values = [c.value for c in self.candidates]
+        for leaf_value, i in zip(leaf_values, self.chosen):
+            if self.candidates[i].kind == "input":
+                values[i] = leaf_value
+        for i, c in enumerate(self.candidates):
+            if c.kind == "input" and i not in self.chosen and _is_tensor(c.value):
+                values[i] = c.value.detach().clone()  # pass-through tensors: the user's stay untouched
+        args = self.rebuild_args(values)
+        with contextlib.ExitStack() as stack:
+            if self.module_state is not None:
+                stack.enter_context(self.module_state.applied(leaf_values))
+            swapped: List[torch.Tensor] = []
+            if self.data_swap is not None:
+                swapped = stack.enter_context(self.data_swap.applied(leaf_values, needs_grad))
+            self.reseed()
+            result = self.spec.fn(*args, **self.spec.kwargs)
+        return self._flatten_output(result), swapped
+
+    def _flatten_output(self, result: Any) -> torch.Tensor:
+        leaves = [leaf for leaf in output_leaves(result, _is_tensor) if leaf.value.is_floating_point()]
+        if not leaves:
+            raise FunctionEvaluationError(
+                f"fn: expected a floating-point tensor (or a tuple/list/dict of them) as output, got "
+                f"{type(result).__name__}" + (" with no floating tensor in it" if isinstance(result, (tuple, list, dict)) else ""))
+        if self.outputs is None:
+            self.outputs = output_specs([(l.path, tuple(l.value.shape), _dtype_name(l.value)) for l in leaves])
+            self.low_precision_outputs = [l.path for l in leaves if l.value.dtype != torch.float64]
+        return torch.cat([l.value.reshape(-1).to(torch.float64) for l in leaves])
+
+    def to_tensor(self, vector: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(vector), dtype=torch.float64, device=self.device)
+
+
+def _combine(problem: TorchProblem, grad_x: Optional[torch.Tensor], grads_swapped: Sequence[Optional[torch.Tensor]],
+             size: int) -> torch.Tensor:
+    total = grad_x if grad_x is not None else torch.zeros(size, dtype=torch.float64, device=problem.device)
+    if problem.data_swap is not None:
+        total = total.clone()
+        for (index, _), g in zip(problem.data_swap.tensors.items(), grads_swapped):
+            if g is not None:
+                leaf = problem.leaves[index]
+                total[leaf.offset:leaf.offset + leaf.size] += g.reshape(-1).to(torch.float64)
+    return total
+
+
+def _vjp_graph(problem: TorchProblem, forward, x0: np.ndarray, create_graph: bool = False):
+    x = problem.to_tensor(x0).requires_grad_(True)
+    with torch.enable_grad():
+        out, swapped = forward(x, True)
+    return x, out, swapped
+
+
+def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    inputs = [x] + list(swapped)
+    grads = torch.autograd.grad(out, inputs, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True)
+    return _combine(problem, grads[0], grads[1:], x.numel())
+
+
+class TorchPrepared:
+    """A torch function over the flat float64 vector; ``forward`` maps a flat tensor to a flat output."""
+
+    analytic_source = "PyTorch autograd (your backward passes and autograd formulas)"
+
+    def __init__(self, problem: TorchProblem, forward: Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]],
+                 x0: np.ndarray, needs_grad_to_evaluate: bool = False, outputs: Optional[List[LeafSpec]] = None) -> None:
+        self.problem = problem
+        self.forward = forward
+        self.leaves = problem.leaves
+        self.x0 = x0
+        self.needs_grad = needs_grad_to_evaluate
+        self._outputs = outputs
+        self._graph = None
+        self.notes = [f"{leaf.name} ({leaf.dtype}) is checked on a float64 copy"
+                      for leaf in problem.leaves if leaf.dtype != "float64"]
+        if problem.module is not None:
+            self.notes.append(f"module {type(problem.module).__name__} in "
+                              f"{'training' if problem.spec.train else 'eval'} mode during the check; its "
+                              "parameters and buffers replaced by float64 copies while fn runs")
+
+    @property
+    def output_specs(self) -> List[LeafSpec]:
+        specs = self._outputs if self._outputs is not None else self.problem.outputs
+        if specs is None:
+            raise RuntimeError("output_specs is known after the first evaluation")
+        return specs
+
+    def session(self):
+        return self.problem.session()
+
+    def evaluate(self, points: np.ndarray) -> np.ndarray:
+        rows = []
+        for point in points:
+            x = self.problem.to_tensor(point)
+            if self.needs_grad:
+                x.requires_grad_(True)
+                with torch.enable_grad():
+                    out, _ = self.forward(x, True)
+            else:
+                with torch.no_grad():
+                    out, _ = self.forward(x, False)
+            rows.append(out.detach().cpu().numpy())
+        if self.problem.low_precision_outputs and not any("computes" in n for n in self.notes):
+            self.notes.append(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
+                              "the check's precision is limited by that")
+        return np.stack(rows)
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        if self._graph is None:
+            self._graph = _vjp_graph(self.problem, self.forward, self.x0)
+        x, out, swapped = self._graph
+        rows = []
+        for cotangent in cotangents:
+            g = _grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent), create_graph=False)
+            rows.append(g.detach().cpu().numpy())
+        return np.stack(rows)
+
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        if self.problem.data_swap is not None:
+            raise ModeUnsupportedError("forward mode is not available for params given as plain tensors; "
+                                       "pass the nn.Module as params= instead")
+        if self.needs_grad:
+            raise ModeUnsupportedError("forward mode is checked for first derivatives only")
+        import torch.autograd.forward_ad as fwAD
+
+        rows = []
+        for tangent in tangents:
+            try:
+                with fwAD.dual_level(), torch.no_grad():
+                    x = fwAD.make_dual(self.problem.to_tensor(self.x0), self.problem.to_tensor(tangent))
+                    out, _ = self.forward(x, False)
+                    pushed = fwAD.unpack_dual(out).tangent
+            except (RuntimeError, NotImplementedError) as exc:
+                if any(hint in str(exc).lower() for hint in _FORWARD_AD_HINTS):
+                    raise ModeUnsupportedError(f"forward mode unsupported: {str(exc).splitlines()[0]}") from exc
+                raise
+            rows.append(np.zeros(out.numel()) if pushed is None else pushed.detach().cpu().numpy())
+        return np.stack(rows)
+
+    def gradient_function(self, cotangent: np.ndarray) -> "TorchPrepared":
+        problem = self.problem
+        v = problem.to_tensor(cotangent)
+        first = self.forward
+
+        def gradient(x: torch.Tensor, needs_grad: bool) -> Tuple[torch.Tensor, list]:
+            with torch.enable_grad():
+                if not x.requires_grad:
+                    x = x.detach().requires_grad_(True)
+                out, swapped = first(x, True)
+                g = _grad(problem, x, out, swapped, v, create_graph=True)
+            return g, swapped
+
+        outputs = output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in problem.leaves])
+        return TorchPrepared(problem, gradient, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
+
+
+class TorchAdapter:
+    """Adapter for PyTorch."""
+
+    name = "torch"
+    module_name = "torch"
+    install_hint = 'pip install "gradbridge[torch]"'
+
+    def is_loaded(self) -> bool:
+        return "torch" in sys.modules
+
+    def owns(self, value: Any) -> bool:
+        return isinstance(value, (torch.Tensor, torch.nn.Module))
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def prepare(self, spec: CheckSpec) -> TorchPrepared:
+        candidates: List[Candidate] = []
+        rebuilds = []
+        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
+            leaves, rebuild = flatten(arg, name, _is_tensor)
+            base = len(candidates)
+            for leaf in leaves:
+                t = leaf.value
+                candidates.append(Candidate(leaf.path, t, tuple(t.shape), _dtype_name(t), _checkable(t), "input", index))
+            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(leaves):
+                            rebuild(values[base:base + count]))
+        input_count = len(candidates)
+        module, param_tensors = _parameters(spec)
+        for name, tensor in param_tensors:
+            checkable = _checkable(tensor) and (tensor.requires_grad or module is None)
+            candidates.append(Candidate(name, tensor, tuple(tensor.shape), _dtype_name(tensor), checkable, "param"))
+        leaves, chosen = layout_leaves(candidates, spec.wrt)
+        for leaf, i in zip(leaves, chosen):
+            if candidates[i].value.is_complex():
+                raise InvalidArgumentError(f"args: {leaf.name} is complex; gradbridge checks real tensors")
+        module_state = None
+        data_swap = None
+        if module is not None:
+            checked = {candidates[i].name: k for k, i in enumerate(chosen) if candidates[i].kind == "param"}
+            module_state = _ModuleState(module, checked)
+        else:
+            swapped = {k: candidates[i].value for k, i in enumerate(chosen) if candidates[i].kind == "param"}
+            for k, tensor in swapped.items():
+                if not tensor.is_leaf:
+                    raise InvalidArgumentError(f"params: {leaves[k].name} is not a leaf tensor (it was computed from "
+                                               "others); pass leaf tensors or the nn.Module that owns them")
+            data_swap = _DataSwap(swapped) if swapped else None
+        devices = {c.value.device for c in candidates}
+        device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+        problem = TorchProblem(spec, candidates, leaves, chosen,
+                               lambda values: tuple(r(values[:input_count]) for r in rebuilds),
+                               module, module_state, data_swap, device)
+        x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
+        return TorchPrepared(problem, problem.forward, x0)
+
+
+def _checkable(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _parameters(spec: CheckSpec) -> Tuple[Optional[torch.nn.Module], List[Tuple[str, torch.Tensor]]]:
+    """The module (if any) and the named parameter tensors to consider, from ``params=`` or a module ``fn``."""
+    params = spec.params
+    if params is None and isinstance(spec.fn, torch.nn.Module):
+        params = spec.fn
+    if params is None:
+        return None, []
+    if isinstance(params, torch.nn.Module):
+        return params, list(params.named_parameters(remove_duplicate=True))
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    if isinstance(params, dict):
+        items = list(params.items())
+    else:
+        try:
+            items = [(f"params[{i}]", t) for i, t in enumerate(params)]
+        except TypeError:
+            raise InvalidArgumentError(f"params: expected an nn.Module or an iterable of tensors, got "
+                                       f"{type(params).__name__}") from None
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(f"params: {name} is a {type(t).__name__}, expected a torch.Tensor")
+    return None, items
+
+
+ADAPTER = TorchAdapter()
