@@ -14,7 +14,7 @@ import numpy as np
 
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, layout_leaves
+from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
@@ -48,8 +48,7 @@ class NumpyPrepared:
         self.rng = SharedRandomState(spec.seed)
         self._outputs: Optional[List[LeafSpec]] = None
         self._output_rebuild = None
-        self.notes = [f"{leaf.name} ({leaf.dtype}) is checked on a float64 copy"
-                      for leaf in leaves if leaf.dtype != "float64"]
+        self.notes = promotion_notes(leaves)
 
     @property
     def output_specs(self) -> List[LeafSpec]:

@@ -24,7 +24,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, layout_leaves
+from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
@@ -224,8 +224,7 @@ class TorchPrepared:
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
         self._graph = None
-        self.notes = [f"{leaf.name} ({leaf.dtype}) is checked on a float64 copy"
-                      for leaf in problem.leaves if leaf.dtype != "float64"]
+        self.notes = promotion_notes(problem.leaves)
         if problem.module is not None:
             self.notes.append(f"module {type(problem.module).__name__} in "
                               f"{'training' if problem.spec.train else 'eval'} mode during the check; its "

@@ -108,7 +108,8 @@ def function_name(fn: Any) -> str:
     name = getattr(fn, "__name__", None)
     if isinstance(owner, type) and name:
         return f"{owner.__name__}.{name}"
-    return getattr(fn, "__qualname__", None) or name or type(fn).__name__
+    qualified = getattr(fn, "__qualname__", None) or name or type(fn).__name__
+    return qualified.rsplit("<locals>.", 1)[-1]
 
 
 def argument_names(fn: Any, count: int) -> Tuple[str, ...]:

@@ -93,3 +93,13 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]])
 
 def _names(candidates: Sequence[Candidate], indices: Sequence[int]) -> str:
     return ", ".join(candidates[i].name for i in indices) or "(none)"
+
+
+def promotion_notes(leaves: Sequence[LeafSpec]) -> List[str]:
+    """One note per original dtype below float64: which leaves are checked on float64 copies."""
+    by_dtype: dict = {}
+    for leaf in leaves:
+        if leaf.dtype != "float64":
+            by_dtype.setdefault(leaf.dtype, []).append(leaf.name)
+    return [f"{dtype} leaves checked on float64 copies (the originals are untouched): {', '.join(names)}"
+            for dtype, names in by_dtype.items()]

@@ -35,6 +35,16 @@ def framework_installed(name: str) -> bool:
     return importlib.util.find_spec(KNOWN_BACKENDS[name][1]) is not None
 
 
+def adapter_exists(name: str) -> bool:
+    """True when this gradbridge ships an adapter for backend ``name``."""
+    return importlib.util.find_spec(KNOWN_BACKENDS[name][0]) is not None
+
+
+def available_backends() -> list:
+    """Backends usable here: the framework is installed and gradbridge has an adapter for it."""
+    return [n for n in KNOWN_BACKENDS if framework_installed(n) and adapter_exists(n)]
+
+
 def get_adapter(name: str) -> Adapter:
     """The adapter called ``name`` (``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``).
 
@@ -52,7 +62,12 @@ def get_adapter(name: str) -> Adapter:
     if not framework_installed(key):
         raise BackendNotAvailableError(
             f"backend {key!r} needs the {KNOWN_BACKENDS[key][1]} package, which is not installed: {install_hint(key)}")
-    module = importlib.import_module(KNOWN_BACKENDS[key][0])
+    try:
+        module = importlib.import_module(KNOWN_BACKENDS[key][0])
+    except ModuleNotFoundError as exc:
+        if exc.name != KNOWN_BACKENDS[key][0]:
+            raise
+        raise BackendNotAvailableError(f"backend {key!r}: this version of gradbridge has no adapter for it yet") from None
     adapter = module.ADAPTER
     _loaded[key] = adapter
     return adapter
