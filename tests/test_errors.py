@@ -1,0 +1,94 @@
+"""Bad input gets a gradbridge error that names the argument and says what was expected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradbridge as gb
+
+X = np.linspace(0.1, 1.0, 4)
+
+
+def square(x):
+    return float(np.sum(x ** 2))
+
+
+def square_grad(x):
+    return 2 * x
+
+
+@pytest.mark.parametrize("options, argument", [
+    ({"mode": "slow"}, "mode"),
+    ({"order": 3}, "order"),
+    ({"eps": -1.0}, "eps"),
+    ({"eps": "small"}, "eps"),
+    ({"atol": -1}, "atol"),
+    ({"rtol": float("nan")}, "rtol"),
+    ({"seed": -2}, "seed"),
+    ({"probes": 0}, "probes"),
+    ({"analytic": "sideways"}, "analytic"),
+    ({"train": "yes"}, "train"),
+    ({"backend": "mxnet"}, "backend"),
+    ({"kwargs": [1, 2]}, "kwargs"),
+    ({"wrt": "nope"}, "wrt"),
+    ({"wrt": []}, "wrt"),
+    ({"grad": 3}, "grad"),
+])
+def test_bad_option_names_the_argument(options, argument):
+    kwargs = {"grad": square_grad, **options}
+    with pytest.raises(gb.InvalidArgumentError) as raised:
+        gb.check(square, X, **kwargs)
+    assert str(raised.value).startswith(argument + ":") or f"{argument}:" in str(raised.value)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_fn_must_be_callable():
+    with pytest.raises(gb.InvalidArgumentError, match="^fn:"):
+        gb.check("square", X, grad=square_grad)
+
+
+def test_no_floating_input():
+    with pytest.raises(gb.InvalidArgumentError, match="no floating-point input"):
+        gb.check(lambda n: float(n), np.arange(3), grad=lambda n: n)
+
+
+def test_numpy_without_grad_says_what_to_pass():
+    with pytest.raises(gb.InvalidArgumentError, match="^grad: .*pass grad="):
+        gb.check(square, X)
+
+
+def test_fn_returning_a_non_array():
+    with pytest.raises(gb.FunctionEvaluationError, match="fn: expected a float or NumPy array as output, got str"):
+        gb.check(lambda x: "loss", X, grad=square_grad)
+
+
+def test_nan_output_names_the_evaluation():
+    with pytest.raises(gb.FunctionEvaluationError, match=r"returned nan .* at the unperturbed input \(evaluation 1\)"):
+        gb.check(lambda x: float(np.sum(np.log(x - 1))), X, grad=lambda x: 1 / (x - 1))
+
+
+def test_inf_at_a_perturbed_point_names_the_element():
+    def f(x):
+        return float(np.sum(np.where(x > 0.4 + 1e-7, np.inf, x)))
+
+    with pytest.raises(gb.FunctionEvaluationError, match=r"returned inf .* at x\[1\] \+ h"):
+        gb.check(f, np.array([0.1, 0.4, 0.2]), grad=lambda x: np.ones_like(x))
+
+
+def test_exception_in_fn_is_wrapped_with_the_cause():
+    def broken(x):
+        raise KeyError("boom")
+
+    with pytest.raises(gb.FunctionEvaluationError, match="fn raised KeyError during evaluation 1") as raised:
+        gb.check(broken, X, grad=square_grad)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
+def test_unavailable_backend_says_how_to_install(monkeypatch):
+    from gradbridge import _registry
+
+    monkeypatch.setattr(_registry, "framework_installed", lambda name: False)
+    monkeypatch.setattr(_registry, "_loaded", {})
+    with pytest.raises(gb.BackendNotAvailableError, match=r'pip install "gradbridge\[torch\]"'):
+        gb.check(square, X, backend="torch")
