@@ -69,6 +69,14 @@ class PreparedFunction(Protocol):
 
     ``leaves`` lists every checked leaf; ``x0`` is the (promoted) point at which the check runs.
     ``output_specs`` is filled by the first call of :meth:`evaluate`.
+
+    Optional attributes the core reads when present:
+
+    * ``working_eps``: machine epsilon of the precision ``fn`` really runs in, when the adapter could not
+      promote to float64 (say why in ``notes``); steps and tolerances then follow that precision.
+    * ``undefined_gradients``: ``{leaf name: reason}`` for leaves the framework defines no gradient for
+      (TensorFlow's ``None``, a torch ``NotImplementedError``, ...), filled by :meth:`vjp`/:meth:`jvp`.
+      Such rows are reported as "no gradient", acceptable only where the numeric derivative is zero.
     """
 
     leaves: Sequence[LeafSpec]

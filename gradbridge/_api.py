@@ -9,10 +9,8 @@ from . import _registry
 from ._adapter import CheckSpec
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
-from ._finite_diff import step_description
 from ._options import normalize_wrt, validate_kwargs, validate_options
 from ._report import Report
-from ._tolerance import Tolerance
 from ._tree import flatten
 
 Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
@@ -82,8 +80,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                      seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)))
     prepared = adapter.prepare(spec)
     report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
-                    mode=options.mode, order=options.order, tolerance=Tolerance(options.atol, options.rtol).describe(),
-                    step=step_description(options.eps))
+                    mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
     return run_check(prepared, options, report)
 
@@ -106,8 +103,10 @@ def function_name(fn: Any) -> str:
     """A readable name: ``MyLinear.apply`` for a classmethod, the qualified name otherwise."""
     owner = getattr(fn, "__self__", None)
     name = getattr(fn, "__name__", None)
-    if isinstance(owner, type) and name:
-        return f"{owner.__name__}.{name}"
+    if isinstance(owner, type) and name == "apply":
+        return f"{owner.__name__}.apply"
+    if inspect.isbuiltin(fn) and name:
+        return name
     qualified = getattr(fn, "__qualname__", None) or name or type(fn).__name__
     return qualified.rsplit("<locals>.", 1)[-1]
 

@@ -18,13 +18,11 @@ import numpy as np
 from ._adapter import LeafSpec, PreparedFunction
 from ._errors import GradbridgeError, ModeUnsupportedError
 from ._evaluate import Evaluator, describe_perturbation
-from ._finite_diff import DEFAULT_RELATIVE_STEP, FLOAT64_EPS, central_points, element_steps, roundoff_error
+from ._finite_diff import (FLOAT64_EPS, central_points, element_steps, relative_step, roundoff_error,
+                           step_description)
 from ._options import Options
 from ._report import Report, RowResult, WorstElement
 from ._tolerance import Tolerance, grade, relative_error
-
-#: Two evaluations at the same point may differ by this much (relative) before the function counts as random.
-NONDETERMINISM_RTOL = 1e3 * FLOAT64_EPS
 
 
 class _Counts:
@@ -46,7 +44,10 @@ class _Counts:
 def run_check(prepared: PreparedFunction, options: Options, report: Report) -> Report:
     """Run the whole check inside the adapter's deterministic session and fill ``report``."""
     started = time.perf_counter()
-    tolerance = Tolerance(options.atol, options.rtol)
+    precision = working_eps(prepared)
+    tolerance = Tolerance(options.atol, options.rtol, precision)
+    report.tolerance = tolerance.describe()
+    report.step = step_description(options.eps, precision)
     counts = _Counts()
     evaluator = counts.add(Evaluator(prepared, options.chunk_size))
     try:
@@ -65,6 +66,11 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report) -> R
     return report
 
 
+def working_eps(prepared: PreparedFunction) -> float:
+    """Machine epsilon of the precision ``fn`` is evaluated in (float64 unless the adapter says otherwise)."""
+    return float(getattr(prepared, "working_eps", None) or FLOAT64_EPS)
+
+
 def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
     """Evaluate twice at ``x0``; a difference means finite differences would measure noise."""
     outputs = evaluator.evaluate(np.stack([x0, x0]), ["the unperturbed input", "the unperturbed input"])
@@ -72,7 +78,7 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
         raise GradbridgeError("fn: returned no floating-point output to differentiate")
     difference = float(np.max(np.abs(outputs[0] - outputs[1])))
     scale = max(1.0, float(np.max(np.abs(outputs[0]))))
-    if difference > NONDETERMINISM_RTOL * scale:
+    if difference > 1e3 * working_eps(evaluator.prepared) * scale:
         return (f"fn is not deterministic: two evaluations at the same input differ by {difference:.3g} even with "
                 "every random generator re-seeded before each evaluation, so finite differences would measure "
                 "noise, not gradients. Make the randomness depend on a seed or key the check controls "
@@ -97,6 +103,8 @@ def _check_order(evaluator: Evaluator, options: Options, tolerance: Tolerance, o
     leaves = list(evaluator.prepared.leaves)
     modes = ("rev", "fwd") if options.analytic == "both" else (options.analytic,)
     rows: List[RowResult] = []
+    if options.analytic == "both":
+        rows.extend(_consistency_rows(evaluator, options, order))
     if options.mode == "full":
         numeric, fd_error, steps = _numeric_jacobian(evaluator, options, leaves)
         for analytic_mode in modes:
@@ -104,7 +112,7 @@ def _check_order(evaluator: Evaluator, options: Options, tolerance: Tolerance, o
         return rows
     for analytic_mode in modes:
         for row in _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order):
-            if row.status != "fail":
+            if row.passed:
                 rows.append(row)
                 continue
             leaf = next(l for l in leaves if l.name == row.input)
@@ -122,7 +130,8 @@ def _numeric_jacobian(evaluator: Evaluator, options: Options, leaves: Sequence[L
     """Central-difference Jacobian columns for ``leaves``: (m, n_leaves) values, error estimates and steps."""
     x0 = evaluator.prepared.x0
     columns = np.concatenate([np.arange(leaf.offset, leaf.offset + leaf.size) for leaf in leaves])
-    steps = element_steps(x0, options.eps)
+    precision = working_eps(evaluator.prepared)
+    steps = element_steps(x0, options.eps, precision)
     plus, minus, spans = central_points(x0, columns, steps)
     names = evaluator.prepared.leaves
     described = ([describe_perturbation(names, c, "+") for c in columns]
@@ -130,7 +139,7 @@ def _numeric_jacobian(evaluator: Evaluator, options: Options, leaves: Sequence[L
     outputs = evaluator.evaluate(np.concatenate([plus, minus]), described)
     f_plus, f_minus = outputs[: len(columns)], outputs[len(columns):]
     numeric = ((f_plus - f_minus) / spans[:, None]).T
-    fd_error = roundoff_error(f_plus, f_minus, spans).T
+    fd_error = roundoff_error(f_plus, f_minus, spans, precision).T
     full_numeric = np.zeros((outputs.shape[1], len(x0)))
     full_error = np.zeros_like(full_numeric)
     full_numeric[:, columns] = numeric
@@ -158,14 +167,57 @@ def _full_rows(evaluator, tolerance, leaves, numeric, fd_error, steps, analytic_
         analytic = _analytic_jacobian(evaluator, analytic_mode)
     except ModeUnsupportedError as exc:
         return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+    undefined = undefined_gradients(evaluator.prepared)
     rows = []
     for leaf in leaves:
         for output in evaluator.prepared.output_specs:
             a = analytic[output.slice, leaf.slice]
             n = numeric[output.slice, leaf.slice]
             allowed = tolerance.bounds(n, fd_error[output.slice, leaf.slice])
-            rows.append(_block_row(leaf, output, a, n, allowed, steps[leaf.slice], analytic_mode, order))
+            row = _block_row(leaf, output, a, n, allowed, steps[leaf.slice], analytic_mode, order)
+            if leaf.name in undefined:
+                _mark_undefined(row, undefined[leaf.name])
+            rows.append(row)
     return rows
+
+
+def undefined_gradients(prepared: PreparedFunction) -> dict:
+    """Leaf name -> reason, for leaves whose framework defines no gradient (filled by the adapter)."""
+    return dict(getattr(prepared, "undefined_gradients", None) or {})
+
+
+def _mark_undefined(row: RowResult, reason: str) -> None:
+    """A leaf without a defined gradient: neither a pass nor a silent zero. It is acceptable only where
+    the numeric derivative is zero too."""
+    row.status = "no-gradient"
+    verdict = ("the numeric derivative is zero too" if row.mismatches == 0 else
+               "but the numeric derivative is not zero: the gradient is missing")
+    row.message = f"no gradient defined ({reason}); {verdict}"
+
+
+def _consistency_rows(evaluator: Evaluator, options: Options, order: int) -> List[RowResult]:
+    """<J^T v, u> from the VJP must equal <v, J u> from the JVP to round-off: no finite differences."""
+    prepared = evaluator.prepared
+    rng = np.random.default_rng(options.seed + 2)
+    m = sum(spec.size for spec in prepared.output_specs)
+    v = rng.standard_normal((1, m))
+    u = rng.standard_normal((1, len(prepared.x0)))
+    try:
+        pulled = evaluator.vjp(v)[0]
+        pushed = evaluator.jvp(u)[0]
+    except ModeUnsupportedError:
+        return []
+    reverse, forward = float(pulled @ u[0]), float(v[0] @ pushed)
+    allowed = 1e3 * FLOAT64_EPS * (float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
+    difference = abs(reverse - forward)
+    rel = relative_error(np.array([reverse]), np.array([forward]))
+    return [RowResult(input="(all checked)", output="(all)", shape=(len(prepared.x0),), order=order,
+                      method="consistency <J^T v, u> = <v, J u>", analytic_mode="rev vs fwd",
+                      status="pass" if difference <= allowed else "fail", max_abs_error=difference, rel_error=rel,
+                      grade=grade(rel), mismatches=int(not difference <= allowed), compared=1,
+                      worst=WorstElement((), (), reverse, forward, difference, allowed, None),
+                      message="reverse mode (value 'analytic') and forward mode (value 'numeric') disagree: "
+                              "one of your VJP/JVP rules is wrong" if not difference <= allowed else "")]
 
 
 def _block_row(leaf: LeafSpec, output: LeafSpec, a: np.ndarray, n: np.ndarray, allowed: np.ndarray,
@@ -203,7 +255,8 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
     x0 = prepared.x0
     rng = np.random.default_rng(options.seed)
     m = sum(spec.size for spec in prepared.output_specs)
-    step = DEFAULT_RELATIVE_STEP if options.eps is None else options.eps
+    precision = working_eps(prepared)
+    step = relative_step(options.eps, precision)
     scale = np.maximum(1.0, np.abs(x0))
     cotangents = rng.standard_normal((options.probes, m))
     directions = np.zeros((options.probes * len(leaves), len(x0)))
@@ -227,6 +280,7 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
     outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]), [f"x + h*u ({l})" for l in labels]
                                  + [f"x - h*u ({l})" for l in labels])
     f_plus, f_minus = outputs[: len(directions)], outputs[len(directions):]
+    undefined = undefined_gradients(prepared)
     rows = []
     for k, leaf in enumerate(leaves):
         worst: Optional[WorstElement] = None
@@ -236,7 +290,7 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
             i = p * len(leaves) + k
             v = cotangents[p]
             numeric = float(v @ (f_plus[i] - f_minus[i])) / (2.0 * step)
-            fd_error = FLOAT64_EPS * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
+            fd_error = precision * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
             if gradients is not None:
                 magnitude = float(np.linalg.norm(gradients[p, leaf.slice] * scale[leaf.slice]))
             else:
@@ -252,11 +306,14 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
         a_values = np.array([d[0] for d in differences])
         n_values = np.array([d[1] for d in differences])
         rel = relative_error(a_values, n_values)
-        rows.append(RowResult(
+        row = RowResult(
             input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
             method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
             status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
             rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong", mismatches=failed,
             compared=options.probes, worst=worst,
-            message=f"{failed} of {options.probes} probes outside tolerance" if failed else ""))
+            message=f"{failed} of {options.probes} probes outside tolerance" if failed else "")
+        if leaf.name in undefined:
+            _mark_undefined(row, undefined[leaf.name])
+        rows.append(row)
     return rows

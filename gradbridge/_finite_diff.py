@@ -16,17 +16,25 @@ FLOAT64_EPS = float(np.finfo(np.float64).eps)
 DEFAULT_RELATIVE_STEP = FLOAT64_EPS ** (1.0 / 3.0)  # about 6.06e-6
 
 
-def element_steps(x: np.ndarray, eps: Optional[float]) -> np.ndarray:
-    """Per-element step sizes: ``eps`` (default cbrt(machine eps)) times ``max(1, |x_j|)``."""
-    relative = DEFAULT_RELATIVE_STEP if eps is None else float(eps)
-    return relative * np.maximum(1.0, np.abs(x))
+def relative_step(eps: Optional[float], working_eps: float = FLOAT64_EPS) -> float:
+    """The relative step: ``eps`` if given, else the cube root of the working precision's machine eps."""
+    return working_eps ** (1.0 / 3.0) if eps is None else float(eps)
 
 
-def step_description(eps: Optional[float]) -> str:
+def element_steps(x: np.ndarray, eps: Optional[float], working_eps: float = FLOAT64_EPS) -> np.ndarray:
+    """Per-element step sizes: the relative step times ``max(1, |x_j|)``."""
+    return relative_step(eps, working_eps) * np.maximum(1.0, np.abs(x))
+
+
+def precision_name(working_eps: float) -> str:
+    names = {float(np.finfo(t).eps): str(np.dtype(t)) for t in (np.float64, np.float32, np.float16)}
+    return names.get(float(working_eps), f"eps {working_eps:.3g}")
+
+
+def step_description(eps: Optional[float], working_eps: float = FLOAT64_EPS) -> str:
     """The step rule in force, as a short formula for reports."""
-    relative = DEFAULT_RELATIVE_STEP if eps is None else float(eps)
-    source = "cbrt(float64 eps)" if eps is None else "eps"
-    return f"h_j = {relative:.3g}*max(1, |x_j|)  ({source}, central differences)"
+    source = f"cbrt({precision_name(working_eps)} eps)" if eps is None else "eps"
+    return f"h_j = {relative_step(eps, working_eps):.3g}*max(1, |x_j|)  ({source}, central differences)"
 
 
 def central_points(x0: np.ndarray, columns: np.ndarray, steps: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,9 +61,10 @@ def batched(evaluate: Callable[[np.ndarray], np.ndarray], points: np.ndarray, ch
     return np.concatenate(parts, axis=0)
 
 
-def roundoff_error(f_plus: np.ndarray, f_minus: np.ndarray, spans: np.ndarray) -> np.ndarray:
+def roundoff_error(f_plus: np.ndarray, f_minus: np.ndarray, spans: np.ndarray,
+                   working_eps: float = FLOAT64_EPS) -> np.ndarray:
     """Estimated round-off error of central differences: ``eps * (|f+| + |f-|) / span``.
 
     Shapes: f_plus, f_minus (k, m); spans (k,) — returns (k, m).
     """
-    return FLOAT64_EPS * (np.abs(f_plus) + np.abs(f_minus)) / spans[:, None]
+    return working_eps * (np.abs(f_plus) + np.abs(f_minus)) / spans[:, None]

@@ -25,15 +25,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
 
 def _row_cells(row: RowResult) -> List[str]:
     name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
-    verdict = {"pass": "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR"}[row.status]
+    verdict = {"pass": "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
+               "no-gradient": "none" if row.passed else "NONE"}[row.status]
     if row.status == "unsupported":
-        return [name, row.output, str(tuple(row.shape)), verdict, "-", "-", "-", row.message]
+        return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, "-", "-", "-", "-"]
     worst = "-"
-    if row.worst is not None and row.output == "v.out":
+    if row.method.startswith("consistency"):
+        worst = "<J^T v, u> vs <v, J u>"
+    elif row.worst is not None and row.output == "v.out":
         worst = "(random projections)"
     elif row.worst is not None:
         worst = f"{row.input}{_index(row.worst.input_index)} -> {row.output}{_index(row.worst.output_index)}"
-    return [name, row.output, str(tuple(row.shape)), verdict, row.grade, _fmt(row.rel_error),
+    return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, row.grade, _fmt(row.rel_error),
             _fmt(row.max_abs_error), worst]
 
 
@@ -50,10 +53,10 @@ def render_text(report: Report) -> str:
     if report.problem:
         lines.append(f"  problem: {report.problem}")
     if report.rows:
-        header = ["input", "output", "shape", "verdict", "grade", "rel err", "max |a-n|", "worst element"]
+        header = ["input", "output", "shape", "ad", "verdict", "grade", "rel err", "max |a-n|", "worst element"]
         lines.append("")
         lines.extend("  " + l for l in _table(header, [_row_cells(r) for r in report.rows]))
-    detailed = [r for r in report.rows if r.worst is not None and r.status == "fail"]
+    detailed = [r for r in report.rows if r.worst is not None and not r.passed]
     for row in detailed:
         w = row.worst
         lines.append("")
@@ -68,6 +71,6 @@ def render_text(report: Report) -> str:
         if row.message:
             lines.append(f"    {row.message}")
     for row in report.rows:
-        if row.status == "error":
-            lines.append(f"  {row.input}: {row.message}")
+        if row.message and (row.status in ("unsupported", "error") or row.status == "no-gradient" and row.passed):
+            lines.append(f"  {row.input} -> {row.output}: {row.message}")
     return "\n".join(lines)

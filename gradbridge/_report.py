@@ -36,7 +36,8 @@ class RowResult:
     """One compared block: the derivative of one output with respect to one checked input or parameter.
 
     ``status`` is ``"pass"``, ``"fail"``, ``"unsupported"`` (the mode is not available for this function;
-    neither a pass nor a failure) or ``"error"``.
+    neither a pass nor a failure), ``"no-gradient"`` (the framework defines no gradient for this input:
+    it passes only where the numeric derivative is zero too) or ``"error"``.
     """
 
     input: str
@@ -57,6 +58,8 @@ class RowResult:
 
     @property
     def passed(self) -> bool:
+        if self.status == "no-gradient":
+            return self.mismatches == 0
         return self.status in ("pass", "unsupported")
 
 

@@ -27,10 +27,24 @@ GRADES = ((1e-7, "correct"), (1e-4, "acceptable"), (1e-2, "suspicious"), (np.inf
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The tolerance rule of a check: user-given ``atol``/``rtol``, or the defaults."""
+    """The tolerance rule of a check: user-given ``atol``/``rtol``, or the defaults.
+
+    ``working_eps`` is the machine epsilon of the precision the function is evaluated in (float64
+    normally; an adapter that cannot promote, e.g. a float32-only model, says so); the default
+    ``rtol``/``atol`` grow to ``100*eps^(2/3)``/``10*eps^(2/3)`` when that is larger (float32: 2.4e-3, 2.4e-4).
+    """
 
     atol: Optional[float]
     rtol: Optional[float]
+    working_eps: float = float(np.finfo(np.float64).eps)
+
+    @property
+    def default_rtol(self) -> float:
+        return max(DEFAULT_RTOL, 100.0 * self.working_eps ** (2.0 / 3.0))
+
+    @property
+    def default_atol_factor(self) -> float:
+        return max(DEFAULT_ATOL_FACTOR, 10.0 * self.working_eps ** (2.0 / 3.0))
 
     @property
     def user_given(self) -> bool:
@@ -41,7 +55,7 @@ class Tolerance:
             return (f"|analytic - numeric| <= atol + rtol*|numeric|  "
                     f"(atol={self.atol or 0.0:g}, rtol={self.rtol or 0.0:g}, given by the caller)")
         return (f"|analytic - numeric| <= atol + rtol*|numeric| + {SAFETY:g}*fd_error  "
-                f"(rtol={DEFAULT_RTOL:g}, atol={DEFAULT_ATOL_FACTOR:g}*max(1, max|numeric|) per block, "
+                f"(rtol={self.default_rtol:.3g}, atol={self.default_atol_factor:.3g}*max(1, max|numeric|) per block, "
                 "fd_error = estimated round-off of the finite difference)")
 
     def bounds(self, numeric: np.ndarray, fd_error: np.ndarray) -> np.ndarray:
@@ -49,13 +63,13 @@ class Tolerance:
         if self.user_given:
             return (self.atol or 0.0) + (self.rtol or 0.0) * np.abs(numeric)
         scale = max(1.0, float(np.max(np.abs(numeric)))) if numeric.size else 1.0
-        return DEFAULT_ATOL_FACTOR * scale + DEFAULT_RTOL * np.abs(numeric) + SAFETY * fd_error
+        return self.default_atol_factor * scale + self.default_rtol * np.abs(numeric) + SAFETY * fd_error
 
     def scalar_bound(self, numeric: float, magnitude: float, fd_error: float) -> float:
         """Allowed difference for a projected (scalar) comparison of expected size ``magnitude``."""
         if self.user_given:
             return (self.atol or 0.0) + (self.rtol or 0.0) * max(abs(numeric), magnitude)
-        return (DEFAULT_ATOL_FACTOR * max(1.0, magnitude) + DEFAULT_RTOL * max(abs(numeric), magnitude)
+        return (self.default_atol_factor * max(1.0, magnitude) + self.default_rtol * max(abs(numeric), magnitude)
                 + SAFETY * fd_error)
 
 

@@ -1,0 +1,24 @@
+"""PyTorch kit: the op becomes a classic-style ``torch.autograd.Function`` calling NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make(forward, backward):
+    import torch
+
+    class NumpyOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            arrays = [t.detach().cpu().numpy() for t in inputs]
+            return torch.as_tensor(np.asarray(forward(*arrays)), dtype=inputs[0].dtype)
+
+        @staticmethod
+        def backward(ctx, cotangent):
+            arrays = [t.detach().cpu().numpy() for t in ctx.saved_tensors]
+            grads = backward(cotangent.detach().cpu().numpy(), *arrays)
+            return tuple(torch.as_tensor(np.asarray(g), dtype=cotangent.dtype) for g in grads)
+
+    return NumpyOp.apply, (lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)), {}
