@@ -156,7 +156,8 @@ class TorchProblem:
                 values[i] = leaf_value
         for i, c in enumerate(self.candidates):
             if c.kind == "input" and i not in self.chosen and _is_tensor(c.value):
-                values[i] = c.value.detach().clone()  # pass-through tensors: the user's stay untouched
+                # unchecked tensors: copies (the user's stay untouched), floating ones in float64 like the rest
+                values[i] = c.value.detach().to(torch.float64 if c.floating else c.value.dtype).clone()
         args = self.rebuild_args(values)
         with contextlib.ExitStack() as stack:
             if self.module_state is not None:
