@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
-from ._errors import GradbridgeError, ModeUnsupportedError
+from ._errors import FunctionEvaluationError, ModeUnsupportedError
 from ._evaluate import Evaluator, describe_perturbation
 from ._finite_diff import (FLOAT64_EPS, central_points, element_steps, relative_step, roundoff_error,
                            step_description)
@@ -75,7 +75,7 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
     """Evaluate twice at ``x0``; a difference means finite differences would measure noise."""
     outputs = evaluator.evaluate(np.stack([x0, x0]), ["the unperturbed input", "the unperturbed input"])
     if outputs.shape[1] == 0:
-        raise GradbridgeError("fn: returned no floating-point output to differentiate")
+        raise FunctionEvaluationError("fn: returned no floating-point output to differentiate")
     difference = float(np.max(np.abs(outputs[0] - outputs[1])))
     scale = max(1.0, float(np.max(np.abs(outputs[0]))))
     if difference > 1e3 * working_eps(evaluator.prepared) * scale:
