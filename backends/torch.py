@@ -80,6 +80,9 @@ class _DataSwap:
 
     @contextlib.contextmanager
     def applied(self, leaf_values: Sequence[torch.Tensor], needs_grad: bool) -> Iterator[List[torch.Tensor]]:
+        # Re-entrant: on exit put back what was there on entry, so a swap held around a whole backward pass
+        # (see TorchProblem.params_held) survives the forward pass nested in it.
+        entered = {index: (tensor.data, tensor.requires_grad) for index, tensor in self.tensors.items()}
         try:
             for index, tensor in self.tensors.items():
                 tensor.data = leaf_values[index].detach()
@@ -87,7 +90,11 @@ class _DataSwap:
                     tensor.requires_grad_(True)
             yield list(self.tensors.values())
         finally:
-            self.restore()
+            for index, tensor in self.tensors.items():
+                data, requires_grad = entered[index]
+                tensor.data = data
+                if tensor.requires_grad != requires_grad:
+                    tensor.requires_grad_(requires_grad)
 
     def restore(self) -> None:
         for index, tensor in self.tensors.items():
@@ -143,13 +150,27 @@ class TorchProblem:
             if self.data_swap is not None:
                 self.data_swap.restore()
 
+    def leaf_values(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves]
+
+    @contextlib.contextmanager
+    def params_held(self, x: torch.Tensor) -> Iterator[None]:
+        """Keep ``params=`` tensors pointing at their float64 views of ``x`` (and requiring grad) for a
+        forward *and* the backward through its graph: autograd saves such leaf tensors by reference, so
+        a backward run after their ``.data`` went back would read the user's original values and dtype."""
+        if self.data_swap is None:
+            yield
+            return
+        with self.data_swap.applied(self.leaf_values(x), True):
+            yield
+
     def forward(self, x: torch.Tensor, needs_grad: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run ``fn`` with checked leaves taken from the flat tensor ``x``.
 
         Returns the flat float64 output and the user tensors (``params=`` tensors) that stand in for
         some leaves, whose gradients must be added to those of ``x``.
         """
-        leaf_values = [x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves]
+        leaf_values = self.leaf_values(x)
         values = [c.value for c in self.candidates]
         for leaf_value, i in zip(leaf_values, self.chosen):
             if self.candidates[i].kind == "input":
@@ -196,8 +217,7 @@ def _combine(problem: TorchProblem, grad_x: Optional[torch.Tensor], grads_swappe
     return total
 
 
-def _vjp_graph(problem: TorchProblem, forward, x0: np.ndarray, create_graph: bool = False):
-    x = problem.to_tensor(x0).requires_grad_(True)
+def _vjp_graph(problem: TorchProblem, forward, x: torch.Tensor):
     with torch.enable_grad():
         out, swapped = forward(x, True)
     return x, out, swapped
@@ -224,7 +244,6 @@ class TorchPrepared:
         self.x0 = x0
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
-        self._graph = None
         self.notes = promotion_notes(problem.leaves)
         if problem.module is not None:
             self.notes.append(f"module {type(problem.module).__name__} in "
@@ -259,13 +278,13 @@ class TorchPrepared:
         return np.stack(rows)
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
-        if self._graph is None:
-            self._graph = _vjp_graph(self.problem, self.forward, self.x0)
-        x, out, swapped = self._graph
+        x = self.problem.to_tensor(self.x0).requires_grad_(True)
         rows = []
-        for cotangent in cotangents:
-            g = _grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent), create_graph=False)
-            rows.append(g.detach().cpu().numpy())
+        with self.problem.params_held(x):  # the graph is built and walked while params= point into x
+            _, out, swapped = _vjp_graph(self.problem, self.forward, x)
+            for cotangent in cotangents:
+                g = _grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent), create_graph=False)
+                rows.append(g.detach().cpu().numpy())
         return np.stack(rows)
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
@@ -299,8 +318,9 @@ class TorchPrepared:
             with torch.enable_grad():
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)
-                out, swapped = first(x, True)
-                g = _grad(problem, x, out, swapped, v, create_graph=True)
+                with problem.params_held(x):
+                    out, swapped = first(x, True)
+                    g = _grad(problem, x, out, swapped, v, create_graph=True)
             return g, swapped
 
         outputs = output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in problem.leaves])
