@@ -53,7 +53,8 @@ class _ModuleState:
         self.constants: Dict[str, torch.Tensor] = {}
         for name, param in module.named_parameters(remove_duplicate=True):
             if name not in checked:
-                self.constants[name] = param.detach().to(torch.float64) if param.is_floating_point() else param.detach()
+                dtype = torch.float64 if param.is_floating_point() else param.dtype
+                self.constants[name] = param.detach().to(dtype).clone()  # a copy: fn may write into it
         self.buffers = {name: buf for name, buf in module.named_buffers(remove_duplicate=True) if buf is not None}
 
     def replacement(self, leaf_values: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -54,8 +54,9 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         kwargs: keyword arguments passed to ``fn`` unchanged (never checked).
         analytic: ``"rev"`` (VJPs: checks backward passes, the default), ``"fwd"`` (JVPs) or ``"both"``.
         probes: number of random probes per leaf in ``fast`` mode.
-        train: keep modules in training mode (dropout masks frozen by re-seeding, BatchNorm on batch
-            statistics) instead of the default evaluation mode.
+        train: keep the modules' own train/eval modes (a model in training mode is checked in training
+            mode: dropout masks frozen by re-seeding, BatchNorm on batch statistics) instead of the
+            default, which puts every module in evaluation mode for the check.
         chunk_size: most points evaluated in one batch.
 
     Returns:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
-from ._errors import FunctionEvaluationError, ModeUnsupportedError
+from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ._evaluate import Evaluator, describe_perturbation
 from ._finite_diff import (FLOAT64_EPS, central_points, element_steps, relative_step, roundoff_error,
                            step_description)
@@ -91,9 +91,13 @@ def _second_order(first: Evaluator, options: Options, tolerance: Tolerance, coun
     cotangent = np.random.default_rng(options.seed + 1).standard_normal(output_size)
     try:
         derived = first.prepared.gradient_function(cotangent)
-    except ModeUnsupportedError as exc:
+    except GradbridgeError as exc:
+        if not isinstance(exc, ModeUnsupportedError):
+            raise
         return [RowResult(input=leaf.name, output="gradient", shape=leaf.shape, kind=leaf.kind, order=2,
                           status="unsupported", message=str(exc)) for leaf in first.prepared.leaves]
+    except Exception as exc:  # the framework refused to build the gradient function: the user's code is at fault
+        raise FunctionEvaluationError(f"building the gradient of fn for order=2 raised {type(exc).__name__}: {exc}") from exc
     evaluator = counts.add(Evaluator(derived, options.chunk_size, what="the gradient of fn"))
     evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])
     return _check_order(evaluator, options, tolerance, order=2)

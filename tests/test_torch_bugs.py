@@ -660,3 +660,11 @@ def test_plain_tensor_param_wrong_double_backward_located(mode: str) -> None:
     assert not report.passed, str(report)
     assert {(row.input, row.order) for row in report.failures} == {("params[0]", 2)}, str(report)
     assert report.row("params[0]", "grad[x]", order=2).status == "fail"
+
+
+def test_nothing_compared_is_not_a_pass() -> None:
+    """analytic="fwd" on a Function without jvp compares nothing: that must not read as a pass."""
+    report = gb.check(SinSignFlip.apply, _randn(5, seed=45, low=0.2), analytic="fwd")
+    assert {row.status for row in report.rows} == {"unsupported"}
+    assert not report.passed
+    assert "nothing was compared" in report.summary()

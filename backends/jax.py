@@ -1,0 +1,484 @@
+"""JAX adapter: ``jax.custom_vjp`` / ``jax.custom_jvp`` rules, ``jax.jit``-compiled functions and plain code.
+
+What is checked, and how the user's state stays untouched:
+
+* Arguments are pytrees (dicts, lists, tuples, NamedTuples, registered nodes). Every floating leaf
+  (a JAX array, or a NumPy float array passed to a JAX function) is checked and named by its tree
+  path under the argument's name, e.g. ``params['dense1']['w']``. Integer leaves, PRNG keys (typed
+  ``jax.random.key`` keys and legacy ``uint32`` ``jax.random.PRNGKey`` keys) and non-array values
+  (Python numbers, strings, ...) pass through untouched: the very same object at every evaluation.
+* Randomness: JAX has no global generator, so a function that takes a PRNG key gets the same key at
+  every evaluation (keys are not floating, so they are never perturbed) and draws the same dropout
+  mask each time; the finite differences then see one fixed function. Python's and NumPy's global
+  generators (used, say, inside a ``pure_callback``) are re-seeded before each batch of evaluations
+  and restored afterwards.
+* Float64: everything runs inside JAX's thread-local 64-bit scope (``jax.enable_x64(True)``, a context
+  manager), so the user's global ``jax_enable_x64`` setting is exactly as it was afterwards, also
+  when ``fn`` raises. Checked leaves created as float32 (or bfloat16, float16) are promoted on
+  float64 copies; unchecked floating leaves are promoted too, so ``fn`` computes in one precision.
+* Analytic side: reverse mode is ``jax.vjp`` built once at the checked point and applied to all
+  cotangents with ``jax.vmap`` under ``jax.jit``; forward mode is ``jax.linearize`` applied the same
+  way. A ``custom_vjp`` function has no forward mode: ``analytic="fwd"`` rows are "unsupported".
+  ``order=2`` differentiates ``x -> vjp(fn, x)(v)`` once more.
+* "No gradient": where JAX raises because some input has no derivative rule (a ``pure_callback``
+  without custom rule, a ``while_loop`` in reverse mode), each leaf is tried on its own and those JAX
+  cannot differentiate are reported as "no gradient"; so are leaves whose derivative JAX returns as a
+  symbolic zero (``stop_gradient``, an input ``fn`` does not use, a ``custom_vjp`` bwd returning
+  ``None``), found by tracing the derivative map to a jaxpr and following its data dependencies.
+  (float0 cotangents belong to integer inputs, which are never differentiated.)
+* Evaluation runs ``jax.jit(jax.vmap(fn))`` over a batch of points; a function that cannot be traced
+  that way (Python control flow on values, NumPy conversions) is evaluated point by point instead.
+* ``params=`` and ``grad=`` are rejected: a pure JAX function cannot have closed-over parameters swapped
+  (pass the parameter pytree as an argument), and JAX computes the gradients itself (write custom ones
+  as ``custom_vjp``/``custom_jvp`` rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._outputs import output_specs
+from gradbridge._rng import SharedRandomState
+
+try:  # the public home of jaxpr types since jax 0.4.3x
+    from jax.extend.core import Literal
+except ImportError:  # pragma: no cover - older jax
+    from jax.core import Literal  # type: ignore[attr-defined,no-redef]
+
+#: Substrings of JAX errors meaning "this input has no derivative rule" (not a bug in the user's rule).
+_NO_DERIVATIVE_HINTS = ("differentiation rule for", "transpose rule", "do not support jvp", "does not support jvp",
+                        "reverse-mode differentiation does not work", "does not support reverse-mode")
+#: Substrings of JAX errors meaning "forward mode is not available for this function".
+_FORWARD_UNSUPPORTED_HINTS = ("forward-mode autodiff (jvp) to a custom_vjp",)
+
+LinearMap = Tuple[List[int], Callable[..., Any]]  # (indices of the leaves it takes or returns, the map)
+
+
+def enable_float64() -> ContextManager[None]:
+    """JAX's scoped 64-bit switch: a thread-local override restored on exit, the global flag untouched.
+
+    Since jax 0.8 this is ``jax.enable_x64(True)`` (``jax.enable_x64`` is the ``jax_enable_x64`` config
+    state, callable as a context manager); older releases spell it ``jax.experimental.enable_x64()``.
+    ``jax.config.update("jax_enable_x64", ...)`` is never used: it changes the global setting.
+    """
+    state = getattr(jax, "enable_x64", None)
+    if state is not None and hasattr(state, "swap_local"):
+        return state(True)
+    from jax.experimental import enable_x64  # pragma: no cover - jax < 0.8
+
+    return enable_x64(True)  # pragma: no cover
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def _is_key(value: Any) -> bool:
+    return isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def _floating(value: Any) -> bool:
+    return _is_array(value) and not _is_key(value) and bool(jnp.issubdtype(value.dtype, jnp.floating))
+
+
+def _complex(value: Any) -> bool:
+    return _is_array(value) and not _is_key(value) and bool(jnp.issubdtype(value.dtype, jnp.complexfloating))
+
+
+def _dtype_name(value: Any) -> str:
+    return str(value.dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _mentions(exc: BaseException, hints: Sequence[str]) -> bool:
+    return not isinstance(exc, GradbridgeError) and any(hint in str(exc).lower() for hint in hints)
+
+
+def _reraise_unless_no_derivative(exc: Exception, mode: str) -> None:
+    """Called in an ``except`` block while building a derivative map: return only when ``exc`` says JAX has
+    no derivative rule for some input; raise ModeUnsupportedError for forward mode on a custom_vjp
+    function; re-raise anything else (the user's rule or function is broken: the core reports it)."""
+    if mode == "fwd" and _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
+        raise ModeUnsupportedError(f"forward mode unsupported: {_first_line(exc)} "
+                                   "(a jax.custom_vjp function defines reverse mode only)") from exc
+    if not _mentions(exc, _NO_DERIVATIVE_HINTS):
+        raise exc
+
+
+def _dependencies(jaxpr: Any) -> List[FrozenSet[int]]:
+    """For each output of ``jaxpr``, the indices of the inputs it depends on.
+
+    Conservative: an equation's outputs depend on all its inputs, except calls of jit-compiled
+    sub-jaxprs, which are followed inside. An output with no input dependency is a constant of the
+    map: with a linear map, a (symbolic) zero.
+    """
+    deps: Dict[Any, FrozenSet[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars)}
+
+    def read(v: Any) -> FrozenSet[int]:
+        return frozenset() if isinstance(v, Literal) else deps.get(v, frozenset())
+
+    for eqn in jaxpr.eqns:
+        inputs = [read(v) for v in eqn.invars]
+        inner = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit", "closed_call") else None
+        inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+        if inner is not None and len(inner.invars) == len(inputs) and len(inner.outvars) == len(eqn.outvars):
+            outputs = [frozenset().union(*(inputs[j] for j in d)) for d in _dependencies(inner)]
+        else:
+            union = frozenset().union(*inputs)
+            outputs = [union] * len(eqn.outvars)
+        for v, d in zip(eqn.outvars, outputs):
+            deps[v] = d
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _apply_vmapped(function: Callable[..., Any], *batched: Any) -> Any:
+    """``function`` applied to each row of the ``batched`` arrays (``function`` may be a pytree, e.g. a VJP)."""
+    return jax.vmap(function)(*batched)
+
+
+@dataclass(frozen=True)
+class _Argument:
+    """Where one top-level argument's pytree leaves sit in the list of all leaves."""
+
+    treedef: Any
+    start: int
+    count: int
+
+
+class JaxProblem:
+    """Everything about one JAX check that is fixed: the argument trees, the leaves, the output layout."""
+
+    def __init__(self, spec: CheckSpec, arguments: List[_Argument], values: List[Any], candidates: List[Candidate],
+                 positions: List[int], leaves: List[LeafSpec], chosen: List[int]) -> None:
+        self.spec = spec
+        self.arguments = arguments
+        self.values = values  # every pytree leaf of every argument, the user's objects
+        self.candidates = candidates
+        self.positions = positions  # candidate index -> position in ``values``
+        self.leaves = leaves
+        self.chosen = chosen
+        self.rng = SharedRandomState(spec.seed)
+        self.outputs: Optional[List[LeafSpec]] = None
+        self.low_precision_outputs: List[str] = []
+        self._fixed: Optional[List[Any]] = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with self.rng.preserved(), enable_float64():
+            self.fixed_values()  # now: float64 is on, and no JAX trace is running that the copies could leak into
+            yield
+
+    def fixed_values(self) -> List[Any]:
+        """All leaves as ``fn`` sees them when nothing is perturbed: unchecked floating leaves as float64
+        copies, everything else (ints, keys, static values) the user's own object. Built on entering the
+        session, outside any trace (an array made inside ``jax.jit`` would be a tracer that must not escape)."""
+        if self._fixed is None:
+            fixed = list(self.values)
+            for i, c in enumerate(self.candidates):
+                if c.floating and i not in self.chosen:
+                    fixed[self.positions[i]] = jnp.asarray(np.asarray(c.value, dtype=np.float64))
+            self._fixed = fixed
+        return self._fixed
+
+    def call(self, parts: Sequence[Any]) -> jax.Array:
+        """Run ``fn`` with the checked leaves replaced by ``parts`` (one array per leaf, in leaf order);
+        returns the flat float64 output."""
+        values = list(self.fixed_values())
+        for leaf, i, part in zip(self.leaves, self.chosen, parts):
+            values[self.positions[i]] = jnp.reshape(part, leaf.shape)
+        args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count]) for a in self.arguments)
+        return self._flatten_output(self.spec.fn(*args, **self.spec.kwargs))
+
+    def split(self, x: Any) -> List[Any]:
+        """The flat vector ``x`` cut into one array per checked leaf, in the leaf's shape."""
+        return [jnp.reshape(x[leaf.offset:leaf.offset + leaf.size], leaf.shape) for leaf in self.leaves]
+
+    def _flatten_output(self, result: Any) -> jax.Array:
+        pairs, _ = jax.tree_util.tree_flatten_with_path(result)
+        found = [("out" + jax.tree_util.keystr(path), value) for path, value in pairs if _floating(value)]
+        if not found:
+            if _is_array(result):
+                got = f"an array of dtype {_dtype_name(result)}"
+            else:
+                got = type(result).__name__ + (" with no floating array in it" if pairs else "")
+            raise FunctionEvaluationError(
+                f"fn: expected a floating-point array (or a pytree of them) as output, got {got}")
+        if self.outputs is None:  # shapes seen inside jax.vmap are those of one point
+            self.outputs = output_specs([(name, tuple(value.shape), _dtype_name(value)) for name, value in found])
+            self.low_precision_outputs = [name for name, value in found if value.dtype != jnp.float64]
+        return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(jnp.float64) for _, value in found])
+
+
+class JaxPrepared:
+    """A JAX function of the checked leaves (one array per leaf, in leaf order) to a flat float64 output."""
+
+    analytic_source = "JAX autodiff (jax.vjp / jax.linearize: your custom_vjp / custom_jvp rules and JAX's own)"
+
+    def __init__(self, problem: JaxProblem, function: Callable[..., jax.Array], x0: np.ndarray,
+                 outputs: Optional[List[LeafSpec]] = None) -> None:
+        self.problem = problem
+        self.function = function
+        self.leaves = problem.leaves
+        self.x0 = x0
+        self.notes = promotion_notes(problem.leaves)
+        self._undefined: Dict[str, Dict[str, str]] = {"rev": {}, "fwd": {}}
+        self._last_mode = "rev"
+        self._outputs = outputs
+        self._batched: Optional[Callable[[jax.Array], jax.Array]] = None
+        self._apply = jax.jit(_apply_vmapped)
+        self._pointwise_evaluation = False
+        self._pointwise_linear = False
+        self._pullbacks: Optional[List[LinearMap]] = None
+        self._pushforwards: Optional[List[LinearMap]] = None
+
+    @property
+    def undefined_gradients(self) -> Dict[str, str]:
+        """``{leaf name: reason}`` for the mode (reverse or forward) whose derivative was computed last.
+
+        JAX may define one mode and not the other for the same input (``while_loop`` has forward mode but
+        no reverse mode), while the core reads one dict per check; it reads it right after computing the
+        rows' derivatives, so answering for the latest mode gives each row the record of its own mode.
+        """
+        return self._undefined[self._last_mode]
+
+    @property
+    def output_specs(self) -> List[LeafSpec]:
+        specs = self._outputs if self._outputs is not None else self.problem.outputs
+        if specs is None:
+            raise RuntimeError("output_specs is known after the first evaluation")
+        return specs
+
+    def session(self) -> ContextManager[None]:
+        return self.problem.session()
+
+    def _flat(self, x: jax.Array) -> jax.Array:
+        return self.function(*self.problem.split(x))
+
+    def _parts0(self) -> List[jax.Array]:
+        return self.problem.split(jnp.asarray(self.x0, dtype=jnp.float64))
+
+    def _note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def evaluate(self, points: np.ndarray) -> np.ndarray:
+        x = jnp.asarray(points, dtype=jnp.float64)
+        result = None
+        if not self._pointwise_evaluation:
+            if self._batched is None:
+                self._batched = jax.jit(jax.vmap(self._flat))
+            try:
+                self.problem.rng.reseed()
+                result = np.asarray(self._batched(x), dtype=np.float64)
+            except GradbridgeError:
+                raise
+            except Exception as exc:  # not traceable under jit/vmap: fall back to plain calls, which may work
+                self._pointwise_evaluation = True
+                self._note(f"fn could not run under jax.jit(jax.vmap(...)) ({_first_line(exc)}); "
+                           "it is evaluated point by point")
+        if result is None:
+            rows = []
+            for point in x:
+                self.problem.rng.reseed()
+                rows.append(np.asarray(self._flat(point), dtype=np.float64))
+            result = np.stack(rows)
+        if self.problem.low_precision_outputs:
+            self._note(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
+                       "the check's precision is limited by that")
+        return result
+
+    def _apply_batched(self, function: Callable[..., Any], *batched: jax.Array) -> Any:
+        """``function`` on every row of ``batched`` (jit + vmap; point by point if that cannot trace)."""
+        if not self._pointwise_linear:
+            try:
+                return self._apply(function, *batched)
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                self._pointwise_linear = True
+                self._note(f"the derivative of fn could not run under jax.jit(jax.vmap(...)) ({_first_line(exc)}); "
+                           "it is applied vector by vector")
+        results = [function(*(b[i] for b in batched)) for i in range(len(batched[0]))]
+        return jax.tree_util.tree_map(lambda *rows: jnp.stack(rows), *results)
+
+    def _linear_maps(self, build: Callable[[Callable[..., jax.Array], Sequence[jax.Array]], Callable[..., Any]],
+                     probe_inputs: Callable[[List[int]], Sequence[jax.Array]], mode: str) -> List[LinearMap]:
+        """Build the derivative map at ``x0`` over all leaves at once, or, where JAX has no derivative
+        rule for some input, one map per leaf, recording the leaves JAX cannot differentiate.
+
+        ``build(function, primals)`` returns the map; each map is called once on ``probe_inputs`` so that
+        errors JAX raises only when the map is applied (transpose rules) surface here.
+        """
+        parts0 = self._parts0()
+        everything = list(range(len(self.leaves)))
+        try:
+            linear = build(self.function, parts0)
+            linear(*probe_inputs(everything))
+            return [(everything, linear)]
+        except Exception as exc:
+            _reraise_unless_no_derivative(exc, mode)
+        maps: List[LinearMap] = []
+        for k, leaf in enumerate(self.leaves):
+            def only(part: jax.Array, k: int = k) -> jax.Array:
+                return self.function(*parts0[:k], part, *parts0[k + 1:])
+
+            try:
+                linear = build(only, [parts0[k]])
+                linear(*probe_inputs([k]))
+            except Exception as exc:
+                _reraise_unless_no_derivative(exc, mode)
+                self._undefined[mode][leaf.name] = f"JAX cannot differentiate fn with respect to it: {_first_line(exc)}"
+                continue
+            maps.append(([k], linear))
+        return maps
+
+    def _mark_symbolic_zeros(self, maps: List[LinearMap], probe_inputs: Callable[[List[int]], Sequence[jax.Array]],
+                             mode: str) -> None:
+        """Record leaves whose derivative JAX builds as a constant zero (it depends on no input of the map).
+
+        For a VJP (``mode="rev"``) each output is one leaf's gradient; for a JVP each input is one leaf's
+        tangent. A constant that is not zero is left alone: that is a wrong rule, not a missing one.
+        """
+        for indices, linear in maps:
+            inputs = probe_inputs(indices)
+            try:
+                closed = jax.make_jaxpr(linear)(*inputs)
+                values = jax.tree_util.tree_leaves(linear(*inputs))
+            except Exception:  # the analysis is a refinement; without it rows are plain pass/fail
+                continue
+            dependencies = _dependencies(closed.jaxpr)
+            if mode == "rev":
+                constant = [not dependencies[j] and not np.any(np.asarray(values[j])) for j in range(len(indices))]
+            else:
+                used = frozenset().union(*dependencies)
+                constant = [j not in used for j in range(len(indices))]
+            for j, k in enumerate(indices):
+                if constant[j]:
+                    self._undefined[mode].setdefault(
+                        self.leaves[k].name,
+                        "JAX's derivative for it is a symbolic zero: fn does not depend on it differentiably "
+                        "(jax.lax.stop_gradient, an unused input, or a custom rule returning None/zeros)")
+
+    def _output_size(self) -> int:
+        return sum(spec.size for spec in self.output_specs)
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        def zero_cotangent(_: List[int]) -> Sequence[jax.Array]:
+            return [jnp.zeros(self._output_size(), dtype=jnp.float64)]
+
+        if self._pullbacks is None:
+            self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], zero_cotangent, "rev")
+            self._mark_symbolic_zeros(self._pullbacks, zero_cotangent, "rev")
+        self._last_mode = "rev"
+        v = jnp.asarray(cotangents, dtype=jnp.float64)
+        gradients = np.zeros((len(v), len(self.x0)))
+        for indices, pullback in self._pullbacks:
+            pulled = self._apply_batched(pullback, v)
+            for k, g in zip(indices, pulled):
+                gradients[:, self.leaves[k].slice] = np.asarray(g, dtype=np.float64).reshape(len(v), -1)
+        return gradients
+
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:
+            return [jnp.zeros(self.leaves[k].shape, dtype=jnp.float64) for k in indices]
+
+        if self._pushforwards is None:
+            self._pushforwards = self._linear_maps(lambda f, primals: jax.linearize(f, *primals)[1],
+                                                   zero_tangents, "fwd")
+            self._mark_symbolic_zeros(self._pushforwards, zero_tangents, "fwd")
+        self._last_mode = "fwd"
+        u = jnp.asarray(tangents, dtype=jnp.float64)
+        pushed = np.zeros((len(u), self._output_size()))
+        for indices, pushforward in self._pushforwards:
+            parts = [jnp.reshape(u[:, self.leaves[k].slice], (len(u),) + self.leaves[k].shape) for k in indices]
+            pushed += np.asarray(self._apply_batched(pushforward, *parts), dtype=np.float64).reshape(len(u), -1)
+        return pushed
+
+    def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
+        v = jnp.asarray(cotangent, dtype=jnp.float64)
+        first = self.function
+
+        def gradient(*parts: jax.Array) -> jax.Array:
+            pulled = jax.vjp(first, *parts)[1](v)
+            return jnp.concatenate([jnp.ravel(g) for g in pulled])
+
+        parts0 = self._parts0()
+        try:  # can JAX differentiate the gradient? (errors of other kinds surface when it is evaluated)
+            jax.vjp(gradient, *parts0)[1](jnp.zeros(len(self.x0), dtype=jnp.float64))
+        except Exception as exc:
+            if _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
+                raise ModeUnsupportedError(
+                    f"order=2: JAX cannot differentiate the gradient of fn: {_first_line(exc)}") from exc
+            if isinstance(exc, GradbridgeError):
+                raise
+        outputs = output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in self.leaves])
+        return JaxPrepared(self.problem, gradient, self.x0, outputs=outputs)
+
+
+class JaxAdapter:
+    """Adapter for JAX."""
+
+    name = "jax"
+    module_name = "jax"
+    install_hint = 'pip install "gradbridge[jax]"'
+
+    def is_loaded(self) -> bool:
+        return "jax" in sys.modules
+
+    def owns(self, value: Any) -> bool:
+        """JAX arrays (PRNG keys included), ``custom_vjp``/``custom_jvp`` functions and ``jax.jit`` functions."""
+        if isinstance(value, (jax.Array, jax.custom_vjp, jax.custom_jvp)):
+            return True
+        return type(value).__name__ == "PjitFunction"
+
+    def version(self) -> str:
+        return jax.__version__
+
+    def prepare(self, spec: CheckSpec) -> JaxPrepared:
+        if spec.grad is not None:
+            raise InvalidArgumentError(
+                "grad: JAX differentiates fn itself; write a custom gradient as a jax.custom_vjp or jax.custom_jvp "
+                "rule and pass the function, or use backend='numpy' to check a hand-written NumPy gradient")
+        if spec.params is not None:
+            raise InvalidArgumentError(
+                "params: JAX functions are pure, so parameters they close over cannot be swapped for perturbed "
+                "copies; pass the parameter pytree as an argument instead (check(loss, params, x)): every floating "
+                "leaf is checked and named by its path, e.g. params['dense1']['w']")
+        arguments: List[_Argument] = []
+        values: List[Any] = []
+        candidates: List[Candidate] = []
+        positions: List[int] = []
+        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
+            pairs, treedef = jax.tree_util.tree_flatten_with_path(arg)
+            arguments.append(_Argument(treedef, len(values), len(pairs)))
+            for path, value in pairs:
+                if _is_array(value):
+                    checkable = _floating(value) or _complex(value)
+                    candidates.append(Candidate(name + jax.tree_util.keystr(path), value, tuple(np.shape(value)),
+                                                _dtype_name(value), checkable, "input", index))
+                    positions.append(len(values))
+                values.append(value)
+        leaves, chosen = layout_leaves(candidates, spec.wrt)
+        for leaf, i in zip(leaves, chosen):
+            if _complex(candidates[i].value):
+                raise InvalidArgumentError(f"args: {leaf.name} is complex; gradbridge checks real arrays")
+        problem = JaxProblem(spec, arguments, values, candidates, positions, leaves, chosen)
+        x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).reshape(-1) for i in chosen])
+        return JaxPrepared(problem, lambda *parts: problem.call(parts), x0)
+
+
+ADAPTER = JaxAdapter()
