@@ -47,7 +47,7 @@ import numpy as np
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
-from gradbridge._outputs import output_specs
+from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
 
 try:  # the public home of jaxpr types since jax 0.4.3x
@@ -425,7 +425,7 @@ class JaxPrepared:
                     f"order=2: JAX cannot differentiate the gradient of fn: {_first_line(exc)}") from exc
             if isinstance(exc, GradbridgeError):
                 raise
-        outputs = output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in self.leaves])
+        outputs = gradient_output_specs(self.leaves)
         return JaxPrepared(self.problem, gradient, self.x0, outputs=outputs)
 
 

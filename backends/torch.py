@@ -25,7 +25,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
-from gradbridge._outputs import output_leaves, output_specs
+from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
@@ -324,7 +324,7 @@ class TorchPrepared:
                     g = _grad(problem, x, out, swapped, v, create_graph=True)
             return g, swapped
 
-        outputs = output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in problem.leaves])
+        outputs = gradient_output_specs(problem.leaves)
         return TorchPrepared(problem, gradient, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
 
 

@@ -23,3 +23,8 @@ def output_specs(named: Sequence[Tuple[str, Tuple[int, ...], str]]) -> List[Leaf
         specs.append(spec)
         offset += spec.size
     return specs
+
+
+def gradient_output_specs(leaves: Sequence[LeafSpec]) -> List[LeafSpec]:
+    """Outputs of ``x -> J(x)^T v`` (the function ``order=2`` checks): one block ``grad[name]`` per leaf."""
+    return output_specs([(f"grad[{leaf.name}]", leaf.shape, "float64") for leaf in leaves])
