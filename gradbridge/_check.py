@@ -82,7 +82,8 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
         return (f"fn is not deterministic: two evaluations at the same input differ by {difference:.3g} even with "
                 "every random generator re-seeded before each evaluation, so finite differences would measure "
                 "noise, not gradients. Make the randomness depend on a seed or key the check controls "
-                "(torch/NumPy/Python global RNGs, a JAX key argument), or remove it (train=False).")
+                "(the framework's global seed or generator, NumPy's and Python's global RNGs, a JAX key argument; "
+                "private generator objects cannot be pinned), or remove it (train=False).")
     return None
 
 

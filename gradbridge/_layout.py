@@ -44,7 +44,7 @@ def _matches(entry: Any, candidate: Candidate) -> bool:
         return candidate.arg_index == entry
     if isinstance(entry, str):
         name = candidate.name
-        return name == entry or name.startswith(entry + "[") or name.startswith(entry + ".")
+        return name == entry or any(name.startswith(entry + sep) for sep in ("[", ".", "/"))
     return entry is candidate.value
 
 

@@ -1,0 +1,785 @@
+"""TensorFlow adapter: ``tf.custom_gradient`` ops, plain and ``tf.function``-compiled functions, Keras models.
+
+How a check stays off the user's objects:
+
+* Checked inputs are fresh tensors built from the flat vector, never the user's tensors or variables.
+* Keras variables (``params=model`` or a list of Keras variables) are never written: while ``fn`` runs they
+  are redirected, through ``keras.StatelessScope``, to shadow tf.Variables owned by the check. Every
+  evaluation runs in a fresh stateless scope, so BatchNorm statistics and Dropout seed generators updated
+  by the model (``train=True``) land in the scope and are dropped.
+* A Keras model in float32 (or mixed precision) is checked in float64 without being changed: its layers'
+  dtype policies are swapped for the duration of each call for one computing in float64 (the Keras
+  mixed-precision mechanism, with float64 as the compute dtype), and its float variables are read as
+  float64 copies. The user's policies are put back in a ``finally``.
+* Plain tf.Variables (``params=`` a ``tf.Module`` or a list of variables) cannot be redirected: they
+  are assigned the perturbed values during a call and assigned their original value back, bit for bit,
+  in a ``finally`` (also when ``fn`` raises). They keep their dtype, so a float32 variable is checked in
+  float32: the report says so and steps and tolerances follow float32 (``working_eps``).
+* A ``tf.function`` ``fn`` is checked through a fresh ``tf.function`` of the same Python function and
+  options, so the user's trace cache never holds traces made with the check's float64 inputs or shadow
+  variables.
+* The session pins TensorFlow's randomness for every evaluation (global seed, operation seeds, the global
+  ``tf.random.Generator``; TensorFlow's kernel cache too, only for functions that draw from stateful random
+  ops) and Python/NumPy's, and restores the user's seed, operation-seed sequence and generators afterwards.
+
+Precision: the check first tries float64 (inputs promoted, Keras models computing in float64). When ``fn``
+cannot run that way (it mixes its inputs with float32 constants, has a float32 ``input_signature``...) or
+returns below float64 anyway, it runs in the user's precision and ``prepared.working_eps`` and a note say so.
+
+Limitations: ``training=`` passed explicitly inside ``fn`` wins over ``train=``; a ``tf.function`` called
+*inside* ``fn`` (not ``fn`` itself) keeps its own trace cache; for a function drawing from stateful random
+ops, eager random ops with an explicit op seed restart their sequence after the check (clearing
+TensorFlow's kernel cache cannot be undone); a ``tf.random.Generator`` of the user's own other than the
+global one cannot be pinned (the check then reports the function as not deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import of TensorFlow: no INFO/WARNING spam
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import context as _tf_context
+from tensorflow.python.ops import custom_gradient as _tf_custom_gradient
+from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
+
+from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
+from gradbridge._rng import SharedRandomState
+from gradbridge._tree import flatten
+
+#: A source of differentiation: the tensor or variable that stands for one checked leaf during a call.
+Source = Any
+#: Runs the user's function (or its gradient) on the sources; returns the output tensors.
+Forward = Callable[[List[Source]], List[tf.Tensor]]
+
+_EPS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+        "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7}
+_NO_GRADIENT = ("TensorFlow returned None: no differentiable path leads from this input to the outputs "
+                "(tf.stop_gradient, a cast to an integer type, or an op without a gradient such as "
+                "tf.numpy_function outside a tf.custom_gradient)")
+
+
+# --- Keras, only when it is already imported (TensorFlow 2.16+ imports it; nothing here imports it) ---
+
+def _keras() -> Any:
+    return sys.modules.get("keras")
+
+
+def _is_keras_variable(value: Any) -> bool:
+    keras = _keras()
+    return keras is not None and isinstance(value, getattr(keras, "Variable", ()))
+
+
+def _is_keras_layer(value: Any) -> bool:
+    keras = _keras()
+    layers = getattr(keras, "layers", None) if keras is not None else None
+    return layers is not None and isinstance(value, getattr(layers, "Layer", ()))
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable)) or _is_keras_variable(value)
+
+
+def _dtype(value: Any) -> tf.DType:
+    return tf.as_dtype(value.dtype)
+
+
+def _floating(value: Any) -> bool:
+    return _dtype(value).is_floating
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return np.asarray(value.numpy()).astype(np.float64)
+
+
+def _eps(dtype: tf.DType) -> float:
+    return _EPS.get(dtype.name, _EPS["float32"])
+
+
+def _is_tf_function(fn: Any) -> bool:
+    return isinstance(fn, tf.types.experimental.PolymorphicFunction)
+
+
+def _private_copy(fn: Any) -> Any:
+    """A fresh ``tf.function`` of the same Python function and options (its own, empty, trace cache)."""
+    if not _is_tf_function(fn):
+        return fn
+    clone = getattr(fn, "_clone", None)
+    if clone is not None:
+        try:
+            return clone(None)
+        except Exception:  # a future TensorFlow changed the private signature: rebuild from the public parts
+            pass
+    return tf.function(fn.python_function, input_signature=fn.input_signature)
+
+
+# --- parameters ---
+
+class _Param:
+    """One parameter candidate: its readable name and the user's variable."""
+
+    def __init__(self, name: str, variable: Any) -> None:
+        self.name = name
+        self.variable = variable
+
+
+def _parameters(spec: CheckSpec) -> Tuple[Optional[Any], List[_Param]]:
+    """The Keras model (if any) and the named variables to consider, from ``params=`` or a model ``fn``."""
+    params = spec.params
+    if params is None and (_is_keras_layer(spec.fn) or isinstance(spec.fn, tf.Module)):
+        params = spec.fn
+    if params is None:
+        return None, []
+    if _is_keras_layer(params):
+        variables = list(params.trainable_variables)
+        if not params.built and not params.variables:
+            raise InvalidArgumentError(
+                f"params: the Keras {type(params).__name__} {params.name!r} is not built yet, so it has no weights "
+                "to check; call it once on an input (or build it) before checking")
+        return params, _unique([(v.path, v) for v in _dedupe(variables)])
+    if isinstance(params, tf.Module):
+        found = params._flatten(predicate=lambda v: isinstance(v, tf.Variable) and v.trainable, with_path=True)
+        return None, _unique([("/".join(str(p) for p in path), v) for path, v in found])
+    if isinstance(params, tf.Variable) or _is_keras_variable(params):
+        params = [params]
+    if isinstance(params, dict):
+        items = list(params.items())
+    else:
+        try:
+            items = [(f"params[{i}]", v) for i, v in enumerate(params)]
+        except TypeError:
+            raise InvalidArgumentError(f"params: expected a Keras model or layer, a tf.Module, or an iterable of "
+                                       f"tf.Variables, got {type(params).__name__}") from None
+    for name, v in items:
+        if not (isinstance(v, tf.Variable) or _is_keras_variable(v)):
+            raise InvalidArgumentError(
+                f"params: {name} has type {type(v).__name__}, expected a tf.Variable (or a Keras variable); "
+                "constant tensors a function closes over cannot be perturbed: pass them as arguments")
+    return None, [_Param(str(name), v) for name, v in items]
+
+
+def _dedupe(variables: Sequence[Any]) -> List[Any]:
+    seen, unique = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            unique.append(v)
+    return unique
+
+
+def _unique(named: Sequence[Tuple[str, Any]]) -> List[_Param]:
+    """Parameters with distinct names (a repeated path gets ``#2``, ``#3``...)."""
+    counts: Dict[str, int] = {}
+    params = []
+    for name, v in named:
+        counts[name] = counts.get(name, 0) + 1
+        params.append(_Param(name if counts[name] == 1 else f"{name}#{counts[name]}", v))
+    return params
+
+
+def _expand_slash_prefixes(wrt: Optional[Tuple[Any, ...]],
+                           candidates: Sequence[Candidate]) -> Optional[Tuple[Any, ...]]:
+    """Let ``wrt="hidden"`` (or ``"model/hidden"``, ``"hidden/kernel"``) select ``model/hidden/kernel``.
+
+    The core matches name prefixes only; Keras paths start with the model's name (``sequential/...``),
+    so a layer's name is a run of whole components in the middle of the path. A string that matches
+    nothing the core's way but is such a run is replaced by those parameters' objects (which the core
+    matches by identity).
+    """
+    if wrt is None:
+        return None
+    expanded: List[Any] = []
+    for entry in wrt:
+        if isinstance(entry, str) and not any(c.name == entry or c.name.startswith((entry + "[", entry + "."))
+                                              for c in candidates):
+            hits = [c.value for c in candidates
+                    if c.kind == "param" and c.floating and f"/{entry.strip('/')}/" in f"/{c.name}/"]
+            if hits:
+                expanded.extend(hits)
+                continue
+        expanded.append(entry)
+    return tuple(expanded)
+
+
+# --- random state ---
+
+class _TensorFlowRandomState:
+    """Pins TensorFlow's random sources before each evaluation and puts the user's back afterwards.
+
+    Before each evaluation: the global seed and the generator of operation seeds derived from it are
+    reset (what ``tf.random.set_seed`` does), the global ``tf.random.Generator`` is reset to its state at
+    the start of the check (a seeded one, owned by the check, stands in when the user has none), and, only
+    for functions that draw from stateful random kernels (``tf.random.normal`` and friends; the probe finds
+    out), TensorFlow's kernel cache is cleared, which is what makes such kernels start over.
+
+    Restored exactly afterwards: the global seed, the operation-seed generator and its state, the global
+    generator (object and state) and Keras' global seed generator. Not restorable: a cleared kernel cache,
+    so eager random ops with an explicit op seed restart their sequence after a check of such a function.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.clear_kernel_cache = True  # until the probe shows the function does not need it
+        self._own: Optional[tf.random.Generator] = None  # one per problem: tf.function traces capture it
+        self._active: Optional[tf.random.Generator] = None
+        self._active_state: Optional[np.ndarray] = None
+
+    def reseed(self) -> None:
+        if self.clear_kernel_cache:
+            tf.random.set_seed(self.seed)
+        else:  # the same seeds, without the (slow, irreversible) cache clearing of tf.random.set_seed
+            ctx = _tf_context.context()
+            ctx._seed = self.seed
+            ctx._rng = random.Random(self.seed)
+        if self._active is not None and self._active_state is not None:
+            self._active.reset(self._active_state)
+
+    @contextlib.contextmanager
+    def preserved(self) -> Iterator[None]:
+        ctx = _tf_context.context()
+        seed = ctx._seed
+        had_op_seeds = hasattr(ctx, "_rng")
+        op_seeds = getattr(ctx, "_rng", None)
+        op_seed_state = op_seeds.getstate() if op_seeds is not None else None
+        user_generator = _tf_stateful_random.global_generator
+        keras_state = _keras_global_state()
+        keras_generator = keras_state.get_global_attribute("global_seed_generator") if keras_state else None
+        try:
+            if user_generator is None and self._own is None:
+                self._own = tf.random.Generator.from_seed(self.seed)
+            self._active = user_generator if user_generator is not None else self._own
+            self._active_state = self._active.state.numpy().copy()
+            _tf_stateful_random.global_generator = self._active
+            yield
+        finally:
+            ctx._seed = seed
+            if had_op_seeds:
+                ctx._rng = op_seeds
+                if op_seeds is not None:
+                    op_seeds.setstate(op_seed_state)
+            elif hasattr(ctx, "_rng"):
+                del ctx._rng
+            if self._active is not None and self._active_state is not None:
+                self._active.reset(self._active_state)
+            _tf_stateful_random.global_generator = user_generator
+            if keras_state is not None:
+                keras_state.set_global_attribute("global_seed_generator", keras_generator)
+            self._active = None
+            self._active_state = None
+
+
+def _keras_global_state() -> Any:
+    if _keras() is None:
+        return None
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - another Keras layout
+        return None
+    return global_state
+
+
+# --- Keras scopes ---
+
+@contextlib.contextmanager
+def _float64_policies(model: Any) -> Iterator[None]:
+    """``model`` computes in float64 while the block runs; everything is put back afterwards.
+
+    Every layer gets a policy computing in float64 with its own variable dtype (the Keras mixed-precision
+    mechanism: variables are cast on read); input layers and the symbolic inputs of functional models
+    (the dtypes Keras casts call inputs to) are switched to float64 too, or the inputs would be rounded to
+    float32 on the way in.
+    """
+    from keras.src.backend.common.keras_tensor import KerasTensor
+    from keras.src.dtype_policies.dtype_policy import DTypePolicy
+    from keras.src.layers import InputLayer
+
+    policies, symbols = [], []
+    try:
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            original = layer._dtype_policy
+            policy = DTypePolicy("float64")
+            policy._variable_dtype = original.variable_dtype
+            policies.append((layer, original))
+            layer._dtype_policy = policy
+            if isinstance(layer, InputLayer) and tf.as_dtype(layer._dtype).is_floating:
+                symbols.append((layer, layer._dtype))  # InputLayer.dtype is its own attribute, not the policy's
+                layer._dtype = "float64"
+            for functional in (layer, getattr(layer, "_functional", None)):
+                inputs = getattr(functional, "_inputs", None) if functional is not None else None
+                for symbol in inputs if isinstance(inputs, (list, tuple)) else ():
+                    if isinstance(symbol, KerasTensor) and tf.as_dtype(symbol.dtype).is_floating:
+                        symbols.append((symbol, symbol._dtype))
+                        symbol._dtype = "float64"
+        yield
+    finally:
+        for symbol, dtype in reversed(symbols):
+            symbol._dtype = dtype
+        for layer, original in reversed(policies):
+            layer._dtype_policy = original
+
+
+def _promotable(model: Any) -> bool:
+    """Whether every layer has a plain float policy the float64 swap can stand in for."""
+    try:
+        from keras.src.dtype_policies.dtype_policy import DTypePolicy
+        layers = model._flatten_layers(include_self=True, recursive=True)
+    except (ImportError, AttributeError):
+        return False
+    return all(type(l._dtype_policy) is DTypePolicy and tf.as_dtype(l._dtype_policy.compute_dtype).is_floating
+               for l in layers)
+
+
+@contextlib.contextmanager
+def _stateless(mapping: Sequence[Tuple[Any, Any]]) -> Iterator[None]:
+    """A ``keras.StatelessScope`` in which each Keras variable reads its mapped value (of any dtype: the
+    mapping is set after construction, which would cast it to the variable's dtype) and no Keras
+    variable of the user's is written (updates stay in the scope)."""
+    if _keras() is None:
+        yield
+        return
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    scope = StatelessScope(collect_losses=True)
+    for variable, value in mapping:
+        scope.state_mapping[id(variable)] = value
+    with scope:
+        yield
+
+
+@contextlib.contextmanager
+def _keras_training(on: bool) -> Iterator[None]:
+    """Keras layers called without ``training=`` run in training mode (Keras' outer call context)."""
+    state = _keras_global_state()
+    if not on or state is None:
+        yield
+        return
+    from keras.src.layers.layer import CallContext
+
+    previous = state.get_global_attribute("current_call_ctx")
+    call_context = CallContext(entry_layer=None)
+    call_context.training = True
+    state.set_global_attribute("current_call_ctx", call_context)
+    try:
+        yield
+    finally:
+        state.set_global_attribute("current_call_ctx", previous)
+
+
+@contextlib.contextmanager
+def _eager_custom_gradients() -> Iterator[List[str]]:
+    """Names of the ``tf.custom_gradient`` functions run eagerly inside the block.
+
+    ForwardAccumulator ignores such rules (it differentiates the ops inside them), so forward mode
+    cannot check them; inside a ``tf.function`` it transposes the rule and can.
+    """
+    original = getattr(_tf_custom_gradient, "_eager_mode_decorator", None)
+    seen: List[str] = []
+    if original is None:  # pragma: no cover - another TensorFlow layout
+        yield seen
+        return
+
+    def spy(f, args, kwargs):
+        seen.append(getattr(f, "__name__", "custom_gradient"))
+        return original(f, args, kwargs)
+
+    _tf_custom_gradient._eager_mode_decorator = spy
+    try:
+        yield seen
+    finally:
+        _tf_custom_gradient._eager_mode_decorator = original
+
+
+# --- the problem ---
+
+class TensorFlowProblem:
+    """Everything about one TensorFlow check that is fixed: structure, precision, substitutions, state."""
+
+    def __init__(self, spec: CheckSpec, candidates: List[Candidate], leaves: List[LeafSpec], chosen: List[int],
+                 rebuild_args: Callable[[Sequence[Any]], tuple], model: Optional[Any], promote: bool) -> None:
+        self.spec = spec
+        self.fn = _private_copy(spec.fn)
+        self.candidates = candidates
+        self.leaves = leaves
+        self.chosen = chosen
+        self.rebuild_args = rebuild_args
+        self.model = model
+        self.promote = promote
+        self.promote_model = promote and model is not None and _promotable(model)
+        self.rng = SharedRandomState(spec.seed)
+        self.tf_rng = _TensorFlowRandomState(spec.seed)
+        self.outputs: Optional[List[LeafSpec]] = None
+        self.output_dtypes: List[tf.DType] = []
+        self.feed = [self._feed_dtype(candidates[i]) for i in chosen]
+        # Keras variables among the checked leaves read shadow variables owned by the check
+        self.shadows: Dict[int, tf.Variable] = {}
+        for k, i in enumerate(chosen):
+            c = candidates[i]
+            if c.kind == "param" and _is_keras_variable(c.value):
+                self.shadows[k] = tf.Variable(tf.cast(tf.constant(_numpy(c.value)), self.feed[k]),
+                                              trainable=True, name="gradbridge_shadow")
+        checked = {id(candidates[i].value) for i in chosen}
+        self.constants: List[Tuple[Any, tf.Tensor]] = []
+        if self.promote_model:  # unchecked float variables of the model read as float64 copies
+            for v in model.variables:
+                if id(v) not in checked and tf.as_dtype(v.dtype).is_floating:
+                    self.constants.append((v, tf.cast(v.value, tf.float64)))
+
+    def _feed_dtype(self, candidate: Candidate) -> tf.DType:
+        """The dtype a checked leaf takes while ``fn`` runs."""
+        own = _dtype(candidate.value)
+        if candidate.kind == "input":
+            return tf.float64 if self.promote else own
+        if _is_keras_variable(candidate.value) and self.promote_model:
+            return tf.float64
+        return own  # tf.Variables keep their dtype; Keras variables outside a model too
+
+    def promotes(self) -> bool:
+        """Whether this problem runs anything in a higher precision than the user's own dtypes."""
+        own = [_dtype(self.candidates[i].value) for i in self.chosen]
+        floating_inputs = any(c.kind == "input" and c.floating and _dtype(c.value) != tf.float64
+                              for c in self.candidates)
+        return self.feed != own or self.promote_model or (self.promote and floating_inputs)
+
+    @property
+    def working_eps(self) -> float:
+        return max([_eps(d) for d in self.feed + self.output_dtypes] + [_EPS["float64"]])
+
+    def reseed(self) -> None:
+        self.rng.reseed()
+        self.tf_rng.reseed()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with self.rng.preserved(), self.tf_rng.preserved():
+            yield
+
+    @contextlib.contextmanager
+    def applied(self, x: np.ndarray) -> Iterator[List[Source]]:
+        """The checked leaves take the values of the flat vector ``x`` inside the block; yields one source
+        (tensor or variable) per leaf. The user's variables are back to their values on exit."""
+        sources: List[Source] = []
+        restore: List[Tuple[tf.Variable, tf.Tensor]] = []
+        try:
+            for k, (leaf, i) in enumerate(zip(self.leaves, self.chosen)):
+                value = tf.cast(tf.constant(x[leaf.slice].reshape(leaf.shape), dtype=tf.float64), self.feed[k])
+                candidate = self.candidates[i]
+                if candidate.kind == "input":
+                    sources.append(value)
+                elif k in self.shadows:
+                    self.shadows[k].assign(value)
+                    sources.append(self.shadows[k])
+                else:  # a plain tf.Variable: assigned now, its own value put back in the finally
+                    restore.append((candidate.value, tf.identity(candidate.value)))
+                    candidate.value.assign(value)
+                    sources.append(candidate.value)
+            mapping = [(self.candidates[self.chosen[k]].value, shadow) for k, shadow in self.shadows.items()]
+            with contextlib.ExitStack() as stack:
+                if self.promote_model:
+                    stack.enter_context(_float64_policies(self.model))
+                stack.enter_context(_stateless(self.constants + mapping))
+                stack.enter_context(_keras_training(self.spec.train))
+                yield sources
+        finally:
+            for variable, original in reversed(restore):
+                variable.assign(original)
+
+    def call(self, sources: List[Source]) -> List[tf.Tensor]:
+        """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
+        values = [c.value for c in self.candidates]
+        for source, i in zip(sources, self.chosen):
+            if self.candidates[i].kind == "input":
+                values[i] = source
+        for i, c in enumerate(self.candidates):
+            if c.kind == "input" and i not in self.chosen and self.promote and c.floating:
+                values[i] = tf.cast(c.value, tf.float64)  # unchecked floating inputs in float64 like the rest
+        args = self.rebuild_args(values)
+        self.reseed()
+        return self._outputs(self.fn(*args, **self.spec.kwargs))
+
+    def _outputs(self, result: Any) -> List[tf.Tensor]:
+        leaves = [leaf for leaf in output_leaves(result, _is_tensor) if _floating(leaf.value)]
+        if not leaves:
+            container = isinstance(result, (tuple, list, dict))
+            raise FunctionEvaluationError(
+                f"fn: expected a floating-point tf.Tensor (or a tuple/list/dict of them) as output, got "
+                f"{type(result).__name__}{' with no floating tensor in it' if container else ''}; return tensors, "
+                "not NumPy values or Python numbers, so gradients can flow")
+        tensors = [tf.convert_to_tensor(leaf.value) for leaf in leaves]
+        if self.outputs is None:
+            self.outputs = output_specs([(l.path, tuple(t.shape), t.dtype.name) for l, t in zip(leaves, tensors)])
+            self.output_dtypes = [t.dtype for t in tensors]
+        return tensors
+
+
+def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """One float64 vector of all outputs (differentiable: the casts are on the tape)."""
+    return tf.concat([tf.reshape(tf.cast(t, tf.float64), [-1]) for t in tensors], axis=0)
+
+
+def _watch(tape: tf.GradientTape, sources: Sequence[Source]) -> None:
+    for source in sources:
+        tape.watch(source)
+
+
+def _dense(gradient: Any) -> Optional[tf.Tensor]:
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    return gradient
+
+
+class TensorFlowPrepared:
+    """A TensorFlow function over the flat float64 vector; ``forward`` maps sources to output tensors."""
+
+    analytic_source = "TensorFlow autodiff (GradientTape, ForwardAccumulator; your tf.custom_gradient rules)"
+
+    def __init__(self, problem: TensorFlowProblem, forward: Forward, x0: np.ndarray, order: int = 1,
+                 outputs: Optional[List[LeafSpec]] = None, notes: Optional[List[str]] = None) -> None:
+        self.problem = problem
+        self.forward = forward
+        self.leaves = problem.leaves
+        self.x0 = x0
+        self.order = order
+        self._outputs = outputs
+        self.notes = list(notes or [])
+        self.working_eps = problem.working_eps
+        self.undefined_gradients: Dict[str, str] = {}
+        self._links: Optional[np.ndarray] = None
+
+    @property
+    def output_specs(self) -> List[LeafSpec]:
+        specs = self._outputs if self._outputs is not None else self.problem.outputs
+        if specs is None:
+            raise RuntimeError("output_specs is known after the first evaluation")
+        return specs
+
+    def session(self):
+        return self.problem.session()
+
+    def evaluate(self, points: np.ndarray) -> np.ndarray:
+        rows = []
+        for point in points:
+            with self.problem.applied(point) as sources:
+                rows.append(_flat(self.forward(sources)).numpy())
+        return np.stack(rows)
+
+    def _gradient_rows(self, gradients: Sequence[Any]) -> np.ndarray:
+        """One flat float64 row from per-leaf gradients; ``None`` becomes zeros and is recorded."""
+        parts = []
+        for leaf, gradient in zip(self.leaves, gradients):
+            gradient = _dense(gradient)
+            if gradient is None:
+                self.undefined_gradients[leaf.name] = _NO_GRADIENT
+                parts.append(np.zeros(leaf.size))
+            else:
+                parts.append(np.asarray(gradient.numpy(), dtype=np.float64).reshape(-1))
+        return np.concatenate(parts)
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        rows = []
+        with self.problem.applied(self.x0) as sources:
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                _watch(tape, sources)
+                out = _flat(self.forward(sources))
+            for cotangent in cotangents:  # one recorded forward pass, one backward pass per cotangent
+                gradients = tape.gradient(out, sources, output_gradients=tf.constant(cotangent, tf.float64))
+                rows.append(self._gradient_rows(gradients))
+            del tape
+        return np.stack(rows)
+
+    def _output_links(self) -> np.ndarray:
+        """``links[k, j]``: whether output block k depends differentiably on leaf j (from reverse mode)."""
+        if self._links is None:
+            with self.problem.applied(self.x0) as sources:
+                with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                    _watch(tape, sources)
+                    outs = [tf.cast(t, tf.float64) for t in self.forward(sources)]
+                self._links = np.array([[g is not None for g in tape.gradient(out, sources)] for out in outs])
+                del tape
+        return self._links
+
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        if self.order != 1:
+            raise ModeUnsupportedError("forward mode is checked for first derivatives only")
+        rows = []
+        for tangent in tangents:
+            with self.problem.applied(self.x0) as sources, _eager_custom_gradients() as custom:
+                directions = [tf.cast(tf.constant(tangent[leaf.slice].reshape(leaf.shape), tf.float64), s.dtype)
+                              for leaf, s in zip(self.leaves, sources)]
+                try:
+                    with tf.autodiff.ForwardAccumulator(sources, directions) as accumulator:
+                        outs = self.forward(sources)
+                except LookupError as exc:  # forward mode goes through gradient rules an op may lack
+                    raise ModeUnsupportedError(f"forward mode unsupported: {str(exc).splitlines()[0]}") from exc
+                pushed = [accumulator.jvp(t) for t in outs]
+            if custom:
+                names = ", ".join(sorted(set(custom)))
+                raise ModeUnsupportedError(
+                    f"forward mode cannot check tf.custom_gradient rules run eagerly ({names}): TensorFlow's "
+                    "ForwardAccumulator ignores them and differentiates the ops inside instead; use analytic='rev' "
+                    "(inside a tf.function, forward mode does use the rule)")
+            rows.append(self._pushed_row(outs, pushed))
+        return np.stack(rows)
+
+    def _pushed_row(self, outs: Sequence[tf.Tensor], pushed: Sequence[Optional[tf.Tensor]]) -> np.ndarray:
+        links = self._output_links()
+        for j, leaf in enumerate(self.leaves):
+            if not links[:, j].any():
+                self.undefined_gradients[leaf.name] = _NO_GRADIENT
+        parts = []
+        for k, (out, tangent) in enumerate(zip(outs, pushed)):
+            if tangent is None:
+                if links[k].any():
+                    raise ModeUnsupportedError(
+                        f"forward mode unsupported: TensorFlow has no forward-mode rule for an op between the "
+                        f"checked inputs and output {self.output_specs[k].name} (ForwardAccumulator returned None, "
+                        "while reverse mode finds a gradient; e.g. tf.numpy_function)")
+                parts.append(np.zeros(int(np.prod(out.shape))))
+            else:
+                parts.append(np.asarray(tf.cast(tangent, tf.float64).numpy()).reshape(-1))
+        return np.concatenate(parts)
+
+    def gradient_function(self, cotangent: np.ndarray) -> "TensorFlowPrepared":
+        if self.order != 1:
+            raise ModeUnsupportedError("gradbridge checks up to second derivatives")
+        v = tf.constant(cotangent, tf.float64)
+        first = self.forward
+        leaves = self.leaves
+
+        def gradient(sources: List[Source]) -> List[tf.Tensor]:
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                _watch(inner, sources)
+                out = _flat(first(sources))
+            grads = inner.gradient(out, sources, output_gradients=v)  # recorded by an enclosing tape, if any
+            return [tf.zeros(leaf.shape, tf.float64) if g is None else tf.cast(_dense(g), tf.float64)
+                    for leaf, g in zip(leaves, grads)]
+
+        return TensorFlowPrepared(self.problem, gradient, self.x0, order=2, outputs=gradient_output_specs(leaves),
+                                  notes=self.notes)
+
+
+class TensorFlowAdapter:
+    """Adapter for TensorFlow (and Keras 3 models on the TensorFlow backend)."""
+
+    name = "tensorflow"
+    module_name = "tensorflow"
+    install_hint = 'pip install "gradbridge[tensorflow]"'
+
+    def is_loaded(self) -> bool:
+        return "tensorflow" in sys.modules
+
+    def owns(self, value: Any) -> bool:
+        return (_is_tensor(value) or isinstance(value, tf.Module) or _is_keras_layer(value)
+                or _is_tf_function(value))
+
+    def version(self) -> str:
+        return tf.__version__
+
+    def prepare(self, spec: CheckSpec) -> TensorFlowPrepared:
+        candidates: List[Candidate] = []
+        rebuilds = []
+        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
+            found, rebuild = flatten(arg, name, _is_tensor)
+            base = len(candidates)
+            for leaf in found:
+                t = leaf.value
+                candidates.append(Candidate(leaf.path, t, tuple(int(d) for d in t.shape), _dtype(t).name,
+                                            _floating(t), "input", index))
+            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(found):
+                            rebuild(values[base:base + count]))
+        input_count = len(candidates)
+        model, params = _parameters(spec)
+        for p in params:
+            v = p.variable
+            candidates.append(Candidate(p.name, v, tuple(int(d) for d in v.shape), _dtype(v).name, _floating(v),
+                                        "param"))
+        leaves, chosen = layout_leaves(candidates, _expand_slash_prefixes(spec.wrt, candidates))
+        x0 = np.concatenate([_numpy(candidates[i].value).reshape(-1) for i in chosen])
+
+        def problem_for(promote: bool) -> TensorFlowProblem:
+            return TensorFlowProblem(spec, candidates, leaves, chosen,
+                                     lambda values: tuple(r(values[:input_count]) for r in rebuilds), model, promote)
+
+        problem = problem_for(True)
+        failure = _probe(problem, x0)
+        notes: List[str] = []
+        if failure is not None and problem.promotes():
+            # float64 failed: the user's own dtypes (if they fail too, the core reports that error)
+            problem = problem_for(False)
+            if _probe(problem, x0) is None:
+                notes.append(f"fn cannot run in float64 ({failure}), so it runs in the dtypes it was given")
+        notes.extend(_notes(problem, model))
+        return TensorFlowPrepared(problem, problem.call, x0, notes=notes)
+
+
+def _probe(problem: TensorFlowProblem, x0: np.ndarray) -> Optional[str]:
+    """Run ``fn`` twice at ``x0`` (in a session of its own) before the check; returns why it failed, or None.
+
+    This fixes the output dtypes, hence the precision the check can claim, before the core picks steps and
+    tolerances; and it finds out whether ``fn`` draws from stateful random kernels: if two runs with the
+    seeds reset but TensorFlow's kernel cache kept differ, every evaluation has to clear the cache.
+    """
+    problem.tf_rng.clear_kernel_cache = False
+    try:
+        with problem.session(), problem.applied(x0) as sources:
+            first = _flat(problem.call(sources)).numpy()
+            second = _flat(problem.call(sources)).numpy()
+    except Exception as exc:  # the user's code: the core reports it properly when it runs fn again
+        problem.tf_rng.clear_kernel_cache = True
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {message}"[:300]
+    problem.tf_rng.clear_kernel_cache = not np.array_equal(first, second, equal_nan=True)
+    return None
+
+
+def _notes(problem: TensorFlowProblem, model: Optional[Any]) -> List[str]:
+    """What the user should know: promoted leaves, the precision in force and why, the model's mode."""
+    notes = promotion_notes([leaf for leaf, feed in zip(problem.leaves, problem.feed) if feed == tf.float64])
+    if problem.working_eps > _EPS["float64"]:
+        precision = next(name for name, eps in _EPS.items() if eps == problem.working_eps)
+        reasons = []
+        low = [(leaf.name, problem.candidates[i].value) for leaf, i, feed in
+               zip(problem.leaves, problem.chosen, problem.feed) if feed != tf.float64]
+        if low:
+            reasons.append(f"not promoted: {', '.join(name for name, _ in low)}")
+        if any(problem.candidates[i].kind == "param" and not _is_keras_variable(problem.candidates[i].value)
+               and feed != tf.float64 for i, feed in zip(problem.chosen, problem.feed)):
+            reasons.append("tf.Variables are perturbed in place and cannot change dtype (create them in float64 "
+                           "to check in float64)")
+        if model is None and any(_is_keras_variable(value) for _, value in low):
+            reasons.append("Keras variables given in a list are read in their own dtype (pass the model as params= "
+                           "to check it in float64)")
+        low_outputs = [spec.name for spec, dtype in zip(problem.outputs or [], problem.output_dtypes)
+                       if dtype != tf.float64]
+        if low_outputs:
+            reasons.append(f"fn returns {', '.join(low_outputs)} below float64"
+                           + (" (a Keras Loss object computes in its own dtype, float32 unless created with "
+                              "dtype='float64'; loss functions such as keras.losses.mean_squared_error keep "
+                              "the input dtype)" if _keras() is not None else ""))
+        notes.append(f"the check ran in {precision}, not float64: {'; '.join(reasons)}; steps and tolerances "
+                     f"follow {precision} precision")
+    if model is not None:
+        how = ("with its layers computing in float64 on float64 copies of its variables" if problem.promote_model
+               else "on copies of its variables")
+        notes.append(f"Keras model {model.name!r} called in {'training' if problem.spec.train else 'inference'} mode "
+                     f"(unless fn passes training=) {how}; the model itself is not modified")
+    if problem.fn is not problem.spec.fn:
+        notes.append("fn is a tf.function: checked through a fresh tf.function of the same Python function, so "
+                     "its own trace cache is untouched")
+    if problem.tf_rng.clear_kernel_cache:
+        notes.append("fn draws from stateful random ops: tf.random.set_seed before each evaluation pins them (it "
+                     "also clears TensorFlow's kernel cache, so ops with an explicit op seed restart their sequence)")
+    return notes
+
+
+ADAPTER = TensorFlowAdapter()
