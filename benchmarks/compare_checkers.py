@@ -65,13 +65,73 @@ def torch_rows(sizes: List[int], repeats: int) -> List[List[str]]:
                 anchor = median_time(lambda: torch.autograd.gradcheck(fn, args, fast_mode=fast), repeats)
                 ours = median_time(lambda: gb.check(fn, *args, mode="fast" if fast else "full"), repeats)
                 verdict = gb.check(fn, *args, mode="fast" if fast else "full").passed
-                rows.append(["torch", name, str(n), "fast" if fast else "full",
-                             f"gradcheck(fast_mode={fast})", f"{anchor:.4f}", f"{ours:.4f}", f"{anchor / ours:.2f}",
-                             "pass" if verdict else "FAIL"])
+                rows.append(_row("torch", name, n, "fast" if fast else "full", f"gradcheck(fast_mode={fast})",
+                                 anchor, ours, verdict))
     return rows
 
 
-RUNNERS = {"torch": torch_rows}
+def _row(framework, name, n, mode, anchor_name, anchor, ours, verdict) -> List[str]:
+    return [framework, name, str(n), mode, anchor_name, f"{anchor:.4f}", f"{ours:.4f}", f"{anchor / ours:.2f}",
+            "pass" if verdict else "FAIL"]
+
+
+def jax_rows(sizes: List[int], repeats: int) -> List[List[str]]:
+    """``jax.test_util.check_grads`` (projection only, order 1, rev mode) against gradbridge full and fast."""
+    import jax
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    rows = []
+    with jax.enable_x64(True):
+        for n in sizes:
+            key = jax.random.key(0)
+            x = jax.random.normal(key, (n,), dtype=jnp.float64)
+            xm = jax.random.normal(key, (max(1, n // 16), 16), dtype=jnp.float64)
+            w = jax.random.normal(jax.random.key(1), (16, 16), dtype=jnp.float64)
+            w1 = jax.random.normal(key, (16, max(1, n // 16)), dtype=jnp.float64)
+            inputs = jax.random.normal(jax.random.key(2), (8, 16), dtype=jnp.float64)
+            workloads = {
+                "sum(sin(x)*x^2)": (lambda x: jnp.sum(jnp.sin(x) * x ** 2), (x,)),
+                "tanh(x)": (jnp.tanh, (x,)),
+                "matmul": (jnp.matmul, (xm, w)),
+                "MLP loss": (lambda w1: jnp.sum(jnp.tanh(inputs @ w1) ** 2), (w1,)),
+            }
+            for name, (fn, args) in workloads.items():
+                anchor = median_time(lambda: check_grads(fn, args, order=1, modes=["rev"]), repeats)
+                for mode in ("full", "fast"):
+                    ours = median_time(lambda: gb.check(fn, *args, mode=mode), repeats)
+                    rows.append(_row("jax", name, n, mode, "check_grads(order=1, rev)", anchor, ours,
+                                     gb.check(fn, *args, mode=mode).passed))
+    return rows
+
+
+def tensorflow_rows(sizes: List[int], repeats: int) -> List[List[str]]:
+    """``tf.test.compute_gradient`` (full Jacobians, comparison left to the caller) against gradbridge full."""
+    import tensorflow as tf
+
+    rows = []
+    for n in sizes:
+        g = tf.random.Generator.from_seed(0)
+        x = g.normal((n,), dtype=tf.float64)
+        xm = g.normal((max(1, n // 16), 16), dtype=tf.float64)
+        w = g.normal((16, 16), dtype=tf.float64)
+        w1 = g.normal((16, max(1, n // 16)), dtype=tf.float64)
+        inputs = g.normal((8, 16), dtype=tf.float64)
+        workloads = {
+            "sum(sin(x)*x^2)": (lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), (x,)),
+            "tanh(x)": (tf.tanh, (x,)),
+            "matmul": (tf.matmul, (xm, w)),
+            "MLP loss": (lambda w1: tf.reduce_sum(tf.tanh(inputs @ w1) ** 2), (w1,)),
+        }
+        for name, (fn, args) in workloads.items():
+            anchor = median_time(lambda: tf.test.compute_gradient(fn, list(args)), repeats)
+            ours = median_time(lambda: gb.check(fn, *args), repeats)
+            rows.append(_row("tensorflow", name, n, "full", "tf.test.compute_gradient", anchor, ours,
+                             gb.check(fn, *args).passed))
+    return rows
+
+
+RUNNERS = {"torch": torch_rows, "jax": jax_rows, "tensorflow": tensorflow_rows}
 
 
 def main() -> None:
