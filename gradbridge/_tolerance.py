@@ -4,9 +4,10 @@ One documented rule, applied per element and never scaled with array size::
 
     |analytic - numeric| <= atol + rtol * |numeric| + safety * fd_error
 
-``fd_error`` is the estimated round-off error of the finite difference for that element. With the
-default tolerance, ``atol`` is relative to the largest numeric entry of the block being compared
-(``1e-7 * max(1, max|numeric|)``), so a function's overall scale does not decide the verdict. When the
+``fd_error`` is the estimated error of the finite difference for that element (round-off, plus the
+truncation error where a column was refined by Richardson extrapolation). With the default tolerance,
+``atol`` is relative to the largest numeric entry of the block being compared (``1e-7 * max|numeric|``),
+so a function's overall scale, large or tiny, does not decide the verdict. When the
 user passes ``atol`` or ``rtol``, exactly ``atol + rtol*|numeric|`` is used and the report says so.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL_FACTOR = 1e-7
 SAFETY = 10.0
+TINY = float(np.finfo(np.float64).tiny)  # keeps an exactly-zero block from demanding exact zeros of nothing
 
 #: Relative-error grades: (upper bound, name); the first bound above the error names the grade.
 GRADES = ((1e-7, "correct"), (1e-4, "acceptable"), (1e-2, "suspicious"), (np.inf, "wrong"))
@@ -55,22 +57,23 @@ class Tolerance:
             return (f"|analytic - numeric| <= atol + rtol*|numeric|  "
                     f"(atol={self.atol or 0.0:g}, rtol={self.rtol or 0.0:g}, given by the caller)")
         return (f"|analytic - numeric| <= atol + rtol*|numeric| + {SAFETY:g}*fd_error  "
-                f"(rtol={self.default_rtol:.3g}, atol={self.default_atol_factor:.3g}*max(1, max|numeric|) per block, "
-                "fd_error = estimated round-off of the finite difference)")
+                f"(rtol={self.default_rtol:.3g}, atol={self.default_atol_factor:.3g}*max|numeric| per block, "
+                "fd_error = estimated error of the finite difference)")
 
     def bounds(self, numeric: np.ndarray, fd_error: np.ndarray) -> np.ndarray:
         """Allowed absolute difference per element of a block of the Jacobian."""
         if self.user_given:
             return (self.atol or 0.0) + (self.rtol or 0.0) * np.abs(numeric)
-        scale = max(1.0, float(np.max(np.abs(numeric)))) if numeric.size else 1.0
-        return self.default_atol_factor * scale + self.default_rtol * np.abs(numeric) + SAFETY * fd_error
+        scale = float(np.max(np.abs(numeric))) if numeric.size else 0.0
+        return (self.default_atol_factor * scale + self.default_rtol * np.abs(numeric) + SAFETY * fd_error
+                + TINY)
 
     def scalar_bound(self, numeric: float, magnitude: float, fd_error: float) -> float:
         """Allowed difference for a projected (scalar) comparison of expected size ``magnitude``."""
         if self.user_given:
             return (self.atol or 0.0) + (self.rtol or 0.0) * max(abs(numeric), magnitude)
-        return (self.default_atol_factor * max(1.0, magnitude) + self.default_rtol * max(abs(numeric), magnitude)
-                + SAFETY * fd_error)
+        return (self.default_atol_factor * magnitude + self.default_rtol * max(abs(numeric), magnitude)
+                + SAFETY * fd_error + TINY)
 
 
 def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:

@@ -50,7 +50,9 @@ def test_to_dict_is_json_serialisable_and_complete():
     rows = {row["input"]: row for row in data["rows"]}
     assert rows["w"]["passed"] is False and rows["x"]["passed"] is True
     assert rows["w"]["worst"]["input_index"] == [1, 2]
-    assert data["evaluations"] == 2 + 2 * 24
+    # 2 (determinism) + 2 per element, + 2 for the one disagreeing column re-evaluated at h/2 (Richardson)
+    assert data["evaluations"] == 2 + 2 * 24 + 2
+    assert "Richardson" in rows["w"]["method"] and "Richardson" not in rows["x"]["method"]
 
 
 def test_grades_follow_the_documented_bounds():
