@@ -36,7 +36,6 @@ What is checked, and how the user's state stays untouched:
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
@@ -435,9 +434,6 @@ class JaxAdapter:
     name = "jax"
     module_name = "jax"
     install_hint = 'pip install "gradbridge[jax]"'
-
-    def is_loaded(self) -> bool:
-        return "jax" in sys.modules
 
     def owns(self, value: Any) -> bool:
         """JAX arrays (PRNG keys included), ``custom_vjp``/``custom_jvp`` functions and ``jax.jit`` functions."""

@@ -8,7 +8,7 @@ NumPy has no automatic differentiation, so the analytic side is the user's own f
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 
@@ -25,7 +25,7 @@ def _is_array(value: Any) -> bool:
 
 
 def _is_output(value: Any) -> bool:
-    return isinstance(value, (np.ndarray, np.generic, float, int)) and not isinstance(value, bool)
+    return isinstance(value, (np.ndarray, np.generic, float, int))
 
 
 def _floating(value: Any) -> bool:
@@ -73,16 +73,29 @@ class NumpyPrepared:
     def _call(self, x: np.ndarray) -> np.ndarray:
         self.rng.reseed()
         result = self.spec.fn(*self._arguments(x), **self.spec.kwargs)
-        leaves = [leaf for leaf in output_leaves(result, _is_output) if _floating(leaf.value) or
-                  isinstance(leaf.value, (int, np.integer))]
+        all_leaves = output_leaves(result, _is_output)
+        floating = [_floating(leaf.value) for leaf in all_leaves]
+        leaves = [leaf for leaf, is_float in zip(all_leaves, floating) if is_float]
         if not leaves:
-            raise FunctionEvaluationError(
-                f"fn: expected a float or NumPy array as output, got {type(result).__name__}")
+            described = type(result).__name__
+            if isinstance(result, np.ndarray):
+                described = f"an array of dtype {result.dtype}"
+            raise FunctionEvaluationError(f"fn: expected a float or a floating-point NumPy array (or a tuple/list/"
+                                          f"dict of them) as output, got {described}")
         arrays = [np.asarray(leaf.value, dtype=np.float64) for leaf in leaves]
         if self._outputs is None:
             self._outputs = output_specs([(l.path, np.shape(l.value), str(np.asarray(l.value).dtype))
                                           for l in leaves])
-            _, self._output_rebuild = flatten(result, "out", _is_output)
+            _, rebuild = flatten(result, "out", _is_output)
+            # non-floating outputs (indices, counts) get zero cotangents of their own shape
+            constants = [None if is_float else np.zeros(np.shape(leaf.value))
+                         for leaf, is_float in zip(all_leaves, floating)]
+
+            def rebuild_cotangent(blocks: List[np.ndarray]) -> Any:
+                supply = iter(blocks)
+                return rebuild([next(supply) if c is None else c for c in constants])
+
+            self._output_rebuild = rebuild_cotangent
         return np.concatenate([a.ravel() for a in arrays])
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
@@ -105,7 +118,7 @@ class NumpyPrepared:
         flat = []
         for leaf, i in zip(self.leaves, self.chosen):
             gradient = np.asarray(by_candidate[i], dtype=np.float64)
-            if gradient.shape != leaf.shape and gradient.size != leaf.size:
+            if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
                 raise FunctionEvaluationError(
                     f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
                     "(the shape of the argument)")
@@ -141,9 +154,6 @@ class NumpyAdapter:
     module_name = "numpy"
     install_hint = "pip install numpy"
 
-    def is_loaded(self) -> bool:
-        return True
-
     def owns(self, value: Any) -> bool:
         return _is_array(value)
 
@@ -155,7 +165,8 @@ class NumpyAdapter:
             raise InvalidArgumentError(
                 "grad: NumPy code has no automatic differentiation, so pass grad=your_gradient_function: "
                 "grad(*args) returning one gradient per checked argument for a scalar fn, or "
-                "grad(cotangent, *args) (a vector-Jacobian product) for a non-scalar fn")
+                "grad(cotangent, *args) (a vector-Jacobian product) for a non-scalar fn. If fn is written for "
+                "torch, JAX or TensorFlow, pass that framework's arrays (or backend='...')")
         if spec.params is not None:
             raise InvalidArgumentError("params: the NumPy backend has no modules; pass parameters as arguments")
         candidates: List[Candidate] = []

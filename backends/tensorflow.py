@@ -675,9 +675,6 @@ class TensorFlowAdapter:
     module_name = "tensorflow"
     install_hint = 'pip install "gradbridge[tensorflow]"'
 
-    def is_loaded(self) -> bool:
-        return "tensorflow" in sys.modules
-
     def owns(self, value: Any) -> bool:
         return (_is_tensor(value) or isinstance(value, tf.Module) or _is_keras_layer(value)
                 or _is_tf_function(value))

@@ -15,7 +15,6 @@ How a check stays off the user's objects:
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -188,15 +187,27 @@ class TorchProblem:
             if self.data_swap is not None:
                 swapped = stack.enter_context(self.data_swap.applied(leaf_values, needs_grad))
             self.reseed()
-            result = self.spec.fn(*args, **self.spec.kwargs)
+            try:
+                result = self.spec.fn(*args, **self.spec.kwargs)
+            except RuntimeError as exc:
+                if self.module is None and "dtype" in str(exc) and ("Float" in str(exc) or "float" in str(exc)):
+                    raise FunctionEvaluationError(
+                        f"fn raised RuntimeError: {str(exc).splitlines()[0]}. The check runs in float64; if fn "
+                        "closes over an nn.Module (or float32 tensors), pass it as params=model (or params=[...]) "
+                        "so it is promoted too") from exc
+                raise
         return self._flatten_output(result), swapped
 
     def _flatten_output(self, result: Any) -> torch.Tensor:
         leaves = [leaf for leaf in output_leaves(result, _is_tensor) if leaf.value.is_floating_point()]
         if not leaves:
+            got = type(result).__name__
+            if isinstance(result, torch.Tensor):
+                got = f"a tensor of dtype {_dtype_name(result)}"
+            elif isinstance(result, (tuple, list, dict)):
+                got += " with no floating tensor in it"
             raise FunctionEvaluationError(
-                f"fn: expected a floating-point tensor (or a tuple/list/dict of them) as output, got "
-                f"{type(result).__name__}" + (" with no floating tensor in it" if isinstance(result, (tuple, list, dict)) else ""))
+                f"fn: expected a floating-point tensor (or a tuple/list/dict of them) as output, got {got}")
         if self.outputs is None:
             self.outputs = output_specs([(l.path, tuple(l.value.shape), _dtype_name(l.value)) for l in leaves])
             self.low_precision_outputs = [l.path for l in leaves if l.value.dtype != torch.float64]
@@ -334,9 +345,6 @@ class TorchAdapter:
     name = "torch"
     module_name = "torch"
     install_hint = 'pip install "gradbridge[torch]"'
-
-    def is_loaded(self) -> bool:
-        return "torch" in sys.modules
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, (torch.Tensor, torch.nn.Module))

@@ -9,7 +9,7 @@ names a framework: everything framework-specific sits behind these two protocols
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
@@ -112,22 +112,9 @@ class Adapter(Protocol):
     module_name: str
     install_hint: str
 
-    def is_loaded(self) -> bool:
-        """True when the framework is already imported (``sys.modules``); never imports it."""
-
     def owns(self, value: Any) -> bool:
         """True when ``value`` is one of this framework's arrays, modules or variables."""
 
     def version(self) -> str: ...
 
     def prepare(self, spec: CheckSpec) -> PreparedFunction: ...
-
-
-@dataclass
-class EvaluationCounter:
-    """Counts how many times the user's function ran (a point of a batch counts once)."""
-
-    evaluations: int = 0
-    vjps: int = 0
-    jvps: int = 0
-    extra: dict = field(default_factory=dict)

@@ -75,8 +75,13 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
     call_kwargs = validate_kwargs(kwargs)
     if grad is not None and not callable(grad):
         raise InvalidArgumentError(f"grad: expected a callable returning gradients, got {type(grad).__name__}")
-    adapter = _registry.get_adapter(backend) if backend is not None else _registry.detect_adapter(
-        _values_of(args, params, fn))
+    values = _values_of(args, params, fn)
+    detected = _registry.detect_adapter(values)
+    adapter = detected if backend is None else _registry.get_adapter(backend)
+    if detected.name != adapter.name and detected.name != "numpy":
+        raise InvalidArgumentError(f"backend: {adapter.name!r} was asked for, but the arguments are "
+                                   f"{detected.name} arrays; pass them as {adapter.name} arrays or use "
+                                   f"backend={detected.name!r}")
     spec = CheckSpec(fn=fn, args=tuple(args), kwargs=call_kwargs, params=params, wrt=normalize_wrt(wrt), grad=grad,
                      seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)))
     prepared = adapter.prepare(spec)

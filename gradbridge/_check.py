@@ -98,7 +98,7 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
                 "every random generator re-seeded before each evaluation, so finite differences would measure "
                 "noise, not gradients. Make the randomness depend on a seed or key the check controls "
                 "(the framework's global seed or generator, NumPy's and Python's global RNGs, a JAX key argument; "
-                "private generator objects cannot be pinned), or remove it (train=False).")
+                "private generator objects cannot be pinned), or remove it.")
     return None
 
 

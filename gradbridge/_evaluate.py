@@ -39,7 +39,11 @@ class Evaluator:
         for start in range(0, len(points), self.chunk_size):
             chunk = points[start:start + self.chunk_size]
             first = self.evaluations + 1
-            result = self._call(self.prepared.evaluate, chunk, f"evaluation {first}")
+            try:
+                result = self._call(self.prepared.evaluate, chunk, f"evaluation {first}")
+            except FunctionEvaluationError:
+                self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None)
+                raise
             self.evaluations += len(chunk)
             bad = ~np.isfinite(result)
             if bad.any():
@@ -51,6 +55,20 @@ class Evaluator:
                     f"(evaluation {first + row}); gradients cannot be checked where the function is not finite")
             outputs.append(result)
         return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+
+    def _locate_failure(self, chunk: np.ndarray, first: int, describe: Optional[Sequence[str]]) -> None:
+        """A batch raised: evaluate its points one by one so the error names the point that fails.
+
+        Returns without raising only when no single point fails (the batch itself was the problem)."""
+        for k in range(len(chunk)):
+            try:
+                self.prepared.evaluate(chunk[k:k + 1])
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                where = f" at {describe[k]}" if describe else ""
+                raise FunctionEvaluationError(
+                    f"{self.what} raised {type(exc).__name__} during evaluation {first + k}{where}: {exc}") from exc
 
     def output_name(self, flat_index: int) -> str:
         for spec in self.prepared.output_specs:

@@ -8,7 +8,7 @@ too small for large inputs and too large for small dtypes).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -51,14 +51,6 @@ def central_points(x0: np.ndarray, columns: np.ndarray, steps: np.ndarray) -> Tu
     minus[rows, columns] = x0[columns] - steps[columns]
     spans = plus[rows, columns] - minus[rows, columns]
     return plus, minus, spans
-
-
-def batched(evaluate: Callable[[np.ndarray], np.ndarray], points: np.ndarray, chunk: int) -> np.ndarray:
-    """Evaluate ``points`` (k, n) in chunks of at most ``chunk`` rows and stack the outputs."""
-    if len(points) == 0:
-        return np.zeros((0, 0))
-    parts = [evaluate(points[start:start + chunk]) for start in range(0, len(points), chunk)]
-    return np.concatenate(parts, axis=0)
 
 
 def roundoff_error(f_plus: np.ndarray, f_minus: np.ndarray, spans: np.ndarray,

@@ -50,8 +50,7 @@ def render_text(report: Report) -> str:
              f"  step:      {report.step}"]
     for note in report.notes:
         lines.append(f"  note: {note}")
-    if report.problem:
-        lines.append(f"  problem: {report.problem}")
+
     if report.rows:
         header = ["input", "output", "shape", "ad", "verdict", "grade", "rel err", "max |a-n|", "worst element"]
         lines.append("")
@@ -62,15 +61,20 @@ def render_text(report: Report) -> str:
         lines.append("")
         lines.append(f"  {row.input} -> {row.output}: {row.mismatches} of {row.compared} compared entries outside "
                      f"tolerance ({row.method}, {row.analytic_mode}-mode analytic)")
-        lines.append(f"    worst element {row.input}{_index(w.input_index)} -> {row.output}{_index(w.output_index)}:")
-        lines.append(f"      analytic (autodiff/grad): {w.analytic!r}")
-        lines.append(f"      numeric (finite diff.):   {w.numeric!r}")
+        if row.method.startswith("consistency"):
+            lines.append("    the two AD modes, no finite differences:")
+            lines.append(f"      reverse mode <J^T v, u>: {w.analytic!r}")
+            lines.append(f"      forward mode <v, J u>:   {w.numeric!r}")
+        else:
+            lines.append(f"    worst element {row.input}{_index(w.input_index)} -> {row.output}{_index(w.output_index)}:")
+            lines.append(f"      analytic (autodiff/grad): {w.analytic!r}")
+            lines.append(f"      numeric (finite diff.):   {w.numeric!r}")
         step = "" if w.step is None else f", step {w.step:.3g}"
         lines.append(f"      |difference| {_fmt(w.abs_error)} vs allowed {_fmt(w.allowed)} "
                      f"({_fmt(w.ratio)}x over{step})")
         if row.message:
             lines.append(f"    {row.message}")
-    for row in report.rows:
-        if row.message and (row.status in ("unsupported", "error") or row.status == "no-gradient" and row.passed):
+    for row in report.rows:  # passing rows with something to say (unsupported, no gradient, refined)
+        if row.message and row.passed:
             lines.append(f"  {row.input} -> {row.output}: {row.message}")
     return "\n".join(lines)

@@ -6,7 +6,6 @@ adapter for is required, so CI cannot go green by skipping.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest

@@ -59,8 +59,39 @@ def test_numpy_without_grad_says_what_to_pass():
 
 
 def test_fn_returning_a_non_array():
-    with pytest.raises(gb.FunctionEvaluationError, match="fn: expected a float or NumPy array as output, got str"):
+    with pytest.raises(gb.FunctionEvaluationError, match="fn: expected a float .* as output, got str"):
         gb.check(lambda x: "loss", X, grad=square_grad)
+
+
+def test_fn_returning_an_integer_array_names_its_dtype():
+    with pytest.raises(gb.FunctionEvaluationError, match="got an array of dtype int64"):
+        gb.check(lambda x: np.argsort(x), X, grad=square_grad)
+
+
+def test_integer_outputs_beside_floats_are_passed_over():
+    report = gb.check(lambda x: (np.sin(x), np.argsort(x)), X, grad=lambda g, x: (g[0] * np.cos(x),))
+    assert report.passed, str(report)
+    assert [row.output for row in report.rows] == ["out[0]"]
+
+
+def test_transposed_gradient_of_the_same_size_is_a_shape_error():
+    with pytest.raises(gb.FunctionEvaluationError, match=r"gradient for W has shape \(3, 2\), expected \(2, 3\)"):
+        gb.check(lambda W: float(np.sum(np.sin(W))), np.ones((2, 3)), grad=lambda W: np.cos(W).T)
+
+
+def test_seed_out_of_range():
+    with pytest.raises(gb.InvalidArgumentError, match="^seed:"):
+        gb.check(square, X, grad=square_grad, seed=2 ** 70)
+
+
+def test_exception_inside_a_batch_names_the_failing_point():
+    def f(x):
+        if x[2] < 1.0 - 1e-7:
+            raise ValueError("bad point")
+        return float(np.sum(x ** 2))
+
+    with pytest.raises(gb.FunctionEvaluationError, match=r"evaluation 8 at x\[2\] - h: bad point"):
+        gb.check(f, np.array([0.2, 0.5, 1.0]), grad=lambda x: 2 * x)
 
 
 def test_nan_output_names_the_evaluation():

@@ -405,3 +405,21 @@ def test_fn_writing_into_an_unchecked_input_leaves_the_users_tensor_alone() -> N
     _assert_unchanged(snap, None, tensors)
     assert report.passed, str(report)
     assert {row.input for row in report.rows} == {"x"}
+
+
+def test_closed_over_float32_module_without_params_says_to_pass_it() -> None:
+    model = torch.nn.Linear(3, 2)  # float32, not given as params=
+    with pytest.raises(gb.FunctionEvaluationError, match="pass it as params=model"):
+        gb.check(lambda x: model(x).sum(), torch.randn(4, 3))
+    assert model.weight.dtype == torch.float32
+
+
+def test_backend_that_does_not_match_the_arguments_is_named() -> None:
+    pytest.importorskip("jax")
+    with pytest.raises(gb.InvalidArgumentError, match="^backend: 'jax' was asked for, but the arguments are torch"):
+        gb.check(torch.sin, torch.ones(3), backend="jax")
+
+
+def test_integer_output_names_its_dtype() -> None:
+    with pytest.raises(gb.FunctionEvaluationError, match="got a tensor of dtype int64"):
+        gb.check(lambda x: x.argmax(), torch.ones(3))
