@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_specs
@@ -222,7 +222,7 @@ class JaxProblem:
         return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(jnp.float64) for _, value in found])
 
 
-class JaxPrepared:
+class JaxPrepared(ProblemBackedFunction):
     """A JAX function of the checked leaves (one array per leaf, in leaf order) to a flat float64 output."""
 
     analytic_source = "JAX autodiff (jax.vjp / jax.linearize: your custom_vjp / custom_jvp rules and JAX's own)"
@@ -253,16 +253,6 @@ class JaxPrepared:
         rows' derivatives, so answering for the latest mode gives each row the record of its own mode.
         """
         return self._undefined[self._last_mode]
-
-    @property
-    def output_specs(self) -> List[LeafSpec]:
-        specs = self._outputs if self._outputs is not None else self.problem.outputs
-        if specs is None:
-            raise RuntimeError("output_specs is known after the first evaluation")
-        return specs
-
-    def session(self) -> ContextManager[None]:
-        return self.problem.session()
 
     def _flat(self, x: jax.Array) -> jax.Array:
         return self.function(*self.problem.split(x))

@@ -49,7 +49,7 @@ from tensorflow.python.eager import context as _tf_context
 from tensorflow.python.ops import custom_gradient as _tf_custom_gradient
 from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
-from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
@@ -538,7 +538,7 @@ def _dense(gradient: Any) -> Optional[tf.Tensor]:
     return gradient
 
 
-class TensorFlowPrepared:
+class TensorFlowPrepared(ProblemBackedFunction):
     """A TensorFlow function over the flat float64 vector; ``forward`` maps sources to output tensors."""
 
     analytic_source = "TensorFlow autodiff (GradientTape, ForwardAccumulator; your tf.custom_gradient rules)"
@@ -555,16 +555,6 @@ class TensorFlowPrepared:
         self.working_eps = problem.working_eps
         self.undefined_gradients: Dict[str, str] = {}
         self._links: Optional[np.ndarray] = None
-
-    @property
-    def output_specs(self) -> List[LeafSpec]:
-        specs = self._outputs if self._outputs is not None else self.problem.outputs
-        if specs is None:
-            raise RuntimeError("output_specs is known after the first evaluation")
-        return specs
-
-    def session(self):
-        return self.problem.session()
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         rows = []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
@@ -243,7 +243,7 @@ def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, creat
     return _combine(problem, grads[0], grads[1:], x.numel())
 
 
-class TorchPrepared:
+class TorchPrepared(ProblemBackedFunction):
     """A torch function over the flat float64 vector; ``forward`` maps a flat tensor to a flat output."""
 
     analytic_source = "PyTorch autograd (your backward passes and autograd formulas)"
@@ -261,16 +261,6 @@ class TorchPrepared:
             self.notes.append(f"module {type(problem.module).__name__} in "
                               f"{'training' if problem.spec.train else 'eval'} mode during the check; its "
                               "parameters and buffers replaced by float64 copies while fn runs")
-
-    @property
-    def output_specs(self) -> List[LeafSpec]:
-        specs = self._outputs if self._outputs is not None else self.problem.outputs
-        if specs is None:
-            raise RuntimeError("output_specs is known after the first evaluation")
-        return specs
-
-    def session(self):
-        return self.problem.session()
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         rows = []

@@ -118,3 +118,25 @@ class Adapter(Protocol):
     def version(self) -> str: ...
 
     def prepare(self, spec: CheckSpec) -> PreparedFunction: ...
+
+
+class ProblemBackedFunction:
+    """Base for prepared functions that wrap one adapter "problem" (structure, modules, state to restore).
+
+    The problem owns the deterministic session and discovers the outputs on the first evaluation; a
+    derived function (the gradient function of ``order=2``) brings its own ``_outputs``. Subclasses set
+    ``self.problem`` and ``self._outputs``.
+    """
+
+    problem: Any
+    _outputs: Optional[List[LeafSpec]]
+
+    @property
+    def output_specs(self) -> List[LeafSpec]:
+        specs = self._outputs if self._outputs is not None else self.problem.outputs
+        if specs is None:
+            raise RuntimeError("output_specs is known after the first evaluation")
+        return specs
+
+    def session(self) -> ContextManager[None]:
+        return self.problem.session()
