@@ -154,23 +154,25 @@ class TorchProblem:
         return [x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves]
 
     @contextlib.contextmanager
-    def params_held(self, x: torch.Tensor) -> Iterator[None]:
+    def params_held(self, x: torch.Tensor, leaf_values: Optional[List[torch.Tensor]] = None) -> Iterator[None]:
         """Keep ``params=`` tensors pointing at their float64 views of ``x`` (and requiring grad) for a
         forward *and* the backward through its graph: autograd saves such leaf tensors by reference, so
         a backward run after their ``.data`` went back would read the user's original values and dtype."""
         if self.data_swap is None:
             yield
             return
-        with self.data_swap.applied(self.leaf_values(x), True):
+        with self.data_swap.applied(leaf_values if leaf_values is not None else self.leaf_values(x), True):
             yield
 
-    def forward(self, x: torch.Tensor, needs_grad: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Run ``fn`` with checked leaves taken from the flat tensor ``x``.
+    def forward(self, x: torch.Tensor, needs_grad: bool = False,
+                leaf_values: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run ``fn`` with checked leaves taken from the flat tensor ``x`` (or given one tensor per leaf).
 
         Returns the flat float64 output and the user tensors (``params=`` tensors) that stand in for
         some leaves, whose gradients must be added to those of ``x``.
         """
-        leaf_values = self.leaf_values(x)
+        if leaf_values is None:
+            leaf_values = self.leaf_values(x)
         values = [c.value for c in self.candidates]
         for leaf_value, i in zip(leaf_values, self.chosen):
             if self.candidates[i].kind == "input":
@@ -256,6 +258,7 @@ class TorchPrepared(ProblemBackedFunction):
         self.x0 = x0
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
+        self.undefined_gradients: Dict[str, str] = {}
         self.notes = promotion_notes(problem.leaves)
         if problem.module is not None:
             self.notes.append(f"module {type(problem.module).__name__} in "
@@ -280,6 +283,14 @@ class TorchPrepared(ProblemBackedFunction):
         return np.stack(rows)
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        try:
+            return self._vjp(cotangents)
+        except NotImplementedError as exc:  # some input has no derivative formula ("... is not implemented")
+            if self.needs_grad or not self._find_undefined(str(exc).splitlines()[0]):
+                raise
+            return self._vjp_without(cotangents, set(self.undefined_gradients))
+
+    def _vjp(self, cotangents: np.ndarray) -> np.ndarray:
         x = self.problem.to_tensor(self.x0).requires_grad_(True)
         rows = []
         with self.problem.params_held(x):  # the graph is built and walked while params= point into x
@@ -287,6 +298,45 @@ class TorchPrepared(ProblemBackedFunction):
             for cotangent in cotangents:
                 g = _grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent), create_graph=False)
                 rows.append(g.detach().cpu().numpy())
+        return np.stack(rows)
+
+    def _leaf_graph(self):
+        """The forward graph built from one independent tensor per leaf, so that asking for one leaf's
+        gradient does not make autograd compute the others (views of one flat tensor would)."""
+        parts = [self.problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape).requires_grad_(True)
+                 for leaf in self.leaves]
+        with self.problem.params_held(None, parts), torch.enable_grad():
+            out, swapped = self.problem.forward(None, True, leaf_values=parts)
+        return parts, out, swapped
+
+    def _find_undefined(self, reason: str) -> bool:
+        """Ask for each leaf's gradient alone; record those PyTorch has no derivative formula for."""
+        parts, out, _ = self._leaf_graph()
+        cotangent = torch.ones_like(out)
+        with self.problem.params_held(None, parts):
+            for leaf, part in zip(self.leaves, parts):
+                try:
+                    torch.autograd.grad(out, [part], cotangent, retain_graph=True, allow_unused=True)
+                except NotImplementedError as exc:
+                    self.undefined_gradients[leaf.name] = f"PyTorch: {str(exc).splitlines()[0]}"
+        return bool(self.undefined_gradients)
+
+    def _vjp_without(self, cotangents: np.ndarray, undefined: set) -> np.ndarray:
+        """VJPs for the leaves that have a gradient; zeros (reported as "no gradient") for the others."""
+        parts, out, swapped = self._leaf_graph()
+        defined = [k for k, leaf in enumerate(self.leaves) if leaf.name not in undefined]
+        inputs = [parts[k] for k in defined] + list(swapped)
+        size = len(self.x0)
+        rows = []
+        with self.problem.params_held(None, parts):
+            for cotangent in cotangents:
+                grads = (torch.autograd.grad(out, inputs, self.problem.to_tensor(cotangent), retain_graph=True,
+                                             allow_unused=True) if inputs and out.requires_grad else [None] * len(inputs))
+                flat = torch.zeros(size, dtype=torch.float64, device=self.problem.device)
+                for k, g in zip(defined, grads):
+                    if g is not None:
+                        flat[self.leaves[k].slice] = g.reshape(-1)
+                rows.append(_combine(self.problem, flat, grads[len(defined):], size).detach().cpu().numpy())
         return np.stack(rows)
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:

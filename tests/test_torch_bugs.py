@@ -668,3 +668,30 @@ def test_nothing_compared_is_not_a_pass() -> None:
     assert {row.status for row in report.rows} == {"unsupported"}
     assert not report.passed
     assert "nothing was compared" in report.summary()
+
+
+def test_input_without_derivative_formula_is_reported_as_no_gradient() -> None:
+    """igamma has no derivative for its first input: named as "no gradient", the other input still checked."""
+    a = torch.tensor([1.5, 2.0], dtype=torch.float64)
+    x = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    report = gb.check(torch.igamma, a, x)
+    assert report.row("arg0").status == "no-gradient"
+    assert "not implemented" in report.row("arg0").message
+    assert not report.row("arg0").passed  # the numeric derivative is not zero: the gradient is missing
+    assert report.row("arg1").status == "pass"
+
+
+def test_no_gradient_where_the_function_is_flat_passes() -> None:
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            return x * 2.0 + 0.0 * k
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError("the derivative of NoBackward is not implemented")
+
+    report = gb.check(lambda x, k: NoBackward.apply(x, k) + x.sin(), torch.ones(3, dtype=torch.float64),
+                      torch.ones(3, dtype=torch.float64))
+    assert {row.status for row in report.rows} == {"no-gradient"}
+    assert [row.passed for row in report.rows] == [False, True]  # x's gradient is missing; k's is zero anyway
