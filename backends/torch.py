@@ -406,8 +406,10 @@ class TorchAdapter:
         input_count = len(candidates)
         module, param_tensors = _parameters(spec)
         for name, tensor in param_tensors:
-            checkable = _checkable(tensor) and (tensor.requires_grad or module is None)
-            candidates.append(Candidate(name, tensor, tuple(tensor.shape), _dtype_name(tensor), checkable, "param"))
+            frozen = _checkable(tensor) and not tensor.requires_grad and module is not None
+            candidates.append(Candidate(name, tensor, tuple(tensor.shape), _dtype_name(tensor),
+                                        _checkable(tensor) and not frozen, "param",
+                                        unchecked_reason="requires_grad=False" if frozen else ""))
         leaves, chosen = layout_leaves(candidates, spec.wrt)
         for leaf, i in zip(leaves, chosen):
             if candidates[i].value.is_complex():

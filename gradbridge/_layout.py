@@ -35,6 +35,7 @@ class Candidate:
     floating: bool
     kind: str
     arg_index: Optional[int] = None
+    unchecked_reason: str = ""  # why a floating value is held fixed (e.g. "requires_grad=False")
 
 
 def _matches(entry: Any, candidate: Candidate) -> bool:
@@ -67,9 +68,11 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]])
             hits = [i for i in floating if _matches(entry, candidates[i])]
             if not hits:
                 described = entry if isinstance(entry, (int, str)) else f"an object of type {type(entry).__name__}"
-                non_float = [candidates[i].name for i in range(len(candidates)) if _matches(entry, candidates[i])]
-                why = (f"it names {', '.join(non_float)}, which is not floating-point"
-                       if non_float else "it matches no argument or parameter")
+                named = [candidates[i] for i in range(len(candidates)) if _matches(entry, candidates[i])]
+                why = ("it names " + ", ".join(f"{c.name}, which " + (f"is held fixed ({c.unchecked_reason})"
+                                                                     if c.unchecked_reason else "is not floating-point")
+                                               for c in named)
+                       if named else "it matches no argument or parameter")
                 raise InvalidArgumentError(
                     f"wrt: entry {described!r} selects nothing to check ({why}). "
                     f"Checkable leaves are: {_names(candidates, floating)}.")

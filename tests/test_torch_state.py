@@ -423,3 +423,10 @@ def test_backend_that_does_not_match_the_arguments_is_named() -> None:
 def test_integer_output_names_its_dtype() -> None:
     with pytest.raises(gb.FunctionEvaluationError, match="got a tensor of dtype int64"):
         gb.check(lambda x: x.argmax(), torch.ones(3))
+
+
+def test_wrt_naming_a_frozen_parameter_says_it_is_frozen() -> None:
+    layer = torch.nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)
+    with pytest.raises(gb.InvalidArgumentError, match=r"^wrt: .*bias, which is held fixed \(requires_grad=False\)"):
+        gb.check(layer, torch.randn(4, 3), params=layer, wrt="bias")
