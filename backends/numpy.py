@@ -8,13 +8,13 @@ NumPy has no automatic differentiation, so the analytic side is the user's own f
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
@@ -38,12 +38,12 @@ class NumpyPrepared:
     analytic_source = "the grad= function you passed (hand-written)"
 
     def __init__(self, spec: CheckSpec, candidates: List[Candidate], leaves: List[LeafSpec], chosen: List[int],
-                 rebuilds: list) -> None:
+                 rebuild_args: Callable[[Sequence[Any]], tuple]) -> None:
         self.spec = spec
         self.candidates = candidates
         self.leaves = leaves
         self.chosen = chosen
-        self.rebuilds = rebuilds
+        self.rebuild_args = rebuild_args
         self.x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).ravel() for i in chosen])
         self.rng = SharedRandomState(spec.seed)
         self._outputs: Optional[List[LeafSpec]] = None
@@ -68,7 +68,7 @@ class NumpyPrepared:
             values[i] = x[leaf.slice].reshape(leaf.shape).copy()
         values = [v if isinstance(c.value, np.ndarray) else (v[()] if isinstance(v, np.ndarray) else v)
                   for v, c in zip(values, self.candidates)]
-        return tuple(rebuild(values) for rebuild in self.rebuilds)
+        return self.rebuild_args(values)
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         self.rng.reseed()
@@ -169,19 +169,11 @@ class NumpyAdapter:
                 "torch, JAX or TensorFlow, pass that framework's arrays (or backend='...')")
         if spec.params is not None:
             raise InvalidArgumentError("params: the NumPy backend has no modules; pass parameters as arguments")
-        candidates: List[Candidate] = []
-        rebuilds = []
-        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
-            leaves, rebuild = flatten(arg, name, _is_array)
-            base = len(candidates)
-            for leaf in leaves:
-                array = np.asarray(leaf.value)
-                candidates.append(Candidate(leaf.path, leaf.value, array.shape, str(array.dtype),
-                                            np.issubdtype(array.dtype, np.floating), "input", index))
-            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(leaves):
-                            rebuild(values[base:base + count]))
+        candidates, rebuild_args = argument_candidates(
+            spec.args, spec.arg_names, _is_array,
+            lambda v: (np.shape(v), str(np.asarray(v).dtype), _floating(v)))
         leaves, chosen = layout_leaves(candidates, spec.wrt)
-        return NumpyPrepared(spec, candidates, leaves, chosen, rebuilds)
+        return NumpyPrepared(spec, candidates, leaves, chosen, rebuild_args)
 
 
 ADAPTER = NumpyAdapter()

@@ -51,10 +51,9 @@ from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
 from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
-from gradbridge._tree import flatten
 
 #: A source of differentiation: the tensor or variable that stands for one checked leaf during a call.
 Source = Any
@@ -673,18 +672,8 @@ class TensorFlowAdapter:
         return tf.__version__
 
     def prepare(self, spec: CheckSpec) -> TensorFlowPrepared:
-        candidates: List[Candidate] = []
-        rebuilds = []
-        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
-            found, rebuild = flatten(arg, name, _is_tensor)
-            base = len(candidates)
-            for leaf in found:
-                t = leaf.value
-                candidates.append(Candidate(leaf.path, t, tuple(int(d) for d in t.shape), _dtype(t).name,
-                                            _floating(t), "input", index))
-            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(found):
-                            rebuild(values[base:base + count]))
-        input_count = len(candidates)
+        candidates, rebuild_args = argument_candidates(
+            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)))
         model, params = _parameters(spec)
         for p in params:
             v = p.variable
@@ -695,7 +684,7 @@ class TensorFlowAdapter:
 
         def problem_for(promote: bool) -> TensorFlowProblem:
             return TensorFlowProblem(spec, candidates, leaves, chosen,
-                                     lambda values: tuple(r(values[:input_count]) for r in rebuilds), model, promote)
+                                     rebuild_args, model, promote)
 
         problem = problem_for(True)
         failure = _probe(problem, x0)

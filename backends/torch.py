@@ -23,10 +23,9 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
-from gradbridge._tree import flatten
 
 _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
 
@@ -393,17 +392,8 @@ class TorchAdapter:
         return torch.__version__
 
     def prepare(self, spec: CheckSpec) -> TorchPrepared:
-        candidates: List[Candidate] = []
-        rebuilds = []
-        for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
-            leaves, rebuild = flatten(arg, name, _is_tensor)
-            base = len(candidates)
-            for leaf in leaves:
-                t = leaf.value
-                candidates.append(Candidate(leaf.path, t, tuple(t.shape), _dtype_name(t), _checkable(t), "input", index))
-            rebuilds.append(lambda values, rebuild=rebuild, base=base, count=len(leaves):
-                            rebuild(values[base:base + count]))
-        input_count = len(candidates)
+        candidates, rebuild_args = argument_candidates(
+            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _checkable(t)))
         module, param_tensors = _parameters(spec)
         for name, tensor in param_tensors:
             frozen = _checkable(tensor) and not tensor.requires_grad and module is not None
@@ -429,7 +419,7 @@ class TorchAdapter:
         devices = {c.value.device for c in candidates}
         device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
         problem = TorchProblem(spec, candidates, leaves, chosen,
-                               lambda values: tuple(r(values[:input_count]) for r in rebuilds),
+                               rebuild_args,
                                module, module_state, data_swap, device)
         x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
         return TorchPrepared(problem, problem.forward, x0)

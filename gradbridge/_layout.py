@@ -8,10 +8,11 @@ other.  Keeping this in the core means ``wrt=`` means the same thing in every fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ._adapter import LeafSpec
 from ._errors import InvalidArgumentError
+from ._tree import flatten
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,25 @@ def promotion_notes(leaves: Sequence[LeafSpec]) -> List[str]:
             by_dtype.setdefault(leaf.dtype, []).append(leaf.name)
     return [f"{dtype} leaves checked on float64 copies (the originals are untouched): {', '.join(names)}"
             for dtype, names in by_dtype.items()]
+
+
+def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array: Callable[[Any], bool],
+                        describe: Callable[[Any], Tuple[Tuple[int, ...], str, bool]]
+                        ) -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
+    """The array leaves of the positional arguments as candidates, and a function rebuilding the arguments.
+
+    ``describe(array)`` gives (shape, dtype name, floating). The rebuild function takes one value per
+    candidate (further values, such as parameters appended after the inputs, are ignored) and returns
+    the argument tuple with those values in place of the leaves.
+    """
+    candidates: List[Candidate] = []
+    rebuilds = []
+    for index, (name, arg) in enumerate(zip(arg_names, args)):
+        leaves, rebuild = flatten(arg, name, is_array)
+        base = len(candidates)
+        for leaf in leaves:
+            shape, dtype, floating = describe(leaf.value)
+            candidates.append(Candidate(leaf.path, leaf.value, tuple(int(d) for d in shape), dtype, floating,
+                                        "input", index))
+        rebuilds.append((rebuild, base, len(leaves)))
+    return candidates, lambda values: tuple(r(values[base:base + n]) for r, base, n in rebuilds)
