@@ -50,7 +50,14 @@ class LeafSpec:
 
 @dataclass
 class CheckSpec:
-    """Everything an adapter needs to know to prepare a check (already validated by the core)."""
+    """Everything an adapter needs to know to prepare a check (already validated by the core).
+
+    ``promote``: True (the default) checks float64 copies of every floating leaf. False keeps each leaf
+    in its own dtype (float32, float16, bfloat16): the adapter casts the float64 points it is given to
+    the leaf's dtype (the core has already rounded them to it, so the cast is exact), casts cotangents
+    and tangents to the output's and leaf's dtypes, and sets ``working_eps`` to the coarsest precision
+    among the checked leaves and the outputs.
+    """
 
     fn: Callable[..., Any]
     args: Tuple[Any, ...]
@@ -61,6 +68,7 @@ class CheckSpec:
     seed: int
     train: bool
     arg_names: Tuple[str, ...]
+    promote: bool = True
 
 
 @runtime_checkable

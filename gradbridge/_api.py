@@ -9,7 +9,8 @@ from . import _registry
 from ._adapter import CheckSpec
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
-from ._options import normalize_wrt, validate_kwargs, validate_options
+from ._options import DEFAULT_BUDGET, normalize_wrt, validate_kwargs, validate_options
+from ._structure import validate_structure
 from ._report import Report
 from ._tree import flatten
 
@@ -17,10 +18,12 @@ Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
 
 
 def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]] = None, params: Any = None,
-          wrt: Wrt = None, mode: str = "full", order: int = 1, eps: Optional[float] = None,
+          wrt: Wrt = None, mode: str = "auto", order: int = 1, eps: Optional[float] = None,
           atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
           backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "rev",
-          probes: int = 3, train: bool = False, chunk_size: int = 256) -> Report:
+          probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
+          kinks: str = "allow", promote: bool = True,
+          structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -42,12 +45,15 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         wrt: narrow what is checked: argument positions (int), names or name prefixes (``"x"``,
             ``"fc1"``, ``"fc1.weight"``), the array objects themselves, or a list of these.
         mode: ``"full"`` compares every Jacobian entry; ``"fast"`` compares random projections with
-            ``probes`` Gaussian probes per checked leaf and re-runs ``full`` on a failing leaf.
+            ``probes`` Gaussian probes per checked leaf and re-runs ``full`` on a failing leaf;
+            ``"auto"`` (the default) is ``full`` unless its cost is above ``budget``, then ``fast``
+            (the report says which ran and why).
         order: 1 checks first derivatives; 2 also checks the derivative of ``x -> J(x)^T v`` (like
             ``torch.autograd.gradgradcheck``).
         eps: relative finite-difference step; the step of element j is ``eps * max(1, |x_j|)``.
             Default ``cbrt(float64 eps)`` (about 6e-6).
-        atol, rtol: replace the default error-estimated tolerance by ``|a - n| <= atol + rtol*|n|``.
+        atol, rtol: replace the default error-estimated rule (the difference must stay within a few
+            times the finite difference's own estimated error) by ``|a - n| <= atol + rtol*|n|``.
         seed: seeds the probes of ``fast`` mode and every RNG re-seeded before each evaluation.
         backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``; detected from the arguments
             when None.
@@ -58,7 +64,17 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             mode: dropout masks frozen by re-seeding, BatchNorm on batch statistics) instead of the
             default, which puts every module in evaluation mode for the check.
         chunk_size: most points evaluated in one batch.
-
+        budget: under ``mode="auto"``, the most function evaluations plus analytic (VJP/JVP) calls a
+            full check may take; above it the check runs in ``fast`` mode.
+        kinks: what a non-differentiable point (the one-sided differences disagree, e.g. relu at 0)
+            does to the verdict: ``"allow"`` (shown, never fails; the default), ``"subgradient"``
+            (fails unless the analytic value lies between the one-sided ones) or ``"fail"``.
+        promote: True checks float64 copies (the default). False checks in the arrays' own dtypes
+            (float32, bfloat16, float16: for code that only runs in low precision); steps and
+            tolerances then follow that precision.
+        structure: restrict the perturbations of some inputs to the tangent directions of the set they
+            live on, by leaf name: ``"symmetric"`` (symmetric matrices), ``"simplex"`` (entries summing
+            to one), or a callable ``directions(x) -> array (k, *x.shape)`` of tangent directions.
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
 
@@ -71,7 +87,9 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         raise InvalidArgumentError(f"fn: expected a callable (function, autograd Function's apply, module), "
                                    f"got {type(fn).__name__}")
     options = validate_options(mode=mode, order=order, eps=eps, atol=atol, rtol=rtol, seed=seed, probes=probes,
-                               analytic=analytic, train=train, chunk_size=chunk_size)
+                               analytic=analytic, train=train, chunk_size=chunk_size, budget=budget, kinks=kinks,
+                               promote=promote)
+    structures = validate_structure(structure)
     call_kwargs = validate_kwargs(kwargs)
     if grad is not None and not callable(grad):
         raise InvalidArgumentError(f"grad: expected a callable returning gradients, got {type(grad).__name__}")
@@ -83,12 +101,13 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                                    f"{detected.name} arrays; pass them as {adapter.name} arrays or use "
                                    f"backend={detected.name!r}")
     spec = CheckSpec(fn=fn, args=tuple(args), kwargs=call_kwargs, params=params, wrt=normalize_wrt(wrt), grad=grad,
-                     seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)))
+                     seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)),
+                     promote=options.promote)
     prepared = adapter.prepare(spec)
     report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
-    return run_check(prepared, options, report)
+    return run_check(prepared, options, report, structures)
 
 
 def assert_check(fn: Callable[..., Any], *args: Any, **options: Any) -> Report:

@@ -41,7 +41,7 @@ class _Counts:
         report.jvps = sum(e.jvps for e in self.evaluators)
 
 
-def run_check(prepared: PreparedFunction, options: Options, report: Report) -> Report:
+def run_check(prepared: PreparedFunction, options: Options, report: Report, structures=None) -> Report:
     """Run the whole check inside the adapter's deterministic session and fill ``report``."""
     started = time.perf_counter()
     counts = _Counts()
@@ -125,7 +125,7 @@ def _check_order(evaluator: Evaluator, options: Options, tolerance: Tolerance, o
     rows: List[RowResult] = []
     if options.analytic == "both":
         rows.extend(_consistency_rows(evaluator, options, order))
-    if options.mode == "full":
+    if options.mode in ("full", "auto"):
         numeric = NumericJacobian(evaluator, options, leaves)
         for analytic_mode in modes:
             rows.extend(_full_rows(evaluator, tolerance, leaves, numeric, analytic_mode, order))

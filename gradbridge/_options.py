@@ -8,8 +8,11 @@ from typing import Any, Mapping, Optional, Tuple
 
 from ._errors import InvalidArgumentError
 
-MODES = ("full", "fast")
+MODES = ("auto", "full", "fast")
 ANALYTIC = ("rev", "fwd", "both")
+KINKS = ("allow", "subgradient", "fail")
+#: Default for ``budget``: most evaluations plus analytic calls a full check may take under ``mode="auto"``.
+DEFAULT_BUDGET = 20_000
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Options:
     analytic: str
     train: bool
     chunk_size: int
+    budget: int = DEFAULT_BUDGET
+    kinks: str = "allow"
+    promote: bool = True
 
 
 def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
@@ -54,12 +60,16 @@ def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
 
 
 def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, seed: Any, probes: Any,
-                     analytic: Any, train: Any, chunk_size: Any) -> Options:
+                     analytic: Any, train: Any, chunk_size: Any, budget: Any = DEFAULT_BUDGET,
+                     kinks: Any = "allow", promote: Any = True) -> Options:
     """Check every option's type and range; raise :class:`InvalidArgumentError` naming the first bad one."""
     if order not in (1, 2) or isinstance(order, bool):
         raise InvalidArgumentError(f"order: expected 1 (gradients) or 2 (gradients of gradients), got {order!r}")
     if not isinstance(train, bool):
         raise InvalidArgumentError(f"train: expected True or False, got {train!r}")
+    if not isinstance(promote, bool):
+        raise InvalidArgumentError(f"promote: expected True (check in float64 copies) or False (check in the "
+                                   f"arrays' own dtypes), got {promote!r}")
     return Options(
         mode=_choice("mode", mode, MODES),
         order=int(order),
@@ -71,6 +81,9 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
         analytic=_choice("analytic", analytic, ANALYTIC),
         train=train,
         chunk_size=_integer("chunk_size", chunk_size, 1),
+        budget=_integer("budget", budget, 1),
+        kinks=_choice("kinks", kinks, KINKS),
+        promote=promote,
     )
 
 
