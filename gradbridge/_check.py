@@ -21,6 +21,7 @@ from ._evaluate import Evaluator, describe_perturbation
 from ._finite_diff import (FLOAT64_EPS, central_points, element_steps, relative_step, roundoff_error,
                            step_description)
 from ._options import Options
+from ._precision import PointRounder
 from ._report import Report, RowResult, WorstElement
 from ._tolerance import Tolerance, grade, relative_error
 
@@ -161,6 +162,7 @@ class NumericJacobian:
         self.evaluator = evaluator
         x0 = evaluator.prepared.x0
         self.precision = working_eps(evaluator.prepared)
+        self.rounder = PointRounder(evaluator.prepared.leaves, options.promote)
         self.steps = element_steps(x0, options.eps, self.precision)
         self.columns = np.concatenate([np.arange(leaf.offset, leaf.offset + leaf.size) for leaf in leaves])
         m = sum(spec.size for spec in evaluator.prepared.output_specs)
@@ -174,7 +176,7 @@ class NumericJacobian:
 
     def _differences(self, columns: np.ndarray, steps: np.ndarray):
         x0 = self.evaluator.prepared.x0
-        plus, minus, spans = central_points(x0, columns, steps)
+        plus, minus, spans = central_points(x0, columns, steps, self.rounder)
         leaves = self.evaluator.prepared.leaves
         described = ([describe_perturbation(leaves, c, "+") for c in columns]
                      + [describe_perturbation(leaves, c, "-") for c in columns])
@@ -316,6 +318,10 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
     for p in range(options.probes):
         for k, leaf in enumerate(leaves):
             directions[p * len(leaves) + k, leaf.slice] = rng.standard_normal(leaf.size) * scale[leaf.slice]
+    rounder = PointRounder(leaves, options.promote)
+    plus_points = rounder(x0 + step * directions)
+    minus_points = rounder(x0 - step * directions)
+    directions = (plus_points - minus_points) / (2.0 * step)  # the directions really taken, after rounding
     try:
         if analytic_mode == "rev":
             gradients = evaluator.vjp(cotangents)
@@ -326,8 +332,6 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
             gradients = None
     except ModeUnsupportedError as exc:
         return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
-    plus_points = x0 + step * directions
-    minus_points = x0 - step * directions
     labels = [f"{leaves[i % len(leaves)].name} probe {i // len(leaves) + 1}" for i in range(len(directions))]
     outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]), [f"x + h*u ({l})" for l in labels]
                                  + [f"x - h*u ({l})" for l in labels])

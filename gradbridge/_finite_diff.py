@@ -37,7 +37,8 @@ def step_description(eps: Optional[float], working_eps: float = FLOAT64_EPS) -> 
     return f"h_j = {relative_step(eps, working_eps):.3g}*max(1, |x_j|)  ({source}, central differences)"
 
 
-def central_points(x0: np.ndarray, columns: np.ndarray, steps: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def central_points(x0: np.ndarray, columns: np.ndarray, steps: np.ndarray,
+                   rounder=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Points ``x0 ± h_j e_j`` for each column j, and the exact distance between each pair.
 
     Returns (plus_points, minus_points, spans) with ``spans[k] = (x+h) - (x-h)`` computed in floating
@@ -49,6 +50,8 @@ def central_points(x0: np.ndarray, columns: np.ndarray, steps: np.ndarray) -> Tu
     minus = plus.copy()
     plus[rows, columns] = x0[columns] + steps[columns]
     minus[rows, columns] = x0[columns] - steps[columns]
+    if rounder is not None:
+        plus, minus = rounder(plus), rounder(minus)
     spans = plus[rows, columns] - minus[rows, columns]
     return plus, minus, spans
 

@@ -52,3 +52,28 @@ def round_to(values: np.ndarray, dtype: object) -> np.ndarray:
     if name == "bfloat16":
         return _round_to_bfloat16(values)
     return np.asarray(values, dtype=np.float64)
+
+
+class PointRounder:
+    """Rounds perturbed points (rows of the flat vector) to each checked leaf's own dtype.
+
+    Used when a check runs without promotion: a point the function cannot represent would be rounded
+    by the framework's cast anyway, and the finite difference must divide by the step really taken.
+    With promotion (every leaf float64) it leaves points unchanged.
+    """
+
+    def __init__(self, leaves, promote: bool) -> None:
+        self.slices = [] if promote else [(leaf.slice, leaf.dtype) for leaf in leaves
+                                          if dtype_name(leaf.dtype) in ("float32", "float16", "bfloat16")]
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        if not self.slices:
+            return points
+        points = np.array(points, dtype=np.float64, copy=True)
+        for where, dtype in self.slices:
+            points[..., where] = round_to(points[..., where], dtype)
+        return points
+
+    def eps(self, default: float) -> float:
+        """The coarsest machine epsilon among the rounded leaves (``default`` when none is)."""
+        return max([default] + [eps_of(dtype) for _, dtype in self.slices])
