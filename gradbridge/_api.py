@@ -75,6 +75,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         structure: restrict the perturbations of some inputs to the tangent directions of the set they
             live on, by leaf name: ``"symmetric"`` (symmetric matrices), ``"simplex"`` (entries summing
             to one), or a callable ``directions(x) -> array (k, *x.shape)`` of tangent directions.
+
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
 

@@ -1,29 +1,40 @@
-"""The check algorithm: compare analytic derivatives with central finite differences.
+"""The check algorithm: compare analytic derivatives with finite differences, element by element.
 
-``full`` mode builds the whole Jacobian both ways (2 evaluations per input element for the numeric
-side; one VJP per output element, or one JVP per input element, for the analytic side) and compares
-it block by block: one block per (checked leaf, output). ``fast`` mode compares random projections
-``v . (J u)`` (numeric) with ``(J^T v) . u`` (analytic) for several Gaussian probes per leaf, and re-runs
-the full check on any leaf that fails so the report still names the element. ``order=2`` then checks
-``x -> J(x)^T v`` for a random ``v`` the same way (the gradient of the gradient).
+``full`` mode compares every directional derivative ``J d`` (one direction per input element, or per
+tangent direction of a structured input) both ways: the analytic side from unit VJPs (one per output
+element) or JVPs, the numeric side from central differences refined by the step ladder of
+:mod:`gradbridge._numeric` where the first pass is not conclusive (kinks, domain edges, curvature).
+``fast`` mode compares random projections ``v . (J u)`` (numeric) with ``(J^T v) . u`` (analytic) for
+several Gaussian probes per leaf and re-runs ``full`` on any leaf that fails so the report still names
+the element; ``auto`` (the default) runs ``full`` unless its cost is above the budget. ``order=2``
+then checks ``x -> J(x)^T v`` for a random ``v`` the same way (the gradient of the gradient).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import List, Optional, Sequence
+from functools import lru_cache
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
+from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
-from ._evaluate import Evaluator, describe_perturbation
-from ._finite_diff import (FLOAT64_EPS, central_points, element_steps, relative_step, roundoff_error,
-                           step_description)
+from ._evaluate import Evaluator
+from ._finite_diff import relative_step, step_description
+from ._numeric import BACKWARD, FAIL, FORWARD, KINK, METHOD_NAMES, ElementVerdicts, StepLadder
 from ._options import Options
-from ._precision import PointRounder
-from ._report import Report, RowResult, WorstElement
+from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
+from ._report import KinkPoint, Report, RowResult, WorstElement
+from ._structure import Structure
 from ._tolerance import Tolerance, grade, relative_error
+
+#: Most non-differentiable points listed per row (the count is always complete).
+KINKS_LISTED = 10
+#: Probability with which ``fast`` mode's stated detectable error is caught.
+FAST_CONFIDENCE = 0.999
 
 
 class _Counts:
@@ -42,25 +53,40 @@ class _Counts:
         report.jvps = sum(e.jvps for e in self.evaluators)
 
 
-def run_check(prepared: PreparedFunction, options: Options, report: Report, structures=None) -> Report:
+class _Context:
+    """What every part of one check needs: options, tolerance, structures, the point's outputs."""
+
+    def __init__(self, options: Options, tolerance: Tolerance, structures: Mapping[str, Structure],
+                 mode: str) -> None:
+        self.options = options
+        self.tolerance = tolerance
+        self.structures = structures
+        self.mode = mode
+
+
+def run_check(prepared: PreparedFunction, options: Options, report: Report,
+              structures: Optional[Mapping[str, Structure]] = None) -> Report:
     """Run the whole check inside the adapter's deterministic session and fill ``report``."""
     started = time.perf_counter()
     counts = _Counts()
     evaluator = counts.add(Evaluator(prepared, options.chunk_size))
     try:
         with prepared.session():
-            problem = _nondeterminism(evaluator, prepared.x0)
+            problem, f0 = _nondeterminism(evaluator, prepared.x0)
             # the adapter knows the precision fn really computes in only after the first evaluation
-            precision = working_eps(prepared)
+            precision = working_eps(prepared, options)
             tolerance = Tolerance(options.atol, options.rtol, precision)
             report.tolerance = tolerance.describe()
+            report.rule = tolerance.rule
             report.step = step_description(options.eps, precision)
             if problem:
                 report.problem = problem
                 return report
-            report.rows.extend(_check_order(evaluator, options, tolerance, order=1))
+            mode = _choose_mode(prepared, options, structures or {}, report)
+            context = _Context(options, tolerance, structures or {}, mode)
+            report.rows.extend(_check_order(evaluator, context, f0, order=1))
             if options.order == 2:
-                report.rows.extend(_second_order(evaluator, options, tolerance, counts))
+                report.rows.extend(_second_order(evaluator, context, counts))
     finally:
         counts.fill(report)
         report.notes.extend(n for n in prepared.notes if n not in report.notes)
@@ -68,15 +94,11 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report, stru
     return report
 
 
-#: Machine epsilon by dtype name, for outputs a function returns below float64.
-DTYPE_EPS = {"float64": FLOAT64_EPS, "float32": float(np.finfo(np.float32).eps),
-             "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7}
-
-
-def working_eps(prepared: PreparedFunction) -> float:
+def working_eps(prepared: PreparedFunction, options: Optional[Options] = None) -> float:
     """Machine epsilon of the precision ``fn`` really computes in: the coarsest of what the adapter says
-    (``working_eps``) and the dtypes of the outputs (a function that casts to float32 inside is only as
-    accurate as float32, whatever its inputs were). Known after the first evaluation."""
+    (``working_eps``), the dtypes of the outputs (a function that casts to float32 inside is only as
+    accurate as float32, whatever its inputs were) and, without promotion, the checked leaves' dtypes.
+    Known after the first evaluation."""
     coarsest = float(getattr(prepared, "working_eps", None) or FLOAT64_EPS)
     try:
         outputs = prepared.output_specs
@@ -84,11 +106,14 @@ def working_eps(prepared: PreparedFunction) -> float:
         outputs = []
     for spec in outputs:
         coarsest = max(coarsest, DTYPE_EPS.get(spec.dtype, FLOAT64_EPS))
+    if options is not None and not options.promote:
+        coarsest = PointRounder(prepared.leaves, promote=False).eps(coarsest)
     return coarsest
 
 
-def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
-    """Evaluate twice at ``x0``; a difference means finite differences would measure noise."""
+def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Tuple[Optional[str], np.ndarray]:
+    """Evaluate twice at ``x0``; a difference means finite differences would measure noise.
+    Returns the problem (or None) and the outputs at ``x0``."""
     outputs = evaluator.evaluate(np.stack([x0, x0]), ["the unperturbed input", "the unperturbed input"])
     if outputs.shape[1] == 0:
         raise FunctionEvaluationError("fn: returned no floating-point output to differentiate")
@@ -99,13 +124,35 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Optional[str]:
                 "every random generator re-seeded before each evaluation, so finite differences would measure "
                 "noise, not gradients. Make the randomness depend on a seed or key the check controls "
                 "(the framework's global seed or generator, NumPy's and Python's global RNGs, a JAX key argument; "
-                "private generator objects cannot be pinned), or remove it.")
-    return None
+                "private generator objects cannot be pinned), or remove it."), outputs[0]
+    return None, outputs[0]
 
 
-def _second_order(first: Evaluator, options: Options, tolerance: Tolerance, counts: _Counts) -> List[RowResult]:
+def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mapping[str, Structure],
+                 report: Report) -> str:
+    """``full`` or ``fast``: ``auto`` compares the cost of a full check with ``options.budget``."""
+    if options.mode != "auto":
+        report.mode = options.mode
+        return options.mode
+    m = sum(spec.size for spec in prepared.output_specs)
+    n = len(prepared.x0)
+    directions = sum(leaf.size for leaf in prepared.leaves)  # structured inputs have fewer; an upper bound
+    analytic_calls = {"rev": m, "fwd": n, "both": m + n}[options.analytic]
+    cost = 2 * directions + analytic_calls
+    mode = "full" if cost <= options.budget else "fast"
+    report.mode = mode
+    if mode == "fast":
+        report.notes.append(
+            f"mode='auto' chose fast: a full check would take about {cost:,} evaluations and analytic calls "
+            f"({2 * directions:,} perturbed points, {analytic_calls:,} {options.analytic} calls), above "
+            f"budget={options.budget:,}. Random projections check every leaf; a failing leaf is re-checked "
+            "element by element. Pass mode='full' (or a larger budget) to compare every element.")
+    return mode
+
+
+def _second_order(first: Evaluator, context: _Context, counts: _Counts) -> List[RowResult]:
     output_size = sum(spec.size for spec in first.prepared.output_specs)
-    cotangent = np.random.default_rng(options.seed + 1).standard_normal(output_size)
+    cotangent = np.random.default_rng(context.options.seed + 1).standard_normal(output_size)
     try:
         derived = first.prepared.gradient_function(cotangent)
     except GradbridgeError as exc:
@@ -115,89 +162,35 @@ def _second_order(first: Evaluator, options: Options, tolerance: Tolerance, coun
                           status="unsupported", message=str(exc)) for leaf in first.prepared.leaves]
     except Exception as exc:  # the framework refused to build the gradient function: the user's code is at fault
         raise FunctionEvaluationError(f"building the gradient of fn for order=2 raised {type(exc).__name__}: {exc}") from exc
-    evaluator = counts.add(Evaluator(derived, options.chunk_size, what="the gradient of fn"))
-    evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])
-    return _check_order(evaluator, options, tolerance, order=2)
+    evaluator = counts.add(Evaluator(derived, context.options.chunk_size, what="the gradient of fn"))
+    f0 = evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])[0]
+    return _check_order(evaluator, context, f0, order=2)
 
 
-def _check_order(evaluator: Evaluator, options: Options, tolerance: Tolerance, order: int) -> List[RowResult]:
+def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order: int) -> List[RowResult]:
+    options = context.options
     leaves = list(evaluator.prepared.leaves)
     modes = ("rev", "fwd") if options.analytic == "both" else (options.analytic,)
     rows: List[RowResult] = []
     if options.analytic == "both":
         rows.extend(_consistency_rows(evaluator, options, order))
-    if options.mode in ("full", "auto"):
-        numeric = NumericJacobian(evaluator, options, leaves)
+    if context.mode == "full":
         for analytic_mode in modes:
-            rows.extend(_full_rows(evaluator, tolerance, leaves, numeric, analytic_mode, order))
+            rows.extend(_full_rows(evaluator, context, leaves, f0, analytic_mode, order))
         return rows
     for analytic_mode in modes:
-        for row in _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order):
+        for row in _fast_rows(evaluator, context, leaves, f0, analytic_mode, order):
             if row.passed:
                 rows.append(row)
                 continue
             leaf = next(l for l in leaves if l.name == row.input)
-            numeric = NumericJacobian(evaluator, options, [leaf])
-            for localized in _full_rows(evaluator, tolerance, [leaf], numeric, analytic_mode, order):
+            for localized in _full_rows(evaluator, context, [leaf], f0, analytic_mode, order):
                 localized.method = f"fast ({options.probes} probes) then {localized.method} on this leaf"
                 if localized.status == "pass":
                     localized.message = ("the projection check failed but every element agrees: "
                                          f"projection detail: {row.message}")
                 rows.append(localized)
     return rows
-
-
-class NumericJacobian:
-    """Central-difference Jacobian columns of the checked leaves, refinable where they disagree.
-
-    First pass: one step ``h_j`` per column (2 evaluations per element). Columns where the analytic side
-    disagrees are re-evaluated at ``h_j / 2`` and replaced by the Richardson extrapolation
-    ``(4 D(h/2) - D(h)) / 3`` (error O(h^4)), whose error estimate adds ``|D(h) - D(h/2)| / 3`` (the
-    truncation error of ``D(h/2)``, a generous bound) to the round-off. A correct gradient then passes
-    where the function's curvature is large for the step (``sin`` at 1e3, ``1/x`` at 1e-3), while every
-    bug larger than the estimated numerical error still fails; correct checks pay nothing extra.
-    """
-
-    def __init__(self, evaluator: Evaluator, options: Options, leaves: Sequence[LeafSpec]) -> None:
-        self.evaluator = evaluator
-        x0 = evaluator.prepared.x0
-        self.precision = working_eps(evaluator.prepared)
-        self.rounder = PointRounder(evaluator.prepared.leaves, options.promote)
-        self.steps = element_steps(x0, options.eps, self.precision)
-        self.columns = np.concatenate([np.arange(leaf.offset, leaf.offset + leaf.size) for leaf in leaves])
-        m = sum(spec.size for spec in evaluator.prepared.output_specs)
-        self.values = np.zeros((m, len(x0)))
-        self.error = np.zeros_like(self.values)
-        self.refined: set = set()
-        values, error, spans = self._differences(self.columns, self.steps)
-        self.values[:, self.columns], self.error[:, self.columns] = values, error
-        self.steps = np.full(len(x0), np.nan)
-        self.steps[self.columns] = spans / 2.0
-
-    def _differences(self, columns: np.ndarray, steps: np.ndarray):
-        x0 = self.evaluator.prepared.x0
-        plus, minus, spans = central_points(x0, columns, steps, self.rounder)
-        leaves = self.evaluator.prepared.leaves
-        described = ([describe_perturbation(leaves, c, "+") for c in columns]
-                     + [describe_perturbation(leaves, c, "-") for c in columns])
-        outputs = self.evaluator.evaluate(np.concatenate([plus, minus]), described)
-        f_plus, f_minus = outputs[: len(columns)], outputs[len(columns):]
-        values = ((f_plus - f_minus) / spans[:, None]).T
-        return values, roundoff_error(f_plus, f_minus, spans, self.precision).T, spans
-
-    def refine(self, columns: Sequence[int]) -> int:
-        """Richardson-refine the given columns (once each); returns how many were refined now."""
-        todo = np.array(sorted(set(int(c) for c in columns) - self.refined), dtype=int)
-        if len(todo) == 0:
-            return 0
-        half = np.zeros_like(self.steps)
-        half[todo] = self.steps[todo] / 2.0
-        coarse, coarse_error = self.values[:, todo], self.error[:, todo]
-        fine, fine_error, _ = self._differences(todo, half)
-        self.values[:, todo] = (4.0 * fine - coarse) / 3.0
-        self.error[:, todo] = (4.0 * fine_error + coarse_error) / 3.0 + np.abs(coarse - fine) / 3.0
-        self.refined.update(int(c) for c in todo)
-        return len(todo)
 
 
 def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
@@ -209,31 +202,103 @@ def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
     return evaluator.jvp(np.eye(n)).T
 
 
-def _full_rows(evaluator, tolerance, leaves, numeric: NumericJacobian, analytic_mode, order) -> List[RowResult]:
+def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,
+               analytic_mode: str, order: int) -> List[RowResult]:
     try:
-        analytic = _analytic_jacobian(evaluator, analytic_mode)
+        jacobian = _analytic_jacobian(evaluator, analytic_mode)
     except ModeUnsupportedError as exc:
         return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
-    undefined = undefined_gradients(evaluator.prepared)
-    for _ in range(2):  # judge, refine the columns that disagree, judge again
-        rows, failing_columns = [], []
-        for leaf in leaves:
-            for output in evaluator.prepared.output_specs:
-                a = analytic[output.slice, leaf.slice]
-                n = numeric.values[output.slice, leaf.slice]
-                allowed = tolerance.bounds(n, numeric.error[output.slice, leaf.slice])
-                row = _block_row(leaf, output, a, n, allowed, numeric.steps[leaf.slice], analytic_mode, order)
-                bad_columns = np.nonzero(~(np.abs(a - n) <= allowed).all(axis=0))[0]
-                failing_columns.extend(leaf.offset + bad_columns)
-                refined = sum(1 for c in range(leaf.offset, leaf.offset + leaf.size) if c in numeric.refined)
-                if refined:
-                    row.method = f"full, {refined} column(s) refined by Richardson extrapolation (h, h/2)"
-                if leaf.name in undefined:
-                    _mark_undefined(row, undefined[leaf.name])
-                rows.append(row)
-        if not failing_columns or numeric.refine(failing_columns) == 0:
-            return rows
+    prepared = evaluator.prepared
+    options = context.options
+    precision = working_eps(prepared, options)
+    structures = {name: s for name, s in context.structures.items() if name in {l.name for l in leaves}}
+    directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), structures)
+    analytic = directions.project(jacobian)
+    blocks = [(output.slice, entry.slice) for entry in directions.per_leaf for output in prepared.output_specs]
+    ladder = StepLadder(evaluator, directions, f0, precision, PointRounder(prepared.leaves, options.promote),
+                        context.tolerance, blocks)
+    verdicts = ladder.run(analytic)
+    undefined = undefined_gradients(prepared)
+    rows = []
+    for entry in directions.per_leaf:
+        for output in prepared.output_specs:
+            row = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
+            if entry.leaf.name in undefined:
+                _mark_undefined(row, undefined[entry.leaf.name])
+            rows.append(row)
     return rows
+
+
+def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, verdicts: ElementVerdicts,
+               kinks: str, analytic_mode: str, order: int) -> RowResult:
+    leaf = entry.leaf
+    where = (output.slice, entry.slice)
+    a, n, allowed = analytic[where], verdicts.numeric[where], verdicts.allowed[where]
+    status, error, method = verdicts.status[where], verdicts.error[where], verdicts.method[where]
+    left, right = verdicts.left[where], verdicts.right[where]
+    at_kink = status == KINK
+    with np.errstate(invalid="ignore"):
+        subgradient = (a >= np.fmin(left, right) - allowed) & (a <= np.fmax(left, right) + allowed)
+    bad = status == FAIL
+    if kinks == "fail":
+        bad |= at_kink
+    elif kinks == "subgradient":
+        bad |= at_kink & ~subgradient
+    difference = np.abs(a - n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.isfinite(difference), difference / np.where(allowed > 0, allowed, np.inf), np.inf)
+    ratio = np.nan_to_num(ratio, nan=np.inf)
+    candidates = bad if bad.any() else ~at_kink
+    ranked = np.where(candidates, ratio, -1.0)
+    smooth = ~at_kink
+    rel = relative_error(a[smooth], n[smooth]) if smooth.any() else 0.0
+    steps = verdicts.steps[entry.slice]
+    refined = int(np.count_nonzero(verdicts.levels[entry.slice]))
+    one_sided = int(np.count_nonzero(((method == FORWARD) | (method == BACKWARD)) & ~at_kink))
+    row = RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
+                    method="full", analytic_mode=analytic_mode, status="fail" if bad.any() else "pass",
+                    max_abs_error=float(np.max(np.where(smooth, difference, 0.0))) if difference.size else 0.0,
+                    rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
+                    mismatches=int(bad.sum()), compared=int(a.size), kinks=int(at_kink.sum()),
+                    one_sided=one_sided, refined=refined)
+    if entry.basis is not None:
+        row.method = f"full along {entry.count} tangent direction(s) ({entry.structure})"
+    if refined:
+        deepest = int(np.max(verdicts.levels[entry.slice]))
+        row.method += f", step ladder on {refined} direction(s) (down to h/{2 ** deepest})"
+    if ranked.size and np.max(ranked) >= 0:
+        out_i, d_j = np.unravel_index(int(np.argmax(ranked)), ranked.shape)
+        row.worst = WorstElement(
+            input_index=leaf.unravel(int(d_j)) if entry.basis is None else (),
+            output_index=output.unravel(int(out_i)), analytic=float(a[out_i, d_j]), numeric=float(n[out_i, d_j]),
+            abs_error=float(difference[out_i, d_j]), allowed=float(allowed[out_i, d_j]), step=float(steps[d_j]),
+            fd_error=float(error[out_i, d_j]), method=METHOD_NAMES[int(method[out_i, d_j])],
+            direction="" if entry.basis is None else entry.label(int(d_j)))
+    for out_i, d_j in list(zip(*np.nonzero(at_kink)))[:KINKS_LISTED]:
+        row.nondifferentiable.append(KinkPoint(
+            input_index=leaf.unravel(int(d_j)) if entry.basis is None else (),
+            output_index=output.unravel(int(out_i)), analytic=float(a[out_i, d_j]), left=float(left[out_i, d_j]),
+            right=float(right[out_i, d_j]), subgradient=bool(subgradient[out_i, d_j]),
+            direction="" if entry.basis is None else entry.label(int(d_j))))
+    row.message = _row_message(row, kinks, int((at_kink & ~subgradient).sum()))
+    return row
+
+
+def _row_message(row: RowResult, kinks: str, outside: int) -> str:
+    parts = []
+    if row.kinks:
+        effect = {"allow": "shown, not failed (kinks='allow')",
+                  "subgradient": "failed only where the analytic value is not between the one-sided values "
+                                 "(kinks='subgradient')",
+                  "fail": "each one fails the check (kinks='fail')"}[kinks]
+        parts.append(f"{row.kinks} element(s) at non-differentiable points (the one-sided differences disagree "
+                     f"and do not converge): {effect}")
+        if outside:
+            parts.append(f"{outside} of them have an analytic value outside the one-sided values (not a subgradient)")
+    if row.one_sided:
+        parts.append(f"{row.one_sided} element(s) near a domain edge (fn is not finite on one side of the "
+                     "central difference): one-sided differences used")
+    return "; ".join(parts)
 
 
 def undefined_gradients(prepared: PreparedFunction) -> dict:
@@ -262,8 +327,9 @@ def _consistency_rows(evaluator: Evaluator, options: Options, order: int) -> Lis
         pushed = evaluator.jvp(u)[0]
     except ModeUnsupportedError:
         return []
+    eps = working_eps(prepared, options)
     reverse, forward = float(pulled @ u[0]), float(v[0] @ pushed)
-    allowed = 1e3 * FLOAT64_EPS * (float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
+    allowed = 1e3 * eps * (float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
     difference = abs(reverse - forward)
     rel = relative_error(np.array([reverse]), np.array([forward]))
     return [RowResult(input="(all checked)", output="(all)", shape=(len(prepared.x0),), order=order,
@@ -275,49 +341,63 @@ def _consistency_rows(evaluator: Evaluator, options: Options, order: int) -> Lis
                               "one of your VJP/JVP rules is wrong" if not difference <= allowed else "")]
 
 
-def _block_row(leaf: LeafSpec, output: LeafSpec, a: np.ndarray, n: np.ndarray, allowed: np.ndarray,
-               steps: np.ndarray, analytic_mode: str, order: int) -> RowResult:
-    difference = np.abs(a - n)
-    bad = ~(difference <= allowed)  # NaN counts as bad
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(bad & ~np.isfinite(difference), np.inf, difference / np.where(allowed > 0, allowed, np.inf))
-    ratio = np.nan_to_num(ratio, nan=np.inf)
-    out_i, in_j = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else (0, 0)
-    rel = relative_error(a, n)
-    row = RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
-                    method="full", analytic_mode=analytic_mode,
-                    status="fail" if bad.any() else "pass",
-                    max_abs_error=float(np.max(difference)) if difference.size else 0.0,
-                    rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
-                    mismatches=int(bad.sum()), compared=int(a.size))
-    if ratio.size:
-        row.worst = WorstElement(input_index=leaf.unravel(int(in_j)), output_index=output.unravel(int(out_i)),
-                                 analytic=float(a[out_i, in_j]), numeric=float(n[out_i, in_j]),
-                                 abs_error=float(difference[out_i, in_j]), allowed=float(allowed[out_i, in_j]),
-                                 step=float(steps[in_j]))
-    return row
-
-
 def _unsupported_rows(evaluator, leaves, analytic_mode, order, message) -> List[RowResult]:
     return [RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
                       method="full", analytic_mode=analytic_mode, status="unsupported", message=message)
             for leaf in leaves for output in evaluator.prepared.output_specs]
 
 
-def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> List[RowResult]:
+@lru_cache(maxsize=None)
+def product_quantile(probability: float) -> float:
+    """``t`` with ``P(|Z1 Z2| <= t) = probability`` for independent standard normals ``Z1, Z2``.
+
+    A single wrong Jacobian entry ``e`` shows in a probe as ``v_i u_j e`` with ``v, u`` Gaussian, so it
+    escapes one probe when ``|v_i u_j|`` is below ``allowed / |e|``; this quantile turns the probe count
+    into the smallest error that is caught with a stated probability."""
+    z = np.linspace(1e-6, 9.0, 6001)
+    weights = np.exp(-z * z / 2.0) * math.sqrt(2.0 / math.pi)  # density of |Z2|
+    erf = np.vectorize(math.erf)
+
+    def cdf(t: float) -> float:
+        return float(np.trapezoid(weights * erf(t / (math.sqrt(2.0) * z)), z)
+                     if hasattr(np, "trapezoid") else np.trapz(weights * erf(t / (math.sqrt(2.0) * z)), z))
+
+    low, high = 1e-12, 10.0
+    for _ in range(80):
+        mid = math.sqrt(low * high)
+        if cdf(mid) < probability:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,
+               analytic_mode: str, order: int) -> List[RowResult]:
     """Projection check: per probe p and leaf L, compare v_p . (J u_pL) both ways."""
+    options, tolerance = context.options, context.tolerance
     prepared = evaluator.prepared
     x0 = prepared.x0
     rng = np.random.default_rng(options.seed)
     m = sum(spec.size for spec in prepared.output_specs)
-    precision = working_eps(prepared)
+    precision = working_eps(prepared, options)
     step = relative_step(options.eps, precision)
     scale = np.maximum(1.0, np.abs(x0))
     cotangents = rng.standard_normal((options.probes, m))
     directions = np.zeros((options.probes * len(leaves), len(x0)))
+    bases: Dict[str, np.ndarray] = {}
+    for leaf in leaves:
+        if leaf.name in context.structures:
+            basis, _ = context.structures[leaf.name].basis(leaf.name, x0[leaf.slice].reshape(leaf.shape))
+            bases[leaf.name] = basis * max(1.0, float(np.max(np.abs(x0[leaf.slice]))))
     for p in range(options.probes):
         for k, leaf in enumerate(leaves):
-            directions[p * len(leaves) + k, leaf.slice] = rng.standard_normal(leaf.size) * scale[leaf.slice]
+            if leaf.name in bases:
+                basis = bases[leaf.name]
+                direction = rng.standard_normal(len(basis)) @ basis / math.sqrt(len(basis))
+            else:
+                direction = rng.standard_normal(leaf.size) * scale[leaf.slice]
+            directions[p * len(leaves) + k, leaf.slice] = direction
     rounder = PointRounder(leaves, options.promote)
     plus_points = rounder(x0 + step * directions)
     minus_points = rounder(x0 - step * directions)
@@ -333,42 +413,52 @@ def _fast_rows(evaluator, options, tolerance, leaves, analytic_mode, order) -> L
     except ModeUnsupportedError as exc:
         return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
     labels = [f"{leaves[i % len(leaves)].name} probe {i // len(leaves) + 1}" for i in range(len(directions))]
-    outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]), [f"x + h*u ({l})" for l in labels]
-                                 + [f"x - h*u ({l})" for l in labels])
+    outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]),
+                                 [f"x + h*u ({l})" for l in labels] + [f"x - h*u ({l})" for l in labels],
+                                 allow_nonfinite=True)
     f_plus, f_minus = outputs[: len(directions)], outputs[len(directions):]
     undefined = undefined_gradients(prepared)
+    quantile = product_quantile((1.0 - FAST_CONFIDENCE) ** (1.0 / options.probes))
     rows = []
     for k, leaf in enumerate(leaves):
         worst: Optional[WorstElement] = None
         failed = 0
-        differences = []
+        pairs = []
+        largest_allowed = 0.0
         for p in range(options.probes):
             i = p * len(leaves) + k
             v = cotangents[p]
-            numeric = float(v @ (f_plus[i] - f_minus[i])) / (2.0 * step)
-            fd_error = precision * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
+            with np.errstate(invalid="ignore", over="ignore"):
+                numeric = float(v @ (f_plus[i] - f_minus[i])) / (2.0 * step)
+                fd_error = precision * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
             if gradients is not None:
                 magnitude = float(np.linalg.norm(gradients[p, leaf.slice] * scale[leaf.slice]))
             else:
                 magnitude = float(np.linalg.norm(v)) * float(np.linalg.norm(pushed[i])) / max(1.0, np.sqrt(m))
             allowed = tolerance.scalar_bound(numeric, magnitude, fd_error)
+            largest_allowed = max(largest_allowed, allowed) if np.isfinite(allowed) else largest_allowed
             difference = abs(analytic[i] - numeric)
-            differences.append((analytic[i], numeric))
-            is_bad = not (difference <= allowed)
+            pairs.append((analytic[i], numeric))
+            is_bad = not (difference <= allowed) or not np.isfinite(allowed)
             failed += int(is_bad)
-            candidate = WorstElement((), (), float(analytic[i]), numeric, float(difference), float(allowed), step)
+            candidate = WorstElement((), (), float(analytic[i]), numeric, float(difference), float(allowed), step,
+                                     fd_error=fd_error, method="central difference along a random direction")
             if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
                 worst = candidate
-        a_values = np.array([d[0] for d in differences])
-        n_values = np.array([d[1] for d in differences])
+        a_values = np.array([d[0] for d in pairs])
+        n_values = np.array([d[1] for d in pairs])
         rel = relative_error(a_values, n_values)
+        detectable = largest_allowed / quantile
+        power = (f"{options.probes} random probes: an error confined to a single Jacobian entry d out_i / d "
+                 f"{leaf.name}[j] is caught with probability >= {FAST_CONFIDENCE:.1%} when it exceeds "
+                 f"{detectable:.2g} / max(1, |{leaf.name}[j]|)")
         row = RowResult(
             input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
             method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
             status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
             rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong", mismatches=failed,
             compared=options.probes, worst=worst,
-            message=f"{failed} of {options.probes} probes outside tolerance" if failed else "")
+            message=(f"{failed} of {options.probes} probes outside tolerance" if failed else power))
         if leaf.name in undefined:
             _mark_undefined(row, undefined[leaf.name])
         rows.append(row)

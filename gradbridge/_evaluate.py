@@ -33,8 +33,12 @@ class Evaluator:
         except Exception as exc:  # the user's code raised: say where, keep the original as the cause
             raise FunctionEvaluationError(f"{self.what} raised {type(exc).__name__} during {label}: {exc}") from exc
 
-    def evaluate(self, points: np.ndarray, describe: Optional[Sequence[str]] = None) -> np.ndarray:
-        """Outputs at each row of ``points``, checked to be finite; ``describe[k]`` names point k in errors."""
+    def evaluate(self, points: np.ndarray, describe: Optional[Sequence[str]] = None,
+                 allow_nonfinite: bool = False) -> np.ndarray:
+        """Outputs at each row of ``points``; ``describe[k]`` names point k in errors.
+
+        Outputs must be finite unless ``allow_nonfinite`` (perturbed points near a domain edge, where the
+        check falls back to one-sided differences)."""
         outputs = []
         for start in range(0, len(points), self.chunk_size):
             chunk = points[start:start + self.chunk_size]
@@ -46,7 +50,7 @@ class Evaluator:
                 raise
             self.evaluations += len(chunk)
             bad = ~np.isfinite(result)
-            if bad.any():
+            if bad.any() and not allow_nonfinite:
                 row, col = (int(i) for i in np.argwhere(bad)[0])
                 where = describe[start + row] if describe is not None else "the checked input"
                 value = result[row, col]

@@ -66,15 +66,40 @@ def render_text(report: Report) -> str:
             lines.append(f"      reverse mode <J^T v, u>: {w.analytic!r}")
             lines.append(f"      forward mode <v, J u>:   {w.numeric!r}")
         else:
-            lines.append(f"    worst element {row.input}{_index(w.input_index)} -> {row.output}{_index(w.output_index)}:")
+            where = w.direction or f"{row.input}{_index(w.input_index)}"
+            lines.append(f"    worst element {where} -> {row.output}{_index(w.output_index)}:")
             lines.append(f"      analytic (autodiff/grad): {w.analytic!r}")
-            lines.append(f"      numeric (finite diff.):   {w.numeric!r}")
+            lines.append(f"      numeric (finite diff.):   {w.numeric!r}" + (f"  ({w.method})" if w.method else ""))
         step = "" if w.step is None else f", step {w.step:.3g}"
         lines.append(f"      |difference| {_fmt(w.abs_error)} vs allowed {_fmt(w.allowed)} "
                      f"({_fmt(w.ratio)}x over{step})")
+        if w.fd_error is not None:
+            times = w.times_error
+            lines.append(f"      estimated numerical error of the finite difference: {_fmt(w.fd_error)}"
+                         + (f"; the difference is {_fmt(times)}x that" if times is not None and times != float("inf")
+                            else ""))
         if row.message:
             lines.append(f"    {row.message}")
     for row in report.rows:  # passing rows with something to say (unsupported, no gradient, refined)
         if row.message and row.passed:
             lines.append(f"  {row.input} -> {row.output}: {row.message}")
+    lines.extend(_kink_lines(report))
     return "\n".join(lines)
+
+
+def _kink_lines(report: Report) -> List[str]:
+    """The non-differentiable points, with both one-sided values and whether the analytic one is between."""
+    lines: List[str] = []
+    for row in report.rows:
+        for k in row.nondifferentiable:
+            where = k.direction or f"{row.input}{_index(k.input_index)}"
+            verdict = "a valid subgradient" if k.subgradient else "NOT between them: not a subgradient"
+            lines.append(f"    non-differentiable point {where} -> {row.output}{_index(k.output_index)}: one-sided "
+                         f"left {_fmt(k.left)}, right {_fmt(k.right)}; analytic {_fmt(k.analytic)} ({verdict})")
+        if row.kinks > len(row.nondifferentiable):
+            lines.append(f"    ... and {row.kinks - len(row.nondifferentiable)} more in {row.input} -> {row.output}")
+    if lines:
+        lines.insert(0, "")
+        lines.insert(1, "  non-differentiable points (the one-sided differences disagree beyond their error and do "
+                        "not converge as the step shrinks):")
+    return lines

@@ -25,10 +25,38 @@ class WorstElement:
     abs_error: float
     allowed: float
     step: Optional[float]
+    fd_error: Optional[float] = None
+    method: str = ""
+    direction: str = ""
 
     @property
     def ratio(self) -> float:
         return self.abs_error / self.allowed if self.allowed > 0 else (0.0 if self.abs_error == 0 else float("inf"))
+
+    @property
+    def times_error(self) -> Optional[float]:
+        """How many times the estimated numerical error of the finite difference the mismatch is."""
+        if self.fd_error is None:
+            return None
+        return self.abs_error / self.fd_error if self.fd_error > 0 else float("inf")
+
+
+@dataclass
+class KinkPoint:
+    """An element at a non-differentiable point: the one-sided differences disagree beyond their error
+    and their gap does not shrink with the step (relu at 0, abs, max, floor at an integer).
+
+    ``left``/``right`` are the backward/forward one-sided differences; ``subgradient`` says whether the
+    analytic value lies between them (a valid choice at a kink, like relu'(0) = 0).
+    """
+
+    input_index: Tuple[int, ...]
+    output_index: Tuple[int, ...]
+    analytic: float
+    left: float
+    right: float
+    subgradient: bool
+    direction: str = ""
 
 
 @dataclass
@@ -55,6 +83,10 @@ class RowResult:
     compared: int = 0
     worst: Optional[WorstElement] = None
     message: str = ""
+    nondifferentiable: List[KinkPoint] = field(default_factory=list)
+    kinks: int = 0
+    one_sided: int = 0
+    refined: int = 0
 
     @property
     def passed(self) -> bool:
@@ -73,6 +105,7 @@ class Report:
         mode: ``full`` (every Jacobian entry) or ``fast`` (random projections).
         order: 1 for gradients, 2 also checks the gradient of the gradient.
         rows: one :class:`RowResult` per compared block.
+        rule: ``"error-estimated"`` (the default verdict rule) or ``"atol/rtol"`` (given by the caller).
         problem: a reason the check could not judge gradients at all (e.g. a non-deterministic
             function); set only when it makes the check fail.
         tolerance: the comparison rule in force, as a formula.
@@ -90,6 +123,7 @@ class Report:
     rows: List[RowResult] = field(default_factory=list)
     problem: Optional[str] = None
     tolerance: str = ""
+    rule: str = ""
     step: str = ""
     evaluations: int = 0
     vjps: int = 0
@@ -106,6 +140,11 @@ class Report:
     @property
     def failures(self) -> List[RowResult]:
         return [row for row in self.rows if not row.passed]
+
+    @property
+    def nondifferentiable(self) -> List[KinkPoint]:
+        """Every element found at a non-differentiable point (shown; fails only with ``kinks=`` set so)."""
+        return [k for row in self.rows for k in row.nondifferentiable]
 
     def row(self, input: str, output: Optional[str] = None, order: int = 1) -> RowResult:
         """The row for ``input`` (and ``output``, if several) at ``order``; KeyError if there is none."""

@@ -1,39 +1,43 @@
 """When an analytic derivative counts as equal to its finite-difference estimate, and how wrong it is.
 
-One documented rule, applied per element and never scaled with array size::
+The default rule is error-estimated, applied per element and never scaled with array size::
 
-    |analytic - numeric| <= atol + rtol * |numeric| + safety * fd_error
+    |analytic - numeric| <= 4 * fd_error + sqrt(eps) * |numeric| + eps^(2/3) * max|numeric of the block|
 
-``fd_error`` is the estimated error of the finite difference for that element (round-off, plus the
-truncation error where a column was refined by Richardson extrapolation). With the default tolerance,
-``atol`` is relative to the largest numeric entry of the block being compared (``1e-7 * max|numeric|``),
-so a function's overall scale, large or tiny, does not decide the verdict. When the
-user passes ``atol`` or ``rtol``, exactly ``atol + rtol*|numeric|`` is used and the report says so.
+``fd_error`` is the numerical error of the finite difference, estimated from the function's own
+evaluations (round-off ``eps*|f|/h``; where the step ladder refines an element, the truncation error
+seen between consecutive steps too: see :mod:`gradbridge._numeric`). The two precision terms are the
+floor below which no finite difference in that precision can tell two derivatives apart: half the
+digits of the working precision relative to the entry (1.5e-8 in float64, 3.5e-4 in float32; the
+analytic side's own round-off lives there), and ``eps^(2/3)`` of the block's largest entry for entries
+that are zero or nearly so. ``eps`` is the working precision's machine epsilon.
+
+When the caller passes ``atol`` or ``rtol``, exactly ``atol + rtol*|numeric|`` is used instead and the
+report says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
-DEFAULT_RTOL = 1e-5
-DEFAULT_ATOL_FACTOR = 1e-7
-SAFETY = 10.0
+SAFETY = 4.0
 TINY = float(np.finfo(np.float64).tiny)  # keeps an exactly-zero block from demanding exact zeros of nothing
 
 #: Relative-error grades: (upper bound, name); the first bound above the error names the grade.
 GRADES = ((1e-7, "correct"), (1e-4, "acceptable"), (1e-2, "suspicious"), (np.inf, "wrong"))
 
+Array = Union[np.ndarray, float]
+
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The tolerance rule of a check: user-given ``atol``/``rtol``, or the defaults.
+    """The tolerance rule of a check: error-estimated (default) or the caller's ``atol``/``rtol``.
 
     ``working_eps`` is the machine epsilon of the precision the function is evaluated in (float64
-    normally; an adapter that cannot promote, e.g. a float32-only model, says so); the default
-    ``rtol``/``atol`` grow to ``100*eps^(2/3)``/``10*eps^(2/3)`` when that is larger (float32: 2.4e-3, 2.4e-4).
+    normally; float32 for a function that computes in float32, or a check with ``promote=False``).
     """
 
     atol: Optional[float]
@@ -41,39 +45,43 @@ class Tolerance:
     working_eps: float = float(np.finfo(np.float64).eps)
 
     @property
-    def default_rtol(self) -> float:
-        return max(DEFAULT_RTOL, 100.0 * self.working_eps ** (2.0 / 3.0))
+    def relative_floor(self) -> float:
+        return float(np.sqrt(self.working_eps))
 
     @property
-    def default_atol_factor(self) -> float:
-        return max(DEFAULT_ATOL_FACTOR, 10.0 * self.working_eps ** (2.0 / 3.0))
+    def absolute_floor(self) -> float:
+        return float(self.working_eps ** (2.0 / 3.0))
 
     @property
     def user_given(self) -> bool:
         return self.atol is not None or self.rtol is not None
 
+    @property
+    def rule(self) -> str:
+        """``"atol/rtol"`` when the caller gave them, else ``"error-estimated"``."""
+        return "atol/rtol" if self.user_given else "error-estimated"
+
     def describe(self) -> str:
         if self.user_given:
             return (f"|analytic - numeric| <= atol + rtol*|numeric|  "
                     f"(atol={self.atol or 0.0:g}, rtol={self.rtol or 0.0:g}, given by the caller)")
-        return (f"|analytic - numeric| <= atol + rtol*|numeric| + {SAFETY:g}*fd_error  "
-                f"(rtol={self.default_rtol:.3g}, atol={self.default_atol_factor:.3g}*max|numeric| per block, "
-                "fd_error = estimated error of the finite difference)")
+        return (f"error-estimated: |analytic - numeric| <= {SAFETY:g}*fd_error + {self.relative_floor:.2g}*|numeric| "
+                f"+ {self.absolute_floor:.2g}*max|numeric| per block  (fd_error: the finite difference's error, "
+                "estimated from its own evaluations)")
 
-    def bounds(self, numeric: np.ndarray, fd_error: np.ndarray) -> np.ndarray:
-        """Allowed absolute difference per element of a block of the Jacobian."""
+    def allowed(self, numeric: Array, fd_error: Array, scale: Array) -> np.ndarray:
+        """Allowed absolute difference per element; ``scale`` is the largest ``|numeric|`` of its block."""
+        numeric = np.abs(np.asarray(numeric, dtype=np.float64))
         if self.user_given:
-            return (self.atol or 0.0) + (self.rtol or 0.0) * np.abs(numeric)
-        scale = float(np.max(np.abs(numeric))) if numeric.size else 0.0
-        return (self.default_atol_factor * scale + self.default_rtol * np.abs(numeric) + SAFETY * fd_error
-                + TINY)
+            return (self.atol or 0.0) + (self.rtol or 0.0) * numeric
+        return SAFETY * np.asarray(fd_error) + self.relative_floor * numeric + self.absolute_floor * np.asarray(scale) + TINY
 
     def scalar_bound(self, numeric: float, magnitude: float, fd_error: float) -> float:
         """Allowed difference for a projected (scalar) comparison of expected size ``magnitude``."""
         if self.user_given:
             return (self.atol or 0.0) + (self.rtol or 0.0) * max(abs(numeric), magnitude)
-        return (self.default_atol_factor * magnitude + self.default_rtol * max(abs(numeric), magnitude)
-                + SAFETY * fd_error + TINY)
+        return float(SAFETY * fd_error + self.relative_floor * max(abs(numeric), magnitude)
+                     + self.absolute_floor * magnitude + TINY)
 
 
 def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:

@@ -52,7 +52,7 @@ def test_to_dict_is_json_serialisable_and_complete():
     assert rows["w"]["worst"]["input_index"] == [1, 2]
     # 2 (determinism) + 2 per element, + 2 for the one disagreeing column re-evaluated at h/2 (Richardson)
     assert data["evaluations"] == 2 + 2 * 24 + 2
-    assert "Richardson" in rows["w"]["method"] and "Richardson" not in rows["x"]["method"]
+    assert "step ladder" in rows["w"]["method"] and "step ladder" not in rows["x"]["method"]
 
 
 def test_grades_follow_the_documented_bounds():

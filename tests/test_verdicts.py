@@ -61,4 +61,4 @@ def test_refinement_is_reported_and_costs_only_disagreeing_columns():
     refined = report.evaluations - (2 + 2 * 8)
     assert 0 <= refined <= 2 * 8 and refined % 2 == 0
     if refined:
-        assert "Richardson" in report.row("x").method
+        assert "step ladder" in report.row("x").method

@@ -1,0 +1,121 @@
+"""The perturbation directions of a check: one unit vector per element, or a tangent basis per input.
+
+An ordinary checked leaf is perturbed one element at a time (direction ``e_j``, step
+``h_j = rel * max(1, |x_j|)``), which measures column ``j`` of the Jacobian. A leaf given a
+``structure`` is perturbed along the tangent directions ``t_k`` of its set instead (step
+``rel * max(1, max|x_leaf|) / max|t_k|``), which measures the directional derivatives ``J t_k``. The
+analytic side is projected the same way (:meth:`Directions.project`), so both sides always answer the
+same question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._adapter import LeafSpec
+from ._errors import InvalidArgumentError
+from ._structure import Structure
+
+
+@dataclass
+class LeafDirections:
+    """The directions of one leaf: ``basis`` is None for unit directions, else ``(k, leaf.size)``."""
+
+    leaf: LeafSpec
+    first: int  # index of the leaf's first direction among all directions
+    basis: Optional[np.ndarray] = None
+    labels: Optional[List[str]] = None
+    structure: str = ""
+
+    @property
+    def count(self) -> int:
+        return self.leaf.size if self.basis is None else len(self.basis)
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.first, self.first + self.count)
+
+    def label(self, k: int) -> str:
+        """``x[1, 2]`` for an element, ``a[0, 1]+[1, 0]`` for a tangent direction."""
+        if self.basis is not None and self.labels is not None:
+            return f"{self.leaf.name} {self.labels[k]}" if self.labels[k].startswith("direction") else \
+                f"{self.leaf.name}{self.labels[k]}"
+        index = self.leaf.unravel(k)
+        return self.leaf.name + ("[" + ", ".join(str(i) for i in index) + "]" if index else "")
+
+
+class Directions:
+    """All directions of a check, leaf after leaf, with their base steps."""
+
+    def __init__(self, x0: np.ndarray, leaves: Sequence[LeafSpec], relative_step: float,
+                 structures: Optional[Mapping[str, Structure]] = None) -> None:
+        structures = dict(structures or {})
+        names = [leaf.name for leaf in leaves]
+        unknown = [name for name in structures if name not in names]
+        if unknown:
+            raise InvalidArgumentError(f"structure: no checked input or parameter is named {unknown[0]!r}; "
+                                       f"the checked ones are {', '.join(repr(n) for n in names)}")
+        self.x0 = x0
+        self.per_leaf: List[LeafDirections] = []
+        steps: List[np.ndarray] = []
+        first = 0
+        for leaf in leaves:
+            if leaf.name in structures:
+                structure = structures[leaf.name]
+                basis, labels = structure.basis(leaf.name, x0[leaf.slice].reshape(leaf.shape))
+                entry = LeafDirections(leaf, first, basis, labels, structure.name)
+                size = max(1.0, float(np.max(np.abs(x0[leaf.slice])))) if leaf.size else 1.0
+                steps.append(relative_step * size / np.max(np.abs(basis), axis=1))
+            else:
+                entry = LeafDirections(leaf, first)
+                steps.append(relative_step * np.maximum(1.0, np.abs(x0[leaf.slice])))
+            self.per_leaf.append(entry)
+            first += entry.count
+        self.count = first
+        self.steps = np.concatenate(steps) if steps else np.zeros(0)
+        self.owner = np.concatenate([np.full(e.count, i) for i, e in enumerate(self.per_leaf)]) \
+            if self.per_leaf else np.zeros(0, dtype=int)
+
+    def of(self, leaf: LeafSpec) -> LeafDirections:
+        return next(e for e in self.per_leaf if e.leaf.name == leaf.name)
+
+    def displacements(self, indices: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Rows ``scales[k] * d_{indices[k]}`` over the whole flat vector (one row per direction)."""
+        rows = np.zeros((len(indices), len(self.x0)))
+        for k, (d, s) in enumerate(zip(indices, scales)):
+            entry = self.per_leaf[int(self.owner[d])]
+            local = int(d) - entry.first
+            if entry.basis is None:
+                rows[k, entry.leaf.offset + local] = s
+            else:
+                rows[k, entry.leaf.slice] = s * entry.basis[local]
+        return rows
+
+    def along(self, indices: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+        """The signed length of each displacement along its direction (exact for unit directions, and
+        the least-squares length for a basis direction after rounding)."""
+        lengths = np.zeros(len(indices))
+        for k, d in enumerate(indices):
+            entry = self.per_leaf[int(self.owner[d])]
+            local = int(d) - entry.first
+            if entry.basis is None:
+                lengths[k] = displacement[k, entry.leaf.offset + local]
+            else:
+                t = entry.basis[local]
+                lengths[k] = float(displacement[k, entry.leaf.slice] @ t) / float(t @ t)
+        return lengths
+
+    def project(self, jacobian: np.ndarray) -> np.ndarray:
+        """The analytic Jacobian ``(m, n)`` as directional derivatives ``(m, count)``."""
+        parts = []
+        for entry in self.per_leaf:
+            block = jacobian[:, entry.leaf.slice]
+            parts.append(block if entry.basis is None else block @ entry.basis.T)
+        return np.concatenate(parts, axis=1) if parts else np.zeros((jacobian.shape[0], 0))
+
+    def structured_notes(self) -> List[str]:
+        return [f"{e.leaf.name} is perturbed along {e.count} tangent direction(s) of its set "
+                f"({e.structure}), not element by element" for e in self.per_leaf if e.basis is not None]

@@ -1,0 +1,261 @@
+"""Numeric directional derivatives and the verdict of each element: the step ladder.
+
+First pass, for every direction ``d`` (a unit vector or a tangent direction) at its base step ``h``:
+central differences ``c = (f(x+h d) - f(x-h d)) / 2h`` and their round-off ``r ~ eps*|f|/h``. An
+element whose analytic value lies within its tolerance of ``c`` with the round-off alone as the
+numerical error passes at once: any truncation error would only widen the tolerance. Correct checks
+mostly end here, at 2 evaluations per direction.
+
+Everything else climbs down a ladder of steps ``h/2, h/4, ... h/2^K`` (only the directions that need
+it). At each level the element gets the best estimate the evaluations allow, with an error estimate
+computed from the evaluations themselves:
+
+* central differences at two consecutive levels give the Richardson extrapolation
+  ``(4 c_k - c_{k-1}) / 3`` with error ``max(|c_k - c_{k-1}|, |c_{k-1} - c_{k-2}|/4) + 2 r_k``;
+* where one side of the central difference is not finite (``log`` near 0: a domain edge) the
+  one-sided difference on the defined side is used the same way (``2 p_k - p_{k-1}``), and the
+  report says so;
+* the one-sided differences ``p = (f(x+h)-f(x))/h`` and ``q = (f(x)-f(x-h))/h`` of a smooth function
+  differ by about ``h f''``, which halves with the step; at a kink (relu at 0, abs, max) their gap
+  stays. A gap that is above its error and does not shrink marks a non-differentiable point: it is
+  neither passed nor failed until the stencil leaves the kink (the input is merely near one) or the
+  ladder ends (the input is at one, to the resolution the precision allows).
+
+An element fails when its mismatch is far beyond the estimated error (16x the tolerance, at once),
+or still beyond it once the estimate stops improving; it passes when the analytic value is within
+tolerance of an estimate that has converged. Every verdict is therefore relative to an error the
+function's own evaluations measured, not to a tuned constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._directions import Directions
+from ._evaluate import Evaluator
+from ._tolerance import Tolerance
+
+PENDING, PASS, FAIL, KINK = 0, 1, 2, 3
+CENTRAL, RICHARDSON, FORWARD, BACKWARD = 0, 1, 2, 3
+METHOD_NAMES = {CENTRAL: "central difference", RICHARDSON: "Richardson-extrapolated central differences",
+                FORWARD: "one-sided (forward) difference", BACKWARD: "one-sided (backward) difference"}
+
+MAX_LEVELS = 8           # smallest step h/256
+FAIL_AT_ONCE = 16.0      # a mismatch this many tolerances away fails without further refinement
+CONVERGED = 1e-2         # an estimate whose error is within 1% of its value (or the floor) is settled
+NOT_IMPROVING = 0.75     # the error estimate shrinks by 4x (central) or 2x (one-sided) while truncation dominates
+KINK_PERSISTS = 0.7      # a smooth function's one-sided gap halves per level; a kink's stays
+
+
+@dataclass
+class ElementVerdicts:
+    """Per element ``(output i, direction d)`` of the compared Jacobian: the verdict and its evidence."""
+
+    status: np.ndarray     # PENDING/PASS/FAIL/KINK
+    numeric: np.ndarray    # best numeric estimate
+    error: np.ndarray      # its estimated error (truncation + round-off)
+    allowed: np.ndarray    # the tolerance the verdict used
+    method: np.ndarray     # CENTRAL/RICHARDSON/FORWARD/BACKWARD
+    left: np.ndarray       # backward one-sided difference (kinks), NaN elsewhere
+    right: np.ndarray      # forward one-sided difference (kinks), NaN elsewhere
+    steps: np.ndarray      # (D,) the last step used per direction
+    levels: np.ndarray     # (D,) refinement levels used per direction (0: first pass only)
+    edge: np.ndarray       # (m, D) bool: one side of the central difference was not finite
+
+
+class StepLadder:
+    """Computes :class:`ElementVerdicts` for an analytic matrix ``(m, D)`` of directional derivatives."""
+
+    def __init__(self, evaluator: Evaluator, directions: Directions, f0: np.ndarray, precision: float,
+                 rounder: Callable[[np.ndarray], np.ndarray], tolerance: Tolerance,
+                 blocks: Sequence[Tuple[slice, slice]]) -> None:
+        self.evaluator = evaluator
+        self.directions = directions
+        self.f0 = f0
+        self.precision = precision
+        self.rounder = rounder
+        self.tolerance = tolerance
+        self.blocks = blocks
+
+    # -- evaluations --------------------------------------------------------------------------------
+    def _level(self, columns: np.ndarray, steps: np.ndarray):
+        """Central, one-sided differences and their round-off at the given steps, for some directions."""
+        x0 = self.directions.x0
+        chunk = max(1, self.evaluator.chunk_size // 2)
+        parts = []
+        for start in range(0, len(columns), chunk):
+            cols, s = columns[start:start + chunk], steps[start:start + chunk]
+            plus = self.rounder(x0 + self.directions.displacements(cols, s))
+            minus = self.rounder(x0 - self.directions.displacements(cols, s))
+            h_plus = self.directions.along(cols, plus - x0)
+            h_minus = -self.directions.along(cols, minus - x0)
+            describe = _PointNames(self.directions, cols)
+            out = self.evaluator.evaluate(np.concatenate([plus, minus]), describe, allow_nonfinite=True)
+            parts.append((out[:len(cols)].T, out[len(cols):].T, h_plus, h_minus))
+        f_plus = np.concatenate([p[0] for p in parts], axis=1)
+        f_minus = np.concatenate([p[1] for p in parts], axis=1)
+        h_plus = np.concatenate([p[2] for p in parts])
+        h_minus = np.concatenate([p[3] for p in parts])
+        f0 = self.f0[:, None]
+        eps = self.precision
+        with np.errstate(invalid="ignore", over="ignore"):
+            span = h_plus + h_minus
+            central = (f_plus - f_minus) / span
+            central_error = eps * (np.abs(f_plus) + np.abs(f_minus)) / span
+            forward = (f_plus - f0) / h_plus
+            forward_error = eps * (np.abs(f_plus) + np.abs(f0)) / h_plus
+            backward = (f0 - f_minus) / h_minus
+            backward_error = eps * (np.abs(f_minus) + np.abs(f0)) / h_minus
+        return central, central_error, forward, forward_error, backward, backward_error
+
+    # -- verdicts -----------------------------------------------------------------------------------
+    def run(self, analytic: np.ndarray) -> ElementVerdicts:
+        m, count = analytic.shape
+        base = self.directions.steps
+        tol = self.tolerance
+        all_columns = np.arange(count)
+        c, cr, p, pr, q, qr = self._level(all_columns, base)
+        scale = self._block_scale(c)
+        with np.errstate(invalid="ignore"):
+            allowed = tol.allowed(c, cr, scale)
+            agree = np.isfinite(c) & np.isfinite(allowed) & (np.abs(analytic - c) <= allowed)
+            gap = np.abs(p - q)
+            gap_allowed = tol.allowed(np.maximum(np.abs(p), np.abs(q)), 2 * (pr + qr), scale)
+            suspect_kink = (gap > gap_allowed) & (gap > 0.1 * np.maximum(np.abs(p), np.abs(q)))
+        result = ElementVerdicts(
+            status=np.where(agree, PASS, PENDING), numeric=c.copy(), error=cr.copy(), allowed=allowed,
+            method=np.full((m, count), CENTRAL), left=np.full((m, count), np.nan), right=np.full((m, count), np.nan),
+            steps=base.copy(), levels=np.zeros(count, dtype=int), edge=~np.isfinite(c))
+        pending = ~agree | suspect_kink
+        provisional_pass = agree & suspect_kink  # keeps its pass unless a kink is confirmed
+        if not pending.any():
+            return result
+
+        # state per element, carried from level to level
+        prev = {"c": c, "p": p, "q": q, "gap": gap}
+        prev_d = np.full((m, count), np.nan)
+        best_error = np.full((m, count), np.inf)
+        kink_before = np.zeros((m, count), dtype=bool)
+        ever_kink = suspect_kink.copy()  # near a kink, a stalling estimate is not evidence of a bug
+        for level in range(1, MAX_LEVELS + 1):
+            columns = np.nonzero(pending.any(axis=0))[0]
+            if len(columns) == 0:
+                break
+            steps = base[columns] / 2.0 ** level
+            c, cr, p, pr, q, qr = self._level(columns, steps)
+            result.steps[columns] = steps
+            result.levels[columns] = level
+            a = analytic[:, columns]
+            sc = scale[:, columns]
+            with np.errstate(invalid="ignore", over="ignore"):
+                result.edge[:, columns] |= ~np.isfinite(c)
+                # candidate estimates: Richardson on central, else on the defined one-sided difference
+                d = np.abs(c - prev["c"][:, columns])
+                carried = np.where(np.isfinite(prev_d[:, columns]), prev_d[:, columns] / 4.0, 0.0)
+                est = (4.0 * c - prev["c"][:, columns]) / 3.0
+                err = np.maximum(d, carried) + 2.0 * cr
+                method = np.full(est.shape, RICHARDSON)
+                central_ok = np.isfinite(est) & np.isfinite(err)
+                for side, value, noise, code in (("p", p, pr, FORWARD), ("q", q, qr, BACKWARD)):
+                    # the defined side of a domain edge: only where the central difference is not finite
+                    one = 2.0 * value - prev[side][:, columns]
+                    one_err = np.abs(value - prev[side][:, columns]) + 2.0 * noise
+                    use = ~central_ok & np.isfinite(one) & np.isfinite(one_err) & ~(one_err >= err)
+                    est = np.where(use, one, est)
+                    err = np.where(use, one_err, err)
+                    method = np.where(use, code, method)
+                available = np.isfinite(est) & np.isfinite(err)
+                lim = tol.allowed(est, err, sc)
+                floor = tol.allowed(est, 0.0, sc)
+                mismatch = np.abs(a - est)
+                gap = np.abs(p - q)
+                gap_allowed = tol.allowed(np.maximum(np.abs(p), np.abs(q)), 2 * (pr + qr), sc)
+                kink = np.isfinite(gap) & (gap > gap_allowed) & (gap > KINK_PERSISTS * prev["gap"][:, columns])
+
+            todo = pending[:, columns]
+            status = result.status[:, columns]
+            improved = todo & available & (err < best_error[:, columns])
+            self._record(result, columns, improved, est, err, lim, method)
+            best = best_error[:, columns]
+            not_improving = available & (err >= NOT_IMPROVING * best)
+            best_error[:, columns] = np.where(improved, err, best)
+            last = level == MAX_LEVELS
+
+            # a kink: persists across levels; settled early when the central value no longer moves
+            at_kink = todo & kink
+            settled_kink = at_kink & kink_before[:, columns] & (d <= CONVERGED * np.abs(c) + floor)
+            finish_kink = at_kink & (settled_kink | last)
+            kink_before[:, columns] = kink
+            ever_kink[:, columns] |= todo & kink
+
+            smooth = todo & ~kink
+            # an element that passed at once but looked like a kink: smooth after all, keep its pass
+            keep = smooth & provisional_pass[:, columns]
+            status = np.where(keep, PASS, status)
+            judge = smooth & ~provisional_pass[:, columns]
+            converged = err <= CONVERGED * np.abs(est) + floor
+            fail_now = judge & available & converged & (mismatch > FAIL_AT_ONCE * lim)
+            pass_now = judge & available & converged & (mismatch <= lim)
+            near_kink = ever_kink[:, columns]
+            unresolved_kink = judge & last & near_kink & ~fail_now & ~pass_now
+            stalled = judge & ~fail_now & ~pass_now & ~unresolved_kink & ((not_improving & ~near_kink) | last)
+            current = result.allowed[:, columns]
+            best_mismatch = np.abs(a - result.numeric[:, columns])
+            stalled_pass = stalled & (best_mismatch <= current)
+            status = np.where(fail_now, FAIL, status)
+            status = np.where(pass_now, PASS, status)
+            status = np.where(stalled & stalled_pass, PASS, status)
+            status = np.where(stalled & ~stalled_pass, FAIL, status)
+            finish_kink |= unresolved_kink  # the ladder ended while the stencil still straddled a kink
+            status = np.where(finish_kink, KINK, status)
+            result.left[:, columns] = np.where(finish_kink, q, result.left[:, columns])
+            result.right[:, columns] = np.where(finish_kink, p, result.right[:, columns])
+            if last:  # nothing measurable: the numeric side was never finite
+                status = np.where(todo & (status == PENDING), FAIL, status)
+            # the verdict of a settled element is judged on the estimate of this level when it decided now
+            decided_now = todo & (fail_now | pass_now)
+            self._record(result, columns, decided_now, est, err, lim, method)
+            result.status[:, columns] = status
+            pending[:, columns] = todo & (status == PENDING) | (todo & provisional_pass[:, columns] & kink & ~finish_kink)
+            provisional_pass[:, columns] &= pending[:, columns]
+            prev_d[:, columns] = np.where(np.isfinite(d), d, prev_d[:, columns])
+            for key, value in (("c", c), ("p", p), ("q", q), ("gap", gap)):
+                prev[key] = prev[key].copy() if level == 1 else prev[key]
+                prev[key][:, columns] = value
+        return result
+
+    @staticmethod
+    def _record(result: ElementVerdicts, columns: np.ndarray, where: np.ndarray, est, err, lim, method) -> None:
+        for field, value in (("numeric", est), ("error", err), ("allowed", lim), ("method", method)):
+            target = getattr(result, field)
+            target[:, columns] = np.where(where, value, target[:, columns])
+
+    def _block_scale(self, numeric: np.ndarray) -> np.ndarray:
+        """Per element: the largest finite ``|numeric|`` of its block (one output, one leaf)."""
+        scale = np.zeros_like(numeric)
+        finite = np.where(np.isfinite(numeric), np.abs(numeric), 0.0)
+        for rows, cols in self.blocks:
+            block = finite[rows, cols]
+            scale[rows, cols] = float(np.max(block)) if block.size else 0.0
+        return scale
+
+
+class _PointNames:
+    """Lazy names of the points of one batch (``x[3] + h``), built only when an error needs one."""
+
+    def __init__(self, directions: Directions, columns: np.ndarray) -> None:
+        self.directions, self.columns = directions, columns
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        count = len(self.columns)
+        d = int(self.columns[k % count])
+        entry = self.directions.per_leaf[int(self.directions.owner[d])]
+        return f"{entry.label(d - entry.first)} {'+' if k < count else '-'} h"
+
+    def __len__(self) -> int:
+        return 2 * len(self.columns)
