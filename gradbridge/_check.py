@@ -24,6 +24,7 @@ from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ._evaluate import Evaluator
 from ._finite_diff import relative_step, step_description
+from ._localize import bisection_row
 from ._numeric import BACKWARD, FAIL, FORWARD, KINK, METHOD_NAMES, ElementVerdicts, StepLadder
 from ._options import Options
 from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
@@ -178,12 +179,23 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
         for analytic_mode in modes:
             rows.extend(_full_rows(evaluator, context, leaves, f0, analytic_mode, order))
         return rows
+    m = sum(spec.size for spec in evaluator.prepared.output_specs)
     for analytic_mode in modes:
-        for row in _fast_rows(evaluator, context, leaves, f0, analytic_mode, order):
+        fast_rows, probes = _fast_rows(evaluator, context, leaves, f0, analytic_mode, order)
+        for row in fast_rows:
             if row.passed:
                 rows.append(row)
                 continue
             leaf = next(l for l in leaves if l.name == row.input)
+            full_cost = 2 * leaf.size + (m if analytic_mode == "rev" else leaf.size)
+            if full_cost > options.budget and leaf.name not in context.structures:
+                precision = working_eps(evaluator.prepared, options)
+                v, gradient = probes[leaf.name]
+                rows.append(bisection_row(evaluator, leaf, row, v, gradient, relative_step(options.eps, precision),
+                                          precision, context.tolerance,
+                                          PointRounder(evaluator.prepared.leaves, options.promote), options.seed,
+                                          analytic_mode, order))
+                continue
             for localized in _full_rows(evaluator, context, [leaf], f0, analytic_mode, order):
                 localized.method = f"fast ({options.probes} probes) then {localized.method} on this leaf"
                 if localized.status == "pass":
@@ -226,7 +238,7 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
             rows.append(row)
-    return rows
+    return rows, probes
 
 
 def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, verdicts: ElementVerdicts,
@@ -373,8 +385,11 @@ def product_quantile(probability: float) -> float:
 
 
 def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,
-               analytic_mode: str, order: int) -> List[RowResult]:
-    """Projection check: per probe p and leaf L, compare v_p . (J u_pL) both ways."""
+               analytic_mode: str, order: int) -> Tuple[List[RowResult], Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]]:
+    """Projection check: per probe p and leaf L, compare v_p . (J u_pL) both ways.
+
+    Returns the rows and, per leaf, the cotangent (and analytic ``J^T v``, in rev mode) of its worst
+    probe, from which a failing leaf too large for a full check is bisected."""
     options, tolerance = context.options, context.tolerance
     prepared = evaluator.prepared
     x0 = prepared.x0
@@ -411,7 +426,7 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             analytic = np.array([cotangents[i // len(leaves)] @ pushed[i] for i in range(len(directions))])
             gradients = None
     except ModeUnsupportedError as exc:
-        return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+        return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc)), {}
     labels = [f"{leaves[i % len(leaves)].name} probe {i // len(leaves) + 1}" for i in range(len(directions))]
     outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]),
                                  [f"x + h*u ({l})" for l in labels] + [f"x - h*u ({l})" for l in labels],
@@ -420,6 +435,7 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
     undefined = undefined_gradients(prepared)
     quantile = product_quantile((1.0 - FAST_CONFIDENCE) ** (1.0 / options.probes))
     rows = []
+    probes: Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
     for k, leaf in enumerate(leaves):
         worst: Optional[WorstElement] = None
         failed = 0
@@ -445,6 +461,7 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                                      fd_error=fd_error, method="central difference along a random direction")
             if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
                 worst = candidate
+                probes[leaf.name] = (v, gradients[p] if gradients is not None else None)
         a_values = np.array([d[0] for d in pairs])
         n_values = np.array([d[1] for d in pairs])
         rel = relative_error(a_values, n_values)
@@ -462,4 +479,4 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
         if leaf.name in undefined:
             _mark_undefined(row, undefined[leaf.name])
         rows.append(row)
-    return rows
+    return rows, probes

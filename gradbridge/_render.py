@@ -35,7 +35,8 @@ def _row_cells(row: RowResult) -> List[str]:
     elif row.worst is not None and row.output == "v.out":
         worst = "(random projections)"
     elif row.worst is not None:
-        worst = f"{row.input}{_index(row.worst.input_index)} -> {row.output}{_index(row.worst.output_index)}"
+        where = row.worst.direction or f"{row.input}{_index(row.worst.input_index)}"
+        worst = f"{where} -> {row.output}{_index(row.worst.output_index)}"
     return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, row.grade, _fmt(row.rel_error),
             _fmt(row.max_abs_error), worst]
 
