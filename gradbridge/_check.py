@@ -21,7 +21,7 @@ import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
 from ._directions import Directions, LeafDirections
-from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
+from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from ._evaluate import Evaluator
 from ._finite_diff import relative_step, step_description
 from ._localize import bisection_row
@@ -70,6 +70,7 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
     """Run the whole check inside the adapter's deterministic session and fill ``report``."""
     started = time.perf_counter()
     counts = _Counts()
+    _check_structure_names(prepared, structures or {})
     evaluator = counts.add(Evaluator(prepared, options.chunk_size))
     try:
         with prepared.session():
@@ -93,6 +94,14 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
         report.notes.extend(n for n in prepared.notes if n not in report.notes)
         report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_structure_names(prepared: PreparedFunction, structures: Mapping[str, Structure]) -> None:
+    names = [leaf.name for leaf in prepared.leaves]
+    for name in structures:
+        if name not in names:
+            raise InvalidArgumentError(f"structure: no checked input or parameter is named {name!r}; "
+                                       f"the checked ones are {', '.join(repr(n) for n in names)}")
 
 
 def working_eps(prepared: PreparedFunction, options: Optional[Options] = None) -> float:
@@ -238,7 +247,7 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
             rows.append(row)
-    return rows, probes
+    return rows
 
 
 def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, verdicts: ElementVerdicts,

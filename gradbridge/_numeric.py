@@ -47,6 +47,7 @@ MAX_LEVELS = 8           # smallest step h/256
 FAIL_AT_ONCE = 16.0      # a mismatch this many tolerances away fails without further refinement
 CONVERGED = 1e-2         # an estimate whose error is within 1% of its value (or the floor) is settled
 NOT_IMPROVING = 0.75     # the error estimate shrinks by 4x (central) or 2x (one-sided) while truncation dominates
+NOISE_DOMINATED = 8.0   # an error estimate within 8x its round-off part is noise, not truncation
 KINK_PERSISTS = 0.7      # a smooth function's one-sided gap halves per level; a kink's stays
 
 
@@ -157,15 +158,17 @@ class StepLadder:
                 carried = np.where(np.isfinite(prev_d[:, columns]), prev_d[:, columns] / 4.0, 0.0)
                 est = (4.0 * c - prev["c"][:, columns]) / 3.0
                 err = np.maximum(d, carried) + 2.0 * cr
+                noise = 2.0 * cr
                 method = np.full(est.shape, RICHARDSON)
                 central_ok = np.isfinite(est) & np.isfinite(err)
-                for side, value, noise, code in (("p", p, pr, FORWARD), ("q", q, qr, BACKWARD)):
+                for side, value, noise_side, code in (("p", p, pr, FORWARD), ("q", q, qr, BACKWARD)):
                     # the defined side of a domain edge: only where the central difference is not finite
                     one = 2.0 * value - prev[side][:, columns]
-                    one_err = np.abs(value - prev[side][:, columns]) + 2.0 * noise
+                    one_err = np.abs(value - prev[side][:, columns]) + 2.0 * noise_side
                     use = ~central_ok & np.isfinite(one) & np.isfinite(one_err) & ~(one_err >= err)
                     est = np.where(use, one, est)
                     err = np.where(use, one_err, err)
+                    noise = np.where(use, 2.0 * noise_side, noise)
                     method = np.where(use, code, method)
                 available = np.isfinite(est) & np.isfinite(err)
                 lim = tol.allowed(est, err, sc)
@@ -180,7 +183,9 @@ class StepLadder:
             improved = todo & available & (err < best_error[:, columns])
             self._record(result, columns, improved, est, err, lim, method)
             best = best_error[:, columns]
-            not_improving = available & (err >= NOT_IMPROVING * best)
+            # smaller steps stop paying only once round-off dominates the error; before that (a step still
+            # large for the function's curvature, a domain edge) the ladder goes on
+            not_improving = available & (err >= NOT_IMPROVING * best) & (err <= NOISE_DOMINATED * noise)
             best_error[:, columns] = np.where(improved, err, best)
             last = level == MAX_LEVELS
 
