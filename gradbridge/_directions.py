@@ -59,6 +59,7 @@ class Directions:
             raise InvalidArgumentError(f"structure: no checked input or parameter is named {unknown[0]!r}; "
                                        f"the checked ones are {', '.join(repr(n) for n in names)}")
         self.x0 = x0
+        self.relative_step = relative_step
         self.per_leaf: List[LeafDirections] = []
         steps: List[np.ndarray] = []
         first = 0
