@@ -16,6 +16,13 @@ What is checked, and how the user's state stays untouched:
   manager), so the user's global ``jax_enable_x64`` setting is exactly as it was afterwards, also
   when ``fn`` raises. Checked leaves created as float32 (or bfloat16, float16) are promoted on
   float64 copies; unchecked floating leaves are promoted too, so ``fn`` computes in one precision.
+* ``promote=False``: every floating leaf keeps its own dtype; the checked ones are cut from the flat
+  vector and cast to it inside ``fn``'s trace (exact: the core has rounded the points to those dtypes),
+  so the derivatives JAX computes run in those dtypes (cotangents reach the outputs cast to their
+  dtypes) and are widened only afterwards. The 64-bit scope is entered only where some floating leaf
+  is float64; otherwise ``fn`` runs under the user's own ``jax_enable_x64`` setting, as it does for the
+  user (with x64 off, ``jnp.zeros(3)`` inside ``fn`` stays float32), and the flat plumbing around it is
+  float32, which holds float32, float16 and bfloat16 values exactly.
 * Analytic side: reverse mode is ``jax.vjp`` built once at the checked point and applied to all
   cotangents with ``jax.vmap`` under ``jax.jit``; forward mode is ``jax.linearize`` applied the same
   way. A ``custom_vjp`` function has no forward mode: ``analytic="fwd"`` rows are "unsupported".
@@ -49,6 +56,8 @@ from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
 
+from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
+
 try:  # the public home of jaxpr types since jax 0.4.3x
     from jax.extend.core import Literal
 except ImportError:  # pragma: no cover - older jax
@@ -76,6 +85,12 @@ def enable_float64() -> ContextManager[None]:
     from jax.experimental import enable_x64  # pragma: no cover - jax < 0.8
 
     return enable_x64(True)  # pragma: no cover
+
+
+def plumbing_dtype() -> Any:
+    """The widest float JAX gives under the current x64 setting (float64 in the 64-bit scope, else float32):
+    the dtype of the flat vectors passed between the core and ``fn``."""
+    return jax.dtypes.canonicalize_dtype(np.float64)
 
 
 def _is_array(value: Any) -> bool:
@@ -174,11 +189,19 @@ class JaxProblem:
         self.outputs: Optional[List[LeafSpec]] = None
         self.low_precision_outputs: List[str] = []
         self._fixed: Optional[List[Any]] = None
+        self.promote = spec.promote
+        # the dtype each checked leaf takes inside fn: None (the plumbing's float64) or, with promote=False, its own
+        self.leaf_dtypes = [None if spec.promote else candidates[i].value.dtype for i in chosen]
+        floating = [c for c in candidates if c.floating]
+        self.needs_x64 = spec.promote or any(str(c.dtype) == "float64" for c in floating)
+        # promote=True only: the leaves given below float64, named in the hint when fn fails on the copies
+        self.low_precision = low_precision_names([(c.name, c.dtype) for c in floating]) if spec.promote else ""
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        with self.rng.preserved(), enable_float64():
-            self.fixed_values()  # now: float64 is on, and no JAX trace is running that the copies could leak into
+        scope = enable_float64() if self.needs_x64 else contextlib.nullcontext()
+        with self.rng.preserved(), scope:
+            self.fixed_values()  # now: the x64 setting of the check is in force, and no JAX trace is running
             yield
 
     def fixed_values(self) -> List[Any]:
@@ -189,7 +212,8 @@ class JaxProblem:
             fixed = list(self.values)
             for i, c in enumerate(self.candidates):
                 if c.floating and i not in self.chosen:
-                    fixed[self.positions[i]] = jnp.asarray(np.asarray(c.value, dtype=np.float64))
+                    own = np.asarray(c.value)  # promote=False: a copy in its own dtype
+                    fixed[self.positions[i]] = jnp.asarray(own.astype(np.float64) if self.promote else own.copy())
             self._fixed = fixed
         return self._fixed
 
@@ -197,8 +221,9 @@ class JaxProblem:
         """Run ``fn`` with the checked leaves replaced by ``parts`` (one array per leaf, in leaf order);
         returns the flat float64 output."""
         values = list(self.fixed_values())
-        for leaf, i, part in zip(self.leaves, self.chosen, parts):
-            values[self.positions[i]] = jnp.reshape(part, leaf.shape)
+        for leaf, i, part, dtype in zip(self.leaves, self.chosen, parts, self.leaf_dtypes):
+            part = jnp.reshape(part, leaf.shape)
+            values[self.positions[i]] = part if dtype is None else part.astype(dtype)  # exact: points are rounded
         args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count]) for a in self.arguments)
         return self._flatten_output(self.spec.fn(*args, **self.spec.kwargs))
 
@@ -219,7 +244,7 @@ class JaxProblem:
         if self.outputs is None:  # shapes seen inside jax.vmap are those of one point
             self.outputs = output_specs([(name, tuple(value.shape), _dtype_name(value)) for name, value in found])
             self.low_precision_outputs = [name for name, value in found if value.dtype != jnp.float64]
-        return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(jnp.float64) for _, value in found])
+        return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(plumbing_dtype()) for _, value in found])
 
 
 class JaxPrepared(ProblemBackedFunction):
@@ -233,7 +258,12 @@ class JaxPrepared(ProblemBackedFunction):
         self.function = function
         self.leaves = problem.leaves
         self.x0 = x0
-        self.notes = promotion_notes(problem.leaves)
+        if problem.promote:
+            self.notes = promotion_notes(problem.leaves)
+            self.working_eps: Optional[float] = None
+        else:
+            self.working_eps, note = own_precision(problem.leaves)
+            self.notes = [note] if note else []
         self._undefined: Dict[str, Dict[str, str]] = {"rev": {}, "fwd": {}}
         self._last_mode = "rev"
         self._outputs = outputs
@@ -258,14 +288,14 @@ class JaxPrepared(ProblemBackedFunction):
         return self.function(*self.problem.split(x))
 
     def _parts0(self) -> List[jax.Array]:
-        return self.problem.split(jnp.asarray(self.x0, dtype=jnp.float64))
+        return self.problem.split(jnp.asarray(self.x0, dtype=plumbing_dtype()))
 
     def _note(self, note: str) -> None:
         if note not in self.notes:
             self.notes.append(note)
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
-        x = jnp.asarray(points, dtype=jnp.float64)
+        x = jnp.asarray(points, dtype=plumbing_dtype())
         result = None
         if not self._pointwise_evaluation:
             if self._batched is None:
@@ -281,11 +311,22 @@ class JaxPrepared(ProblemBackedFunction):
                            "it is evaluated point by point")
         if result is None:
             rows = []
-            for point in x:
+            for k, point in enumerate(x):
                 self.problem.rng.reseed()
-                rows.append(np.asarray(self._flat(point), dtype=np.float64))
+                try:
+                    rows.append(np.asarray(self._flat(point), dtype=np.float64))
+                except Exception as exc:
+                    if (self.problem.low_precision and not isinstance(exc, GradbridgeError)
+                            and np.array_equal(points[k], self.x0)):
+                        # fn fails on the float64 copies at the user's own point: it may only run in its own dtypes
+                        raise FunctionEvaluationError(
+                            f"fn raised {_first_line(exc)} (at the unperturbed input). "
+                            f"{promotion_hint(self.problem.low_precision)}") from exc
+                    raise
             result = np.stack(rows)
-        if self.problem.low_precision_outputs:
+        if not self.problem.promote and self._outputs is None:  # the outputs' dtypes are known now
+            refresh_note(self.notes, self.leaves, self.output_specs)
+        if self.problem.promote and self.problem.low_precision_outputs:
             self._note(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
                        "the check's precision is limited by that")
         return result
@@ -367,13 +408,13 @@ class JaxPrepared(ProblemBackedFunction):
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         def zero_cotangent(_: List[int]) -> Sequence[jax.Array]:
-            return [jnp.zeros(self._output_size(), dtype=jnp.float64)]
+            return [jnp.zeros(self._output_size(), dtype=plumbing_dtype())]
 
         if self._pullbacks is None:
             self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], zero_cotangent, "rev")
             self._mark_symbolic_zeros(self._pullbacks, zero_cotangent, "rev")
         self._last_mode = "rev"
-        v = jnp.asarray(cotangents, dtype=jnp.float64)
+        v = jnp.asarray(cotangents, dtype=plumbing_dtype())
         gradients = np.zeros((len(v), len(self.x0)))
         for indices, pullback in self._pullbacks:
             pulled = self._apply_batched(pullback, v)
@@ -383,14 +424,14 @@ class JaxPrepared(ProblemBackedFunction):
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:
-            return [jnp.zeros(self.leaves[k].shape, dtype=jnp.float64) for k in indices]
+            return [jnp.zeros(self.leaves[k].shape, dtype=plumbing_dtype()) for k in indices]
 
         if self._pushforwards is None:
             self._pushforwards = self._linear_maps(lambda f, primals: jax.linearize(f, *primals)[1],
                                                    zero_tangents, "fwd")
             self._mark_symbolic_zeros(self._pushforwards, zero_tangents, "fwd")
         self._last_mode = "fwd"
-        u = jnp.asarray(tangents, dtype=jnp.float64)
+        u = jnp.asarray(tangents, dtype=plumbing_dtype())
         pushed = np.zeros((len(u), self._output_size()))
         for indices, pushforward in self._pushforwards:
             parts = [jnp.reshape(u[:, self.leaves[k].slice], (len(u),) + self.leaves[k].shape) for k in indices]
@@ -398,7 +439,7 @@ class JaxPrepared(ProblemBackedFunction):
         return pushed
 
     def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
-        v = jnp.asarray(cotangent, dtype=jnp.float64)
+        v = jnp.asarray(cotangent, dtype=plumbing_dtype())
         first = self.function
 
         def gradient(*parts: jax.Array) -> jax.Array:
@@ -407,7 +448,7 @@ class JaxPrepared(ProblemBackedFunction):
 
         parts0 = self._parts0()
         try:  # can JAX differentiate the gradient? (errors of other kinds surface when it is evaluated)
-            jax.vjp(gradient, *parts0)[1](jnp.zeros(len(self.x0), dtype=jnp.float64))
+            jax.vjp(gradient, *parts0)[1](jnp.zeros(len(self.x0), dtype=plumbing_dtype()))
         except Exception as exc:
             if _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
                 raise ModeUnsupportedError(

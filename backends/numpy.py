@@ -3,6 +3,10 @@
 NumPy has no automatic differentiation, so the analytic side is the user's own function: for a scalar
 ``fn``, ``grad(*args)`` returns one gradient per checked argument; for a non-scalar ``fn``,
 ``grad(cotangent, *args)`` is a vector-Jacobian product.
+
+Checked arguments reach ``fn`` and ``grad`` as float64 copies; with ``promote=False`` as copies in their own
+dtype (float32, float16, and bfloat16 arrays of ``ml_dtypes`` where it is installed), and a non-scalar
+``fn``'s cotangents come cast to the dtype of the output they belong to.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from gradbridge._adapter import CheckSpec, LeafSpec
-from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
+
+from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 
 def _is_array(value: Any) -> bool:
@@ -28,8 +34,21 @@ def _is_output(value: Any) -> bool:
     return isinstance(value, (np.ndarray, np.generic, float, int))
 
 
+def _bfloat16() -> Any:
+    """ml_dtypes' bfloat16 (NumPy has none), or None where ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
 def _floating(value: Any) -> bool:
-    return np.issubdtype(np.asarray(value).dtype, np.floating)
+    dtype = np.asarray(value).dtype
+    if np.issubdtype(dtype, np.floating):
+        return True
+    bfloat16 = _bfloat16() if dtype.name == "bfloat16" else None  # ml_dtypes' types are no np.floating
+    return bfloat16 is not None and dtype == np.dtype(bfloat16)
 
 
 class NumpyPrepared:
@@ -47,8 +66,19 @@ class NumpyPrepared:
         self.x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).ravel() for i in chosen])
         self.rng = SharedRandomState(spec.seed)
         self._outputs: Optional[List[LeafSpec]] = None
+        self._output_dtypes: List[np.dtype] = []
         self._output_rebuild = None
-        self.notes = promotion_notes(leaves)
+        # promote=True: checked leaves are float64 copies; False: copies in each leaf's own dtype
+        self.leaf_dtypes = [np.dtype(np.float64) if spec.promote else np.asarray(candidates[i].value).dtype
+                            for i in chosen]
+        if spec.promote:
+            self.notes = promotion_notes(leaves)
+            self.working_eps = None
+            self._low = low_precision_names([(leaf.name, leaf.dtype) for leaf in leaves])
+        else:
+            self.working_eps, note = own_precision(leaves)
+            self.notes = [note] if note else []
+            self._low = ""
 
     @property
     def output_specs(self) -> List[LeafSpec]:
@@ -64,15 +94,22 @@ class NumpyPrepared:
     def _arguments(self, x: np.ndarray) -> tuple:
         """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest."""
         values = [np.array(c.value, copy=True) for c in self.candidates]
-        for leaf, i in zip(self.leaves, self.chosen):
-            values[i] = x[leaf.slice].reshape(leaf.shape).copy()
+        for leaf, i, dtype in zip(self.leaves, self.chosen, self.leaf_dtypes):
+            values[i] = x[leaf.slice].reshape(leaf.shape).astype(dtype)  # exact: the core rounded x to dtype
         values = [v if isinstance(c.value, np.ndarray) else (v[()] if isinstance(v, np.ndarray) else v)
                   for v, c in zip(values, self.candidates)]
         return self.rebuild_args(values)
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         self.rng.reseed()
-        result = self.spec.fn(*self._arguments(x), **self.spec.kwargs)
+        try:
+            result = self.spec.fn(*self._arguments(x), **self.spec.kwargs)
+        except Exception as exc:
+            if self._low and not isinstance(exc, GradbridgeError) and np.array_equal(x, self.x0):
+                # fn fails on the float64 copies at the user's own point: it may only run in its own dtypes
+                raise FunctionEvaluationError(f"fn raised {type(exc).__name__} at the unperturbed input: {exc}. "
+                                              f"{promotion_hint(self._low)}") from exc
+            raise
         all_leaves = output_leaves(result, _is_output)
         floating = [_floating(leaf.value) for leaf in all_leaves]
         leaves = [leaf for leaf, is_float in zip(all_leaves, floating) if is_float]
@@ -86,6 +123,7 @@ class NumpyPrepared:
         if self._outputs is None:
             self._outputs = output_specs([(l.path, np.shape(l.value), str(np.asarray(l.value).dtype))
                                           for l in leaves])
+            self._output_dtypes = [np.asarray(l.value).dtype for l in leaves]
             _, rebuild = flatten(result, "out", _is_output)
             # non-floating outputs (indices, counts) get zero cotangents of their own shape
             constants = [None if is_float else np.zeros(np.shape(leaf.value))
@@ -99,7 +137,11 @@ class NumpyPrepared:
         return np.concatenate([a.ravel() for a in arrays])
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
-        return np.stack([self._call(x) for x in points])
+        first = self._outputs is None
+        result = np.stack([self._call(x) for x in points])
+        if first and not self.spec.promote:  # the outputs' dtypes are known now
+            refresh_note(self.notes, self.leaves, self._outputs)
+        return result
 
     def _gradients(self, result: Any) -> np.ndarray:
         """Turn ``grad``'s return value into one flat vector over the checked leaves, checking shapes."""
@@ -135,6 +177,8 @@ class NumpyPrepared:
         rows = []
         for cotangent in cotangents:
             blocks = [cotangent[spec.slice].reshape(spec.shape) for spec in outputs]
+            if not self.spec.promote:  # the cotangent in the dtype of the output it belongs to
+                blocks = [b.astype(d) if d != np.float64 else b for b, d in zip(blocks, self._output_dtypes)]
             structured = self._output_rebuild(blocks)
             self.rng.reseed()
             rows.append(self._gradients(self.spec.grad(structured, *self._arguments(self.x0), **self.spec.kwargs)))

@@ -25,6 +25,11 @@ How a check stays off the user's objects:
 Precision: the check first tries float64 (inputs promoted, Keras models computing in float64). When ``fn``
 cannot run that way (it mixes its inputs with float32 constants, has a float32 ``input_signature``...) or
 returns below float64 anyway, it runs in the user's precision and ``prepared.working_eps`` and a note say so.
+With ``promote=False`` it runs in the user's precision from the start: inputs and variables in their own
+dtypes (float32, float16, bfloat16; the core has rounded the points to them, so the casts are exact),
+Keras models under their own dtype policies, unchecked inputs as given; gradients come out of the tape
+in those dtypes (the cotangents reach the outputs cast to the outputs' dtypes) and are widened to
+float64 only for the core.
 
 Limitations: ``training=`` passed explicitly inside ``fn`` wins over ``train=``; a ``tf.function`` called
 *inside* ``fn`` (not ``fn`` itself) keeps its own trace cache; for a function drawing from stateful random
@@ -54,6 +59,8 @@ from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, Mo
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
+
+from ._lowprec import own_precision
 
 #: A source of differentiation: the tensor or variable that stands for one checked leaf during a call.
 Source = Any
@@ -686,10 +693,10 @@ class TensorFlowAdapter:
             return TensorFlowProblem(spec, candidates, leaves, chosen,
                                      rebuild_args, model, promote)
 
-        problem = problem_for(True)
+        problem = problem_for(spec.promote)
         failure = _probe(problem, x0)
         notes: List[str] = []
-        if failure is not None and problem.promotes():
+        if spec.promote and failure is not None and problem.promotes():
             # float64 failed: the user's own dtypes (if they fail too, the core reports that error)
             problem = problem_for(False)
             if _probe(problem, x0) is None:
@@ -721,7 +728,9 @@ def _probe(problem: TensorFlowProblem, x0: np.ndarray) -> Optional[str]:
 def _notes(problem: TensorFlowProblem, model: Optional[Any]) -> List[str]:
     """What the user should know: promoted leaves, the precision in force and why, the model's mode."""
     notes = promotion_notes([leaf for leaf, feed in zip(problem.leaves, problem.feed) if feed == tf.float64])
-    if problem.working_eps > _EPS["float64"]:
+    if not problem.spec.promote:  # the user asked for their own dtypes: no reasons to give
+        notes = [note for note in [own_precision(problem.leaves, problem.outputs or [])[1]] if note]
+    elif problem.working_eps > _EPS["float64"]:
         precision = next(name for name, eps in _EPS.items() if eps == problem.working_eps)
         reasons = []
         low = [(leaf.name, problem.candidates[i].value) for leaf, i, feed in
@@ -746,6 +755,7 @@ def _notes(problem: TensorFlowProblem, model: Optional[Any]) -> List[str]:
                      f"follow {precision} precision")
     if model is not None:
         how = ("with its layers computing in float64 on float64 copies of its variables" if problem.promote_model
+               else "under its own dtype policies on copies of its variables" if not problem.spec.promote
                else "on copies of its variables")
         notes.append(f"Keras model {model.name!r} called in {'training' if problem.spec.train else 'inference'} mode "
                      f"(unless fn passes training=) {how}; the model itself is not modified")

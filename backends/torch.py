@@ -10,6 +10,12 @@ How a check stays off the user's objects:
   and restored afterwards (their storage is never written to).
 * The session puts modules in eval mode (unless ``train=True``), sets the default dtype to float64,
   re-seeds the CPU (and, if initialised, CUDA) generators before each evaluation, and restores all of it.
+
+With ``promote=False`` nothing is promoted: checked leaves are cut from the flat vector and cast to their
+own dtype (float32, float16, bfloat16; exact, the core has rounded the points), unchecked tensors,
+module parameters and buffers are same-dtype copies, and the default dtype stays the user's. Gradients
+are computed in those dtypes (the cotangents reach the outputs cast to the outputs' dtypes) and only
+then widened to float64 for the core.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
-from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
+
+from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
 
@@ -43,15 +51,17 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 
 
 class _ModuleState:
-    """Swaps a module's parameters and buffers for float64 copies while the user's function runs."""
+    """Swaps a module's parameters and buffers for float64 copies (same-dtype copies with ``promote=False``)
+    while the user's function runs."""
 
-    def __init__(self, module: torch.nn.Module, checked: Dict[str, int]) -> None:
+    def __init__(self, module: torch.nn.Module, checked: Dict[str, int], promote: bool = True) -> None:
         self.module = module
         self.checked = checked  # parameter name -> index of its leaf
+        self.promote = promote
         self.constants: Dict[str, torch.Tensor] = {}
         for name, param in module.named_parameters(remove_duplicate=True):
             if name not in checked:
-                dtype = torch.float64 if param.is_floating_point() else param.dtype
+                dtype = torch.float64 if param.is_floating_point() and promote else param.dtype
                 self.constants[name] = param.detach().to(dtype).clone()  # a copy: fn may write into it
         self.buffers = {name: buf for name, buf in module.named_buffers(remove_duplicate=True) if buf is not None}
 
@@ -60,7 +70,8 @@ class _ModuleState:
         for name, index in self.checked.items():
             values[name] = leaf_values[index]
         for name, buf in self.buffers.items():  # fresh copies: train-mode BatchNorm writes into them
-            values[name] = buf.detach().to(torch.float64).clone() if buf.is_floating_point() else buf.detach().clone()
+            dtype = torch.float64 if buf.is_floating_point() and self.promote else buf.dtype
+            values[name] = buf.detach().to(dtype).clone()
         return values
 
     @contextlib.contextmanager
@@ -120,6 +131,12 @@ class TorchProblem:
         self.rng = SharedRandomState(spec.seed)
         self.outputs: Optional[List[LeafSpec]] = None
         self.low_precision_outputs: List[str] = []
+        self.promote = spec.promote
+        # the dtype each checked leaf takes while fn runs: float64, or its own with promote=False
+        self.leaf_dtypes = [torch.float64 if spec.promote else candidates[i].value.dtype for i in chosen]
+        # promote=True only: the tensors given below float64, named in the hint when fn fails on the copies
+        self.low_precision = low_precision_names(
+            [(c.name, _dtype_name(c.value)) for c in candidates if c.floating]) if spec.promote else ""
 
     def reseed(self) -> None:
         self.rng.reseed()
@@ -135,7 +152,8 @@ class TorchProblem:
         modes = [(m, m.training) for m in self.module.modules()] if self.module is not None else []
         try:
             with self.rng.preserved():
-                torch.set_default_dtype(torch.float64)
+                if self.promote:  # promote=False: fn runs as it would for the user, default dtype included
+                    torch.set_default_dtype(torch.float64)
                 if self.module is not None and not self.spec.train:
                     self.module.eval()
                 yield
@@ -150,7 +168,14 @@ class TorchProblem:
                 self.data_swap.restore()
 
     def leaf_values(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return [x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves]
+        """One tensor per checked leaf, cut from the flat float64 ``x`` (views) and, with ``promote=False``,
+        cast to the leaf's own dtype (exact: the core rounded ``x``; differentiable, so gradients flow
+        back to ``x`` and tangents forward to the leaves)."""
+        return self.own_dtypes([x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves])
+
+    def own_dtypes(self, values: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """``values`` in the dtypes the leaves take while fn runs (unchanged with promotion)."""
+        return [v.to(dtype) for v, dtype in zip(values, self.leaf_dtypes)]
 
     @contextlib.contextmanager
     def params_held(self, x: torch.Tensor, leaf_values: Optional[List[torch.Tensor]] = None) -> Iterator[None]:
@@ -160,7 +185,8 @@ class TorchProblem:
         if self.data_swap is None:
             yield
             return
-        with self.data_swap.applied(leaf_values if leaf_values is not None else self.leaf_values(x), True):
+        with self.data_swap.applied(self.own_dtypes(leaf_values) if leaf_values is not None else self.leaf_values(x),
+                                    True):
             yield
 
     def forward(self, x: torch.Tensor, needs_grad: bool = False,
@@ -170,8 +196,7 @@ class TorchProblem:
         Returns the flat float64 output and the user tensors (``params=`` tensors) that stand in for
         some leaves, whose gradients must be added to those of ``x``.
         """
-        if leaf_values is None:
-            leaf_values = self.leaf_values(x)
+        leaf_values = self.leaf_values(x) if leaf_values is None else self.own_dtypes(leaf_values)
         values = [c.value for c in self.candidates]
         for leaf_value, i in zip(leaf_values, self.chosen):
             if self.candidates[i].kind == "input":
@@ -179,7 +204,8 @@ class TorchProblem:
         for i, c in enumerate(self.candidates):
             if c.kind == "input" and i not in self.chosen and _is_tensor(c.value):
                 # unchecked tensors: copies (the user's stay untouched), floating ones in float64 like the rest
-                values[i] = c.value.detach().to(torch.float64 if c.floating else c.value.dtype).clone()
+                values[i] = c.value.detach().to(torch.float64 if c.floating and self.promote
+                                                else c.value.dtype).clone()
         args = self.rebuild_args(values)
         with contextlib.ExitStack() as stack:
             if self.module_state is not None:
@@ -191,11 +217,13 @@ class TorchProblem:
             try:
                 result = self.spec.fn(*args, **self.spec.kwargs)
             except RuntimeError as exc:
-                if self.module is None and "dtype" in str(exc) and ("Float" in str(exc) or "float" in str(exc)):
+                if (self.promote and self.module is None and "dtype" in str(exc)
+                        and ("Float" in str(exc) or "float" in str(exc))):
+                    also = f" {promotion_hint(self.low_precision)}" if self.low_precision else ""
                     raise FunctionEvaluationError(
                         f"fn raised RuntimeError: {str(exc).splitlines()[0]}. The check runs in float64; if fn "
                         "closes over an nn.Module (or float32 tensors), pass it as params=model (or params=[...]) "
-                        "so it is promoted too") from exc
+                        f"so it is promoted too.{also}") from exc
                 raise
         return self._flatten_output(result), swapped
 
@@ -258,25 +286,42 @@ class TorchPrepared(ProblemBackedFunction):
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
         self.undefined_gradients: Dict[str, str] = {}
-        self.notes = promotion_notes(problem.leaves)
+        if problem.promote:
+            self.notes = promotion_notes(problem.leaves)
+            self.working_eps: Optional[float] = None
+        else:
+            self.working_eps, note = own_precision(problem.leaves)
+            self.notes = [note] if note else []
         if problem.module is not None:
+            copies = "float64 copies" if problem.promote else "copies in their own dtypes"
             self.notes.append(f"module {type(problem.module).__name__} in "
                               f"{'training' if problem.spec.train else 'eval'} mode during the check; its "
-                              "parameters and buffers replaced by float64 copies while fn runs")
+                              f"parameters and buffers replaced by {copies} while fn runs")
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         rows = []
         for point in points:
             x = self.problem.to_tensor(point)
-            if self.needs_grad:
-                x.requires_grad_(True)
-                with torch.enable_grad():
-                    out, _ = self.forward(x, True)
-            else:
-                with torch.no_grad():
-                    out, _ = self.forward(x, False)
+            try:
+                if self.needs_grad:
+                    x.requires_grad_(True)
+                    with torch.enable_grad():
+                        out, _ = self.forward(x, True)
+                else:
+                    with torch.no_grad():
+                        out, _ = self.forward(x, False)
+            except Exception as exc:
+                if (self.problem.low_precision and not isinstance(exc, GradbridgeError)
+                        and np.array_equal(point, self.x0)):
+                    # fn fails on the float64 copies at the user's own point: it may only run in its own dtypes
+                    raise FunctionEvaluationError(f"fn raised {type(exc).__name__} at the unperturbed input: "
+                                                  f"{str(exc).strip()}. {promotion_hint(self.problem.low_precision)}"
+                                                  ) from exc
+                raise
             rows.append(out.detach().cpu().numpy())
-        if self.problem.low_precision_outputs and not any("computes" in n for n in self.notes):
+        if not self.problem.promote and self._outputs is None:  # the outputs' dtypes are known now
+            refresh_note(self.notes, self.leaves, self.output_specs)
+        if self.problem.promote and self.problem.low_precision_outputs and not any("computes" in n for n in self.notes):
             self.notes.append(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
                               "the check's precision is limited by that")
         return np.stack(rows)
@@ -302,8 +347,8 @@ class TorchPrepared(ProblemBackedFunction):
     def _leaf_graph(self):
         """The forward graph built from one independent tensor per leaf, so that asking for one leaf's
         gradient does not make autograd compute the others (views of one flat tensor would)."""
-        parts = [self.problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape).requires_grad_(True)
-                 for leaf in self.leaves]
+        parts = [self.problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape).to(dtype).requires_grad_(True)
+                 for leaf, dtype in zip(self.leaves, self.problem.leaf_dtypes)]
         with self.problem.params_held(None, parts), torch.enable_grad():
             out, swapped = self.problem.forward(None, True, leaf_values=parts)
         return parts, out, swapped
@@ -408,7 +453,7 @@ class TorchAdapter:
         data_swap = None
         if module is not None:
             checked = {candidates[i].name: k for k, i in enumerate(chosen) if candidates[i].kind == "param"}
-            module_state = _ModuleState(module, checked)
+            module_state = _ModuleState(module, checked, spec.promote)
         else:
             swapped = {k: candidates[i].value for k, i in enumerate(chosen) if candidates[i].kind == "param"}
             for k, tensor in swapped.items():
