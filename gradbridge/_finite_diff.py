@@ -28,6 +28,7 @@ def element_steps(x: np.ndarray, eps: Optional[float], working_eps: float = FLOA
 
 def precision_name(working_eps: float) -> str:
     names = {float(np.finfo(t).eps): str(np.dtype(t)) for t in (np.float64, np.float32, np.float16)}
+    names[2.0 ** -7] = "bfloat16"
     return names.get(float(working_eps), f"eps {working_eps:.3g}")
 
 
