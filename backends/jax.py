@@ -42,6 +42,8 @@ What is checked, and how the user's state stays untouched:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -72,19 +74,32 @@ _FORWARD_UNSUPPORTED_HINTS = ("forward-mode autodiff (jvp) to a custom_vjp",)
 LinearMap = Tuple[List[int], Callable[..., Any]]  # (indices of the leaves it takes or returns, the map)
 
 
-def enable_float64() -> ContextManager[None]:
-    """JAX's scoped 64-bit switch: a thread-local override restored on exit, the global flag untouched.
+@contextmanager
+def enable_float64() -> Iterator[None]:
+    """JAX's 64-bit mode for the duration of the check, for this thread and for the threads XLA runs
+    host callbacks on (``pure_callback``/``io_callback`` on large arrays run on another thread, where a
+    thread-local override alone is not seen and a float64 result would be refused as float32).
 
-    Since jax 0.8 this is ``jax.enable_x64(True)`` (``jax.enable_x64`` is the ``jax_enable_x64`` config
-    state, callable as a context manager); older releases spell it ``jax.experimental.enable_x64()``.
-    ``jax.config.update("jax_enable_x64", ...)`` is never used: it changes the global setting.
+    Since jax 0.8 ``jax.enable_x64`` is the ``jax_enable_x64`` config state: the thread-local override
+    (``swap_local``) and the global value (``set_global``) are both set here and both put back on
+    exit, also when the check raises, so the user's flag is exactly as it was afterwards. Older
+    releases fall back to ``jax.experimental.enable_x64()`` (thread-local only).
     """
     state = getattr(jax, "enable_x64", None)
-    if state is not None and hasattr(state, "swap_local"):
-        return state(True)
-    from jax.experimental import enable_x64  # pragma: no cover - jax < 0.8
+    if state is None or not hasattr(state, "swap_local"):  # pragma: no cover - jax < 0.8
+        from jax.experimental import enable_x64
 
-    return enable_x64(True)  # pragma: no cover
+        with enable_x64(True):
+            yield
+        return
+    previous_global = state.get_global()
+    previous_local = state.swap_local(True)
+    state.set_global(True)
+    try:
+        yield
+    finally:
+        state.set_global(previous_global)
+        state.set_local(previous_local)
 
 
 def plumbing_dtype() -> Any:

@@ -182,6 +182,7 @@ class StepLadder:
 
         # state per element, carried from level to level
         prev = {"c": c, "p": p, "q": q, "gap": gap, "r": np.full((m, count), np.nan)}
+        base = self._rebase_at_domain_edges(base, c, prev)
         best_error = np.full((m, count), np.inf)
         kink_before = np.zeros((m, count), dtype=bool)
         ever_kink = suspect_kink.copy()  # near a kink, a stalling estimate is not evidence of a bug
@@ -279,6 +280,28 @@ class StepLadder:
                 prev[key] = prev[key].copy() if level == 1 else prev[key]
                 prev[key][:, columns] = value
         return result
+
+    def _rebase_at_domain_edges(self, base: np.ndarray, central: np.ndarray, prev: dict) -> np.ndarray:
+        """Directions whose first central difference left the domain (``log`` at 1e-7: ``x - h < 0``)
+        restart the ladder from a step relative to ``|x_j|`` itself, the distance to an edge at 0, so the
+        stencil fits inside the domain after a level or two instead of never; their earlier differences
+        (at an unrelated step) are forgotten."""
+        base = base.copy()
+        x0 = self.directions.x0
+        for entry in self.directions.per_leaf:
+            if entry.basis is not None:
+                continue
+            columns = np.arange(entry.first, entry.first + entry.count)
+            left = ~np.isfinite(central[:, columns]).all(axis=0)
+            x = np.abs(x0[entry.leaf.offset + (columns - entry.first)])
+            closer = 2.0 * self.directions.relative_step * x
+            rebase = columns[left & (x > 0) & (closer < base[columns])]
+            if len(rebase):
+                base[rebase] = closer[np.isin(columns, rebase)]
+                for key in ("c", "p", "q", "r"):
+                    prev[key][:, rebase] = np.nan
+                prev["gap"][:, rebase] = np.inf
+        return base
 
     @staticmethod
     def _record(result: ElementVerdicts, columns: np.ndarray, where: np.ndarray, est, err, lim, method) -> None:
