@@ -56,6 +56,7 @@ from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
 from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._precision import DTYPE_EPS
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
@@ -67,8 +68,7 @@ Source = Any
 #: Runs the user's function (or its gradient) on the sources; returns the output tensors.
 Forward = Callable[[List[Source]], List[tf.Tensor]]
 
-_EPS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
-        "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7}
+_EPS = DTYPE_EPS  # machine epsilon by dtype name (shared with the core)
 _NO_GRADIENT = ("TensorFlow returned None: no differentiable path leads from this input to the outputs "
                 "(tf.stop_gradient, a cast to an integer type, or an op without a gradient such as "
                 "tf.numpy_function outside a tf.custom_gradient)")

@@ -65,7 +65,6 @@ class ElementVerdicts:
     right: np.ndarray      # forward one-sided difference (kinks), NaN elsewhere
     steps: np.ndarray      # (D,) the last step used per direction
     levels: np.ndarray     # (D,) refinement levels used per direction (0: first pass only)
-    edge: np.ndarray       # (m, D) bool: one side of the central difference was not finite
 
 
 class StepLadder:
@@ -174,7 +173,7 @@ class StepLadder:
         result = ElementVerdicts(
             status=np.where(agree, PASS, PENDING), numeric=c.copy(), error=cr.copy(), allowed=allowed,
             method=np.full((m, count), CENTRAL), left=np.full((m, count), np.nan), right=np.full((m, count), np.nan),
-            steps=base.copy(), levels=np.zeros(count, dtype=int), edge=~np.isfinite(c))
+            steps=base.copy(), levels=np.zeros(count, dtype=int))
         pending = ~agree | suspect_kink
         provisional_pass = agree & suspect_kink  # keeps its pass unless a kink is confirmed
         if not pending.any():
@@ -197,7 +196,6 @@ class StepLadder:
             a = analytic[:, columns]
             sc = scale[:, columns]
             with np.errstate(invalid="ignore", over="ignore"):
-                result.edge[:, columns] |= ~np.isfinite(c)
                 # candidate estimates: Richardson on central, else on the defined one-sided difference
                 d = np.abs(c - prev["c"][:, columns])
                 est = (4.0 * c - prev["c"][:, columns]) / 3.0
@@ -277,7 +275,6 @@ class StepLadder:
             provisional_pass[:, columns] &= pending[:, columns]
             richardson = np.where(method == RICHARDSON, est, np.nan)
             for key, value in (("c", c), ("p", p), ("q", q), ("gap", gap), ("r", richardson)):
-                prev[key] = prev[key].copy() if level == 1 else prev[key]
                 prev[key][:, columns] = value
         return result
 
