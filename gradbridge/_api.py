@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _registry
+from . import _hooks, _registry
 from ._adapter import CheckSpec
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
@@ -108,7 +108,9 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
     report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
-    return run_check(prepared, options, report, structures)
+    report = run_check(prepared, options, report, structures)
+    _hooks.notify(report)
+    return report
 
 
 def assert_check(fn: Callable[..., Any], *args: Any, **options: Any) -> Report:
