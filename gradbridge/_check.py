@@ -20,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
+from ._diagnostics import SWEEP_ROWS, element_map, step_sweep
 from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from ._evaluate import Evaluator
@@ -241,17 +242,30 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
     verdicts = ladder.run(analytic)
     undefined = undefined_gradients(prepared)
     rows = []
+    sweeps = 0
     for entry in directions.per_leaf:
         for output in prepared.output_specs:
-            row = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
+            row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
+            if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS:
+                out_i, d_j = worst_at
+                label = f"{entry.label(d_j)} -> {output.name}{_index_text(output.unravel(out_i))}"
+                row.step_sweep = step_sweep(evaluator, directions, PointRounder(prepared.leaves, options.promote),
+                                            entry.first + d_j, output.offset + out_i, label, row.worst.analytic,
+                                            row.worst.numeric, row.worst.step, row.worst.allowed)
+                sweeps += 1
             rows.append(row)
     return rows
 
 
+def _index_text(index: Sequence[int]) -> str:
+    return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
+
+
 def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, verdicts: ElementVerdicts,
-               kinks: str, analytic_mode: str, order: int) -> RowResult:
+               kinks: str, analytic_mode: str, order: int) -> Tuple[RowResult, Optional[Tuple[int, int]]]:
+    """The row of one (input, output) block, and the (output, direction) position of its worst element."""
     leaf = entry.leaf
     where = (output.slice, entry.slice)
     a, n, allowed = analytic[where], verdicts.numeric[where], verdicts.allowed[where]
@@ -287,8 +301,14 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     if refined:
         deepest = int(np.max(verdicts.levels[entry.slice]))
         row.method += f", step ladder on {refined} direction(s) (down to h/{2 ** deepest})"
+    worst_at = None
+    if bad.any() and entry.basis is None:
+        maps = element_map(a - n, ratio, bad, leaf.shape)
+        if maps is not None:
+            row.error_map, row.outside_map = maps
     if ranked.size and np.max(ranked) >= 0:
         out_i, d_j = np.unravel_index(int(np.argmax(ranked)), ranked.shape)
+        worst_at = (int(out_i), int(d_j))
         row.worst = WorstElement(
             input_index=leaf.unravel(int(d_j)) if entry.basis is None else (),
             output_index=output.unravel(int(out_i)), analytic=float(a[out_i, d_j]), numeric=float(n[out_i, d_j]),
@@ -302,7 +322,7 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
             right=float(right[out_i, d_j]), subgradient=bool(subgradient[out_i, d_j]),
             direction="" if entry.basis is None else entry.label(int(d_j))))
     row.message = _row_message(row, kinks, int((at_kink & ~subgradient).sum()))
-    return row
+    return row, worst_at
 
 
 def _row_message(row: RowResult, kinks: str, outside: int) -> str:

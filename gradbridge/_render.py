@@ -23,7 +23,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
-def _row_cells(row: RowResult) -> List[str]:
+def row_cells(row: RowResult) -> List[str]:
+    """The cells of one row of the table, in :data:`ROW_HEADER` order."""
     name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
     verdict = {"pass": "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
                "no-gradient": "none" if row.passed else "NONE"}[row.status]
@@ -41,21 +42,24 @@ def _row_cells(row: RowResult) -> List[str]:
             _fmt(row.max_abs_error), worst]
 
 
-def render_text(report: Report) -> str:
-    """The report as a plain-text block: a header, a table, and the worst elements of failing rows."""
+ROW_HEADER = ("input", "output", "shape", "ad", "verdict", "grade", "rel err", "max |a-n|", "worst element")
+
+
+def header_lines(report: Report) -> List[str]:
+    """The verdict line, then backend/mode/cost, tolerance, step and notes."""
     verdict = "PASSED" if report.passed else "FAILED"
     lines = [f"gradbridge check of {report.function}: {verdict}  ({report.summary()})",
              f"  backend {report.backend} {report.backend_version} | mode {report.mode} | order {report.order} | "
              f"{report.evaluations} evaluations, {report.vjps} VJPs, {report.jvps} JVPs | {report.seconds:.3f} s",
              f"  tolerance: {report.tolerance}",
              f"  step:      {report.step}"]
-    for note in report.notes:
-        lines.append(f"  note: {note}")
+    lines.extend(f"  note: {note}" for note in report.notes)
+    return lines
 
-    if report.rows:
-        header = ["input", "output", "shape", "ad", "verdict", "grade", "rel err", "max |a-n|", "worst element"]
-        lines.append("")
-        lines.extend("  " + l for l in _table(header, [_row_cells(r) for r in report.rows]))
+
+def detail_lines(report: Report) -> List[str]:
+    """Below the table: the worst element of each failing row, messages, non-differentiable points."""
+    lines: List[str] = []
     detailed = [r for r in report.rows if r.worst is not None and not r.passed]
     for row in detailed:
         w = row.worst
@@ -85,6 +89,16 @@ def render_text(report: Report) -> str:
         if row.message and row.passed:
             lines.append(f"  {row.input} -> {row.output}: {row.message}")
     lines.extend(_kink_lines(report))
+    return lines
+
+
+def render_text(report: Report) -> str:
+    """The report as a plain-text block: a header, a table, and the worst elements of failing rows."""
+    lines = header_lines(report)
+    if report.rows:
+        lines.append("")
+        lines.extend("  " + l for l in _table(ROW_HEADER, [row_cells(r) for r in report.rows]))
+    lines.extend(detail_lines(report))
     return "\n".join(lines)
 
 

@@ -60,12 +60,40 @@ class KinkPoint:
 
 
 @dataclass
+class StepSweep:
+    """Central differences of one element at steps spanning many decades (the step-size plot).
+
+    ``numeric[k]`` is the central difference at ``steps[k]`` (NaN where fn was not finite);
+    ``analytic`` the analytic value, ``reference`` the check's best numeric estimate and ``used_step``
+    the step it came from; ``allowed`` the tolerance of the element.
+    """
+
+    element: str
+    steps: List[float]
+    numeric: List[float]
+    analytic: float
+    reference: float
+    used_step: float
+    allowed: float
+
+    def errors_against(self, value: float) -> List[float]:
+        """``|numeric(h) - value|`` per step: against ``analytic``, the V of truncation and round-off
+        when the analytic value is right, a floor at the bug's size when it is wrong."""
+        return [abs(n - value) for n in self.numeric]
+
+
+@dataclass
 class RowResult:
     """One compared block: the derivative of one output with respect to one checked input or parameter.
 
     ``status`` is ``"pass"``, ``"fail"``, ``"unsupported"`` (the mode is not available for this function;
     neither a pass nor a failure), ``"no-gradient"`` (the framework defines no gradient for this input:
     it passes only where the numeric derivative is zero too) or ``"error"``.
+
+    A failing row of a full check also carries ``error_map`` (per input element, analytic - numeric of
+    its worst output entry, in the input's shape), ``outside_map`` (which elements have an entry outside
+    tolerance) and ``step_sweep`` (its worst element's central differences over many step sizes): the
+    HTML report draws them as a heatmap and a step-size plot.
     """
 
     input: str
@@ -87,6 +115,9 @@ class RowResult:
     kinks: int = 0
     one_sided: int = 0
     refined: int = 0
+    error_map: Optional[Any] = None
+    outside_map: Optional[Any] = None
+    step_sweep: Optional[StepSweep] = None
 
     @property
     def passed(self) -> bool:
@@ -159,6 +190,9 @@ class Report:
         data["passed"] = self.passed
         for row, row_data in zip(self.rows, data["rows"]):
             row_data["passed"] = row.passed
+            for key in ("error_map", "outside_map"):
+                if row_data[key] is not None:
+                    row_data[key] = row_data[key].tolist()
         return data
 
     def summary(self) -> str:

@@ -51,10 +51,12 @@ def test_to_dict_is_json_serialisable_and_complete():
     assert rows["w"]["passed"] is False and rows["x"]["passed"] is True
     assert rows["w"]["worst"]["input_index"] == [1, 2]
     # 2 (determinism) + 2 per element, + the noise estimate (only because something disagreed), + 2 for
-    # the one disagreeing column re-evaluated at h/2, where the bug is far beyond the estimated error
+    # the one disagreeing column re-evaluated at h/2, where the bug is far beyond the estimated error,
+    # + the step-size sweep of the failing row's worst element (for the report's step-size plot)
+    from gradbridge._diagnostics import SWEEP_EXPONENTS
     from gradbridge._numeric import NOISE_DIRECTIONS
 
-    assert data["evaluations"] == 2 + 2 * 24 + NOISE_DIRECTIONS * 2 * 6 + 2
+    assert data["evaluations"] == 2 + 2 * 24 + NOISE_DIRECTIONS * 2 * 6 + 2 + 2 * len(SWEEP_EXPONENTS)
     assert "step ladder" in rows["w"]["method"] and "step ladder" not in rows["x"]["method"]
 
 
