@@ -23,7 +23,8 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
           backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "rev",
           probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
           kinks: str = "allow", promote: bool = True,
-          structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None) -> Report:
+          structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
+          progress: Optional[bool] = None) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -75,6 +76,8 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         structure: restrict the perturbations of some inputs to the tangent directions of the set they
             live on, by leaf name: ``"symmetric"`` (symmetric matrices), ``"simplex"`` (entries summing
             to one), or a callable ``directions(x) -> array (k, *x.shape)`` of tangent directions.
+        progress: a progress bar on stderr for checks that run longer than a second: None (the
+            default) shows it on interactive terminals only, True always, False never.
 
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
@@ -89,7 +92,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                                    f"got {type(fn).__name__}")
     options = validate_options(mode=mode, order=order, eps=eps, atol=atol, rtol=rtol, seed=seed, probes=probes,
                                analytic=analytic, train=train, chunk_size=chunk_size, budget=budget, kinks=kinks,
-                               promote=promote)
+                               promote=promote, progress=progress)
     structures = validate_structure(structure)
     call_kwargs = validate_kwargs(kwargs)
     if grad is not None and not callable(grad):

@@ -29,6 +29,7 @@ from ._localize import bisection_row
 from ._numeric import BACKWARD, FAIL, FORWARD, KINK, METHOD_NAMES, ElementVerdicts, StepLadder
 from ._options import Options
 from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
+from ._progress import CheckProgress
 from ._report import KinkPoint, Report, RowResult, WorstElement
 from ._structure import Structure
 from ._tolerance import Tolerance, grade, relative_error
@@ -59,7 +60,8 @@ class _Context:
     """What every part of one check needs: options, tolerance, structures, the point's outputs."""
 
     def __init__(self, options: Options, tolerance: Tolerance, structures: Mapping[str, Structure],
-                 mode: str) -> None:
+                 mode: str, progress: CheckProgress) -> None:
+        self.progress = progress
         self.options = options
         self.tolerance = tolerance
         self.structures = structures
@@ -72,7 +74,8 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
     started = time.perf_counter()
     counts = _Counts()
     _check_structure_names(prepared, structures or {})
-    evaluator = counts.add(Evaluator(prepared, options.chunk_size))
+    progress = CheckProgress(f"checking {report.function}", options.progress)
+    evaluator = counts.add(Evaluator(prepared, options.chunk_size, progress=progress))
     try:
         with prepared.session():
             problem, f0 = _nondeterminism(evaluator, prepared.x0)
@@ -86,11 +89,13 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
                 report.problem = problem
                 return report
             mode = _choose_mode(prepared, options, structures or {}, report)
-            context = _Context(options, tolerance, structures or {}, mode)
+            progress.expect(options.order * _planned_cost(prepared, options, mode))
+            context = _Context(options, tolerance, structures or {}, mode, progress)
             report.rows.extend(_check_order(evaluator, context, f0, order=1))
             if options.order == 2:
                 report.rows.extend(_second_order(evaluator, context, counts))
     finally:
+        progress.close()
         counts.fill(report)
         report.notes.extend(n for n in prepared.notes if n not in report.notes)
         report.seconds = time.perf_counter() - started
@@ -139,6 +144,15 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Tuple[Optional[str]
     return None, outputs[0]
 
 
+def _planned_cost(prepared: PreparedFunction, options: Options, mode: str) -> int:
+    """Evaluations plus analytic calls a check is expected to take (the progress bar's total)."""
+    m = sum(spec.size for spec in prepared.output_specs)
+    n = len(prepared.x0)
+    if mode == "fast":
+        return 2 * options.probes * len(prepared.leaves) + options.probes
+    return 2 * n + {"rev": m, "fwd": n, "both": m + n}[options.analytic]
+
+
 def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mapping[str, Structure],
                  report: Report) -> str:
     """``full`` or ``fast``: ``auto`` compares the cost of a full check with ``options.budget``."""
@@ -173,7 +187,8 @@ def _second_order(first: Evaluator, context: _Context, counts: _Counts) -> List[
                           status="unsupported", message=str(exc)) for leaf in first.prepared.leaves]
     except Exception as exc:  # the framework refused to build the gradient function: the user's code is at fault
         raise FunctionEvaluationError(f"building the gradient of fn for order=2 raised {type(exc).__name__}: {exc}") from exc
-    evaluator = counts.add(Evaluator(derived, context.options.chunk_size, what="the gradient of fn"))
+    evaluator = counts.add(Evaluator(derived, context.options.chunk_size, what="the gradient of fn",
+                                     progress=context.progress))
     f0 = evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])[0]
     return _check_order(evaluator, context, f0, order=2)
 

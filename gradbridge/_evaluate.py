@@ -12,13 +12,16 @@ import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
 from ._errors import FunctionEvaluationError, GradbridgeError
+from ._progress import CheckProgress
 
 
 class Evaluator:
     """Wraps a :class:`PreparedFunction`; counts evaluations, VJPs and JVPs."""
 
-    def __init__(self, prepared: PreparedFunction, chunk_size: int, what: str = "fn") -> None:
+    def __init__(self, prepared: PreparedFunction, chunk_size: int, what: str = "fn",
+                 progress: Optional[CheckProgress] = None) -> None:
         self.prepared = prepared
+        self.progress = progress
         self.chunk_size = chunk_size
         self.what = what
         self.evaluations = 0
@@ -49,6 +52,7 @@ class Evaluator:
                 self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None)
                 raise
             self.evaluations += len(chunk)
+            self._advance(len(chunk))
             bad = ~np.isfinite(result)
             if bad.any() and not allow_nonfinite:
                 row, col = (int(i) for i in np.argwhere(bad)[0])
@@ -74,6 +78,10 @@ class Evaluator:
                 raise FunctionEvaluationError(
                     f"{self.what} raised {type(exc).__name__} during evaluation {first + k}{where}: {exc}") from exc
 
+    def _advance(self, count: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(count)
+
     def output_name(self, flat_index: int) -> str:
         for spec in self.prepared.output_specs:
             if spec.offset <= flat_index < spec.offset + spec.size:
@@ -86,6 +94,7 @@ class Evaluator:
             chunk = cotangents[start:start + self.chunk_size]
             parts.append(self._call(self.prepared.vjp, chunk, "the reverse-mode (VJP) computation"))
             self.vjps += len(chunk)
+            self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
@@ -94,6 +103,7 @@ class Evaluator:
             chunk = tangents[start:start + self.chunk_size]
             parts.append(self._call(self.prepared.jvp, chunk, "the forward-mode (JVP) computation"))
             self.jvps += len(chunk)
+            self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
 
 

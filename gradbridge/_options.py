@@ -32,6 +32,7 @@ class Options:
     budget: int = DEFAULT_BUDGET
     kinks: str = "allow"
     promote: bool = True
+    progress: Optional[bool] = None
 
 
 def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
@@ -61,7 +62,7 @@ def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
 
 def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, seed: Any, probes: Any,
                      analytic: Any, train: Any, chunk_size: Any, budget: Any = DEFAULT_BUDGET,
-                     kinks: Any = "allow", promote: Any = True) -> Options:
+                     kinks: Any = "allow", promote: Any = True, progress: Any = None) -> Options:
     """Check every option's type and range; raise :class:`InvalidArgumentError` naming the first bad one."""
     if order not in (1, 2) or isinstance(order, bool):
         raise InvalidArgumentError(f"order: expected 1 (gradients) or 2 (gradients of gradients), got {order!r}")
@@ -70,6 +71,9 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
     if not isinstance(promote, bool):
         raise InvalidArgumentError(f"promote: expected True (check in float64 copies) or False (check in the "
                                    f"arrays' own dtypes), got {promote!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise InvalidArgumentError(f"progress: expected None (a bar on interactive terminals only), True or False, "
+                                   f"got {progress!r}")
     return Options(
         mode=_choice("mode", mode, MODES),
         order=int(order),
@@ -84,6 +88,7 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
         budget=_integer("budget", budget, 1),
         kinks=_choice("kinks", kinks, KINKS),
         promote=promote,
+        progress=progress,
     )
 
 
