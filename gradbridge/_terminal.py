@@ -40,4 +40,5 @@ def print_report(result: Any, file: Optional[TextIO] = None, color: Optional[boo
 
     from ._render_rich import report_renderable
 
-    Console(file=stream, force_terminal=True, highlight=False, soft_wrap=False).print(report_renderable(result))
+    Console(file=stream, force_terminal=True, no_color=False, color_system="standard", highlight=False,
+            soft_wrap=False).print(report_renderable(result))

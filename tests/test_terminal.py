@@ -49,6 +49,8 @@ def test_no_color_environment_turns_colours_off(monkeypatch):
         def isatty(self):
             return True
 
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
     assert wants_color(Terminal())
     monkeypatch.setenv("NO_COLOR", "1")
     assert not wants_color(Terminal())
