@@ -9,6 +9,7 @@ are imported only when a check needs them.
 """
 
 from ._api import assert_check, check
+from ._cases import case
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
 from ._report import Report, RowResult, WorstElement
@@ -19,4 +20,5 @@ __all__ = [
     "check", "assert_check", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
     "__version__",
+    "case",
 ]
