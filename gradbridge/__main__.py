@@ -2,4 +2,5 @@
 
 from ._cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    main()  # click's standalone mode: prints errors and exits with the command's exit code

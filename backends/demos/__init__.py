@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from gradbridge import _registry
 
@@ -29,21 +29,78 @@ def cases_for(backend: str) -> List[DemoCase]:
     return module.cases()
 
 
-def run_demo(backends: Optional[Sequence[str]] = None) -> int:
-    """Check every demo case of the chosen (default: installed) backends; print the reports."""
+@dataclass
+class DemoResult:
+    """One demo case checked: its report (``None`` when the check raised: ``error``) and what was expected."""
+
+    backend: str
+    case: DemoCase
+    report: Any = None
+    error: Optional[BaseException] = None
+
+    @property
+    def label(self) -> str:
+        return f"[{self.backend}] {self.case.title}"
+
+    @property
+    def expected(self) -> str:
+        """``"pass"`` for a correct case, ``"fail"`` for a seeded bug the check must catch."""
+        return "pass" if self.case.expect_pass else "fail"
+
+    @property
+    def as_expected(self) -> bool:
+        """The check gave the expected verdict (a correct case passed, a seeded bug was caught)."""
+        return self.error is None and bool(self.report.passed) == self.case.expect_pass
+
+
+def demo_results(backends: Optional[Sequence[str]] = None) -> Iterator[DemoResult]:
+    """Check every demo case of the chosen (default: installed) backends, yielding each as it is done.
+
+    A check that raises is yielded with ``error`` set (it counts as an unexpected verdict).
+    """
     from gradbridge import check
 
     names = list(backends) if backends else _registry.available_backends()
-    surprises = []
     for name in names:
         for case in cases_for(name):
-            report = check(case.fn, *case.args, backend=name, **case.options)
-            expected = "should pass" if case.expect_pass else "has a seeded bug, should be caught"
-            print(f"== [{name}] {case.title} ({expected})")
-            print(report)
-            print()
-            if report.passed != case.expect_pass:
-                surprises.append(f"{name}: {case.title}")
+            try:
+                report = check(case.fn, *case.args, backend=name, **case.options)
+            except Exception as exc:  # a broken framework install must not hide the other demos
+                yield DemoResult(name, case, error=exc)
+                continue
+            yield DemoResult(name, case, report)
+
+
+def describe_expectation(case: DemoCase) -> str:
+    return "correct: should pass" if case.expect_pass else "seeded bug: must be caught"
+
+
+def describe_outcome(result: DemoResult) -> str:
+    if result.error is not None:
+        return f"UNEXPECTED: the check raised {type(result.error).__name__}: {result.error}"
+    if result.case.expect_pass:
+        return "as expected: passed" if result.report.passed else "UNEXPECTED: a correct gradient failed the check"
+    return ("as expected: the seeded bug was caught" if not result.report.passed
+            else "UNEXPECTED: the seeded bug was not caught (the check passed)")
+
+
+def run_demo(backends: Optional[Sequence[str]] = None) -> int:
+    """Check every demo case of the chosen (default: installed) backends; print the reports.
+
+    Returns 0 when every correct case passed and every seeded bug was caught, else 1.
+    """
+    from gradbridge._terminal import print_report
+
+    names = list(backends) if backends else _registry.available_backends()
+    surprises = []
+    for result in demo_results(names):
+        print(f"== {result.label} ({describe_expectation(result.case)})")
+        if result.report is not None:
+            print_report(result.report)
+        print(f"=> {describe_outcome(result)}")
+        print()
+        if not result.as_expected:
+            surprises.append(result.label)
     if surprises:
         print("UNEXPECTED verdicts: " + "; ".join(surprises))
         return 1
