@@ -44,4 +44,5 @@ class GradientCheckError(GradbridgeError, AssertionError):
 
     def __init__(self, report: "Report") -> None:
         self.report = report
-        super().__init__("gradient check failed\n" + str(report))
+        # the first line is what pytest's short summary shows: say what failed
+        super().__init__(f"gradient check of {report.function} {report.summary()}\n" + str(report))

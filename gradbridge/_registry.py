@@ -77,7 +77,7 @@ def loaded_adapters() -> List[Adapter]:
     """Adapters whose framework is already imported by the user (numpy last: it is everyone's fallback)."""
     import sys
 
-    names = [n for n in KNOWN_BACKENDS if n != "numpy" and KNOWN_BACKENDS[n][1] in sys.modules]
+    names = [n for n in KNOWN_BACKENDS if n != "numpy" and sys.modules.get(KNOWN_BACKENDS[n][1]) is not None]
     return [get_adapter(n) for n in names] + [get_adapter("numpy")]
 
 

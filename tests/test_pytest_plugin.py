@@ -132,7 +132,7 @@ def test_failing_numpy_check_shows_the_worst_element_not_internals(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         ">       gradcheck(cube, X, grad=cube_grad_sign_flip)",   # the test's own line is where it points
-        "E       gradbridge._errors.GradientCheckError: gradient check failed",
+        "E       gradbridge._errors.GradientCheckError: gradient check of cube FAILED: 1 of 1 block(s) wrong: x",
         "E       gradbridge check of cube: FAILED  (FAILED: 1 of 1 block(s) wrong: x)",
         "E         x -> out: 1 of 5 compared entries outside tolerance*",
         "E           worst element x[[]2] -> out:",
