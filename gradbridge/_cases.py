@@ -329,13 +329,18 @@ def missing_modules(modules: Sequence[str]) -> List[str]:
 
 
 def _summary(result: Any) -> str:
+    """The result's one-line summary without its leading verdict word (the outcome line says it)."""
     summary = getattr(result, "summary", None)
     if callable(summary):
         try:
-            return str(summary())
+            text = str(summary())
         except Exception:  # a summary must not turn a verdict into an error
-            pass
-    return "passed" if result.passed else "failed"
+            return ""
+        for verdict in ("FAILED: ", "passed: ", "PASSED: "):
+            if text.startswith(verdict):
+                return text[len(verdict):]
+        return text
+    return ""
 
 
 def run_case(item: Case) -> CaseOutcome:
@@ -357,14 +362,15 @@ def run_case(item: Case) -> CaseOutcome:
         return CaseOutcome(item, "error", message=f"the case returned {what}; a case must return the result of "
                            "gb.check(...) or gb.compare(...)", seconds=seconds)
     summary = _summary(result)
+    summary = f": {summary}" if summary else ""
     if item.expect == "pass":
         if result.passed:
-            return CaseOutcome(item, "passed", result, f"the check passed ({summary})", seconds=seconds)
-        return CaseOutcome(item, "failed", result, f"the check failed ({summary})", seconds=seconds)
+            return CaseOutcome(item, "passed", result, f"the check passed{summary}", seconds=seconds)
+        return CaseOutcome(item, "failed", result, f"the check failed{summary}", seconds=seconds)
     if result.passed:
         return CaseOutcome(item, "failed", result, "the check passed, but this case declares a seeded bug "
                            "(expect='fail') that it must catch", seconds=seconds)
-    return CaseOutcome(item, "passed", result, f"seeded bug caught ({summary})", seconds=seconds)
+    return CaseOutcome(item, "passed", result, f"seeded bug caught, the check failed{summary}", seconds=seconds)
 
 
 __all__ = ["case", "CaseSpec", "Case", "CaseOutcome", "CaseFileError", "load_cases", "run_case", "parse_target",

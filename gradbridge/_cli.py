@@ -49,8 +49,8 @@ class _Main(click.Group):
              complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if standalone_mode:
             return super().main(args, prog_name, complete_var, True, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
+        try:  # called from Python: name the program as the console script does
+            code = super().main(args, prog_name or "gradbridge", complete_var, False, **extra)
         except click.ClickException as exc:
             exc.show()
             return exc.exit_code
