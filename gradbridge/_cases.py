@@ -273,7 +273,7 @@ def collect_cases(module: ModuleType, path: Path) -> List[Case]:
     for item in found:
         if item.name in names:
             raise CaseFileError(f"{path.name}: two cases are named {item.name!r} (functions "
-                                f"{names[item.name].function_name} and {item.function_name}); give one "
+                                f"{names[item.name].function_name} and {item.function_name}); give one of them "
                                 "another name=")
         names[item.name] = item
     return found

@@ -433,3 +433,20 @@ def test_run_demo_still_works_from_python(capsys):
     assert run_demo(["numpy"]) == 0
     out = capsys.readouterr().out
     assert "=> as expected: the seeded bug was caught" in out and "gradbridge check of softmax_loss" in out
+
+
+def test_two_cases_with_one_name_is_a_usage_error(runner, tmp_path):
+    path = write(tmp_path, "dup.py", '''
+        import gradbridge as gb
+
+        @gb.case(name="same")
+        def first():
+            pass
+
+        @gb.case(name="same")
+        def second():
+            pass
+    ''')
+    result = invoke(runner, "check", path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "dup.py: two cases are named 'same' (functions first and second)" in result.stderr
