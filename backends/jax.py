@@ -46,13 +46,14 @@ from contextlib import contextmanager
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
+from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_specs
@@ -521,6 +522,32 @@ class JaxAdapter:
         problem = JaxProblem(spec, arguments, values, candidates, positions, leaves, chosen)
         x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).reshape(-1) for i in chosen])
         return JaxPrepared(problem, lambda *parts: problem.call(parts), x0)
+
+    # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
+
+    def to_numpy(self, value: Any) -> Optional[np.ndarray]:
+        if not isinstance(value, jax.Array) or _is_key(value):
+            return None
+        return np.array(value, copy=True)
+
+    def from_numpy(self, array: np.ndarray) -> jax.Array:
+        """A JAX array of ``array``'s dtype: made in the 64-bit scope, so float64 stays float64 (the user's
+        ``jax_enable_x64`` setting is untouched afterwards)."""
+        with enable_float64():
+            return jnp.asarray(np.array(array, copy=True))
+
+    def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
+        return None  # JAX functions are pure: parameters always come as the dict argument (the pytree)
+
+    def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
+                    grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
+        """The flat dict ``{name: float64 array}`` (the parameter pytree) as ``fn``'s first argument."""
+        if params is None:
+            return ParamBinding(fn=fn)
+        native = {name: self.from_numpy(array) for name, array in params.items()}
+        pairs, _ = jax.tree_util.tree_flatten_with_path(native)  # dict keys come sorted
+        names = {"params" + jax.tree_util.keystr(path): path[0].key for path, _ in pairs}
+        return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",), names=names)
 
 
 ADAPTER = JaxAdapter()

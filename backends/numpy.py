@@ -12,11 +12,11 @@ dtype (float32, float16, and bfloat16 arrays of ``ml_dtypes`` where it is instal
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gradbridge._adapter import CheckSpec, LeafSpec
+from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import output_leaves, output_specs
@@ -218,6 +218,55 @@ class NumpyAdapter:
             lambda v: (np.shape(v), str(np.asarray(v).dtype), _floating(v)))
         leaves, chosen = layout_leaves(candidates, spec.wrt)
         return NumpyPrepared(spec, candidates, leaves, chosen, rebuild_args)
+
+    # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
+
+    def to_numpy(self, value: Any) -> Optional[np.ndarray]:
+        return np.asarray(value) if _is_array(value) else None
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
+        return None  # NumPy has no modules: parameters always come as the dict argument
+
+    def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
+                    grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
+        """``fn(params, *args)`` and ``grad(params, *args)`` (or ``grad(cotangent, params, *args)``) get the
+        flat parameter dict first; ``grad`` returns ``(dict of parameter gradients, gradient of each
+        floating argument...)``, flattened here into the one-per-leaf order the check expects."""
+        if params is None:
+            return ParamBinding(fn=fn, grad=grad)
+        native = {name: self.from_numpy(array) for name, array in params.items()}
+        leaves, _ = flatten(native, "params", _is_array)
+        names = {leaf.path: name for leaf, name in zip(leaves, native)}
+        return ParamBinding(fn=fn, grad=_ParamGradient(grad, list(native)) if grad is not None else None,
+                            leading_args=(native,), leading_names=("params",), names=names)
+
+
+class _ParamGradient:
+    """The user's ``grad`` for a function taking a parameter dict first: its ``(dict, *rest)`` result as
+    one flat tuple, parameters in the dict's order (the order of the check's leaves)."""
+
+    def __init__(self, grad: Callable[..., Any], order: List[str]) -> None:
+        self.grad = grad
+        self.order = order
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
+        result = self.grad(*args, **kwargs)
+        if isinstance(result, Mapping):
+            head, rest = result, []
+        elif isinstance(result, (tuple, list)) and result and isinstance(result[0], Mapping):
+            head, rest = result[0], list(result[1:])
+        else:
+            raise FunctionEvaluationError(
+                "grad: with params=, grad must return (dict of gradients by parameter name, gradient of each "
+                f"floating argument...), got {type(result).__name__}")
+        missing = [name for name in self.order if name not in head]
+        if missing:
+            raise FunctionEvaluationError(f"grad: the returned dict has no gradient for parameter(s) "
+                                          f"{', '.join(repr(n) for n in missing)}")
+        return tuple([head[name] for name in self.order] + rest)
 
 
 ADAPTER = NumpyAdapter()

@@ -44,7 +44,7 @@ import contextlib
 import os
 import random
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import of TensorFlow: no INFO/WARNING spam
 
@@ -54,12 +54,13 @@ from tensorflow.python.eager import context as _tf_context
 from tensorflow.python.ops import custom_gradient as _tf_custom_gradient
 from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
-from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
+from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._precision import DTYPE_EPS
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
+from gradbridge._tree import flatten
 
 from ._lowprec import own_precision
 
@@ -703,6 +704,72 @@ class TensorFlowAdapter:
                 notes.append(f"fn cannot run in float64 ({failure}), so it runs in the dtypes it was given")
         notes.extend(_notes(problem, model))
         return TensorFlowPrepared(problem, problem.call, x0, notes=notes)
+
+    # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
+
+    def to_numpy(self, value: Any) -> Optional[np.ndarray]:
+        if not _is_tensor(value):
+            return None
+        return np.array(value.numpy(), copy=True)
+
+    def from_numpy(self, array: np.ndarray) -> tf.Tensor:
+        return tf.constant(np.array(array, copy=True))
+
+    def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
+        """A Keras model's (or layer's) trainable variables, by path relative to the model with "/" as "."."""
+        if not _is_keras_layer(fn):
+            if isinstance(fn, tf.Module):
+                raise InvalidArgumentError(
+                    f"params: the tf.Variables of a {type(fn).__name__} (a tf.Module) cannot be loaded without "
+                    "writing to them in their own dtype; pass a function fn(params, *args) reading the parameter "
+                    "dict, or a Keras model")
+            return None
+        if not fn.built and not fn.variables:
+            raise InvalidArgumentError(
+                f"params: the Keras {type(fn).__name__} {fn.name!r} is not built yet, so it has no weights to load; "
+                "call it once on an input (or build it) first")
+        names = _keras_names(fn)
+        trainable = {id(v) for v in fn.trainable_variables}
+        required = {names[p.name]: tuple(int(d) for d in p.variable.shape) for p in _keras_params(fn)}
+        unsupported = {_relative_name(fn, v.path): "a non-trainable Keras variable: gb.compare loads trainable "
+                       "variables only (the model's own value is used)" for v in fn.variables if id(v) not in trainable}
+        return ExpectedParams(f"Keras {type(fn).__name__} {fn.name!r}", 'variable paths relative to the model, "/" '
+                              'written as "."', required, {}, unsupported)
+
+    def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
+                    grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
+        """A Keras model: checked with ``params=model``; its variables are never written (the check reads
+        them through shadow variables, which the core sets to the given values). A plain function: the flat
+        dict of float64 tensors as first argument."""
+        if _is_keras_layer(fn):
+            note = "" if params is None else (f"Keras {type(fn).__name__} {fn.name!r}: params loaded by variable "
+                                              "path into the check's float64 shadow variables (the model is untouched)")
+            return ParamBinding(fn=fn, params=fn, names=_keras_names(fn), signature=getattr(fn, "call", fn), note=note)
+        if params is None:
+            return ParamBinding(fn=fn)
+        if isinstance(fn, tf.Module):
+            self.expected_params(fn)  # raises: a tf.Module's variables cannot be loaded
+        native = {name: self.from_numpy(array) for name, array in params.items()}
+        leaves, _ = flatten(native, "params", _is_tensor)
+        return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
+                            names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+
+def _keras_params(model: Any) -> List[_Param]:
+    """The check's parameters of a Keras model or layer (named by variable path, as ``params=model`` names them)."""
+    return _unique([(v.path, v) for v in _dedupe(list(model.trainable_variables))])
+
+
+def _relative_name(model: Any, path: str) -> str:
+    """A variable path relative to ``model`` (its own name dropped, as Sequential and functional models prefix
+    it) with "/" written as "." (``sequential/dense/kernel`` -> ``dense.kernel``)."""
+    prefix = f"{model.name}/"
+    return (path[len(prefix):] if path.startswith(prefix) else path).replace("/", ".")
+
+
+def _keras_names(model: Any) -> Dict[str, str]:
+    """The check's leaf name of each trainable variable -> its common (dotted, relative) name."""
+    return {p.name: _relative_name(model, p.name) for p in _keras_params(model)}
 
 
 def _probe(problem: TensorFlowProblem, x0: np.ndarray) -> Optional[str]:

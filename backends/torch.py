@@ -21,17 +21,19 @@ then widened to float64 for the core.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import copy
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from gradbridge._adapter import CheckSpec, LeafSpec, ProblemBackedFunction
+from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
+from gradbridge._tree import flatten
 
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
@@ -468,6 +470,64 @@ class TorchAdapter:
                                module, module_state, data_swap, device)
         x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
         return TorchPrepared(problem, problem.forward, x0)
+
+    # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
+
+    def to_numpy(self, value: Any) -> Optional[np.ndarray]:
+        if not isinstance(value, torch.Tensor):
+            return None
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        return value.resolve_conj().resolve_neg().numpy().copy()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(array, copy=True))
+
+    def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
+        """An ``nn.Module``'s parameters by ``state_dict`` name (required) and its buffers (optional)."""
+        if not isinstance(fn, torch.nn.Module):
+            return None
+        required = {name: tuple(p.shape) for name, p in fn.named_parameters(remove_duplicate=True)}
+        optional = {name: tuple(t.shape) for name, t in fn.state_dict(keep_vars=True).items() if name not in required}
+        return ExpectedParams(f"torch module {type(fn).__name__}", "state_dict names", required, optional)
+
+    def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
+                    grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
+        """A module: a float64 deep copy with ``params`` loaded through ``load_state_dict`` (the user's
+        module is never touched). A plain function: the flat dict of float64 tensors as first argument."""
+        if isinstance(fn, torch.nn.Module):
+            if params is None:
+                return ParamBinding(fn=fn, signature=fn.forward)
+            loaded = _float64_copy_with(fn, params)
+            return ParamBinding(fn=loaded, signature=loaded.forward,
+                                note=f"torch module {type(fn).__name__}: params loaded by state_dict name into a "
+                                     "float64 copy (the module itself is untouched)")
+        if params is None:
+            return ParamBinding(fn=fn)
+        native = {name: self.from_numpy(array) for name, array in params.items()}
+        leaves, _ = flatten(native, "params", _is_tensor)
+        return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
+                            names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+
+def _float64_copy_with(module: torch.nn.Module, params: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    """A deep copy of ``module`` in float64 with the given state_dict entries loaded (exactly: float64 into
+    float64; integer buffers keep their dtype)."""
+    try:
+        loaded = copy.deepcopy(module)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"params: the torch module {type(module).__name__} cannot be deep-copied ({type(exc).__name__}: {exc}); "
+            "gb.compare loads params into a copy so that your module stays untouched. Pass a function "
+            "fn(params, *args) instead (e.g. with torch.func.functional_call)") from exc
+    loaded = loaded.to(torch.float64)
+    state = loaded.state_dict()
+    for name, array in params.items():
+        target = state[name]
+        state[name] = torch.as_tensor(np.asarray(array)).to(dtype=target.dtype, device=target.device)
+    loaded.load_state_dict(state, strict=True)
+    return loaded
 
 
 def _checkable(tensor: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ are imported only when a check needs them.
 
 from ._api import assert_check, check
 from ._cases import case
+from ._compare import Comparison, Implementation, PairDifference, compare
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
 from ._report import Report, RowResult, WorstElement
@@ -21,4 +22,5 @@ __all__ = [
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
     "__version__",
     "case",
+    "compare", "Comparison", "Implementation", "PairDifference",
 ]

@@ -9,8 +9,9 @@ names a framework: everything framework-specific sits behind these two protocols
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from dataclasses import dataclass, field
+from typing import (Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 import numpy as np
 
@@ -126,6 +127,91 @@ class Adapter(Protocol):
     def version(self) -> str: ...
 
     def prepare(self, spec: CheckSpec) -> PreparedFunction: ...
+
+
+@dataclass
+class ExpectedParams:
+    """The parameters an implementation owns (a module's or a model's), for :func:`gradbridge.compare` to
+    validate ``params=`` against before anything runs.
+
+    Attributes:
+        owner: what owns them, for messages (e.g. ``torch module MLP``, ``Keras model 'mlp'``).
+        convention: how the names are formed (e.g. ``state_dict names``).
+        required: name -> shape of every parameter that must be given.
+        optional: name -> shape of values that may be given (e.g. a torch module's buffers).
+        unsupported: name -> why a value the implementation owns cannot be loaded from ``params``.
+    """
+
+    owner: str
+    convention: str
+    required: Dict[str, Tuple[int, ...]]
+    optional: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    unsupported: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ParamBinding:
+    """How one implementation of :func:`gradbridge.compare` receives the compared parameters.
+
+    The core builds the implementation's :class:`CheckSpec` from it: ``fn``/``grad``/``params`` replace the
+    user's, ``leading_args`` (named ``leading_names``) go before the user's positional arguments.
+
+    Attributes:
+        fn: the function to check (the user's, or a module copy with the parameters loaded).
+        grad: the NumPy gradient function to use (the user's, adapted to the parameter dict).
+        params: what to pass as ``CheckSpec.params``.
+        leading_args: positional arguments placed before the user's (the flat parameter dict of a plain
+            function).
+        leading_names: the argument names to give ``leading_args`` in ``CheckSpec.arg_names``.
+        names: the adapter's leaf name -> the common (dotted) parameter name, for every parameter leaf.
+        signature: the callable whose signature names the user's positional arguments (a module's forward).
+        note: something the report should say about the binding (what was copied or loaded).
+    """
+
+    fn: Callable[..., Any]
+    grad: Optional[Callable[..., Any]] = None
+    params: Any = None
+    leading_args: Tuple[Any, ...] = ()
+    leading_names: Tuple[str, ...] = ()
+    names: Mapping[str, str] = field(default_factory=dict)
+    signature: Optional[Callable[..., Any]] = None
+    note: str = ""
+
+
+class CompareAdapter(Protocol):
+    """What :func:`gradbridge.compare` needs from an adapter on top of :class:`Adapter`.
+
+    The core converts every array once to NumPy and then to each implementation's own arrays, and loads
+    the one flat ``{dotted name: float64 array}`` parameter mapping into each implementation, without
+    knowing any framework:
+
+    * a module or model (torch ``nn.Module``, Keras layer) owns named parameters: ``expected_params``
+      lists them (the core checks names and shapes and raises a clear error), ``bind_params`` loads the
+      values without touching the user's object (a float64 copy with the values loaded, or a binding
+      whose parameter leaves the core points at the given values, see below);
+    * a plain function receives the parameters as its first positional argument, a flat dict
+      ``{name: native array}`` (``leading_args``), whose leaves ``names`` maps back to the dotted names.
+
+    The core then prepares the check as usual and sets every parameter leaf of ``x0`` (found through
+    ``names``) to the given value before the first evaluation, so each implementation runs at exactly the
+    same point; an adapter must read ``x0`` only when evaluating or differentiating, never cache it earlier.
+    """
+
+    def to_numpy(self, value: Any) -> Optional[np.ndarray]:
+        """``value`` (one of this framework's arrays or variables) as a NumPy array in its own dtype
+        (bfloat16 may come as float32); None when ``value`` is no array (a module, a function)."""
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """A new native array with ``array``'s values and dtype (float64 stays float64, ints stay ints)."""
+
+    def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
+        """The parameters ``fn`` owns when it is a module or model; None for a plain function."""
+
+    def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
+                    grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
+        """How ``fn`` receives ``params`` (already validated against :meth:`expected_params`; float64
+        arrays). With ``params=None`` nothing is loaded, but ``names`` still maps a module's parameter
+        leaves to their common names."""
 
 
 class ProblemBackedFunction:
