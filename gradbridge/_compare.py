@@ -640,10 +640,12 @@ def _own_check(run: _Run, options: Options, selected: Optional[Set[str]],
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
     try:
-        return run_check(prepared, options, report)
+        run_check(prepared, options, report)
     except GradbridgeError as exc:
         report.problem = f"the check could not run: {exc}"
-        return report
+    for row in report.rows:  # the leaves by their common names, as everywhere in the comparison
+        row.input = run.binding.names.get(row.input, row.input)
+    return report
 
 
 # --- selection and pairwise differences ---
@@ -738,14 +740,23 @@ def _finite_max(arrays: Sequence[np.ndarray]) -> float:
     return best
 
 
+def leaf_order(runs: Sequence[_Run]) -> List[str]:
+    """Every gradient leaf's common name, inputs first (in argument order), then parameters in the order the
+    first implementation lists them."""
+    names = list(dict.fromkeys(n for r in runs for n in r.gradients))
+    params = {n for r in runs for n in r.binding.names.values()}
+    return [n for n in names if n not in params] + [n for n in names if n in params]
+
+
 def _pairs(runs: Sequence[_Run], selected: Optional[Set[str]], rtol: float, atol: float) -> List[PairDifference]:
     """Every pair of implementations: their common output values, then their common gradient leaves."""
     pairs = []
+    order = leaf_order(runs)
     for one, other in itertools.combinations(runs, 2):
-        for quantity, a_side, b_side, order in (
+        for quantity, a_side, b_side, names in (
                 ("value", one.values, other.values, one.output_order),
-                ("gradient", one.gradients, other.gradients, list(one.gradients))):
-            leaves = [n for n in order if n in b_side and a_side[n].shape == b_side[n].shape
+                ("gradient", one.gradients, other.gradients, order)):
+            leaves = [n for n in names if n in a_side and n in b_side and a_side[n].shape == b_side[n].shape
                       and (quantity == "value" or selected is None or n in selected)]
             scale_all = _finite_max([a_side[n] for n in leaves] + [b_side[n] for n in leaves])
             for leaf in leaves:
@@ -757,24 +768,26 @@ def _pairs(runs: Sequence[_Run], selected: Optional[Set[str]], rtol: float, atol
 
 
 def _conversion_notes(source: Set[str], params: Optional[Dict[str, np.ndarray]]) -> List[str]:
-    given = " and ".join(sorted(source)) or "Python values"
-    notes = [f"every implementation ran in float64 at the same point: inputs{' and params' if params else ''} "
-             f"given as {given} arrays, converted to float64 NumPy once, then to each framework's arrays"]
-    return notes
+    given = f"{' and '.join(sorted(source))} arrays" if source else "Python values"
+    return [f"every implementation ran in float64 at the same point: inputs{' and params' if params else ''} "
+            f"given as {given}, converted to float64 NumPy once, then to each framework's arrays"]
 
 
 def _coverage_notes(runs: Sequence[_Run], selected: Optional[Set[str]]) -> List[str]:
     """Leaves that only some implementations differentiate (compared among those only)."""
     notes = []
-    names = list(dict.fromkeys(n for r in runs for n in r.gradients))
-    for name in names:
+    for name in leaf_order(runs):
         if selected is not None and name not in selected:
             continue
         having = [r.entry.label for r in runs if name in r.gradients]
         if len(having) < len(runs):
             lacking = [r.entry.label for r in runs if name not in r.gradients]
-            notes.append(f"the gradient of {name!r} is compared among {', '.join(having)} only: "
-                         f"{', '.join(lacking)} do(es) not differentiate it (not floating, frozen, or not an input)")
+            why = (f"{_and(lacking)} {'holds' if len(lacking) == 1 else 'hold'} it fixed (a buffer, a frozen "
+                   f"parameter, a non-floating value) or {'does' if len(lacking) == 1 else 'do'} not take it")
+            if len(having) == 1:
+                notes.append(f"the gradient of {name!r} is not compared: only {having[0]} differentiates it; {why}")
+            else:
+                notes.append(f"the gradient of {name!r} is compared among {_and(having)} only: {why}")
     return notes
 
 
@@ -798,6 +811,11 @@ def _majority(labels: Sequence[str], disagree: Set[frozenset]) -> Optional[Tuple
     if len(groups) == 1 and 2 <= len(groups[0]) < len(labels):
         return groups[0]
     return None
+
+
+def _at(leaf: str, index: Sequence[int]) -> str:
+    """``leaf[i, j]`` (just ``leaf`` for a scalar)."""
+    return f"{leaf}[{', '.join(str(i) for i in index)}]" if index else leaf
 
 
 def _and(items: Sequence[str]) -> str:
@@ -882,8 +900,8 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
             continue
         involved = [x for x in having if any(x in p for p in disagree)]
         suspects.update(involved)
-        where = f"largest relative difference {worst.max_rel_diff:.2e} at {leaf}{list(worst.worst_index)}: " \
-                f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})"
+        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(leaf, worst.worst_index)}: "
+                 f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
         if len(having) == 2:
             sentences.append(
                 f"{_and(involved)} compute different values of '{leaf}' ({where}): at least one forward pass is "
@@ -906,7 +924,7 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
                        + ": fix the forward first." if grads else "")
         sentences.append(
             f"{label}: value of {_quoted(leaves)} disagrees with {_and(majority)}, which agree with each other "
-            f"(largest relative difference {worst.max_rel_diff:.2e} at {worst.leaf}{list(worst.worst_index)}): "
+            f"(largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}): "
             f"{label}'s forward pass is wrong; look at how it computes {_quoted(leaves)} (weight layout or transpose, "
             f"a missing bias or term, an axis, an epsilon, a different convention).{consequence}")
     return suspects, sentences
@@ -917,8 +935,7 @@ def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
     backward: Dict[str, Dict[str, List[str]]] = {}  # label -> leaf -> implementations it disagrees with
     grouped: Dict[Tuple[str, Tuple[str, ...], Tuple[str, ...]], List[str]] = {}
     sentences = []
-    leaves = list(dict.fromkeys(n for label in facts.labels for n in facts.runs[label].gradients))
-    for leaf in leaves:
+    for leaf in leaf_order(list(facts.runs.values())):
         key = ("gradient", leaf)
         if key not in facts.disagree:
             continue  # not compared (wrt)
@@ -950,8 +967,8 @@ def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
         analytic = getattr(facts.runs[label].prepared, "analytic_source", "its gradient code")
         sentences.append(
             f"{label}: gradient of {_quoted(names)} disagrees with {_and(partners)}, and {label}'s own "
-            f"finite-difference check fails on {_quoted(names)}: {label}'s backward pass is wrong; look at "
-            f"{analytic} for {_quoted(names)}")
+            f"finite-difference check fails on {_quoted(names)}: {label}'s backward pass is wrong; look at the "
+            f"gradient code behind {_quoted(names)} ({analytic})")
     for (kind, who, majority), names in grouped.items():
         sentences.append(_unexplained_sentence(facts, kind, who, majority, names))
     return sentences
@@ -971,7 +988,7 @@ def _unexplained(facts: _Facts, leaf: str, having: Sequence[str], failing: Seque
 def _unexplained_sentence(facts: _Facts, kind: str, who: Tuple[str, ...], majority: Tuple[str, ...],
                           leaves: Sequence[str]) -> str:
     worst = max((facts.worst[("gradient", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
-    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {worst.leaf}{list(worst.worst_index)}: "
+    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}: "
              f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
     names = _quoted(leaves)
     if not facts.checked:
@@ -1014,15 +1031,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
 def render_comparison(comparison: Comparison) -> str:
     """Plain text: header, pairwise table, verdicts, each own check's summary and failing details, notes."""
     verdict = "PASSED" if comparison.passed else "FAILED"
-    lines = [f"gradbridge compare of {comparison.function}: {verdict}  ({comparison.summary()})",
+    lines = [f"gradbridge compare of {comparison.function}: {verdict}  ({comparison.summary().split(': ', 1)[-1]})",
              "  implementations: " + ", ".join(f"{label} ({comparison.backends.get(label, '?')})"
                                                for label in comparison.implementations)
              + f" | {comparison.seconds:.3f} s",
              f"  tolerance: {comparison.tolerance}", ""]
     rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf, _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
              "ok" if p.passed else "DIFFER",
-             "-" if p.passed and p.max_abs_diff == 0 else
-             f"{p.leaf}{list(p.worst_index) if p.worst_index else ''}: {p.first_value:.10g} vs {p.second_value:.10g}"]
+             "" if p.passed else f"{_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
+             + (f" ({p.mismatches} of {int(np.prod(p.shape, dtype=np.int64))} outside)" if p.shape else "")]
             for p in comparison.pairs]
     lines.extend(_table(("pair", "quantity", "leaf", "max |a-b|", "rel diff", "verdict", "worst element"), rows))
     if comparison.verdicts:

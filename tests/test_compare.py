@@ -430,6 +430,93 @@ def test_wrt_narrows_the_compared_gradients():
     assert all(len(report.rows) == 2 for report in comparison.checks.values())
 
 
+def test_integer_inputs_and_kwargs_pass_through_converted_and_tuple_outputs_compare_by_name():
+    """An index array reaches each framework as its own integer array (never differentiated), kwargs
+    arrays are converted too, and each output of a tuple is compared under its name."""
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    def gather_torch(x, idx, scale):
+        assert idx.dtype == torch.int64 and scale.dtype == torch.float64
+        return (x[idx] * scale).sum(), torch.sin(x[idx])
+
+    def gather_jax(x, idx, scale):
+        assert idx.dtype == jnp.int64 and scale.dtype == jnp.float64
+        return (x[idx] * scale).sum(), jnp.sin(x[idx])
+
+    def gather_numpy(x, idx, scale):
+        return (x[idx] * scale).sum(), np.sin(x[idx])
+
+    def gather_vjp(cotangent, x, idx, scale):
+        g = np.zeros_like(x)
+        np.add.at(g, idx, cotangent[0] * scale + cotangent[1] * np.cos(x[idx]))
+        return g
+
+    comparison = gb.compare({"torch": gather_torch, "jax": gather_jax, "numpy": (gather_numpy, gather_vjp)},
+                            make_x(), np.array([0, 2, 4, 2]), kwargs={"scale": np.array(2.0)})
+
+    assert comparison.passed, str(comparison)
+    assert {p.leaf for p in comparison.pairs if p.quantity == "value"} == {"out[0]", "out[1]"}
+    assert {p.leaf for p in comparison.pairs if p.quantity == "gradient"} == {"x"}
+    assert any("vector-Jacobian" in n for n in comparison.notes)
+
+
+def test_different_output_structures_are_a_mismatch_and_the_common_outputs_still_compare():
+    require_backend("jax")
+    import jax.numpy as jnp
+
+    def with_aux(x):
+        return (jnp.sum(x ** 2), jnp.tanh(x))
+
+    def loss_only(x):
+        return (np.sum(x ** 2),)
+
+    comparison = gb.compare({"jax": with_aux, "numpy": (loss_only, lambda x: 2 * x)},
+                            make_x(), own_check=False)
+
+    assert not comparison.passed and all(p.passed for p in comparison.pairs)
+    assert [p.leaf for p in comparison.pairs if p.quantity == "value"] == ["out[0]"]
+    (mismatch,) = comparison.mismatches
+    assert "out[1] (5, 3)" in mismatch and comparison.verdicts == [mismatch]
+
+
+def test_torch_buffers_may_be_given_and_are_loaded_into_the_copy():
+    require_backend("torch")
+    import torch
+
+    class Normalized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+            self.bn = torch.nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    def normalized(params, x):
+        y = x @ params["fc.weight"].T + params["fc.bias"]
+        scale = params["bn.weight"] / np.sqrt(params["bn.running_var"] + 1e-5)
+        return (y - params["bn.running_mean"]) * scale + params["bn.bias"]
+
+    def normalized_vjp(cotangent, params, x):
+        y = x @ params["fc.weight"].T + params["fc.bias"]
+        root = np.sqrt(params["bn.running_var"] + 1e-5)
+        g = cotangent * params["bn.weight"] / root
+        return ({"fc.weight": g.T @ x, "fc.bias": g.sum(0), "bn.weight": (cotangent * (y - params["bn.running_mean"])
+                 / root).sum(0), "bn.bias": cotangent.sum(0), "bn.running_mean": -g.sum(0),
+                 "bn.running_var": (-0.5 * g * (y - params["bn.running_mean"]) / root ** 2).sum(0)}, g @ params["fc.weight"])
+
+    model = Normalized()
+    params = {k: v.detach().double().numpy() + 0.5 for k, v in model.state_dict().items() if k != "bn.num_batches_tracked"}
+    comparison = gb.compare({"torch": model, "numpy": (normalized, normalized_vjp)}, make_x(), params=params)
+
+    assert comparison.passed, str(comparison)
+    assert any("'bn.running_mean' is not compared: only numpy differentiates it" in n for n in comparison.notes)
+    assert torch.equal(model.bn.running_var, torch.ones(2))  # the module itself was not loaded
+
+
 @pytest.mark.parametrize("op", ["softmax", "logsumexp", "layernorm", "conv1d", "matmul_chain"])
 def test_correct_ports_of_ordinary_ops_never_cry_wolf(op):
     """Large, badly scaled inputs through ops that cancel: rounding differences stay inside the tolerance."""
