@@ -34,6 +34,8 @@ DEFAULT_RTOL = 1e-7
 LEAF_SCALE = 1e-2
 #: Share of the largest entry of all leaves of the same quantity (a leaf that is zero up to round-off).
 GLOBAL_SCALE = 1e-4
+#: Most elements outside the tolerance listed per pair (the count is always complete).
+OUTSIDE_LISTED = 20
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
 CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_size", "budget", "kinks", "progress")
 
@@ -58,7 +60,8 @@ class PairDifference:
     ``max_rel_diff`` is the largest ``|a - b|`` relative to the scale the tolerance uses (so, with
     ``atol=0``, the pair passes when it is at most ``rtol``); ``worst_index`` is the element furthest outside
     its tolerance (or closest to it), where ``first_value``/``second_value`` are read; ``allowed`` is the
-    tolerance there.
+    tolerance there. ``mismatches`` counts the elements outside the tolerance, ``outside`` lists the first
+    :data:`OUTSIDE_LISTED` of them.
     """
 
     first: str
@@ -74,6 +77,7 @@ class PairDifference:
     second_value: float
     shape: Tuple[int, ...] = ()
     mismatches: int = 0
+    outside: List[Tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -703,16 +707,16 @@ def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:
 
 
 def difference(first: np.ndarray, second: np.ndarray, rtol: float, atol: float, scale_all: float
-               ) -> Tuple[float, float, float, bool, Tuple[int, ...], float, float, int]:
+               ) -> Tuple[float, float, float, bool, Tuple[int, ...], float, float, int, List[Tuple[int, ...]]]:
     """Compare two arrays under the pairwise rule.
 
     Returns (max |a-b|, max relative difference, allowed at the worst element, passed, worst index,
-    a and b there, number of elements outside). Non-finite entries agree only when equal.
+    a and b there, number of elements outside, the first of them). Non-finite entries agree only when equal.
     """
     a = np.asarray(first, dtype=np.float64)
     b = np.asarray(second, dtype=np.float64)
     if a.size == 0:
-        return 0.0, 0.0, atol, True, (), 0.0, 0.0, 0
+        return 0.0, 0.0, atol, True, (), 0.0, 0.0, 0, []
     same = (a == b) | (np.isnan(a) & np.isnan(b))
     with np.errstate(invalid="ignore"):
         diff = np.where(same, 0.0, np.abs(a - b))
@@ -726,9 +730,10 @@ def difference(first: np.ndarray, second: np.ndarray, rtol: float, atol: float, 
     ratio = np.where(np.isnan(ratio), np.inf, ratio)
     flat = int(np.argmax(ratio))
     index = tuple(int(i) for i in np.unravel_index(flat, a.shape)) if a.shape else ()
-    outside = int(np.count_nonzero(diff > allowed))
+    bad = np.argwhere(diff > allowed)
+    listed = [tuple(int(i) for i in row) for row in bad[:OUTSIDE_LISTED]]
     return (float(diff.max()), float(np.nan_to_num(relative, nan=np.inf).max()), float(allowed.reshape(-1)[flat]),
-            outside == 0, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat]), outside)
+            len(bad) == 0, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat]), len(bad), listed)
 
 
 def _finite_max(arrays: Sequence[np.ndarray]) -> float:
@@ -760,10 +765,10 @@ def _pairs(runs: Sequence[_Run], selected: Optional[Set[str]], rtol: float, atol
                       and (quantity == "value" or selected is None or n in selected)]
             scale_all = _finite_max([a_side[n] for n in leaves] + [b_side[n] for n in leaves])
             for leaf in leaves:
-                abs_diff, rel, allowed, ok, index, a, b, outside = difference(a_side[leaf], b_side[leaf], rtol, atol,
-                                                                              scale_all)
+                abs_diff, rel, allowed, ok, index, a, b, count, listed = difference(a_side[leaf], b_side[leaf], rtol,
+                                                                                   atol, scale_all)
                 pairs.append(PairDifference(one.entry.label, other.entry.label, quantity, leaf, abs_diff, rel,
-                                            allowed, ok, index, a, b, tuple(a_side[leaf].shape), outside))
+                                            allowed, ok, index, a, b, tuple(a_side[leaf].shape), count, listed))
     return pairs
 
 
@@ -850,9 +855,34 @@ class _Facts:
                     self.worst[key] = p
         self.own_failed: Dict[str, Set[str]] = {}
         self.checked = bool(comparison.checks)
+        self.kinks = _kink_indices(comparison.checks)
+        self.kink_pairs: Dict[str, List[PairDifference]] = {}  # leaf -> pairs differing at kinks only
+        self.kink_own: Dict[str, List[str]] = {}  # leaf -> labels whose own check fails at kinks only
+        for p in comparison.pairs:
+            if not p.passed and p.quantity == "gradient" and self._at_kinks_only(p):
+                self.kink_pairs.setdefault(p.leaf, []).append(p)
+                self.disagree[(p.quantity, p.leaf)].discard(frozenset((p.first, p.second)))
         for label, report in comparison.checks.items():
-            names = self.runs[label].binding.names
-            self.own_failed[label] = {names.get(row.input, row.input) for row in report.rows if not row.passed}
+            failed: Dict[str, List[Any]] = {}
+            for row in report.failures:
+                failed.setdefault(row.input, []).append(row)
+            self.own_failed[label] = set()
+            for leaf, rows in failed.items():
+                if all(self._kink_row(row) for row in rows):
+                    self.kink_own.setdefault(leaf, []).append(label)
+                else:
+                    self.own_failed[label].add(leaf)
+
+    def _at_kinks_only(self, pair: PairDifference) -> bool:
+        """Whether every element of the pair outside the tolerance is a non-differentiable point."""
+        kinks = self.kinks.get(pair.leaf, set())
+        return bool(pair.outside) and pair.mismatches == len(pair.outside) and set(pair.outside) <= kinks
+
+    def _kink_row(self, row: Any) -> bool:
+        """Whether an own-check row fails only at non-differentiable points (``kinks='fail'``/``'subgradient'``)."""
+        kinks = self.kinks.get(row.input, set())
+        return (row.status == "fail" and 0 < row.mismatches <= row.kinks
+                and (row.worst is None or tuple(row.worst.input_index) in kinks))
 
     def having(self, quantity: str, leaf: str) -> List[str]:
         side = "values" if quantity == "value" else "gradients"
@@ -865,6 +895,31 @@ class _Facts:
             if label in pair:
                 found.extend(x for x in pair if x != label)
         return [x for x in self.labels if x in found]
+
+
+def _kink_indices(checks: Mapping[str, Report]) -> Dict[str, Set[Tuple[int, ...]]]:
+    """Leaf -> the elements any own check found at a non-differentiable point (the same point for all)."""
+    kinks: Dict[str, Set[Tuple[int, ...]]] = {}
+    for report in checks.values():
+        for row in report.rows:
+            if row.order == 1:
+                kinks.setdefault(row.input, set()).update(tuple(k.input_index) for k in row.nondifferentiable)
+    return kinks
+
+
+def _kink_sentence(facts: "_Facts", leaf: str) -> str:
+    """Differences at non-differentiable points: subgradient conventions, not wrong gradients."""
+    points = sorted(facts.kinks.get(leaf, set()))
+    shown = ", ".join(_at(leaf, index) for index in points[:3]) + (", ..." if len(points) > 3 else "")
+    parts = [f"'{leaf}' sits at a non-differentiable point here ({shown}: the one-sided derivatives differ)"]
+    for p in facts.kink_pairs.get(leaf, []):
+        parts.append(f"{p.first} and {p.second} return different subgradients there ({_at(leaf, p.worst_index)}: "
+                     f"{p.first_value!r} vs {p.second_value!r})")
+    own = facts.kink_own.get(leaf, [])
+    if own:
+        parts.append(f"the own check of {_and(own)} fails only there (kinks= asks for it)")
+    return ("; ".join(parts) + ": a convention at a kink, not a wrong gradient; compare at a point away from it, or "
+            "align the conventions if they matter to you")
 
 
 def _verdicts(comparison: Comparison, runs: Sequence[_Run], selected: Optional[Set[str]]) -> List[str]:
@@ -939,6 +994,8 @@ def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
         key = ("gradient", leaf)
         if key not in facts.disagree:
             continue  # not compared (wrt)
+        if leaf in facts.kink_pairs or leaf in facts.kink_own:
+            sentences.append(_kink_sentence(facts, leaf))
         having = facts.having("gradient", leaf)
         disagree = facts.disagree[key]
         failing = [x for x in having if leaf in facts.own_failed.get(x, set())]

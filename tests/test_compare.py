@@ -388,6 +388,56 @@ def test_without_own_checks_a_wrong_gradient_is_named_by_majority():
     assert all(f"'{leaf}'" in sentence for leaf in ("x", "fc1.weight", "fc1.bias")) and "own_check=True" in sentence
 
 
+def test_gradients_that_differ_where_values_agree_point_at_the_odd_function():
+    """A port adds a term that is exactly zero at the compared point but not nearby: values agree, every own
+    check passes (each gradient is right for its own function), and the verdict names the odd one out."""
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    x0 = make_x()
+    anchored = torch.tensor(x0)
+
+    def torch_port(x):
+        return (x ** 2).sum() + (x - anchored).sum()
+
+    comparison = gb.compare({"torch": torch_port, "jax": lambda x: jnp.sum(x ** 2),
+                             "numpy": (lambda x: np.sum(x ** 2), lambda x: 2 * x)}, x0)
+
+    assert not comparison.passed
+    assert all(p.passed for p in comparison.pairs if p.quantity == "value")
+    assert all(report.passed for report in comparison.checks.values())
+    (sentence,) = comparison.verdicts
+    assert sentence.startswith("torch: gradient of 'x' disagrees with jax and numpy")
+    assert "values agree" in sentence and "look at torch's forward pass" in sentence
+
+
+def test_differences_at_a_kink_are_explained_as_subgradient_conventions():
+    """abs at 0: torch says 0, JAX says 1, both valid subgradients. With kinks='fail' the own checks fail there
+    too. Neither is called a wrong backward pass; options such as kinks= reach the own checks."""
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    x = np.array([0.0, 1.5, -2.0])
+    implementations = {"torch": lambda x: torch.abs(x).sum(), "jax": lambda x: jnp.sum(jnp.abs(x))}
+    comparison = gb.compare(implementations, x)
+
+    assert not comparison.passed and all(report.passed for report in comparison.checks.values())
+    (pair,) = comparison.failures
+    assert pair.outside == [(0,)] and (pair.first_value, pair.second_value) == (0.0, 1.0)
+    (sentence,) = comparison.verdicts
+    assert "non-differentiable point" in sentence and "different subgradients there (x[0]: 0.0 vs 1.0)" in sentence
+    assert "not a wrong gradient" in sentence
+
+    strict = gb.compare(implementations, x, kinks="fail")
+    assert not any(report.passed for report in strict.checks.values())
+    (sentence,) = strict.verdicts
+    assert "the own check of torch and jax fails only there" in sentence and "backward pass" not in sentence
+
+
 # --- inputs, parameters and labels in other forms ---
 
 def test_inputs_and_params_given_as_torch_tensors_are_converted_for_the_others():
