@@ -232,25 +232,18 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     rtol_value, atol_value = _tolerances(rtol, atol)
     if not isinstance(own_check, bool):
         raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"name: expected a string or None, got {type(name).__name__}")
     options = _own_check_options(check_options, seed)
-    call_kwargs = validate_kwargs(kwargs)
     source: Set[str] = set()
-    numpy_args, rebuild_args = _to_numpy_tree(tuple(args), "args", source)
-    numpy_kwargs, rebuild_kwargs = _to_numpy_tree(dict(call_kwargs), "kwargs", source)
+    inputs = _Inputs(args, validate_kwargs(kwargs), source)
     numpy_params = _params_to_numpy(params, source)
     for entry in entries:
         _validate_params(entry, numpy_params)
     bindings = [_bind(entry, numpy_params) for entry in entries]
     arg_names = _common_argument_names(bindings, len(args))
-    runs = []
-    for entry, binding in zip(entries, bindings):
-        run = _Run(entry, binding)
-        run.spec = CheckSpec(fn=binding.fn, args=binding.leading_args + _native(entry, numpy_args, rebuild_args),
-                             kwargs=_native(entry, numpy_kwargs, rebuild_kwargs), params=binding.params, wrt=None,
-                             grad=binding.grad, seed=seed, train=options.train,
-                             arg_names=tuple(binding.leading_names) + arg_names, promote=True)
-        run.prepared = _prepare(run, None, numpy_params)
-        runs.append(run)
+    runs = [_start(entry, binding, inputs, arg_names, options, seed, numpy_params)
+            for entry, binding in zip(entries, bindings)]
     selected = _select(wrt, runs, arg_names)
     notes = _conversion_notes(source, numpy_params)
     for run in runs:
@@ -261,19 +254,14 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         _gradient(run, cotangents[run.entry.label], numpy_params)
     pairs = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(_coverage_notes(runs, selected))
-    checks: Dict[str, Report] = {}
-    if own_check:
-        for run in runs:
-            checks[run.entry.label] = _own_check(run, options, selected, numpy_params)
+    notes.extend(b.note for b in bindings if b.note)
+    checks = {run.entry.label: _own_check(run, options, selected, numpy_params) for run in runs} if own_check else {}
     comparison = Comparison(
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
         tolerance=_describe_tolerance(rtol_value, atol_value), mismatches=mismatches)
-    comparison.verdicts = _verdicts(comparison, runs, selected)
-    for binding in bindings:
-        if binding.note and binding.note not in comparison.notes:
-            comparison.notes.append(binding.note)
+    comparison.verdicts = _verdicts(comparison, runs)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)
     return comparison
@@ -404,6 +392,17 @@ def _native(entry: _Entry, values: Sequence[Any], rebuild: Callable[[Sequence[An
     return rebuild([entry.adapter.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values])
 
 
+class _Inputs:
+    """The positional and keyword arguments, converted to NumPy once, rebuilt per framework on demand."""
+
+    def __init__(self, args: Sequence[Any], kwargs: Mapping[str, Any], source: Set[str]) -> None:
+        self.args, self._rebuild_args = _to_numpy_tree(tuple(args), "args", source)
+        self.kwargs, self._rebuild_kwargs = _to_numpy_tree(dict(kwargs), "kwargs", source)
+
+    def native(self, entry: "_Entry") -> Tuple[tuple, Dict[str, Any]]:
+        return _native(entry, self.args, self._rebuild_args), _native(entry, self.kwargs, self._rebuild_kwargs)
+
+
 def _params_to_numpy(params: Any, source: Set[str]) -> Optional[Dict[str, np.ndarray]]:
     """``params`` as one flat ``{dotted name: float64 array}`` (nested mappings joined with dots)."""
     if params is None:
@@ -511,6 +510,18 @@ class _Run:
 
     def common(self, leaf: LeafSpec) -> str:
         return self.binding.names.get(leaf.name, leaf.name)
+
+
+def _start(entry: _Entry, binding: ParamBinding, inputs: _Inputs, arg_names: Tuple[str, ...], options: Options,
+           seed: int, params: Optional[Dict[str, np.ndarray]]) -> _Run:
+    """The implementation's check spec (its own arrays, the parameters as it takes them) and prepared function."""
+    args, kwargs = inputs.native(entry)
+    run = _Run(entry, binding)
+    run.spec = CheckSpec(fn=binding.fn, args=tuple(binding.leading_args) + tuple(args), kwargs=kwargs,
+                         params=binding.params, wrt=None, grad=binding.grad, seed=seed, train=options.train,
+                         arg_names=tuple(binding.leading_names) + arg_names, promote=True)
+    run.prepared = _prepare(run, None, params)
+    return run
 
 
 def _prepare(run: _Run, wrt: Optional[Tuple[str, ...]], params: Optional[Dict[str, np.ndarray]]) -> PreparedFunction:
@@ -922,7 +933,7 @@ def _kink_sentence(facts: "_Facts", leaf: str) -> str:
             "align the conventions if they matter to you")
 
 
-def _verdicts(comparison: Comparison, runs: Sequence[_Run], selected: Optional[Set[str]]) -> List[str]:
+def _verdicts(comparison: Comparison, runs: Sequence[_Run]) -> List[str]:
     """Plain sentences: which side is wrong, on what, and where to look."""
     facts = _Facts(comparison, runs)
     sentences = list(comparison.mismatches)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -355,7 +354,6 @@ def test_small_relative_error_in_a_few_output_values_is_caught():
     """A non-scalar output 1e-4 off (relative) in two elements: a forward bug, named by majority; the
     gradients are vector-Jacobian products with one shared random cotangent."""
     require_backend("jax")
-    import jax.numpy as jnp
 
     correct = jax_mlp(vector=True)
 
@@ -554,12 +552,15 @@ def test_torch_buffers_may_be_given_and_are_loaded_into_the_copy():
         y = x @ params["fc.weight"].T + params["fc.bias"]
         root = np.sqrt(params["bn.running_var"] + 1e-5)
         g = cotangent * params["bn.weight"] / root
-        return ({"fc.weight": g.T @ x, "fc.bias": g.sum(0), "bn.weight": (cotangent * (y - params["bn.running_mean"])
-                 / root).sum(0), "bn.bias": cotangent.sum(0), "bn.running_mean": -g.sum(0),
-                 "bn.running_var": (-0.5 * g * (y - params["bn.running_mean"]) / root ** 2).sum(0)}, g @ params["fc.weight"])
+        centered = y - params["bn.running_mean"]
+        grads = {"fc.weight": g.T @ x, "fc.bias": g.sum(0), "bn.weight": (cotangent * centered / root).sum(0),
+                 "bn.bias": cotangent.sum(0), "bn.running_mean": -g.sum(0),
+                 "bn.running_var": (-0.5 * g * centered / root ** 2).sum(0)}
+        return grads, g @ params["fc.weight"]
 
     model = Normalized()
-    params = {k: v.detach().double().numpy() + 0.5 for k, v in model.state_dict().items() if k != "bn.num_batches_tracked"}
+    params = {k: v.detach().double().numpy() + 0.5 for k, v in model.state_dict().items()
+              if k != "bn.num_batches_tracked"}
     comparison = gb.compare({"torch": model, "numpy": (normalized, normalized_vjp)}, make_x(), params=params)
 
     assert comparison.passed, str(comparison)
@@ -611,7 +612,8 @@ def test_correct_ports_of_ordinary_ops_never_cry_wolf(op):
 def test_missing_extra_and_misshaped_params_name_the_implementation_and_the_parameter():
     params = make_params()
     missing = {k: v for k, v in params.items() if k != "fc2.bias"}
-    with pytest.raises(gb.InvalidArgumentError, match=r"implementations\['torch'\].*missing 'fc2.bias' \(shape \(2,\)\)"):
+    with pytest.raises(gb.InvalidArgumentError,
+                       match=r"implementations\['torch'\].*missing 'fc2.bias' \(shape \(2,\)\)"):
         gb.compare({"torch": torch_mlp(), "numpy": numpy_mlp()}, make_x(), params=missing)
     extra = {**params, "fc3.weight": np.zeros((2, 2))}
     with pytest.raises(gb.InvalidArgumentError, match=r"implementations\['tensorflow'\].*unexpected 'fc3.weight'"):
