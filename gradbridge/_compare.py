@@ -659,7 +659,10 @@ def _own_check(run: _Run, options: Options, selected: Optional[Set[str]],
     except GradbridgeError as exc:
         report.problem = f"the check could not run: {exc}"
     for row in report.rows:  # the leaves by their common names, as everywhere in the comparison
-        row.input = run.binding.names.get(row.input, row.input)
+        common = run.binding.names.get(row.input, row.input)
+        if row.step_sweep is not None and row.step_sweep.element.startswith(row.input):
+            row.step_sweep.element = common + row.step_sweep.element[len(row.input):]
+        row.input = common
     return report
 
 

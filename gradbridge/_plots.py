@@ -68,7 +68,7 @@ def heatmap_png(row: RowResult) -> bytes:
     errors, axes = grid_of(np.asarray(row.error_map, dtype=float))
     outside, _ = grid_of(np.asarray(row.outside_map, dtype=float))
     height, width = errors.shape
-    figure, ax = _figure(min(9.0, 2.5 + 0.35 * width), min(7.0, 1.6 + 0.35 * height))
+    figure, ax = _figure(min(9.0, max(4.5, 2.5 + 0.35 * width)), min(7.0, max(2.4, 1.6 + 0.35 * height)))
     image = ax.imshow(errors, cmap="RdBu_r", norm=_error_norm(errors, outside > 0), interpolation="nearest",
                       aspect="auto")
     figure.colorbar(image, ax=ax, label="analytic - numeric")

@@ -181,3 +181,40 @@ def test_the_page_as_a_person_sees_it_in_headless_chromium(tmp_path):
         finally:
             browser.close()
     assert _distinct_colours(whole) > 100
+
+
+def test_a_comparison_renders_its_pairs_verdicts_and_each_implementations_check(tmp_path):
+    """A NumPy port with a wrong backward compared with a correct reference: the page has the pairwise
+    table, the verdict naming the wrong side, and that side's own failing check with its pictures."""
+    def f(params, x):
+        return np.sum(np.tanh(x @ params["w"]))
+
+    def grad(params, x, wrong=False):
+        s = 1 - np.tanh(x @ params["w"]) ** 2
+        gw = x.T @ s
+        if wrong:
+            gw = gw.copy()
+            gw[0, 1] *= 1.001
+        return {"w": gw}, s @ params["w"].T
+
+    params = {"w": RNG.normal(size=(3, 2))}
+    comparison = gb.compare({"reference": gb.Implementation(f, grad=grad, backend="numpy"),
+                             "port": gb.Implementation(f, grad=lambda p, x: grad(p, x, True), backend="numpy"),
+                             "third": gb.Implementation(f, grad=grad, backend="numpy")},
+                            RNG.normal(size=(4, 3)), params=params)
+    assert not comparison.passed
+    page = write_html(tmp_path / "compare.html", [comparison], labels=["port"]).read_text()
+    assert "class='pairs'" in page and "DIFFER" in page
+    assert any("port" in v for v in comparison.verdicts)
+    for verdict in comparison.verdicts:
+        assert html_escape(verdict) in page
+    assert "port&#x27;s own check" in page or "port's own check" in page
+    assert page.count('class="heatmap"') == 1 and page.count('class="step-plot"') == 1
+    own = comparison.checks["port"].row("w")
+    assert own.step_sweep.element.startswith("w[0, 1]")  # the common leaf name, like the row's
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
