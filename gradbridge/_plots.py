@@ -78,8 +78,15 @@ def heatmap_png(row: RowResult) -> bytes:
                    edgecolors="black", linewidths=1.2)
     ax.set_title(f"{row.input} -> {row.output}: analytic - numeric\n({axes}; outlined: outside tolerance)",
                  fontsize=9)
-    ax.set_xlabel("column")
-    ax.set_ylabel("row")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("column" if height > 1 else "element")
+    if height > 1:
+        ax.set_ylabel("row")
+    else:
+        ax.set_yticks([])
     return _png(figure)
 
 
