@@ -13,14 +13,15 @@ from ._cases import case
 from ._compare import Comparison, Implementation, PairDifference, compare
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
-from ._report import Report, RowResult, WorstElement
+from ._export import write_html, write_json
+from ._report import Report, RowResult, StepSweep, WorstElement
+from ._terminal import print_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "check", "assert_check", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
-    "__version__",
-    "case",
-    "compare", "Comparison", "Implementation", "PairDifference",
+    "StepSweep", "__version__", "case", "compare", "Comparison", "Implementation", "PairDifference",
+    "print_report", "write_json", "write_html",
 ]
