@@ -491,6 +491,18 @@ class JaxAdapter:
     def version(self) -> str:
         return jax.__version__
 
+    def probe_float64(self) -> Tuple[bool, str]:
+        """Whether ``jax.grad`` computes in float64 inside the check's 64-bit scope, and whether the
+        user's ``jax_enable_x64`` setting comes back unchanged (``gradbridge backends``)."""
+        before = bool(jax.config.jax_enable_x64)
+        with enable_float64():
+            gradient = jax.grad(lambda x: jnp.sum(x * x))(jnp.asarray([1.0, 2.0], dtype=jnp.float64))
+            ok = gradient.dtype == jnp.float64 and bool(jnp.allclose(gradient, jnp.asarray([2.0, 4.0])))
+        restored = bool(jax.config.jax_enable_x64) == before
+        note = (f"gradbridge enables jax_enable_x64 for the duration of a check and restores it (yours is "
+                f"{'on' if before else 'off'}{'' if restored else ', NOT restored by the probe'})")
+        return ok and restored, note if ok else f"jax.grad in the 64-bit scope gave {gradient.dtype}; {note}"
+
     def prepare(self, spec: CheckSpec) -> JaxPrepared:
         if spec.grad is not None:
             raise InvalidArgumentError(

@@ -12,7 +12,7 @@ dtype (float32, float16, and bfloat16 arrays of ``ml_dtypes`` where it is instal
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -203,6 +203,14 @@ class NumpyAdapter:
 
     def version(self) -> str:
         return np.__version__
+
+    def probe_float64(self) -> Tuple[bool, str]:
+        """Whether float64 arithmetic really happens here (``gradbridge backends``), and a note."""
+        x = np.array([1.0, 2.0], dtype=np.float64)
+        h = 1e-7  # a central difference this fine is only accurate in float64
+        derivative = ((x + h) ** 2 - (x - h) ** 2) / (2 * h)
+        ok = derivative.dtype == np.float64 and bool(np.allclose(derivative, 2 * x, rtol=1e-7))
+        return ok, "" if ok else f"a float64 central difference came out {derivative.dtype} {derivative}"
 
     def prepare(self, spec: CheckSpec) -> NumpyPrepared:
         if spec.grad is None:

@@ -679,6 +679,16 @@ class TensorFlowAdapter:
     def version(self) -> str:
         return tf.__version__
 
+    def probe_float64(self) -> Tuple[bool, str]:
+        """Whether GradientTape differentiates in float64 here (``gradbridge backends``), and a note."""
+        x = tf.constant([1.0, 2.0], dtype=tf.float64)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(x * x)
+        gradient = tape.gradient(y, x)
+        ok = gradient is not None and gradient.dtype == tf.float64
+        return ok, "" if ok else f"GradientTape gave {None if gradient is None else gradient.dtype}"
+
     def prepare(self, spec: CheckSpec) -> TensorFlowPrepared:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)))

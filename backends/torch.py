@@ -438,6 +438,13 @@ class TorchAdapter:
     def version(self) -> str:
         return torch.__version__
 
+    def probe_float64(self) -> Tuple[bool, str]:
+        """Whether autograd differentiates in float64 here (``gradbridge backends``), and a note."""
+        x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        (x * x).sum().backward()
+        ok = x.grad is not None and x.grad.dtype == torch.float64 and bool(torch.allclose(x.grad, 2 * x.detach()))
+        return ok, "" if ok else f"autograd gave {None if x.grad is None else x.grad.dtype}"
+
     def prepare(self, spec: CheckSpec) -> TorchPrepared:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _checkable(t)))

@@ -126,6 +126,10 @@ class Adapter(Protocol):
 
     def version(self) -> str: ...
 
+    def probe_float64(self) -> Tuple[bool, str]:
+        """Whether the framework really computes and differentiates in float64 here, and a note for
+        ``gradbridge backends`` (imports the framework)."""
+
     def prepare(self, spec: CheckSpec) -> PreparedFunction: ...
 
 

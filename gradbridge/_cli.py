@@ -208,56 +208,6 @@ def _not_available(name: str) -> str:
 # --------------------------------------------------------------------------------------------- backends
 
 
-def _probe_numpy() -> Tuple[bool, str]:
-    import numpy as np
-
-    x = np.array([1.0, 2.0], dtype=np.float64)
-    h = 1e-7  # a central difference this fine is only accurate in float64
-    derivative = ((x + h) ** 2 - (x - h) ** 2) / (2 * h)
-    ok = derivative.dtype == np.float64 and bool(np.allclose(derivative, 2 * x, rtol=1e-7))
-    return ok, "" if ok else f"a float64 central difference came out {derivative.dtype} {derivative}"
-
-
-def _probe_torch() -> Tuple[bool, str]:
-    import torch
-
-    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    (x * x).sum().backward()
-    ok = x.grad is not None and x.grad.dtype == torch.float64 and bool(torch.allclose(x.grad, 2 * x.detach()))
-    return ok, "" if ok else f"autograd gave {None if x.grad is None else x.grad.dtype}"
-
-
-def _probe_jax() -> Tuple[bool, str]:
-    import jax
-    import jax.numpy as jnp
-
-    from .backends.jax import enable_float64
-
-    before = bool(jax.config.jax_enable_x64)
-    with enable_float64():
-        gradient = jax.grad(lambda x: jnp.sum(x * x))(jnp.asarray([1.0, 2.0], dtype=jnp.float64))
-        ok = gradient.dtype == jnp.float64 and bool(jnp.allclose(gradient, jnp.asarray([2.0, 4.0])))
-    restored = bool(jax.config.jax_enable_x64) == before
-    note = (f"gradbridge enables jax_enable_x64 for the duration of a check and restores it (yours is "
-            f"{'on' if before else 'off'}{'' if restored else ', NOT restored by the probe'})")
-    return ok and restored, note if ok else f"jax.grad in the 64-bit scope gave {gradient.dtype}; {note}"
-
-
-def _probe_tensorflow() -> Tuple[bool, str]:
-    import tensorflow as tf
-
-    x = tf.constant([1.0, 2.0], dtype=tf.float64)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = tf.reduce_sum(x * x)
-    gradient = tape.gradient(y, x)
-    ok = gradient is not None and gradient.dtype == tf.float64
-    return ok, "" if ok else f"GradientTape gave {None if gradient is None else gradient.dtype}"
-
-
-_PROBES = {"numpy": _probe_numpy, "torch": _probe_torch, "jax": _probe_jax, "tensorflow": _probe_tensorflow}
-
-
 def backend_rows() -> List[Dict[str, Any]]:
     """One dict per known backend; installed frameworks are imported and probed for float64 now."""
     import importlib
@@ -281,12 +231,14 @@ def backend_rows() -> List[Dict[str, Any]]:
             row["note"] = f"importing {module_name} failed: {type(exc).__name__}: {exc}"
             rows.append(row)
             continue
+        if not row["adapter"]:
+            row["note"] = "no adapter for it in this version of gradbridge"
+            rows.append(row)
+            continue
         try:
-            row["float64"], row["note"] = _PROBES[name]()
+            row["float64"], row["note"] = _registry.get_adapter(name).probe_float64()
         except Exception as exc:
             row["float64"], row["note"] = False, f"float64 probe failed: {type(exc).__name__}: {exc}"
-        if not row["adapter"]:
-            row["note"] = "no adapter for it in this version of gradbridge" + (f"; {row['note']}" if row["note"] else "")
         rows.append(row)
     return rows
 
