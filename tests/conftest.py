@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from gradbridge import _registry
+from gradbridge import testing
 
 ALL_BACKENDS = ("numpy", "torch", "jax", "tensorflow")
 
@@ -21,16 +21,7 @@ def _require_all() -> bool:
 
 def require_backend(name: str) -> None:
     """Skip (locally) or fail (in CI) when the framework or its adapter is missing."""
-    missing = None
-    if not _registry.framework_installed(name):
-        missing = f"{name} is not installed ({_registry.install_hint(name)})"
-    elif not _registry.adapter_exists(name):
-        missing = f"gradbridge has no {name} adapter yet"
-    if missing is None:
-        return
-    if _require_all() and _registry.adapter_exists(name):
-        pytest.fail(f"CI requires every backend: {missing}")
-    pytest.skip(missing)
+    testing.require_backend(name, require_all=_require_all())
 
 
 @pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in ALL_BACKENDS])
