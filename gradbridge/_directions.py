@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._adapter import LeafSpec
+from ._compress import CompressedLeaf
 from ._errors import InvalidArgumentError
 from ._structure import Structure
 
@@ -29,6 +30,7 @@ class LeafDirections:
     basis: Optional[np.ndarray] = None
     labels: Optional[List[str]] = None
     structure: str = ""
+    compressed: bool = False
 
     @property
     def count(self) -> int:
@@ -41,8 +43,8 @@ class LeafDirections:
     def label(self, k: int) -> str:
         """``x[1, 2]`` for an element, ``a[0, 1]+[1, 0]`` for a tangent direction."""
         if self.basis is not None and self.labels is not None:
-            return f"{self.leaf.name} {self.labels[k]}" if self.labels[k].startswith("direction") else \
-                f"{self.leaf.name}{self.labels[k]}"
+            label = self.labels[k]
+            return f"{self.leaf.name}{label}" if label.startswith("[") else f"{self.leaf.name} {label}"
         index = self.leaf.unravel(k)
         return self.leaf.name + ("[" + ", ".join(str(i) for i in index) + "]" if index else "")
 
@@ -51,8 +53,10 @@ class Directions:
     """All directions of a check, leaf after leaf, with their base steps."""
 
     def __init__(self, x0: np.ndarray, leaves: Sequence[LeafSpec], relative_step: float,
-                 structures: Optional[Mapping[str, Structure]] = None) -> None:
+                 structures: Optional[Mapping[str, Structure]] = None,
+                 compressed: Optional[Mapping[str, "CompressedLeaf"]] = None) -> None:
         structures = dict(structures or {})
+        compressed = dict(compressed or {})
         names = [leaf.name for leaf in leaves]
         unknown = [name for name in structures if name not in names]
         if unknown:
@@ -64,7 +68,11 @@ class Directions:
         steps: List[np.ndarray] = []
         first = 0
         for leaf in leaves:
-            if leaf.name in structures:
+            if leaf.name in compressed:  # groups of columns, each column already scaled by s_j*max(1, |x_j|)
+                plan = compressed[leaf.name]
+                entry = LeafDirections(leaf, first, plan.basis, plan.labels(), "compressed", compressed=True)
+                steps.append(np.full(plan.count, relative_step))
+            elif leaf.name in structures:
                 structure = structures[leaf.name]
                 basis, labels = structure.basis(leaf.name, x0[leaf.slice].reshape(leaf.shape))
                 entry = LeafDirections(leaf, first, basis, labels, structure.name)
@@ -116,7 +124,3 @@ class Directions:
             block = jacobian[:, entry.leaf.slice]
             parts.append(block if entry.basis is None else block @ entry.basis.T)
         return np.concatenate(parts, axis=1) if parts else np.zeros((jacobian.shape[0], 0))
-
-    def structured_notes(self) -> List[str]:
-        return [f"{e.leaf.name} is perturbed along {e.count} tangent direction(s) of its set "
-                f"({e.structure}), not element by element" for e in self.per_leaf if e.basis is not None]
