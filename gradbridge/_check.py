@@ -37,6 +37,8 @@ from ._tolerance import Tolerance, grade, relative_error
 
 #: Most non-differentiable points listed per row (the count is always complete).
 KINKS_LISTED = 10
+#: Largest dense Jacobian (entries) a full check builds: 2 GiB of float64.
+MAX_DENSE_ENTRIES = 2 ** 28
 #: Probability with which ``fast`` mode's stated detectable error is caught.
 FAST_CONFIDENCE = 0.999
 
@@ -237,6 +239,11 @@ def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
     """The whole Jacobian (m, n) from unit cotangents (rev) or unit tangents (fwd)."""
     m = sum(spec.size for spec in evaluator.prepared.output_specs)
     n = len(evaluator.prepared.x0)
+    if m * n > MAX_DENSE_ENTRIES:
+        raise InvalidArgumentError(
+            f"mode: a full check compares the whole {m:,} x {n:,} Jacobian, {8 * m * n / 2 ** 30:.1f} GiB in "
+            f"float64, more than this check allows ({8 * MAX_DENSE_ENTRIES / 2 ** 30:.0f} GiB); use mode='auto' "
+            "or 'fast' (random projections, a failing leaf localised by bisection), or check fewer inputs (wrt=)")
     if analytic_mode == "rev":
         return evaluator.vjp(np.eye(m))
     return evaluator.jvp(np.eye(n)).T

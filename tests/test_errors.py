@@ -128,3 +128,11 @@ def test_unavailable_backend_says_how_to_install(monkeypatch):
     monkeypatch.setattr(_registry, "_loaded", {})
     with pytest.raises(gb.BackendNotAvailableError, match=r'pip install "gradbridge\[torch\]"'):
         gb.check(square, X, backend="torch")
+
+
+def test_a_full_check_too_large_to_hold_its_jacobian_says_what_to_do_instead():
+    import numpy as np
+
+    with pytest.raises(gb.InvalidArgumentError, match=r"mode: a full check compares the whole 20,000 x 20,000 "
+                                                      r"Jacobian.*use mode='auto' or 'fast'"):
+        gb.check(np.tanh, np.ones(20000), grad=lambda g, x: (g,), mode="full")
