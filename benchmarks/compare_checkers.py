@@ -2,7 +2,11 @@
 
 Workloads (float64, n inputs): ``sum(sin(x) * x**2)``, ``tanh(x)`` (vector output), a matmul custom
 op (x of shape (n/16, 16) times a 16x16 weight), and an MLP loss. Each row prints the median time of
-each checker and the ratio anchor/gradbridge. Both sides must agree on the verdict (all pass here).
+each checker, the ratio anchor/gradbridge, gradbridge's evaluations of fn and analytic (VJP/JVP) calls,
+and the floor: the time of that many plain calls of fn, the cost of the evaluations themselves. Both
+sides must agree on the verdict (all pass here). An anchor whose previous size took long enough that
+this size would pass ``--anchor-limit`` seconds (scaled by its evaluation count) is skipped, and so
+is a full check whose dense Jacobian gradbridge refuses to build.
 """
 
 from __future__ import annotations
@@ -10,9 +14,35 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import gradbridge as gb
+
+
+#: Seconds an anchor may be predicted to take before it is skipped (set by --anchor-limit).
+ANCHOR_LIMIT = 60.0
+_last_anchor: Dict[Tuple[str, str], Tuple[int, float]] = {}
+
+
+def anchor_time(key: Tuple[str, str], n: int, run: Callable[[], object], repeats: int) -> Optional[float]:
+    """Median time of the anchor, or None when the last size predicts more than ANCHOR_LIMIT seconds
+    (a full Jacobian's cost grows like n^2 for vector outputs: predicted from that, conservatively)."""
+    if key in _last_anchor:
+        previous_n, previous_s = _last_anchor[key]
+        if previous_s * (n / previous_n) ** 2 > ANCHOR_LIMIT:
+            return None
+    seconds = median_time(run, repeats)
+    _last_anchor[key] = (n, seconds)
+    return seconds
+
+
+def floor_time(fn: Callable, args: tuple, calls: int) -> float:
+    """Seconds for ``calls`` plain calls of fn at the checked point (the evaluations themselves)."""
+    calls = max(1, calls)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    return time.perf_counter() - start
 
 
 def median_time(run: Callable[[], object], repeats: int) -> float:
@@ -62,17 +92,29 @@ def torch_rows(sizes: List[int], repeats: int) -> List[List[str]]:
     for n in sizes:
         for name, (fn, args) in torch_workloads(n).items():
             for fast in (False, True):
-                anchor = median_time(lambda: torch.autograd.gradcheck(fn, args, fast_mode=fast), repeats)
-                ours = median_time(lambda: gb.check(fn, *args, mode="fast" if fast else "full"), repeats)
-                verdict = gb.check(fn, *args, mode="fast" if fast else "full").passed
+                anchor = anchor_time(("torch", f"{name}{fast}"), n,
+                                     lambda: torch.autograd.gradcheck(fn, args, fast_mode=fast), repeats)
                 rows.append(_row("torch", name, n, "fast" if fast else "full", f"gradcheck(fast_mode={fast})",
-                                 anchor, ours, verdict))
+                                 anchor, fn, args, "fast" if fast else "full", repeats))
     return rows
 
 
-def _row(framework, name, n, mode, anchor_name, anchor, ours, verdict) -> List[str]:
-    return [framework, name, str(n), mode, anchor_name, f"{anchor:.4f}", f"{ours:.4f}", f"{anchor / ours:.2f}",
-            "pass" if verdict else "FAIL"]
+def _row(framework, name, n, mode, anchor_name, anchor, fn, args, gb_mode, repeats) -> List[str]:
+    """One table row: gradbridge timed here, next to the anchor's time (None: skipped)."""
+    try:
+        report = gb.check(fn, *args, mode=gb_mode)
+    except gb.InvalidArgumentError as exc:  # a full Jacobian too large to build
+        return [framework, name, str(n), mode, anchor_name, _seconds(anchor), "refused", "-", "-", "-",
+                str(exc).split(";")[0][:40]]
+    ours = median_time(lambda: gb.check(fn, *args, mode=gb_mode), repeats)
+    floor = floor_time(fn, args, report.evaluations)
+    ratio = "-" if anchor is None else f"{anchor / ours:.2f}"
+    return [framework, name, str(n), mode, anchor_name, _seconds(anchor), f"{ours:.4f}", ratio,
+            f"{report.evaluations}+{report.vjps + report.jvps}", f"{floor:.4f}", "pass" if report.passed else "FAIL"]
+
+
+def _seconds(value: Optional[float]) -> str:
+    return f"> {ANCHOR_LIMIT:.0f} (skipped)" if value is None else f"{value:.4f}"
 
 
 def jax_rows(sizes: List[int], repeats: int) -> List[List[str]]:
@@ -97,11 +139,11 @@ def jax_rows(sizes: List[int], repeats: int) -> List[List[str]]:
                 "MLP loss": (lambda w1: jnp.sum(jnp.tanh(inputs @ w1) ** 2), (w1,)),
             }
             for name, (fn, args) in workloads.items():
-                anchor = median_time(lambda: check_grads(fn, args, order=1, modes=["rev"]), repeats)
+                anchor = anchor_time(("jax", name), n, lambda: check_grads(fn, args, order=1, modes=["rev"]),
+                                     repeats)
                 for mode in ("full", "fast"):
-                    ours = median_time(lambda: gb.check(fn, *args, mode=mode), repeats)
-                    rows.append(_row("jax", name, n, mode, "check_grads(order=1, rev)", anchor, ours,
-                                     gb.check(fn, *args, mode=mode).passed))
+                    rows.append(_row("jax", name, n, mode, "check_grads(order=1, rev)", anchor, fn, args, mode,
+                                     repeats))
     return rows
 
 
@@ -124,10 +166,9 @@ def tensorflow_rows(sizes: List[int], repeats: int) -> List[List[str]]:
             "MLP loss": (lambda w1: tf.reduce_sum(tf.tanh(inputs @ w1) ** 2), (w1,)),
         }
         for name, (fn, args) in workloads.items():
-            anchor = median_time(lambda: tf.test.compute_gradient(fn, list(args)), repeats)
-            ours = median_time(lambda: gb.check(fn, *args), repeats)
-            rows.append(_row("tensorflow", name, n, "full", "tf.test.compute_gradient", anchor, ours,
-                             gb.check(fn, *args).passed))
+            anchor = anchor_time(("tensorflow", name), n, lambda: tf.test.compute_gradient(fn, list(args)), repeats)
+            rows.append(_row("tensorflow", name, n, "full", "tf.test.compute_gradient", anchor, fn, args, "full",
+                             repeats))
     return rows
 
 
@@ -136,11 +177,15 @@ RUNNERS = {"torch": torch_rows, "jax": jax_rows, "tensorflow": tensorflow_rows}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frameworks", nargs="+", default=list(RUNNERS))
+    parser.add_argument("--anchor-limit", type=float, default=ANCHOR_LIMIT,
+                        help="skip an anchor predicted to take longer than this many seconds")
     args = parser.parse_args()
-    header = ["framework", "workload", "n", "mode", "anchor", "anchor s", "gradbridge s", "ratio", "gb verdict"]
+    globals()["ANCHOR_LIMIT"] = args.anchor_limit
+    header = ["framework", "workload", "n", "mode", "anchor", "anchor s", "gradbridge s", "ratio",
+              "gb evals+AD", "floor s", "gb verdict"]
     rows = []
     for framework in args.frameworks:
         rows.extend(RUNNERS[framework](args.sizes, args.repeats))
