@@ -462,7 +462,8 @@ class TensorFlowProblem:
 
     def reseed(self) -> None:
         self.rng.reseed()
-        self.tf_rng.reseed()
+        if tf.executing_eagerly():  # not while a vectorized graph is traced: it has no random ops, or is not used
+            self.tf_rng.reseed()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -498,6 +499,36 @@ class TensorFlowProblem:
         finally:
             for variable, original in reversed(restore):
                 variable.assign(original)
+
+    def unbatchable(self) -> Optional[str]:
+        """Why this problem's evaluations cannot run as one vectorized graph (None when they can, a priori)."""
+        plain = [leaf.name for k, (leaf, i) in enumerate(zip(self.leaves, self.chosen))
+                 if self.candidates[i].kind == "param" and k not in self.shadows]
+        if plain:
+            return (f"checked tf.Variables ({', '.join(plain[:3])}{'...' if len(plain) > 3 else ''}) must be "
+                    "assigned for each point")
+        if self.tf_rng.clear_kernel_cache:
+            return "fn draws from stateful random ops, which are reseeded before each point"
+        return None
+
+    @contextlib.contextmanager
+    def symbolic(self, x: tf.Tensor) -> Iterator[List[Source]]:
+        """Like :meth:`applied`, for a symbolic float64 vector ``x`` inside a ``tf.function``: every checked
+        leaf is a tensor slice of ``x`` (Keras variables read it through the stateless scope), so no
+        variable is assigned. Only for problems whose :meth:`unbatchable` is None."""
+        sources: List[Source] = []
+        mapping: List[Tuple[Any, Any]] = []
+        for k, (leaf, i) in enumerate(zip(self.leaves, self.chosen)):
+            value = tf.cast(tf.reshape(x[leaf.offset:leaf.offset + leaf.size], leaf.shape), self.feed[k])
+            if self.candidates[i].kind != "input":
+                mapping.append((self.candidates[i].value, value))
+            sources.append(value)
+        with contextlib.ExitStack() as stack:
+            if self.promote_model:
+                stack.enter_context(_float64_policies(self.model))
+            stack.enter_context(_stateless(self.constants + mapping))
+            stack.enter_context(_keras_training(self.spec.train))
+            yield sources
 
     def call(self, sources: List[Source]) -> List[tf.Tensor]:
         """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
@@ -537,6 +568,48 @@ def _watch(tape: tf.GradientTape, sources: Sequence[Source]) -> None:
         tape.watch(source)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+_PYTHON_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+def _unsafe_ops(graph: Any) -> Optional[str]:
+    """Why a traced vectorized graph must not replace the eager loop: ops calling back into Python
+    (``tf.py_function``, ``tf.numpy_function``), or random ops (reseeded before each point in the loop;
+    one graph would draw differently). None when there are none."""
+    definition = graph.as_graph_def()
+    types = {node.op for node in definition.node}
+    types.update(node.op for function in definition.library.function for node in function.node_def)
+    python = sorted(types & _PYTHON_OPS)
+    if python:
+        return f"fn calls Python through {', '.join(python)} (tf.py_function or tf.numpy_function)"
+    random_ops = sorted(t for t in types if "Random" in t or "Multinomial" in t or t.startswith("Rng")
+                        or (t.startswith("Stateful") and t != "StatefulPartitionedCall"))
+    if random_ops:
+        return (f"fn draws random numbers ({', '.join(random_ops[:3])}; e.g. dropout in training mode), "
+                "reseeded before each point")
+    # any other op with an effect (an assertion, a print, a variable update) would run for one point only
+    effects = sorted(t for t in types if t not in _HARMLESS_STATEFUL and _is_stateful(t))
+    if effects:
+        return (f"fn runs ops with side effects ({', '.join(effects[:3])}: assertions, prints, variable updates), "
+                "which a vectorized graph would run for one point only")
+    return None
+
+
+#: Stateful op types that are safe in a vectorized graph: reads, and containers whose bodies are scanned too.
+_HARMLESS_STATEFUL = {"ReadVariableOp", "VarHandleOp", "StatefulPartitionedCall", "PartitionedCall", "If",
+                      "While", "Case", "NoOp", "Placeholder", "PlaceholderWithDefault"}
+
+
+def _is_stateful(op_type: str) -> bool:
+    from tensorflow.python.framework import op_def_registry
+    definition = op_def_registry.get(op_type)
+    return definition is None or bool(definition.is_stateful)
+
+
 def _dense(gradient: Any) -> Optional[tf.Tensor]:
     if gradient is None:
         return None
@@ -549,6 +622,8 @@ class TensorFlowPrepared(ProblemBackedFunction):
     """A TensorFlow function over the flat float64 vector; ``forward`` maps sources to output tensors."""
 
     analytic_source = "TensorFlow autodiff (GradientTape, ForwardAccumulator; your tf.custom_gradient rules)"
+    #: Try one vectorized ``tf.function`` per chunk before the eager per-point loop (False: always the loop).
+    batching = True
 
     def __init__(self, problem: TensorFlowProblem, forward: Forward, x0: np.ndarray, order: int = 1,
                  outputs: Optional[List[LeafSpec]] = None, notes: Optional[List[str]] = None) -> None:
@@ -562,13 +637,130 @@ class TensorFlowPrepared(ProblemBackedFunction):
         self.working_eps = problem.working_eps
         self.undefined_gradients: Dict[str, str] = {}
         self._links: Optional[np.ndarray] = None
+        # batched paths: None until decided on the first call, then "batched" or "loop" for good
+        self._paths: Dict[str, Optional[str]] = {"evaluate": None, "vjp": None}
+        self._graphs: Dict[str, Any] = {}
+        self._vjp_none: List[bool] = []  # per leaf: the batched VJP's gradient is None (found while tracing)
+
+    # --- evaluation: one vectorized graph per chunk, or one eager call per point ---
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        if self.batching and self._paths["evaluate"] != "loop" and len(points):
+            batched = self._evaluate_batched(points)
+            if batched is not None:
+                return batched
+        return self._evaluate_loop(points)
+
+    def _evaluate_loop(self, points: np.ndarray) -> np.ndarray:
         rows = []
         for point in points:
             with self.problem.applied(point) as sources:
                 rows.append(_flat(self.forward(sources)).numpy())
         return np.stack(rows)
+
+    def _evaluate_batched(self, points: np.ndarray) -> Optional[np.ndarray]:
+        """All rows at once through ``tf.vectorized_map`` in one ``tf.function``; None when the loop must run."""
+        first = self._paths["evaluate"] is None
+        if first:
+            reason = self.problem.unbatchable() or self._trace("evaluate")
+            if reason is not None:
+                return self._fall_back("evaluate", reason)
+        try:
+            result = self._graphs["evaluate"](tf.constant(points, tf.float64)).numpy()
+        except Exception as exc:  # the loop runs the chunk again and raises, with its point, if fn does
+            return self._fall_back("evaluate", f"the vectorized graph raised {type(exc).__name__}: "
+                                               f"{_first_line(exc)}", decided=not first)
+        expected = sum(spec.size for spec in self.output_specs)
+        if result.shape != (len(points), expected):
+            return self._fall_back("evaluate", f"the vectorized graph returned shape {result.shape}, expected "
+                                               f"{(len(points), expected)}", decided=not first)
+        if first:
+            rows = sorted({0, len(points) - 1})
+            try:
+                looped = self._evaluate_loop(points[rows])
+            except Exception:
+                self._fall_back("evaluate", "the eager loop raised where the vectorized graph did not")
+                raise
+            mismatch = self._mismatch(result[rows], looped)
+            if mismatch is not None:
+                return self._fall_back("evaluate", f"its outputs differ from the eager loop's ({mismatch})")
+            self._decide("evaluate", "batched", "")
+        return result
+
+    def _trace(self, which: str) -> Optional[str]:
+        """Build (trace) the vectorized ``tf.function`` for ``which``; returns why it cannot be used, or None."""
+        n = len(self.x0)
+        m = sum(spec.size for spec in self.output_specs)
+        problem, forward, leaves, none = self.problem, self.forward, self.leaves, self._vjp_none
+
+        if which == "evaluate":
+            def one_point(x: tf.Tensor) -> tf.Tensor:
+                with problem.symbolic(x) as sources:
+                    return _flat(forward(sources))
+
+            def graph(points: tf.Tensor) -> tf.Tensor:
+                return tf.vectorized_map(one_point, points, fallback_to_while_loop=False)
+
+            signature = [tf.TensorSpec([None, n], tf.float64)]
+        else:
+            def graph(x: tf.Tensor, cotangents: tf.Tensor) -> tf.Tensor:
+                with problem.symbolic(x) as sources:
+                    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                        _watch(tape, sources)
+                        out = _flat(forward(sources))
+
+                    def one_cotangent(cotangent: tf.Tensor) -> tf.Tensor:
+                        gradients = [_dense(g) for g in tape.gradient(out, sources, output_gradients=cotangent)]
+                        none[:] = [g is None for g in gradients]
+                        return tf.concat([tf.zeros([leaf.size], tf.float64) if g is None
+                                          else tf.reshape(tf.cast(g, tf.float64), [-1])
+                                          for leaf, g in zip(leaves, gradients)], axis=0)
+
+                    return tf.vectorized_map(one_cotangent, cotangents, fallback_to_while_loop=False)
+
+            signature = [tf.TensorSpec([n], tf.float64), tf.TensorSpec([None, m], tf.float64)]
+        try:
+            concrete = tf.function(graph, input_signature=signature, autograph=False).get_concrete_function()
+        except Exception as exc:  # not vectorizable (an op without a pfor rule), or graph-only trouble in fn
+            return f"it could not be vectorized ({type(exc).__name__}: {_first_line(exc)})"
+        unsafe = _unsafe_ops(concrete.graph)
+        if unsafe is not None:
+            return unsafe
+        self._graphs[which] = concrete
+        return None
+
+    def _mismatch(self, batched: np.ndarray, looped: np.ndarray) -> Optional[str]:
+        """None when the batched rows equal the looped ones to ~1e3 eps (relative to each row's magnitude)."""
+        finite = np.isfinite(batched) & np.isfinite(looped)
+        if not np.array_equal(batched[~finite], looped[~finite], equal_nan=True):
+            return "not finite in different places"
+        tol = 1e3 * self.working_eps
+        scale = np.max(np.where(finite, np.abs(looped), 0.0), axis=1, keepdims=True)
+        error = np.abs(batched - looped)
+        bad = finite & (error > tol * np.maximum(np.abs(looped), scale))
+        if bad.any():
+            return f"largest difference {float(error[bad].max()):.3g}"
+        return None
+
+    def _fall_back(self, which: str, reason: str, decided: bool = False) -> None:
+        self._decide(which, "loop", reason, later=decided)
+        return None
+
+    def _decide(self, which: str, path: str, reason: str, later: bool = False) -> None:
+        """Remember the path for good and say so in the notes."""
+        self._paths[which] = path
+        self._graphs.pop(which, None) if path == "loop" else None
+        what = "evaluations" if which == "evaluate" else "reverse-mode products (VJPs)"
+        if path == "batched":
+            how = ("all points of a chunk in one tf.function through tf.vectorized_map" if which == "evaluate"
+                   else "all cotangents of a chunk in one tf.function through tf.vectorized_map")
+            note = f"TensorFlow {what} batched: {how} (checked against the eager loop on the first chunk)"
+        else:
+            when = "from then on, after vectorized chunks," if later else ""
+            unit = "point" if which == "evaluate" else "cotangent"
+            note = f"TensorFlow {what} {when} one {unit} at a time (eager loop): {reason}".replace("  ", " ")
+        self.notes.append(note)
 
     def _gradient_rows(self, gradients: Sequence[Any]) -> np.ndarray:
         """One flat float64 row from per-leaf gradients; ``None`` becomes zeros and is recorded."""
@@ -583,6 +775,44 @@ class TensorFlowPrepared(ProblemBackedFunction):
         return np.concatenate(parts)
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        cotangents = np.asarray(cotangents, dtype=np.float64)
+        if self.batching and self._paths["vjp"] != "loop" and len(cotangents):
+            batched = self._vjp_batched(cotangents)
+            if batched is not None:
+                return batched
+        return self._vjp_loop(cotangents)
+
+    def _vjp_batched(self, cotangents: np.ndarray) -> Optional[np.ndarray]:
+        """All cotangents at once: one recorded forward pass at ``x0``, ``tape.gradient`` vectorized over the
+        cotangents; None when the loop must run."""
+        first = self._paths["vjp"] is None
+        if first:
+            reason = self.problem.unbatchable() or self._trace("vjp")
+            if reason is not None:
+                return self._fall_back("vjp", reason)
+        try:
+            result = self._graphs["vjp"](tf.constant(self.x0, tf.float64),
+                                         tf.constant(cotangents, tf.float64)).numpy()
+        except Exception as exc:
+            return self._fall_back("vjp", f"the vectorized graph raised {type(exc).__name__}: {_first_line(exc)}",
+                                   decided=not first)
+        if result.shape != (len(cotangents), len(self.x0)):
+            return self._fall_back("vjp", f"the vectorized graph returned shape {result.shape}", decided=not first)
+        if first:
+            looped = self._vjp_loop(cotangents[:1])  # also records the loop's None gradients
+            undefined = {leaf.name for leaf, none in zip(self.leaves, self._vjp_none) if none}
+            if undefined != set(self.undefined_gradients):
+                return self._fall_back("vjp", "its undefined (None) gradients differ from the eager tape's")
+            mismatch = self._mismatch(result[:1], looped)
+            if mismatch is not None:
+                return self._fall_back("vjp", f"its gradients differ from the eager tape's ({mismatch})")
+            self._decide("vjp", "batched", "")
+        for leaf, none in zip(self.leaves, self._vjp_none):
+            if none:
+                self.undefined_gradients[leaf.name] = _NO_GRADIENT
+        return result
+
+    def _vjp_loop(self, cotangents: np.ndarray) -> np.ndarray:
         rows = []
         with self.problem.applied(self.x0) as sources:
             with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
