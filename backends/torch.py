@@ -16,28 +16,143 @@ own dtype (float32, float16, bfloat16; exact, the core has rounded the points), 
 module parameters and buffers are same-dtype copies, and the default dtype stays the user's. Gradients
 are computed in those dtypes (the cotangents reach the outputs cast to the outputs' dtypes) and only
 then widened to float64 for the core.
+
+Batching: ``evaluate`` runs a chunk of points through ``torch.func.vmap`` over the flat point vector (the
+same ``forward`` plumbing: leaves are views of the batched vector, module parameters are swapped in by
+``_reparametrize_module`` exactly as ``functional_call`` does), and ``vjp`` pushes a chunk of cotangents
+through the recorded graph at once (``torch.autograd.grad(..., is_grads_batched=True)``). Each is decided
+once per prepared function, on its first chunk of two or more rows: the batched result is compared with
+the point-by-point loop on the chunk's first and last rows, and anything vmap cannot run (classic
+``autograd.Function``s, ``.item()``, data-dependent control flow, in-place writes into unbatched tensors,
+random draws, ``params=`` tensors swapped in through ``.data``) or any disagreement sends the function to
+the loop for good, with a note saying why. Once batching has been shown to work, an exception from a
+batched chunk is the user's and propagates (the core then locates the failing point one by one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dis
+import gc
+import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch._C._functorch import is_batchedtensor
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
+from gradbridge._precision import FLOAT64_EPS, eps_of
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
+# words in the errors torch raises when a transform (vmap, batched gradients) cannot run some code, as
+# opposed to the user's function failing on its own
+_BATCHING_HINTS = ("vmap", "functorch", "batching rule", "batchedtensor", "batched tensor", "randomness",
+                   "doesn't have storage", "setup_context", "is_grads_batched")
+
+
+def _batching_error(exc: BaseException) -> bool:
+    return any(hint in str(exc).lower() for hint in _BATCHING_HINTS)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_batching() -> Iterator[None]:
+    """Hide torch's "performance drop ... batching rule" warnings: the batched path is an optimisation."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*[Pp]erformance drop.*")
+        warnings.filterwarnings("ignore", message=r".*batching rule.*")
+        yield
+
+
+_MUTATING_METHODS = frozenset({"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem",
+                               "remove", "discard", "clear", "appendleft", "put", "write", "send"})
+
+
+def _visible_side_effect(fn: Any) -> Optional[str]:
+    """A Python side effect in ``fn``'s own code (not in what it calls) that one batched call instead of
+    one call per evaluation would change: writing a global or an enclosing function's variable, calling a
+    mutating method (``append``, ``update``, ...) of a global or closed-over object, ``print``. Found
+    before fn runs under vmap, since a batched tensor kept by fn cannot be taken back. None when none is
+    seen (the runtime checks still apply)."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    code = getattr(getattr(target, "__func__", target), "__code__", None)
+    if code is None:
+        return None
+    free = set(code.co_freevars)
+    previous = None
+    for instr in dis.get_instructions(code):
+        if instr.opname == "STORE_GLOBAL":
+            return f"fn assigns the global {instr.argval!r}"
+        if instr.opname == "STORE_DEREF" and instr.argval in free:
+            return f"fn assigns the enclosing variable {instr.argval!r}"
+        if (instr.opname in ("LOAD_ATTR", "LOAD_METHOD") and instr.argval in _MUTATING_METHODS and previous is not None
+                and (previous.opname == "LOAD_GLOBAL" or (previous.opname == "LOAD_DEREF" and previous.argval in free))):
+            return f"fn calls {previous.argval}.{instr.argval}(...)"
+        if instr.opname == "LOAD_GLOBAL" and instr.argval == "print":
+            return "fn calls print(...)"
+        previous = instr
+    return None
+
+
+class _EscapeWatch(TorchFunctionMode):
+    """Weak references to the batched tensors fn computes under vmap: any still alive after the call was
+    kept by fn (appended to a list, stored on an object), a side effect that sees one batched tensor
+    instead of one tensor per evaluation, so such an fn runs point by point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: List[weakref.ReferenceType] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(value, torch.Tensor) and is_batchedtensor(value):
+                self.refs.append(weakref.ref(value))
+        return out
+
+    def escaped(self) -> bool:
+        if not any(ref() is not None for ref in self.refs):
+            return False
+        # reference cycles (the output tree's own, a frame kept by a traceback) are no escape: the young
+        # generations first (cheap), the whole heap only when something still looks kept
+        for generation in (1, 2):
+            gc.collect(generation)
+            if not any(ref() is not None for ref in self.refs):
+                return False
+        return True
+
+
+def _agree(batched: np.ndarray, looped: np.ndarray, eps: float) -> bool:
+    """Batched and looped rows agree to about 1e3 machine epsilons, relative (one epsilon of the row's
+    largest magnitude absolute, for entries near zero); NaNs must sit in the same places."""
+    if batched.shape != looped.shape:
+        return False
+    if not np.array_equal(np.isnan(batched), np.isnan(looped)):
+        return False
+    finite = np.isfinite(looped) & np.isfinite(batched)
+    if not np.array_equal(batched[~finite & ~np.isnan(looped)], looped[~finite & ~np.isnan(looped)]):
+        return False  # infinities with the same sign
+    a, b = batched[finite], looped[finite]
+    if a.size == 0:
+        return True
+    scale = float(np.max(np.abs(b)))
+    return bool(np.all(np.abs(a - b) <= 1e3 * eps * np.maximum(np.abs(a), np.abs(b)) + eps * scale))
 
 
 def _is_tensor(value: Any) -> bool:
@@ -274,10 +389,30 @@ def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, creat
     return _combine(problem, grads[0], grads[1:], x.numel())
 
 
+def _grad_batched(problem: TorchProblem, x, out, swapped, cotangents: torch.Tensor) -> torch.Tensor:
+    """``_grad`` for a (k, m) stack of cotangents in one batched backward pass: (k, n)."""
+    k = cotangents.shape[0]
+    if not out.requires_grad:
+        return torch.zeros(k, x.numel(), dtype=x.dtype, device=x.device)
+    inputs = [x] + list(swapped)
+    grads = torch.autograd.grad(out, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    total = grads[0] if grads[0] is not None else torch.zeros(k, x.numel(), dtype=torch.float64, device=problem.device)
+    if problem.data_swap is not None:
+        total = total.clone()
+        for (index, _), g in zip(problem.data_swap.tensors.items(), grads[1:]):
+            if g is not None:
+                leaf = problem.leaves[index]
+                total[:, leaf.offset:leaf.offset + leaf.size] += g.reshape(k, -1).to(torch.float64)
+    return total
+
+
 class TorchPrepared(ProblemBackedFunction):
     """A torch function over the flat float64 vector; ``forward`` maps a flat tensor to a flat output."""
 
     analytic_source = "PyTorch autograd (your backward passes and autograd formulas)"
+    # False forces the point-by-point loop for evaluate and vjp (on an instance, or on the class for
+    # every check: comparisons of the two paths, debugging)
+    batching = True
 
     def __init__(self, problem: TorchProblem, forward: Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]],
                  x0: np.ndarray, needs_grad_to_evaluate: bool = False, outputs: Optional[List[LeafSpec]] = None) -> None:
@@ -288,6 +423,11 @@ class TorchPrepared(ProblemBackedFunction):
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
         self.undefined_gradients: Dict[str, str] = {}
+        # batching (see the module docstring): None until decided on the first chunk of two or more rows
+        self._batched_evaluate: Optional[bool] = None
+        self._batched_vjp: Optional[bool] = None
+        self._batch_sizes: Dict[str, int] = {}
+        self._path_notes: Dict[str, str] = {}
         if problem.promote:
             self.notes = promotion_notes(problem.leaves)
             self.working_eps: Optional[float] = None
@@ -300,7 +440,24 @@ class TorchPrepared(ProblemBackedFunction):
                               f"{'training' if problem.spec.train else 'eval'} mode during the check; its "
                               f"parameters and buffers replaced by {copies} while fn runs")
 
+    # --- evaluation: batched under torch.func.vmap, or point by point ---
+
     def evaluate(self, points: np.ndarray) -> np.ndarray:
+        if self.needs_grad or not self.batching or len(points) < 2 or self._batched_evaluate is False:
+            result = self._evaluate_loop(points)
+        elif self._batched_evaluate is None:
+            result = self._evaluate_first_batch(points)
+        else:
+            result = self._evaluate_batch(points)
+        if not self.problem.promote and self._outputs is None:  # the outputs' dtypes are known now
+            refresh_note(self.notes, self.leaves, self.output_specs)
+        if self.problem.promote and self.problem.low_precision_outputs and not any("computes" in n for n in self.notes):
+            self.notes.append(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
+                              "the check's precision is limited by that")
+        return result
+
+    def _evaluate_loop(self, points: np.ndarray) -> np.ndarray:
+        """One forward pass per point (the reference path, and the fallback)."""
         rows = []
         for point in points:
             x = self.problem.to_tensor(point)
@@ -321,12 +478,100 @@ class TorchPrepared(ProblemBackedFunction):
                                                   ) from exc
                 raise
             rows.append(out.detach().cpu().numpy())
-        if not self.problem.promote and self._outputs is None:  # the outputs' dtypes are known now
-            refresh_note(self.notes, self.leaves, self.output_specs)
-        if self.problem.promote and self.problem.low_precision_outputs and not any("computes" in n for n in self.notes):
-            self.notes.append(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
-                              "the check's precision is limited by that")
         return np.stack(rows)
+
+    def _evaluate_vmap(self, points: np.ndarray, watch: Optional[_EscapeWatch] = None) -> np.ndarray:
+        """All of ``points`` in one call of fn under ``torch.func.vmap`` over the flat point vector; random
+        draws raise (``randomness="error"``): the loop's per-point re-seeded draws are not reproduced."""
+        forward = self.forward
+
+        def one(x: torch.Tensor) -> torch.Tensor:
+            out, _ = forward(x, False)
+            return out
+
+        with torch.no_grad(), _quiet_batching(), (watch if watch is not None else contextlib.nullcontext()):
+            out = torch.func.vmap(one, randomness="error")(self.problem.to_tensor(points))
+        return out.detach().cpu().numpy()
+
+    def _evaluate_first_batch(self, points: np.ndarray) -> np.ndarray:
+        """Decide the path: batched when vmap runs fn and agrees with the loop on the chunk's first and
+        last points; otherwise the loop, for good. A loop that raises leaves the decision open."""
+        if self.problem.data_swap is not None:
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, "params= given as plain tensors are swapped in through .data, which "
+                                            "torch.func.vmap cannot batch: evaluated point by point")
+            return looped
+        side_effect = _visible_side_effect(self.problem.spec.fn)
+        if side_effect is not None:
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, f"{side_effect}, which one batched call under torch.func.vmap "
+                                            "would do once for many evaluations: evaluated point by point")
+            return looped
+        watch = _EscapeWatch()
+        try:
+            batched = self._evaluate_vmap(points, watch)
+        except Exception as exc:  # vmap cannot run fn, or fn is broken: the loop tells which
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, f"fn could not run under torch.func.vmap ({_first_line(exc)}): "
+                                            "evaluated point by point")
+            return looped
+        if watch.escaped():
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, "fn keeps tensors it computes (stores them outside the call), which "
+                                            "under torch.func.vmap would hold one batched tensor for many "
+                                            "evaluations: evaluated point by point")
+            return looped
+        rows = sorted({0, len(points) - 1})
+        looped = self._evaluate_loop(points[rows])
+        if not _agree(batched[rows], looped, self._agreement_eps()):
+            difference = float(np.nanmax(np.abs(batched[rows] - looped))) if batched[rows].shape == looped.shape else float("nan")
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, f"fn gave different outputs under torch.func.vmap than point by point "
+                                            f"(by up to {difference:.3g}): evaluated point by point")
+            return looped
+        self._decide("evaluate", True, "", len(points))
+        return batched
+
+    def _evaluate_batch(self, points: np.ndarray) -> np.ndarray:
+        try:
+            batched = self._evaluate_vmap(points)
+        except Exception as exc:
+            if not _batching_error(exc):
+                raise  # vmap ran fn before: this is fn's own error (the core locates the failing point)
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, f"fn stopped running under torch.func.vmap ({_first_line(exc)}): "
+                                            "evaluated point by point from then on")
+            return looped
+        self._decide("evaluate", True, "", len(points))
+        return batched
+
+    def _decide(self, what: str, batched: bool, why: str, size: int = 0) -> None:
+        """Remember the path of ``evaluate`` or ``vjp`` and say it in ``notes`` (one note each, updated)."""
+        if what == "evaluate":
+            self._batched_evaluate = batched
+        else:
+            self._batched_vjp = batched
+        if batched:
+            self._batch_sizes[what] = max(self._batch_sizes.get(what, 0), size)
+            size = self._batch_sizes[what]
+            note = (f"evaluated in batches of up to {size} under torch.func.vmap" if what == "evaluate" else
+                    f"VJPs computed in batches of up to {size} (torch.autograd.grad with is_grads_batched=True)")
+        else:
+            note = why
+        previous = self._path_notes.get(what)
+        if previous is not None and previous in self.notes:
+            self.notes[self.notes.index(previous)] = note
+        else:
+            self.notes.append(note)
+        self._path_notes[what] = note
+
+    def _agreement_eps(self) -> float:
+        eps = float(self.working_eps or FLOAT64_EPS)
+        for spec in self.output_specs:
+            eps = max(eps, eps_of(spec.dtype))
+        return eps
+
+    # --- reverse mode ---
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         try:
@@ -338,13 +583,35 @@ class TorchPrepared(ProblemBackedFunction):
 
     def _vjp(self, cotangents: np.ndarray) -> np.ndarray:
         x = self.problem.to_tensor(self.x0).requires_grad_(True)
-        rows = []
         with self.problem.params_held(x):  # the graph is built and walked while params= point into x
             _, out, swapped = _vjp_graph(self.problem, self.forward, x)
-            for cotangent in cotangents:
-                g = _grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent), create_graph=False)
-                rows.append(g.detach().cpu().numpy())
-        return np.stack(rows)
+
+            def loop(rows: np.ndarray) -> np.ndarray:
+                return np.stack([_grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent),
+                                       create_graph=False).detach().cpu().numpy() for cotangent in rows])
+
+            if not self.batching or len(cotangents) < 2 or self._batched_vjp is False:
+                return loop(cotangents)
+            try:
+                with _quiet_batching():
+                    batched = _grad_batched(self.problem, x, out, swapped,
+                                            self.problem.to_tensor(cotangents)).detach().cpu().numpy()
+            except Exception as exc:
+                if self._batched_vjp is True and not _batching_error(exc):
+                    raise  # batched backward passes worked before: this is the backward's own error
+                looped = loop(cotangents)  # raises when the backward itself is broken
+                self._decide("vjp", False, f"the backward pass could not run with batched cotangents "
+                                           f"({_first_line(exc)}): one backward pass per cotangent")
+                return looped
+            if self._batched_vjp is None:
+                rows = sorted({0, len(cotangents) - 1})
+                if not _agree(batched[rows], loop(cotangents[rows]), self._agreement_eps()):
+                    looped = loop(cotangents)
+                    self._decide("vjp", False, "the backward pass gave different results with batched cotangents "
+                                               "than one by one: one backward pass per cotangent")
+                    return looped
+            self._decide("vjp", True, "", len(cotangents))
+            return batched
 
     def _leaf_graph(self):
         """The forward graph built from one independent tensor per leaf, so that asking for one leaf's
