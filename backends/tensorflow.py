@@ -31,6 +31,15 @@ Keras models under their own dtype policies, unchecked inputs as given; gradient
 in those dtypes (the cotangents reach the outputs cast to the outputs' dtypes) and are widened to
 float64 only for the core.
 
+Speed: evaluations (a chunk of points) and VJPs (a chunk of cotangents at ``x0``) run as one ``tf.function``
+through ``tf.vectorized_map`` (checked leaves are tensor slices of the flat vector; Keras variables read them
+through the stateless scope), traced once per prepared function. The eager per-point loop runs instead, decided
+on the first call and said in ``notes``, when checked plain tf.Variables must be assigned, ``fn`` draws random
+numbers, calls Python (``tf.py_function``), has side effects (assertions, prints, assigns), cannot be traced
+(``.numpy()``, Python branches on tensors) or vectorized without a while_loop, or when the first batched chunk
+disagrees with the loop (~1e3 eps) or raises (the loop then raises with its point). Python side effects that
+do not change the outputs cannot be detected: they run once per trace instead of once per point.
+
 Limitations: ``training=`` passed explicitly inside ``fn`` wins over ``train=``; a ``tf.function`` called
 *inside* ``fn`` (not ``fn`` itself) keeps its own trace cache; for a function drawing from stateful random
 ops, eager random ops with an explicit op seed restart their sequence after the check (clearing
@@ -744,13 +753,14 @@ class TensorFlowPrepared(ProblemBackedFunction):
         return None
 
     def _fall_back(self, which: str, reason: str, decided: bool = False) -> None:
+        """The eager loop from now on (``decided``: after batched chunks had run); the caller runs it."""
         self._decide(which, "loop", reason, later=decided)
-        return None
 
     def _decide(self, which: str, path: str, reason: str, later: bool = False) -> None:
         """Remember the path for good and say so in the notes."""
         self._paths[which] = path
-        self._graphs.pop(which, None) if path == "loop" else None
+        if path == "loop":
+            self._graphs.pop(which, None)
         what = "evaluations" if which == "evaluate" else "reverse-mode products (VJPs)"
         if path == "batched":
             how = ("all points of a chunk in one tf.function through tf.vectorized_map" if which == "evaluate"
