@@ -21,7 +21,8 @@ Batching: ``evaluate`` runs a chunk of points through ``torch.func.vmap`` over t
 same ``forward`` plumbing: leaves are views of the batched vector, module parameters are swapped in by
 ``_reparametrize_module`` exactly as ``functional_call`` does), and ``vjp`` pushes a chunk of cotangents
 through the recorded graph at once (``torch.autograd.grad(..., is_grads_batched=True)``). Each is decided
-once per prepared function, on its first chunk of two or more rows: the batched result is compared with
+once per prepared function, on its first chunk of at least ``_FIRST_BATCH`` rows (smaller chunks before it
+run point by point): the batched result is compared with
 the point-by-point loop on the chunk's first and last rows, and anything vmap cannot run (classic
 ``autograd.Function``s, ``.item()``, data-dependent control flow, in-place writes into unbatched tensors,
 random draws, ``params=`` tensors swapped in through ``.data``) or any disagreement sends the function to
@@ -35,6 +36,7 @@ import contextlib
 import copy
 import dis
 import gc
+import types
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -60,6 +62,11 @@ _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forwa
 # opposed to the user's function failing on its own
 _BATCHING_HINTS = ("vmap", "functorch", "batching rule", "batchedtensor", "batched tensor", "randomness",
                    "doesn't have storage", "setup_context", "is_grads_batched")
+
+
+# the smallest chunk the path is decided on: the agreement guard's two extra loop evaluations and the
+# first batched call's checks cost more than they can save on a smaller one (which runs point by point)
+_FIRST_BATCH = 8
 
 
 def _batching_error(exc: BaseException) -> bool:
@@ -94,7 +101,20 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
     code = getattr(getattr(target, "__func__", target), "__code__", None)
     if code is None:
         return None
+    function = getattr(target, "__func__", target)
     free = set(code.co_freevars)
+    cells = dict(zip(code.co_freevars, getattr(function, "__closure__", None) or ()))
+    namespace = getattr(function, "__globals__", {})
+    missing = object()
+
+    def value_of(instr) -> Any:
+        if instr.opname == "LOAD_GLOBAL":
+            return namespace.get(instr.argval, missing)
+        try:
+            return cells[instr.argval].cell_contents
+        except (KeyError, ValueError):
+            return missing
+
     previous = None
     for instr in dis.get_instructions(code):
         if instr.opname == "STORE_GLOBAL":
@@ -103,8 +123,10 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
             return f"fn assigns the enclosing variable {instr.argval!r}"
         if (instr.opname in ("LOAD_ATTR", "LOAD_METHOD") and instr.argval in _MUTATING_METHODS and previous is not None
                 and (previous.opname == "LOAD_GLOBAL" or (previous.opname == "LOAD_DEREF" and previous.argval in free))):
-            return f"fn calls {previous.argval}.{instr.argval}(...)"
-        if instr.opname == "LOAD_GLOBAL" and instr.argval == "print":
+            owner = value_of(previous)  # a container (list, dict, set, deque, a file), not torch.add & co.
+            if owner is not missing and not isinstance(owner, (types.ModuleType, type, torch.Tensor, torch.nn.Module)):
+                return f"fn calls {previous.argval}.{instr.argval}(...)"
+        if instr.opname == "LOAD_GLOBAL" and instr.argval == "print" and "print" not in namespace:
             return "fn calls print(...)"
         previous = instr
     return None
@@ -423,7 +445,7 @@ class TorchPrepared(ProblemBackedFunction):
         self.needs_grad = needs_grad_to_evaluate
         self._outputs = outputs
         self.undefined_gradients: Dict[str, str] = {}
-        # batching (see the module docstring): None until decided on the first chunk of two or more rows
+        # batching (see the module docstring): None until decided on the first chunk of _FIRST_BATCH rows
         self._batched_evaluate: Optional[bool] = None
         self._batched_vjp: Optional[bool] = None
         self._batch_sizes: Dict[str, int] = {}
@@ -443,7 +465,8 @@ class TorchPrepared(ProblemBackedFunction):
     # --- evaluation: batched under torch.func.vmap, or point by point ---
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
-        if self.needs_grad or not self.batching or len(points) < 2 or self._batched_evaluate is False:
+        if (self.needs_grad or not self.batching or self._batched_evaluate is False
+                or len(points) < (2 if self._batched_evaluate else _FIRST_BATCH)):
             result = self._evaluate_loop(points)
         elif self._batched_evaluate is None:
             result = self._evaluate_first_batch(points)
@@ -590,7 +613,8 @@ class TorchPrepared(ProblemBackedFunction):
                 return np.stack([_grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent),
                                        create_graph=False).detach().cpu().numpy() for cotangent in rows])
 
-            if not self.batching or len(cotangents) < 2 or self._batched_vjp is False:
+            if (not self.batching or self._batched_vjp is False
+                    or len(cotangents) < (2 if self._batched_vjp else _FIRST_BATCH)):
                 return loop(cotangents)
             try:
                 with _quiet_batching():

@@ -185,7 +185,7 @@ def test_module_closed_over_with_params_is_batched() -> None:
 
 
 def test_classic_autograd_function_falls_back_to_the_loop() -> None:
-    report = gb.check(ClassicSquare.apply, _randn(6))
+    report = gb.check(ClassicSquare.apply, _randn(12))
     assert report.passed, str(report)
     note = next(n for n in report.notes if "torch.func.vmap" in n)
     assert note.startswith("fn could not run under torch.func.vmap (RuntimeError: ") and note.endswith(FELL_BACK)
@@ -254,6 +254,13 @@ def test_function_appending_to_a_list_runs_once_per_evaluation() -> None:
     assert "seen.append" in _path_note_from(report.notes), report.notes
 
 
+def test_module_functions_named_like_mutating_methods_are_batched() -> None:
+    """``torch.add``/``np.add`` are no side effects: only containers' mutating methods count."""
+    report = gb.check(lambda x: torch.add(x, 1.0) * torch.sin(x), _randn(4))
+    assert report.passed, str(report)
+    assert _path_note_from(report.notes).endswith(BATCHED), report.notes
+
+
 def test_tensor_kept_by_a_helper_is_noticed_at_run_time() -> None:
     """The side effect hides in a helper (not in fn's own code): the batched tensor it keeps is noticed
     after the first batched call, and fn goes to the loop."""
@@ -283,39 +290,54 @@ def test_params_as_plain_tensors_use_the_loop() -> None:
 
 def test_function_that_behaves_differently_under_vmap_falls_back() -> None:
     """Python state changing with each call: the batched call sees one value for all points, the loop
-    one per point; the agreement guard notices, and the check still reports the non-determinism."""
+    one per point; the agreement guard notices and the loop's outputs are returned."""
     calls = [0]
 
     def fn(x):
         calls[0] += 1
         return torch.sin(x) + 1e-3 * calls[0]
 
-    report = gb.check(fn, _randn(4))
+    prepared = _prepare(fn, _randn(4))
+    points = _points(prepared, 8)
+    with prepared.session():
+        values = prepared.evaluate(points)
+    assert prepared._batched_evaluate is False
+    assert "different outputs under torch.func.vmap" in _path_note(prepared), prepared.notes
+    # the loop's outputs: one call per point, each with its own counter value
+    offsets = values - np.sin(points)
+    assert np.allclose(offsets, offsets[:, :1]) and len(np.unique(np.round(offsets[:, 0], 6))) == 8
+    report = gb.check(fn, _randn(4))  # and the check still reports the non-determinism
     assert not report.passed and "not deterministic" in report.problem
-    assert "different outputs under torch.func.vmap" in _path_note_from(report.notes), report.notes
+
+
+def _batched_calls_raising(after: int, error: type) -> Callable[..., Any]:
+    """sin(x).sum(), raising ``error`` in its ``after``-th call under vmap (a batched point vector)."""
+    batched_calls = [0]
+
+    def fn(x):
+        if torch._C._functorch.is_batchedtensor(x):
+            batched_calls[0] += 1
+            if batched_calls[0] == after:
+                raise error(f"batched call {after} failed")
+        return torch.sin(x).sum()
+
+    return fn
 
 
 def test_user_error_after_batching_was_decided_still_raises() -> None:
-    calls = [0]
-
     class Boom(Exception):
         pass
 
-    def fn(x):
-        calls[0] += 1
-        if calls[0] == 4:  # the 2nd batched chunk (1st: [x0, x0], 2nd and 3rd: the guard's loop)
-            raise Boom("call 4 failed")
-        return torch.sin(x)
-
-    prepared = _prepare(fn, _randn(4))
+    prepared = _prepare(_batched_calls_raising(2, Boom), _randn(4))
     with prepared.session():
-        prepared.evaluate(_points(prepared, 2))
+        prepared.evaluate(_points(prepared, 8))
         assert prepared._batched_evaluate is True
         with pytest.raises(Boom):
             prepared.evaluate(_points(prepared, 5))
+    assert prepared._batched_evaluate is True
+    # through the check: 12 perturbed points in chunks of 8 and 4; the second (batched) chunk raises
     with pytest.raises(gb.FunctionEvaluationError) as info:
-        calls[0] = 0
-        gb.check(fn, _randn(4))
+        gb.check(_batched_calls_raising(2, Boom), _randn(6), chunk_size=8, mode="full")
     assert isinstance(info.value.__cause__, Boom)
 
 
@@ -360,10 +382,10 @@ def test_elementwise_function_agrees_bit_for_bit() -> None:
 def test_nan_outputs_come_back_from_the_batched_path() -> None:
     prepared = _prepare(lambda x: torch.log(x), _randn(4))
     with prepared.session():
-        values = prepared.evaluate(_points(prepared, 6))
+        values = prepared.evaluate(_points(prepared, 9))
     assert prepared._batched_evaluate is True
     with np.errstate(invalid="ignore"):
-        expected = np.log(_points(prepared, 6))
+        expected = np.log(_points(prepared, 9))
     assert np.array_equal(np.isnan(values), np.isnan(expected))
 
 
