@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _hooks, _registry
+from . import _executor, _hooks, _registry
 from ._adapter import CheckSpec
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
-from ._options import DEFAULT_BUDGET, normalize_wrt, validate_kwargs, validate_options
+from ._options import DEFAULT_BUDGET, normalize_wrt, validate_executor, validate_kwargs, validate_options
 from ._structure import validate_structure
 from ._report import Report
 from ._tree import flatten
@@ -24,7 +24,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
           probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
           kinks: str = "allow", promote: bool = True,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
-          progress: Optional[bool] = None) -> Report:
+          progress: Optional[bool] = None, executor: Any = None) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -78,6 +78,11 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             to one), or a callable ``directions(x) -> array (k, *x.shape)`` of tangent directions.
         progress: a progress bar on stderr for checks that run longer than a second: None (the
             default) shows it on interactive terminals only, True always, False never.
+        executor: a ``concurrent.futures.Executor`` (``ProcessPoolExecutor``, ``ThreadPoolExecutor``, a Dask
+            ``distributed.Client`` or its ``get_executor()``): the evaluations of ``fn`` are split into chunks
+            and run by its workers; analytic VJPs/JVPs stay in this process. Each worker prepares the check
+            from a pickled copy of ``fn`` and the arguments, so with process pools ``fn`` must be picklable
+            (a module-level function); Dask pickles lambdas and closures too.
 
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
@@ -94,6 +99,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                                analytic=analytic, train=train, chunk_size=chunk_size, budget=budget, kinks=kinks,
                                promote=promote, progress=progress)
     structures = validate_structure(structure)
+    executor = validate_executor(executor)
     call_kwargs = validate_kwargs(kwargs)
     if grad is not None and not callable(grad):
         raise InvalidArgumentError(f"grad: expected a callable returning gradients, got {type(grad).__name__}")
@@ -111,7 +117,11 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
     report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
-    report = run_check(prepared, options, report, structures)
+    remote = _executor.plan(executor, adapter.name, spec, prepared) if executor is not None else None
+    with _executor.activated(prepared, remote):
+        report = run_check(prepared, options, report, structures)
+    if remote is not None:
+        report.notes.append(remote.note(options.order))
     _hooks.notify(report)
     return report
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
 from ._errors import FunctionEvaluationError, GradbridgeError
+from ._executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
 from ._progress import CheckProgress
 
 
@@ -27,6 +28,8 @@ class Evaluator:
         self.evaluations = 0
         self.vjps = 0
         self.jvps = 0
+        # executor=: the chunks of evaluate go to other processes (see gradbridge._executor)
+        self.remote = remote_for(prepared)
 
     def _call(self, method, data: np.ndarray, label: str) -> np.ndarray:
         try:
@@ -42,6 +45,8 @@ class Evaluator:
 
         Outputs must be finite unless ``allow_nonfinite`` (perturbed points near a domain edge, where the
         check falls back to one-sided differences)."""
+        if self.remote is not None and len(points):
+            return self._evaluate_remote(points, describe, allow_nonfinite)
         outputs = []
         for start in range(0, len(points), self.chunk_size):
             chunk = points[start:start + self.chunk_size]
@@ -51,18 +56,93 @@ class Evaluator:
             except FunctionEvaluationError:
                 self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None)
                 raise
-            self.evaluations += len(chunk)
-            self._advance(len(chunk))
-            bad = ~np.isfinite(result)
-            if bad.any() and not allow_nonfinite:
-                row, col = (int(i) for i in np.argwhere(bad)[0])
-                where = describe[start + row] if describe is not None else "the checked input"
-                value = result[row, col]
-                raise FunctionEvaluationError(
-                    f"{self.what} returned {value} in output {self.output_name(col)} at {where} "
-                    f"(evaluation {first + row}); gradients cannot be checked where the function is not finite")
-            outputs.append(result)
+            outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
         return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+
+    def _accept(self, result: np.ndarray, start: int, first: int, describe: Optional[Sequence[str]],
+                allow_nonfinite: bool) -> np.ndarray:
+        """Count one chunk's evaluations and refuse non-finite outputs (unless allowed)."""
+        self.evaluations += len(result)
+        self._advance(len(result))
+        bad = ~np.isfinite(result)
+        if bad.any() and not allow_nonfinite:
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            where = describe[start + row] if describe is not None else "the checked input"
+            value = result[row, col]
+            raise FunctionEvaluationError(
+                f"{self.what} returned {value} in output {self.output_name(col)} at {where} "
+                f"(evaluation {first + row}); gradients cannot be checked where the function is not finite")
+        return result
+
+    def _evaluate_remote(self, points: np.ndarray, describe: Optional[Sequence[str]],
+                         allow_nonfinite: bool) -> np.ndarray:
+        """Like :meth:`evaluate`, with the chunks evaluated by the executor's workers, gathered in order.
+
+        A chunk whose evaluation raised in a worker is evaluated here again, point by point, so the error
+        names the point exactly as a local check would; the first chunk of the check is compared with a
+        local evaluation of its first point."""
+        remote = self.remote
+        bounds = remote.bounds(len(points), self.chunk_size)
+        futures = remote.submit(points, bounds)
+        outputs = []
+        try:
+            for (start, stop), future in zip(bounds, futures):
+                chunk = points[start:stop]
+                first = self.evaluations + 1
+                names = describe[start:stop] if describe else None
+                try:
+                    result = np.asarray(remote.result(future, first, len(chunk)), dtype=np.float64)
+                except RemoteFailure as failure:
+                    remote.cancel(futures)
+                    self._failed_remotely(chunk, first, names, failure)
+                if not remote.verified:
+                    self._verify(chunk, result, first, names)
+                outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
+        except BaseException:
+            remote.cancel(futures)
+            raise
+        return np.concatenate(outputs, axis=0)
+
+    def _failed_remotely(self, chunk: np.ndarray, first: int, describe: Optional[Sequence[str]],
+                         failure: RemoteFailure) -> None:
+        """fn raised in a worker: evaluate the chunk here as a local check would, which raises the same
+        error (naming the point); if it does not fail here, fn behaves differently in the workers."""
+        with _EXECUTOR_LOCK:
+            try:
+                self._call(self.prepared.evaluate, chunk, f"evaluation {first}")
+            except FunctionEvaluationError:
+                self._locate_failure(chunk, first, describe)
+                raise
+        raise FunctionEvaluationError(
+            f"{self.what} raised {failure.type_name} during evaluations {first} to {first + len(chunk) - 1} in a "
+            f"worker of {self.remote.name}, but not when the same points were evaluated in this process: "
+            f"{failure.message}. fn must compute the same in every process (no state set up only here)"
+        ) from RemoteTraceback(failure.remote_traceback)
+
+    def _verify(self, chunk: np.ndarray, result: np.ndarray, first: int, describe: Optional[Sequence[str]]) -> None:
+        """The workers must compute what this process computes: compare the first point of the first chunk
+        with a local evaluation (which also tells the local prepared function its outputs)."""
+        with _EXECUTOR_LOCK:
+            try:
+                local = self._call(self.prepared.evaluate, chunk[:1], f"evaluation {first}")
+            except FunctionEvaluationError:
+                self._locate_failure(chunk[:1], first, describe)
+                raise
+        eps = max(float(getattr(self.prepared, "working_eps", None) or 0.0), float(np.finfo(np.float64).eps))
+        where = describe[0] if describe else "the checked input"
+        if result.ndim != 2 or len(result) != len(chunk) or result.shape[1:] != local.shape[1:]:
+            raise FunctionEvaluationError(
+                f"executor: the workers of {self.remote.name} returned outputs of shape {result.shape[1:]} per point "
+                f"at {where}, this process {local.shape[1:]}; fn must compute the same in every process")
+        differs = agreement(result[0], local[0], eps)
+        if differs is not None:
+            index, there, here = differs
+            raise FunctionEvaluationError(
+                f"executor: {self.what} computes {there!r} in output {self.output_name(index)} at {where} in the "
+                f"workers of {self.remote.name}, but {here!r} in this process; fn must compute the same in every "
+                "process (it may depend on state set up only here: a global changed after import, a seed, a "
+                "file or a device)")
+        self.remote.verified = True
 
     def _locate_failure(self, chunk: np.ndarray, first: int, describe: Optional[Sequence[str]]) -> None:
         """A batch raised: evaluate its points one by one so the error names the point that fails.

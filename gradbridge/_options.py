@@ -92,6 +92,18 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
     )
 
 
+def validate_executor(executor: Any) -> Any:
+    """``executor``: None, a ``concurrent.futures.Executor`` (anything with ``submit``), or a Dask client
+    (anything with ``get_executor``)."""
+    if executor is None:
+        return None
+    if callable(getattr(executor, "submit", None)) or callable(getattr(executor, "get_executor", None)):
+        return executor
+    raise InvalidArgumentError(
+        f"executor: expected None or a concurrent.futures.Executor (ProcessPoolExecutor, ThreadPoolExecutor, a Dask "
+        f"distributed Client or its get_executor()) with a submit method, got {type(executor).__name__}")
+
+
 def normalize_wrt(wrt: Any) -> Optional[Tuple[Any, ...]]:
     """``wrt`` as a tuple of entries (positions, names, or array objects), or None for "everything"."""
     if wrt is None:
