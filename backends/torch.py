@@ -43,7 +43,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
-from torch._C._functorch import is_batchedtensor
+try:  # private; without it batched tensors fn keeps go unnoticed at run time (the bytecode screen remains)
+    from torch._C._functorch import is_batchedtensor
+except ImportError:  # pragma: no cover - older or newer torch
+    def is_batchedtensor(tensor: torch.Tensor) -> bool:
+        return False
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 
@@ -67,6 +71,8 @@ _BATCHING_HINTS = ("vmap", "functorch", "batching rule", "batchedtensor", "batch
 # the smallest chunk the path is decided on: the agreement guard's two extra loop evaluations and the
 # first batched call's checks cost more than they can save on a smaller one (which runs point by point)
 _FIRST_BATCH = 8
+# about how many elements (points x the wider of inputs and outputs) one call of fn under vmap handles
+_VMAP_ELEMENTS = 1 << 18
 
 
 def _batching_error(exc: BaseException) -> bool:
@@ -512,8 +518,13 @@ class TorchPrepared(ProblemBackedFunction):
             out, _ = forward(x, False)
             return out
 
+        # vmap runs fn on sub-batches of about _VMAP_ELEMENTS elements: large batched temporaries fall out
+        # of the caches (sin(x) * x**2 at 4096 inputs: about 2x faster in sub-batches of 64 than 256 at once)
+        width = max(len(self.x0), sum(spec.size for spec in self.problem.outputs or ()), 1)
+        sub = max(_FIRST_BATCH, _VMAP_ELEMENTS // width)
         with torch.no_grad(), _quiet_batching(), (watch if watch is not None else contextlib.nullcontext()):
-            out = torch.func.vmap(one, randomness="error")(self.problem.to_tensor(points))
+            out = torch.func.vmap(one, randomness="error", chunk_size=sub if sub < len(points) else None)(
+                self.problem.to_tensor(points))
         return out.detach().cpu().numpy()
 
     def _evaluate_first_batch(self, points: np.ndarray) -> np.ndarray:

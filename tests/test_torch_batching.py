@@ -360,6 +360,8 @@ AGREEMENT = {
     "mlp_params_closure": lambda: (lambda m: _prepare(lambda x: m(x).sum(1), _randn(3, 4), params=m))(_mlp(1).double()),
     "classic_function": lambda: _prepare(ClassicSquare.apply, _randn(6)),
     "mlp_promote_false": lambda: _prepare(_mlp(2), _randn(3, 4).float(), promote=False),
+    # wide: vmap runs fn in sub-batches (of 8 here) rather than on all 17 points at once
+    "wide_input_sub_batches": lambda: _prepare(lambda x: (torch.tanh(x) * x).sum(), _randn(40000)),
 }
 
 
