@@ -558,7 +558,8 @@ class TorchPrepared(ProblemBackedFunction):
         rows = sorted({0, len(points) - 1})
         looped = self._evaluate_loop(points[rows])
         if not _agree(batched[rows], looped, self._agreement_eps()):
-            difference = float(np.nanmax(np.abs(batched[rows] - looped))) if batched[rows].shape == looped.shape else float("nan")
+            gaps = np.abs(batched[rows] - looped) if batched[rows].shape == looped.shape else np.array([np.nan])
+            difference = float(np.max(gaps[np.isfinite(gaps)])) if np.isfinite(gaps).any() else float("nan")
             looped = self._evaluate_loop(points)
             self._decide("evaluate", False, f"fn gave different outputs under torch.func.vmap than point by point "
                                             f"(by up to {difference:.3g}): evaluated point by point")
