@@ -45,7 +45,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import contextlib
-from dataclasses import dataclass
+import functools
+import hashlib
+import threading
+import types
+import weakref
+from dataclasses import dataclass, field
 from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
                     Tuple)
 
@@ -71,6 +76,9 @@ _NO_DERIVATIVE_HINTS = ("differentiation rule for", "transpose rule", "do not su
                         "reverse-mode differentiation does not work", "does not support reverse-mode")
 #: Substrings of JAX errors meaning "forward mode is not available for this function".
 _FORWARD_UNSUPPORTED_HINTS = ("forward-mode autodiff (jvp) to a custom_vjp",)
+
+_SYMBOLIC_ZERO = ("JAX's derivative for it is a symbolic zero: fn does not depend on it differentiably "
+                  "(jax.lax.stop_gradient, an unused input, or a custom rule returning None/zeros)")
 
 LinearMap = Tuple[List[int], Callable[..., Any]]  # (indices of the leaves it takes or returns, the map)
 
@@ -180,6 +188,343 @@ def _apply_vmapped(function: Callable[..., Any], *batched: Any) -> Any:
     return jax.vmap(function)(*batched)
 
 
+# --- Compiled code kept across checks ---------------------------------------------------------------------
+#
+# Tracing and compiling ``jax.jit(jax.vmap(fn))`` and the VJP/JVP maps costs far more than a small check
+# itself, so what a check compiles is kept for the next check of the same function. An entry is found by
+# the function object (held weakly: the cache never keeps it alive) and a key of everything that shapes
+# the trace: the argument trees, each leaf's role (checked: shape and dtype; other arrays: shape and dtype
+# only, as they are passed to the compiled code as arguments, never baked in; other values: by value, and
+# only immutable ones), kwargs (immutable values only), promote, the leaves' dtypes inside fn and the x64
+# mode. What fn reads from outside its arguments (closure cells, globals it names, defaults, the state of
+# a callable object or bound method, recursively through the Python functions it reaches) is fingerprinted
+# too: a rebound global or a NumPy array changed in place makes a fresh trace. Anything that cannot be
+# keyed or fingerprinted safely is simply not cached. The compiled pieces hold no user array.
+
+_CACHE: Dict[Tuple[int, ...], Tuple[Tuple[Any, ...], Dict[Any, "_Compiled"]]] = {}
+_CACHE_LOCK = threading.Lock()
+_ENTRIES_PER_FUNCTION = 16
+_ENVIRONMENT_LIMIT = 512  # more captured values than this: not cached
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), np.dtype)
+
+
+class _Uncacheable(Exception):
+    """Raised while keying a check that cannot be cached safely."""
+
+
+def clear_cache() -> None:
+    """Drop every compiled function kept across checks."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def cache_size() -> int:
+    """How many compiled entries are kept (over all functions)."""
+    with _CACHE_LOCK:
+        return sum(len(entries) for _, entries in _CACHE.values())
+
+
+def _static_token(value: Any, depth: int = 0) -> Any:
+    """A hashable token for a non-array value fn receives, equal only for equal immutable values."""
+    if isinstance(value, _IMMUTABLE) or isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        return (type(value), value)
+    if isinstance(value, tuple) and depth < 4:
+        return (type(value), tuple(_static_token(v, depth + 1) for v in value))
+    raise _Uncacheable(type(value).__name__)
+
+
+#: Packages whose functions and objects are fingerprinted by identity only, not followed inside.
+_LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "scipy", "gradbridge", "backends", "flax", "optax", "equinox",
+                        "haiku", "chex", "functools", "builtins", "typing", "abc", "math", "operator"})
+
+
+def _library_object(value: Any) -> bool:
+    module = getattr(value, "__module__", None)
+    if not isinstance(module, str) and not isinstance(value, (types.FunctionType, type)):
+        module = getattr(type(value), "__module__", None)
+    return isinstance(module, str) and module.split(".")[0] in _LIBRARIES
+
+
+def _constant_token(value: Any) -> Any:
+    """A token for an integer, boolean or key array fn receives as is (it is baked into the trace): its
+    type, shape, dtype and a digest of its contents."""
+    data = jax.random.key_data(value) if _is_key(value) else value
+    array = np.asarray(data)
+    if array.dtype.hasobject or array.dtype.kind not in "biufc":
+        raise _Uncacheable("array of dtype " + str(array.dtype))
+    digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).data, digest_size=16).digest()
+    return ("constant", type(value).__name__, tuple(np.shape(value)), str(value.dtype), digest)
+
+
+def _identity(fn: Any) -> Tuple[Any, ...]:
+    """The objects a cache slot is tied to (a bound method: its function and its object)."""
+    if isinstance(fn, types.MethodType):
+        return (fn.__func__, fn.__self__)
+    return (fn,)
+
+
+class _Fingerprint:
+    """What fn reads besides its arguments: a token for comparison plus weak references proving that
+    the objects compared by identity are still the same ones (an id is unique only among live objects)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.refs: List[Any] = []
+        self._seen: Dict[int, int] = {}
+        self.token = self._of(fn, 0)
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+    def _identity_token(self, value: Any) -> Tuple[str, int]:
+        try:
+            self.refs.append(weakref.ref(value))
+        except TypeError:
+            raise _Uncacheable(type(value).__name__) from None
+        return ("id", id(value))
+
+    def _of(self, value: Any, depth: int) -> Any:
+        if len(self._seen) > _ENVIRONMENT_LIMIT or depth > 12:
+            raise _Uncacheable("too much state")
+        if isinstance(value, _IMMUTABLE) or isinstance(value, np.generic):
+            return None  # Python scalars are not followed (a trace counter fn bumps must not defeat the cache)
+        if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, np.ufunc)):
+            return ("builtin", getattr(value, "__name__", ""), id(value))  # modules and builtins live forever
+        if isinstance(value, type):
+            return self._identity_token(value)
+        key = id(value)
+        if key in self._seen:
+            return ("seen", self._seen[key])
+        self._seen[key] = len(self._seen)
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise _Uncacheable("object array")
+            digest = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8).data, digest_size=16).digest()
+            return ("ndarray", value.shape, str(value.dtype), digest, self._identity_token(value))
+        if isinstance(value, jax.Array):
+            return ("jax", self._identity_token(value))  # immutable
+        if isinstance(value, (tuple, list, set, frozenset)):  # followed for the arrays and functions in them
+            return tuple(t for t in (self._of(v, depth + 1) for v in value) if t is not None) or None
+        if isinstance(value, dict):
+            return tuple(t for t in (self._of(v, depth + 1) for v in value.values()) if t is not None) or None
+        if isinstance(value, (jax.custom_vjp, jax.custom_jvp)):  # the user's functions and rules inside
+            return ("custom", self._identity_token(value),
+                    tuple(self._of(getattr(value, name, None), depth + 1) for name in ("fun", "fwd", "bwd", "jvp")))
+        wrapped = getattr(value, "__wrapped__", None)
+        if wrapped is not None and not isinstance(value, types.FunctionType):  # jax.jit(user_fn), decorators
+            return ("wrapped", self._identity_token(value), self._of(wrapped, depth + 1))
+        if _library_object(value):
+            return self._identity_token(value)  # library code: its own state is not the user's to change
+        if isinstance(value, types.FunctionType):
+            return ("function", self._identity_token(value), self._function(value, depth))
+        if isinstance(value, types.MethodType):
+            return ("method", self._of(value.__func__, depth + 1), self._of(value.__self__, depth + 1))
+        if isinstance(value, functools.partial):
+            return ("partial", self._identity_token(value), self._of(value.func, depth + 1),
+                    self._of(value.args, depth + 1), self._of(value.keywords, depth + 1))
+        token = self._identity_token(value)
+        wrapped = getattr(value, "__wrapped__", None)  # jax.jit functions
+        state = getattr(value, "__dict__", None)
+        return ("object", token, self._of(wrapped, depth + 1) if wrapped is not None else None,
+                self._of(dict(state), depth + 1) if isinstance(state, dict) else None)
+
+    def _function(self, fn: types.FunctionType, depth: int) -> Any:
+        names: List[str] = []
+        codes = [fn.__code__]
+        while codes:
+            code = codes.pop()
+            names.extend(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        globals_ = fn.__globals__
+        referenced = tuple((name, self._of(globals_[name], depth + 1)) for name in sorted(set(names))
+                           if name in globals_)
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(self._of(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell (a name assigned later)
+                cells.append(("empty",))
+        return (id(fn.__code__), referenced, tuple(cells), self._of(fn.__defaults__, depth + 1),
+                self._of(fn.__kwdefaults__, depth + 1))
+
+
+def _lookup(fn: Any, key: Any, fingerprint: _Fingerprint) -> Optional["_Compiled"]:
+    slot_key = tuple(id(o) for o in _identity(fn))
+    with _CACHE_LOCK:
+        slot = _CACHE.get(slot_key)
+        if slot is None or any(ref() is not o for ref, o in zip(slot[0], _identity(fn))):
+            return None
+        entry = slot[1].get(key)
+    if entry is None or entry.environment != fingerprint.token or not entry.fingerprint.alive():
+        return None
+    return entry
+
+
+def _store(fn: Any, key: Any, entry: "_Compiled") -> None:
+    owners = _identity(fn)
+    slot_key = tuple(id(o) for o in owners)
+
+    def forget(ref: Any, slot_key: Tuple[int, ...] = slot_key) -> None:
+        with _CACHE_LOCK:
+            slot = _CACHE.get(slot_key)
+            if slot is not None and any(r is ref for r in slot[0]):
+                del _CACHE[slot_key]
+
+    with _CACHE_LOCK:
+        slot = _CACHE.get(slot_key)
+        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
+            try:
+                slot = (tuple(weakref.ref(o, forget) for o in owners), {})
+            except TypeError:
+                return
+            _CACHE[slot_key] = slot
+        entries = slot[1]
+        entries.pop(key, None)
+        entries[key] = entry
+        while len(entries) > _ENTRIES_PER_FUNCTION:
+            del entries[next(iter(entries))]
+
+
+def _weak_function(fn: Any) -> Callable[[], Any]:
+    """A way back to fn that does not keep it alive (the cache's compiled code must not)."""
+    try:
+        return weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else weakref.ref(fn)
+    except TypeError:
+        return lambda: fn
+
+
+def _output_sink_flatten(result: Any, sink: Any) -> jax.Array:
+    """``fn``'s output as one flat vector in the plumbing dtype; records the output layout in ``sink`` once."""
+    pairs, _ = jax.tree_util.tree_flatten_with_path(result)
+    found = [("out" + jax.tree_util.keystr(path), value) for path, value in pairs if _floating(value)]
+    if not found:
+        if _is_array(result):
+            got = f"an array of dtype {_dtype_name(result)}"
+        else:
+            got = type(result).__name__ + (" with no floating array in it" if pairs else "")
+        raise FunctionEvaluationError(
+            f"fn: expected a floating-point array (or a pytree of them) as output, got {got}")
+    if sink.outputs is None:  # shapes seen inside jax.vmap are those of one point
+        sink.outputs = output_specs([(name, tuple(value.shape), _dtype_name(value)) for name, value in found])
+        sink.low_precision_outputs = [name for name, value in found if value.dtype != jnp.float64]
+    return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(plumbing_dtype()) for _, value in found])
+
+
+@dataclass
+class _LinearPlan:
+    """The compiled VJP (``"rev"``) or JVP (``"fwd"``) maps of one entry, traced with the checked point and
+    the fixed arrays as arguments, so they hold for every check with the same key."""
+
+    maps: List[Tuple[List[int], Callable[..., Any], Callable[..., Any]]]  # (leaf indices, batched, single)
+    undefined: Dict[int, str]  # leaf index -> why JAX cannot differentiate fn with respect to it
+    constant: List[Tuple[int, int]]  # (map index, position): outputs/tangents on which nothing depends
+
+
+class _Compiled:
+    """The compiled pieces of one traced function ``function(parts, dyn) -> flat output``."""
+
+    def __init__(self, function: Callable[..., jax.Array], layout: Sequence[Tuple[int, int, Tuple[int, ...]]],
+                 fingerprint: Optional[_Fingerprint], outputs: Optional[List[LeafSpec]] = None) -> None:
+        self.function = function
+        self.layout = list(layout)  # (offset, size, shape) of each checked leaf in the flat vector
+        self.fingerprint = fingerprint
+        self.environment = fingerprint.token if fingerprint is not None else None
+        self.outputs = outputs
+        self.low_precision_outputs: List[str] = []
+        self.evaluation_fails = False
+        self.linear: Dict[str, Any] = {}  # mode -> _LinearPlan, or False: use the per-check path
+        self.gradient: Optional[_Compiled] = None
+        self.gradient_error: Optional[BaseException] = None
+        self.gradient_probed = False
+
+        def flat(x: jax.Array, dyn: Any) -> jax.Array:
+            return function(self.split(x), dyn)
+
+        self.evaluate = jax.jit(jax.vmap(flat, in_axes=(0, None)))
+        bind = getattr(function, "bind", None)
+        if bind is not None:  # the traced call records the output layout here
+            bind(self)
+
+    def split(self, x: Any) -> List[Any]:
+        return [jnp.reshape(x[offset:offset + size], shape) for offset, size, shape in self.layout]
+
+    def gradient_entry(self) -> "_Compiled":
+        """The entry of ``x -> J(x)^T v`` (order 2), with ``v`` passed as an argument next to ``dyn``."""
+        if self.gradient is None:
+            first = self.function
+
+            def gradient(parts: Sequence[jax.Array], dyn2: Any) -> jax.Array:
+                dyn, v = dyn2
+                pulled = jax.vjp(lambda *p: first(list(p), dyn), *parts)[1](v)
+                return jnp.concatenate([jnp.ravel(g) for g in pulled])
+
+            self.gradient = _Compiled(gradient, self.layout, None)
+        return self.gradient
+
+
+def _linear_single(function: Callable[..., jax.Array], indices: List[int], mode: str) -> Callable[..., Any]:
+    """``(parts0, dyn, *inputs) -> J^T v`` (rev, one cotangent, gradients of the leaves ``indices``) or
+    ``J u`` (fwd, one tangent per leaf in ``indices``), the derivative taken inside the trace."""
+
+    def restricted(parts0: Sequence[jax.Array], dyn: Any) -> Callable[..., jax.Array]:
+        def g(*sub: jax.Array) -> jax.Array:
+            parts = list(parts0)
+            for k, s in zip(indices, sub):
+                parts[k] = s
+            return function(parts, dyn)
+        return g
+
+    if mode == "rev":
+        def single(parts0: Sequence[jax.Array], dyn: Any, v: jax.Array) -> Tuple[jax.Array, ...]:
+            return tuple(jax.vjp(restricted(parts0, dyn), *[parts0[k] for k in indices])[1](v))
+    else:
+        def single(parts0: Sequence[jax.Array], dyn: Any, *tangents: jax.Array) -> jax.Array:  # type: ignore[misc]
+            return jax.jvp(restricted(parts0, dyn), [parts0[k] for k in indices], list(tangents))[1]
+    return single
+
+
+def _build_linear(entry: _Compiled, parts0: List[jax.Array], dyn: Any, probe: Callable[[List[int]], Sequence[Any]],
+                  mode: str) -> Any:
+    """The entry's linear maps for ``mode``, or False where they cannot be traced with the point as an
+    argument (Python control flow on values, a broken rule, forward mode of a custom_vjp): the check then
+    takes the per-check path, which reports those exactly as before."""
+    everything = list(range(len(parts0)))
+    traced: List[Tuple[List[int], Callable[..., Any], Any]] = []
+    undefined: Dict[int, str] = {}
+    try:
+        single = _linear_single(entry.function, everything, mode)
+        traced.append((everything, single, jax.make_jaxpr(single)(parts0, dyn, *probe(everything))))
+    except GradbridgeError:
+        raise
+    except Exception as exc:
+        if not _mentions(exc, _NO_DERIVATIVE_HINTS) or (mode == "fwd" and _mentions(exc, _FORWARD_UNSUPPORTED_HINTS)):
+            return False
+        for k in everything:
+            try:
+                single = _linear_single(entry.function, [k], mode)
+                traced.append(([k], single, jax.make_jaxpr(single)(parts0, dyn, *probe([k]))))
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                if not _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
+                    return False
+                undefined[k] = f"JAX cannot differentiate fn with respect to it: {_first_line(exc)}"
+    maps = []
+    constant: List[Tuple[int, int]] = []
+    for m, (indices, single, closed) in enumerate(traced):
+        count = 1 if mode == "rev" else len(indices)
+        total = len(closed.jaxpr.invars)
+        linear_inputs = frozenset(range(total - count, total))
+        dependencies = [d & linear_inputs for d in _dependencies(closed.jaxpr)]
+        if mode == "rev":
+            constant += [(m, j) for j in range(len(indices)) if not dependencies[j]]
+        else:
+            used = frozenset().union(*dependencies)
+            constant += [(m, j) for j in range(len(indices)) if total - count + j not in used]
+        in_axes = (None, None) + (0,) * count
+        maps.append((indices, jax.jit(jax.vmap(single, in_axes=in_axes)), jax.jit(single)))
+    return _LinearPlan(maps, undefined, constant)
+
+
 @dataclass(frozen=True)
 class _Argument:
     """Where one top-level argument's pytree leaves sit in the list of all leaves."""
@@ -205,6 +550,7 @@ class JaxProblem:
         self.outputs: Optional[List[LeafSpec]] = None
         self.low_precision_outputs: List[str] = []
         self._fixed: Optional[List[Any]] = None
+        self._compiled: Optional[Tuple[_Compiled, Tuple[Any, ...]]] = None
         self.promote = spec.promote
         # the dtype each checked leaf takes inside fn: None (the plumbing's float64) or, with promote=False, its own
         self.leaf_dtypes = [None if spec.promote else candidates[i].value.dtype for i in chosen]
@@ -248,19 +594,80 @@ class JaxProblem:
         return [jnp.reshape(x[leaf.offset:leaf.offset + leaf.size], leaf.shape) for leaf in self.leaves]
 
     def _flatten_output(self, result: Any) -> jax.Array:
-        pairs, _ = jax.tree_util.tree_flatten_with_path(result)
-        found = [("out" + jax.tree_util.keystr(path), value) for path, value in pairs if _floating(value)]
-        if not found:
-            if _is_array(result):
-                got = f"an array of dtype {_dtype_name(result)}"
-            else:
-                got = type(result).__name__ + (" with no floating array in it" if pairs else "")
-            raise FunctionEvaluationError(
-                f"fn: expected a floating-point array (or a pytree of them) as output, got {got}")
-        if self.outputs is None:  # shapes seen inside jax.vmap are those of one point
-            self.outputs = output_specs([(name, tuple(value.shape), _dtype_name(value)) for name, value in found])
-            self.low_precision_outputs = [name for name, value in found if value.dtype != jnp.float64]
-        return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(plumbing_dtype()) for _, value in found])
+        return _output_sink_flatten(result, self)
+
+    def compiled(self) -> Tuple[_Compiled, Tuple[Any, ...]]:
+        """The compiled pieces for this check (from the cache when an earlier check had the same function
+        and key) and the arguments passed to them besides the checked leaves: every array leaf that is
+        not checked, as ``fn`` sees it. Called inside the session (the x64 mode is part of the key)."""
+        if self._compiled is None:
+            self._compiled = self._find_compiled()
+        return self._compiled
+
+    def _find_compiled(self) -> Tuple[_Compiled, Tuple[Any, ...]]:
+        fixed = self.fixed_values()
+        checked = {self.positions[i] for i in self.chosen}
+        # unchecked floating leaves (float64 copies, or own-dtype copies) are arguments of the compiled code;
+        # integer, boolean and key arrays stay the user's objects, closed over as before and keyed by value
+        dynamic = [self.positions[i] for i, c in enumerate(self.candidates) if c.floating and i not in self.chosen]
+        dyn = tuple(fixed[pos] for pos in dynamic)
+        fn = self.spec.fn
+        try:
+            static = {pos: _constant_token(value) if _is_array(value) else _static_token(value)
+                      for pos, value in enumerate(fixed) if pos not in checked and pos not in dynamic}
+            key = (tuple(a.treedef for a in self.arguments),
+                   tuple(("checked",) if pos in checked else static[pos] if pos in static
+                         else ("array", tuple(np.shape(fixed[pos])), str(fixed[pos].dtype))
+                         for pos in range(len(fixed))),
+                   tuple(self.chosen),
+                   tuple((leaf.shape, str(dtype)) for leaf, dtype in zip(self.leaves, self.leaf_dtypes)),
+                   tuple(sorted((str(k), _static_token(v)) for k, v in self.spec.kwargs.items())),
+                   self.promote, self.needs_x64, bool(jax.config.jax_enable_x64))
+            hash(key)
+            fingerprint: Optional[_Fingerprint] = _Fingerprint(fn)
+        except (_Uncacheable, TypeError, RecursionError):
+            key, fingerprint = None, None
+        if key is not None:
+            entry = _lookup(fn, key, fingerprint)
+            if entry is not None:
+                return entry, dyn
+        entry = _Compiled(self._traced_call(dynamic, checked, fn if key is None else None),
+                          [(leaf.offset, leaf.size, leaf.shape) for leaf in self.leaves], fingerprint)
+        if key is not None:
+            _store(fn, key, entry)
+        return entry, dyn
+
+    def _traced_call(self, dynamic: List[int], checked: set, strong_fn: Any) -> Callable[..., jax.Array]:
+        """``call`` as a function of the checked parts and the other array leaves (``dyn``), holding neither
+        the user's arrays nor (when cached) ``fn`` itself."""
+        get_fn = (lambda: strong_fn) if strong_fn is not None else _weak_function(self.spec.fn)
+        template = [None if pos in checked or pos in dynamic else value for pos, value in enumerate(self.values)]
+        positions = [self.positions[i] for i in self.chosen]
+        leaf_dtypes = list(self.leaf_dtypes)
+        shapes = [leaf.shape for leaf in self.leaves]
+        arguments = list(self.arguments)
+        kwargs = dict(self.spec.kwargs) if strong_fn is None else self.spec.kwargs
+        holder: List[Any] = []
+
+        def call(parts: Sequence[jax.Array], dyn: Sequence[Any]) -> jax.Array:
+            values = list(template)
+            for pos, value in zip(dynamic, dyn):
+                values[pos] = value
+            for pos, part, dtype, shape in zip(positions, parts, leaf_dtypes, shapes):
+                part = jnp.reshape(part, shape)
+                values[pos] = part if dtype is None else part.astype(dtype)
+            args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count])
+                         for a in arguments)
+            fn = get_fn()
+            if fn is None:  # pragma: no cover - the check holds fn while it runs
+                raise RuntimeError("the checked function was garbage-collected")
+            return _output_sink_flatten(fn(*args, **kwargs), holder[0])
+
+        def bind(entry: _Compiled) -> None:
+            holder.append(entry)
+
+        call.bind = bind  # type: ignore[attr-defined]
+        return call
 
 
 class JaxPrepared(ProblemBackedFunction):
@@ -269,9 +676,11 @@ class JaxPrepared(ProblemBackedFunction):
     analytic_source = "JAX autodiff (jax.vjp / jax.linearize: your custom_vjp / custom_jvp rules and JAX's own)"
 
     def __init__(self, problem: JaxProblem, function: Callable[..., jax.Array], x0: np.ndarray,
-                 outputs: Optional[List[LeafSpec]] = None) -> None:
+                 outputs: Optional[List[LeafSpec]] = None,
+                 compiled: Optional[Callable[[], Tuple[_Compiled, Any]]] = None) -> None:
         self.problem = problem
-        self.function = function
+        self.function = function  # of the checked parts, for the per-check path
+        self._compiled = compiled  # the compiled pieces kept across checks, and their extra arguments
         self.leaves = problem.leaves
         self.x0 = x0
         if problem.promote:
@@ -313,7 +722,20 @@ class JaxPrepared(ProblemBackedFunction):
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         x = jnp.asarray(points, dtype=plumbing_dtype())
         result = None
-        if not self._pointwise_evaluation:
+        if not self._pointwise_evaluation and self._compiled is not None:
+            entry, dyn = self._compiled()
+            if not entry.evaluation_fails:
+                try:
+                    self.problem.rng.reseed()
+                    result = np.asarray(entry.evaluate(x, dyn), dtype=np.float64)
+                except GradbridgeError:
+                    raise
+                except Exception:  # the per-check path below retries and reports it as before
+                    entry.evaluation_fails = True
+                if result is not None and self._outputs is None and self.problem.outputs is None:
+                    self.problem.outputs = entry.outputs
+                    self.problem.low_precision_outputs = entry.low_precision_outputs
+        if result is None and not self._pointwise_evaluation:
             if self._batched is None:
                 self._batched = jax.jit(jax.vmap(self._flat))
             try:
@@ -414,24 +836,63 @@ class JaxPrepared(ProblemBackedFunction):
                 constant = [j not in used for j in range(len(indices))]
             for j, k in enumerate(indices):
                 if constant[j]:
-                    self._undefined[mode].setdefault(
-                        self.leaves[k].name,
-                        "JAX's derivative for it is a symbolic zero: fn does not depend on it differentiably "
-                        "(jax.lax.stop_gradient, an unused input, or a custom rule returning None/zeros)")
+                    self._undefined[mode].setdefault(self.leaves[k].name, _SYMBOLIC_ZERO)
 
     def _output_size(self) -> int:
         return sum(spec.size for spec in self.output_specs)
+
+    def _fast_linear(self, mode: str, probe: Callable[[List[int]], Sequence[jax.Array]]) -> Optional[Tuple[Any, ...]]:
+        """The compiled linear maps of ``mode`` (built once per cache entry), or None: use the per-check path."""
+        if self._compiled is None or (self._pullbacks if mode == "rev" else self._pushforwards) is not None:
+            return None
+        entry, dyn = self._compiled()
+        parts0 = self._parts0()
+        plan = entry.linear.get(mode)
+        if plan is None:
+            plan = entry.linear[mode] = _build_linear(entry, parts0, dyn, probe, mode)
+        return None if plan is False else (entry, plan, dyn, parts0)
+
+    def _apply_fast(self, mode: str, probe: Callable[[List[int]], Sequence[jax.Array]],
+                    inputs: Callable[[List[int]], Sequence[jax.Array]]) -> Optional[List[Tuple[List[int], Any]]]:
+        """``[(leaf indices, batched result)]`` from the compiled maps, recording the leaves without a
+        derivative; None where the per-check path must run instead."""
+        fast = self._fast_linear(mode, probe)
+        if fast is None:
+            return None
+        entry, plan, dyn, parts0 = fast
+        try:
+            results = [(indices, batched(parts0, dyn, *inputs(indices))) for indices, batched, _ in plan.maps]
+            undefined = {self.leaves[k].name: reason for k, reason in plan.undefined.items()}
+            for m, j in plan.constant:
+                indices, _, single = plan.maps[m]
+                if mode == "rev" and np.any(np.asarray(single(parts0, dyn, *probe(indices))[j])):
+                    continue  # a constant that is not zero: a wrong rule, not a missing one
+                undefined.setdefault(self.leaves[indices[j]].name, _SYMBOLIC_ZERO)
+        except GradbridgeError:
+            raise
+        except Exception:  # the per-check path retries, falls back or reports it as before
+            entry.linear[mode] = False
+            return None
+        for name, reason in undefined.items():
+            self._undefined[mode].setdefault(name, reason)
+        return results
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         def zero_cotangent(_: List[int]) -> Sequence[jax.Array]:
             return [jnp.zeros(self._output_size(), dtype=plumbing_dtype())]
 
-        if self._pullbacks is None:
-            self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], zero_cotangent, "rev")
-            self._mark_symbolic_zeros(self._pullbacks, zero_cotangent, "rev")
         self._last_mode = "rev"
         v = jnp.asarray(cotangents, dtype=plumbing_dtype())
         gradients = np.zeros((len(v), len(self.x0)))
+        fast = self._apply_fast("rev", zero_cotangent, lambda _: [v])
+        if fast is not None:
+            for indices, pulled in fast:
+                for k, g in zip(indices, pulled):
+                    gradients[:, self.leaves[k].slice] = np.asarray(g, dtype=np.float64).reshape(len(v), -1)
+            return gradients
+        if self._pullbacks is None:
+            self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], zero_cotangent, "rev")
+            self._mark_symbolic_zeros(self._pullbacks, zero_cotangent, "rev")
         for indices, pullback in self._pullbacks:
             pulled = self._apply_batched(pullback, v)
             for k, g in zip(indices, pulled):
@@ -442,16 +903,25 @@ class JaxPrepared(ProblemBackedFunction):
         def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:
             return [jnp.zeros(self.leaves[k].shape, dtype=plumbing_dtype()) for k in indices]
 
+        self._last_mode = "fwd"
+        u = jnp.asarray(tangents, dtype=plumbing_dtype())
+
+        def parts(indices: List[int]) -> List[jax.Array]:
+            return [jnp.reshape(u[:, self.leaves[k].slice], (len(u),) + self.leaves[k].shape) for k in indices]
+
+        pushed = np.zeros((len(u), self._output_size()))
+        fast = self._apply_fast("fwd", zero_tangents, parts)
+        if fast is not None:
+            for _, result in fast:
+                pushed += np.asarray(result, dtype=np.float64).reshape(len(u), -1)
+            return pushed
         if self._pushforwards is None:
             self._pushforwards = self._linear_maps(lambda f, primals: jax.linearize(f, *primals)[1],
                                                    zero_tangents, "fwd")
             self._mark_symbolic_zeros(self._pushforwards, zero_tangents, "fwd")
-        self._last_mode = "fwd"
-        u = jnp.asarray(tangents, dtype=plumbing_dtype())
-        pushed = np.zeros((len(u), self._output_size()))
         for indices, pushforward in self._pushforwards:
-            parts = [jnp.reshape(u[:, self.leaves[k].slice], (len(u),) + self.leaves[k].shape) for k in indices]
-            pushed += np.asarray(self._apply_batched(pushforward, *parts), dtype=np.float64).reshape(len(u), -1)
+            pushed += np.asarray(self._apply_batched(pushforward, *parts(indices)),
+                                 dtype=np.float64).reshape(len(u), -1)
         return pushed
 
     def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
@@ -463,16 +933,40 @@ class JaxPrepared(ProblemBackedFunction):
             return jnp.concatenate([jnp.ravel(g) for g in pulled])
 
         parts0 = self._parts0()
-        try:  # can JAX differentiate the gradient? (errors of other kinds surface when it is evaluated)
-            jax.vjp(gradient, *parts0)[1](jnp.zeros(len(self.x0), dtype=plumbing_dtype()))
-        except Exception as exc:
-            if _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
-                raise ModeUnsupportedError(
-                    f"order=2: JAX cannot differentiate the gradient of fn: {_first_line(exc)}") from exc
-            if isinstance(exc, GradbridgeError):
-                raise
+        zeros = jnp.zeros(len(self.x0), dtype=plumbing_dtype())
+        compiled = None
+        error: Optional[BaseException] = None
+        probed = False
+        if self._compiled is not None:
+            entry, dyn = self._compiled()
+            child = entry.gradient_entry()
+            if not child.gradient_probed:  # can JAX differentiate the gradient? (traced once per entry)
+                def probe(parts: Sequence[jax.Array], dyn2: Any, z: jax.Array) -> Any:
+                    return jax.vjp(lambda *p: child.function(list(p), dyn2), *parts)[1](z)
+
+                try:
+                    jax.make_jaxpr(probe)(parts0, (dyn, v), zeros)
+                    child.gradient_probed = True
+                except GradbridgeError:
+                    raise
+                except Exception as exc:
+                    if _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
+                        child.gradient_error, child.gradient_probed = exc, True
+            probed, error = child.gradient_probed, child.gradient_error
+            compiled = (lambda: (child, (dyn, v)))
+        if not probed:
+            try:  # can JAX differentiate the gradient? (errors of other kinds surface when it is evaluated)
+                jax.vjp(gradient, *parts0)[1](zeros)
+            except Exception as exc:
+                if _mentions(exc, _NO_DERIVATIVE_HINTS) or _mentions(exc, _FORWARD_UNSUPPORTED_HINTS):
+                    error = exc
+                elif isinstance(exc, GradbridgeError):
+                    raise
+        if error is not None:
+            raise ModeUnsupportedError(
+                f"order=2: JAX cannot differentiate the gradient of fn: {_first_line(error)}") from error
         outputs = gradient_output_specs(self.leaves)
-        return JaxPrepared(self.problem, gradient, self.x0, outputs=outputs)
+        return JaxPrepared(self.problem, gradient, self.x0, outputs=outputs, compiled=compiled)
 
 
 class JaxAdapter:
@@ -533,7 +1027,7 @@ class JaxAdapter:
                 raise InvalidArgumentError(f"args: {leaf.name} is complex; gradbridge checks real arrays")
         problem = JaxProblem(spec, arguments, values, candidates, positions, leaves, chosen)
         x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).reshape(-1) for i in chosen])
-        return JaxPrepared(problem, lambda *parts: problem.call(parts), x0)
+        return JaxPrepared(problem, lambda *parts: problem.call(parts), x0, compiled=problem.compiled)
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
 

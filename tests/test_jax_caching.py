@@ -1,0 +1,148 @@
+"""JAX: compiled evaluation and derivative code is kept across checks of the same function.
+
+Traces are counted with a Python side effect inside the user's function: it runs only while JAX traces
+(compiled code does not run Python). No timing is asserted; the speed-up is printed.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import gradbridge as gb  # noqa: E402
+import gradbridge.backends.jax as gbjax  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+
+def _x(n: int = 6, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=n), dtype=jnp.float32)
+
+
+def _counting():
+    traces = [0]
+
+    def f(x, w):
+        traces[0] += 1
+        return jnp.sum(jnp.sin(x) * w ** 2)
+
+    return f, traces
+
+
+@pytest.mark.parametrize("analytic", ["rev", "fwd"])
+def test_second_check_of_the_same_function_does_not_retrace(analytic: str) -> None:
+    f, traces = _counting()
+    x, w = _x(), _x(seed=1)
+    start = time.perf_counter()
+    first = gb.check(f, x, w, analytic=analytic)
+    first_s = time.perf_counter() - start
+    assert first.passed, str(first)
+    after_first = traces[0]
+    assert after_first > 0
+    start = time.perf_counter()
+    second = gb.check(f, _x(seed=2), _x(seed=3), analytic=analytic)  # new values, same shapes and dtypes
+    second_s = time.perf_counter() - start
+    assert second.passed, str(second)
+    assert traces[0] == after_first
+    print(f"\nJAX check ({analytic}): first {first_s:.4f} s, repeated {second_s:.4f} s")
+
+
+def test_new_value_of_a_fixed_array_argument_is_used() -> None:
+    """w is not checked: compiled code takes it as an argument, so a new w is never a stale constant."""
+
+    @jax.custom_vjp
+    def scaled(x, w):
+        return jnp.sum(x * w)
+
+    def fwd(x, w):
+        return scaled(x, w), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        return (g * jnp.where(w > 5.0, 0.0, w), jnp.zeros_like(w))  # wrong once w exceeds 5
+
+    scaled.defvjp(fwd, bwd)
+    x = _x()
+    good = gb.check(scaled, x, jnp.full(6, 2.0), wrt=0)
+    assert good.passed, str(good)
+    bad = gb.check(scaled, x, jnp.full(6, 7.0), wrt=0)
+    assert not bad.passed, str(bad)
+    again = gb.check(scaled, x, jnp.full(6, 3.0), wrt=0)
+    assert again.passed, str(again)
+
+
+def test_different_shapes_retrace() -> None:
+    f, traces = _counting()
+    assert gb.check(f, _x(4), _x(4, seed=1)).passed
+    after = traces[0]
+    assert gb.check(f, _x(5), _x(5, seed=1)).passed
+    assert traces[0] > after
+    after = traces[0]
+    assert gb.check(f, _x(5, seed=4), _x(5, seed=5)).passed
+    assert traces[0] == after
+
+
+def test_two_functions_never_share_an_entry() -> None:
+    def right(x):
+        return jnp.sum(x ** 3)
+
+    @jax.custom_vjp
+    def wrong(x):
+        return jnp.sum(x ** 3)
+
+    wrong.defvjp(lambda x: (wrong(x), x), lambda x, g: (-3 * x ** 2 * g,))
+    x = _x()
+    assert gb.check(right, x).passed
+    assert not gb.check(wrong, x).passed
+    assert gb.check(right, x).passed
+
+
+def test_rebound_global_array_is_not_stale() -> None:
+    """fn reads a global array in its custom rule: rebinding it must not reuse the old trace."""
+    namespace = {"jax": jax, "jnp": jnp, "W": jnp.full(6, 2.0)}
+    exec(
+        "@jax.custom_vjp\n"
+        "def f(x):\n"
+        "    return jnp.sum(x * x)\n"
+        "def fwd(x):\n"
+        "    return f(x), x\n"
+        "def bwd(x, g):\n"
+        "    return (g * x * W,)\n"  # right only while W is 2
+        "f.defvjp(fwd, bwd)\n", namespace)
+    f = namespace["f"]
+    x = _x()
+    assert gb.check(f, x).passed
+    namespace["W"] = jnp.full(6, 3.0)
+    assert not gb.check(f, x).passed
+    namespace["W"] = jnp.full(6, 2.0)
+    assert gb.check(f, x).passed
+
+
+def test_cache_does_not_keep_the_function_alive() -> None:
+    def f(x):
+        return jnp.sum(jnp.tanh(x) ** 2)
+
+    assert gb.check(f, _x()).passed
+    assert gbjax.cache_size() > 0
+    ref = weakref.ref(f)
+    del f
+    gc.collect()
+    assert ref() is None
+
+
+def test_seeded_bugs_are_still_caught_on_repeated_checks() -> None:
+    @jax.custom_vjp
+    def square(x):
+        return x ** 2
+
+    square.defvjp(lambda x: (square(x), x), lambda x, g: (x * g,))  # missing factor 2
+    for seed in range(3):
+        report = gb.check(square, _x(seed=seed))
+        assert not report.passed, str(report)
