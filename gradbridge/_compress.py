@@ -17,7 +17,7 @@ names the element.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -94,4 +94,37 @@ def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed:
         basis = np.zeros((count, leaf.size))
         basis[groups, np.arange(leaf.size)] = scales
         plans[leaf.name] = CompressedLeaf(basis, groups)
+    return plans
+
+
+def diagonal_jacobian(vjp: Callable[[np.ndarray], np.ndarray], leaves: Sequence[LeafSpec], output_size: int,
+                      eps: float, seed: int) -> Optional[np.ndarray]:
+    """The analytic Jacobian's diagonal when every block of ``leaves`` is diagonal (elementwise ops),
+    from three VJPs instead of one per output; None when it is not (or cannot be).
+
+    ``J^T 1`` gives ``d`` if J is diagonal; two random cotangents ``r`` then verify it: ``J^T r`` must
+    equal ``d * r`` to rounding, which fails (with probability one) for any off-diagonal entry of the
+    analytic side. The numeric side needs no such trust: it compares every output row anyway."""
+    if output_size < MIN_COLUMNS or not leaves or any(leaf.size != output_size for leaf in leaves):
+        return None
+    probes = np.random.default_rng(seed + 11).standard_normal((2, output_size))
+    pulled = vjp(np.vstack([np.ones(output_size), probes]))
+    diagonal = pulled[0]
+    for k, probe in enumerate(probes, start=1):
+        for leaf in leaves:
+            want = diagonal[leaf.slice] * probe
+            got = pulled[k, leaf.slice]
+            bound = 1e3 * eps * np.abs(want) + eps * float(np.max(np.abs(want), initial=0.0))
+            if not (np.all(np.isfinite(got)) and np.all(np.abs(got - want) <= bound)):
+                return None
+    return diagonal
+
+
+def diagonal_plan(x0: np.ndarray, leaves: Sequence[LeafSpec], seed: int) -> Mapping[str, CompressedLeaf]:
+    """One group per leaf (every element perturbed at once), for verified diagonal Jacobians."""
+    rng = np.random.default_rng(seed + 7)
+    plans = {}
+    for leaf in leaves:
+        scales = rng.uniform(*SCALE_RANGE, size=leaf.size) * np.maximum(1.0, np.abs(x0[leaf.slice]))
+        plans[leaf.name] = CompressedLeaf(scales[None, :], np.zeros(leaf.size, dtype=np.int64))
     return plans

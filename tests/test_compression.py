@@ -53,10 +53,11 @@ def test_an_elementwise_op_is_checked_in_one_group(backend):
     report = _check(backend, np.tanh, _tanh_vjp(), x)
     assert report.passed, str(report)
     row = report.row(report.rows[0].input)
-    assert row.method.startswith("full, compressed: 256 columns in 1 group(s)"), str(report)
+    assert row.method.startswith("full, diagonal Jacobian verified: all 256 elements perturbed at once"), str(report)
     assert row.compared == N * N  # every entry of the block, the zeros included
     assert report.evaluations <= 2 + 2 * 1 + 4 * 6, str(report)  # determinism, one group, at worst the noise check
-    assert any("compressed finite differences" in note for note in report.notes)
+    assert report.vjps == 3, str(report)  # the diagonal and two random verifications, not one VJP per output
+    assert any("the analytic Jacobian is diagonal (verified" in note for note in report.notes)
 
 
 @pytest.mark.parametrize("element", [0, 77, N - 1])
@@ -69,7 +70,43 @@ def test_one_wrong_diagonal_entry_is_caught_and_named(backend, element):
     assert not report.passed, str(report)
     row = report.failures[0]
     assert row.worst.input_index == (element,), str(report)
-    assert row.mismatches == 1 and row.method.startswith("compressed, then element by element"), str(report)
+    assert row.mismatches == 1, str(report)
+    assert list(zip(*np.nonzero(row.outside_map))) == [(element,)], str(report)
+    assert row.step_sweep is not None and row.step_sweep.element.startswith(f"{row.input}[{element}]")
+
+
+def test_an_elementwise_op_at_65536_inputs_is_checked_element_by_element(backend):
+    """Every element compared in a handful of evaluations; a 1e-6 relative bug on one element is found
+    and named with the true values."""
+    n = 65536
+    x = RNG.normal(size=n)
+
+    def bug(grad):
+        grad[40000] *= 1 + 1e-6
+        return grad
+
+    report = _check(backend, np.tanh, _tanh_vjp(), x, mode="full")
+    assert report.passed and report.evaluations <= 30 and report.vjps == 3, str(report)
+    buggy = _check(backend, np.tanh, _tanh_vjp(bug), x, mode="full")
+    assert not buggy.passed, str(buggy)
+    worst = buggy.failures[0].worst
+    assert worst.input_index == (40000,) and buggy.failures[0].mismatches == 1, str(buggy)
+    true = 1 - np.tanh(x[40000]) ** 2  # (a kit may hand the framework float32 inputs: 1e-6 slack)
+    assert worst.numeric == pytest.approx(true, rel=1e-6)
+    assert worst.analytic / worst.numeric == pytest.approx(1 + 1e-6, rel=1e-8)
+
+
+def test_a_wrong_entry_of_a_compressed_non_diagonal_jacobian_is_named_element_by_element(backend):
+    def vjp(g, x):
+        grad = g * np.roll(x, -1) + np.roll(g * x, 1)
+        grad[100] *= 1 + 1e-5
+        return (grad,)
+
+    report = _check(backend, _shift, vjp, RNG.normal(size=N))
+    assert not report.passed, str(report)
+    row = report.failures[0]
+    assert row.worst.input_index == (100,), str(report)
+    assert row.method.startswith("compressed, then element by element"), str(report)
 
 
 def test_a_nonzero_missing_from_the_analytic_jacobian_is_caught(backend):
