@@ -85,10 +85,10 @@ def torch_workloads(n: int) -> Dict[str, Tuple[Callable, tuple]]:
     }
 
 
-def torch_rows(sizes: List[int], repeats: int) -> List[List[str]]:
+def torch_rows(sizes: List[int], repeats: int, emit: Callable[[List[str]], None] = lambda row: None) -> List[List[str]]:
     import torch
 
-    rows = []
+    rows: List[List[str]] = _Emitting(emit)
     for n in sizes:
         for name, (fn, args) in torch_workloads(n).items():
             for fast in (False, True):
@@ -97,6 +97,18 @@ def torch_rows(sizes: List[int], repeats: int) -> List[List[str]]:
                 rows.append(_row("torch", name, n, "fast" if fast else "full", f"gradcheck(fast_mode={fast})",
                                  anchor, fn, args, "fast" if fast else "full", repeats))
     return rows
+
+
+class _Emitting(list):
+    """A list of rows that also hands each appended row to ``emit`` (printing as the run goes)."""
+
+    def __init__(self, emit: Callable[[List[str]], None]) -> None:
+        super().__init__()
+        self.emit = emit
+
+    def append(self, row: List[str]) -> None:
+        super().append(row)
+        self.emit(row)
 
 
 def _row(framework, name, n, mode, anchor_name, anchor, fn, args, gb_mode, repeats) -> List[str]:
@@ -117,13 +129,13 @@ def _seconds(value: Optional[float]) -> str:
     return f"> {ANCHOR_LIMIT:.0f} (skipped)" if value is None else f"{value:.4f}"
 
 
-def jax_rows(sizes: List[int], repeats: int) -> List[List[str]]:
+def jax_rows(sizes: List[int], repeats: int, emit: Callable[[List[str]], None] = lambda row: None) -> List[List[str]]:
     """``jax.test_util.check_grads`` (projection only, order 1, rev mode) against gradbridge full and fast."""
     import jax
     import jax.numpy as jnp
     from jax.test_util import check_grads
 
-    rows = []
+    rows: List[List[str]] = _Emitting(emit)
     with jax.enable_x64(True):
         for n in sizes:
             key = jax.random.key(0)
@@ -147,11 +159,11 @@ def jax_rows(sizes: List[int], repeats: int) -> List[List[str]]:
     return rows
 
 
-def tensorflow_rows(sizes: List[int], repeats: int) -> List[List[str]]:
+def tensorflow_rows(sizes: List[int], repeats: int, emit: Callable[[List[str]], None] = lambda row: None) -> List[List[str]]:
     """``tf.test.compute_gradient`` (full Jacobians, comparison left to the caller) against gradbridge full."""
     import tensorflow as tf
 
-    rows = []
+    rows: List[List[str]] = _Emitting(emit)
     for n in sizes:
         g = tf.random.Generator.from_seed(0)
         x = g.normal((n,), dtype=tf.float64)
@@ -186,13 +198,12 @@ def main() -> None:
     globals()["ANCHOR_LIMIT"] = args.anchor_limit
     header = ["framework", "workload", "n", "mode", "anchor", "anchor s", "gradbridge s", "ratio",
               "gb evals+AD", "floor s", "gb verdict"]
-    rows = []
-    for framework in args.frameworks:
-        rows.extend(RUNNERS[framework](args.sizes, args.repeats))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    widths = [10, 15, 5, 4, 26, 8, 12, 6, 11, 8, 10]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    print(line(header), flush=True)
+    for framework in args.frameworks:  # rows print as they finish: a long run shows its progress
+        for row in RUNNERS[framework](args.sizes, args.repeats, lambda row: print(line(row), flush=True)):
+            pass
 
 
 if __name__ == "__main__":
