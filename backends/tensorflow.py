@@ -583,6 +583,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 _PYTHON_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+#: Smallest chunk that triggers tracing the vectorized graph (smaller ones take the eager loop).
+MIN_BATCH_ROWS = 64
 
 
 def _unsafe_ops(graph: Any) -> Optional[str]:
@@ -651,11 +653,17 @@ class TensorFlowPrepared(ProblemBackedFunction):
         self._graphs: Dict[str, Any] = {}
         self._vjp_none: List[bool] = []  # per leaf: the batched VJP's gradient is None (found while tracing)
 
+    def _worth_batching(self, path: str, rows: int) -> bool:
+        """Tracing the vectorized graph costs about 0.05-0.1 s, about 200 eager calls: a small chunk runs
+        the loop until a chunk of :data:`MIN_BATCH_ROWS` rows has paid for the trace (then every chunk
+        uses the graph)."""
+        return rows > 0 and (self._paths[path] == "batched" or rows >= MIN_BATCH_ROWS)
+
     # --- evaluation: one vectorized graph per chunk, or one eager call per point ---
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
-        if self.batching and self._paths["evaluate"] != "loop" and len(points):
+        if self.batching and self._paths["evaluate"] != "loop" and self._worth_batching("evaluate", len(points)):
             batched = self._evaluate_batched(points)
             if batched is not None:
                 return batched
@@ -786,7 +794,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         cotangents = np.asarray(cotangents, dtype=np.float64)
-        if self.batching and self._paths["vjp"] != "loop" and len(cotangents):
+        if self.batching and self._paths["vjp"] != "loop" and self._worth_batching("vjp", len(cotangents)):
             batched = self._vjp_batched(cotangents)
             if batched is not None:
                 return batched

@@ -35,6 +35,13 @@ def _notes(report: Any, prefix: str) -> List[str]:
     return [note for note in report.notes if note.startswith(prefix)]
 
 
+@pytest.fixture(autouse=True)
+def batch_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check the batched path on small inputs: trace it from the first chunk, whatever its
+    size (by default chunks under MIN_BATCH_ROWS run the loop; tested at the end of this file)."""
+    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 1)
+
+
 @pytest.fixture
 def loop_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tf_backend.TensorFlowPrepared, "batching", False)
@@ -297,3 +304,13 @@ def test_speed_sanity(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
     with capsys.disabled():
         print(f"\n[speed] gb.check full, n=1024: batched {times[True]:.3f}s, loop {times[False]:.3f}s, "
               f"x{times[False] / times[True]:.1f}")
+
+
+def test_small_checks_skip_the_trace_and_large_ones_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a check whose chunks are all smaller than MIN_BATCH_ROWS runs the eager loop (tracing
+    would cost more than it saves); a larger one traces the vectorized graph."""
+    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 64)
+    small = gb.check(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), _normal(6, seed=21))
+    assert small.passed and not _notes(small, BATCHED_EVAL), small.notes
+    large = gb.check(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), _normal(100, seed=22))
+    assert large.passed and _notes(large, BATCHED_EVAL), large.notes
