@@ -76,6 +76,12 @@ def colour_columns(pattern: np.ndarray, limit: int) -> Optional[np.ndarray]:
     return colours
 
 
+def _column_scales(rng: np.random.Generator, x0: np.ndarray, leaf: LeafSpec) -> np.ndarray:
+    """Each column's displacement in its group: a random ``s_j`` in :data:`SCALE_RANGE` times
+    ``max(1, |x_j|)`` (the relative step is applied on top)."""
+    return rng.uniform(*SCALE_RANGE, size=leaf.size) * np.maximum(1.0, np.abs(x0[leaf.slice]))
+
+
 def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed: int,
          excluded: Sequence[str] = ()) -> Mapping[str, CompressedLeaf]:
     """The compressed leaves of a full check: those of at least :data:`MIN_COLUMNS` elements whose
@@ -90,9 +96,8 @@ def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed:
         if groups is None:
             continue
         count = int(groups.max()) + 1
-        scales = rng.uniform(*SCALE_RANGE, size=leaf.size) * np.maximum(1.0, np.abs(x0[leaf.slice]))
         basis = np.zeros((count, leaf.size))
-        basis[groups, np.arange(leaf.size)] = scales
+        basis[groups, np.arange(leaf.size)] = _column_scales(rng, x0, leaf)
         plans[leaf.name] = CompressedLeaf(basis, groups)
     return plans
 
@@ -125,6 +130,5 @@ def diagonal_plan(x0: np.ndarray, leaves: Sequence[LeafSpec], seed: int) -> Mapp
     rng = np.random.default_rng(seed + 7)
     plans = {}
     for leaf in leaves:
-        scales = rng.uniform(*SCALE_RANGE, size=leaf.size) * np.maximum(1.0, np.abs(x0[leaf.slice]))
-        plans[leaf.name] = CompressedLeaf(scales[None, :], np.zeros(leaf.size, dtype=np.int64))
+        plans[leaf.name] = CompressedLeaf(_column_scales(rng, x0, leaf)[None, :], np.zeros(leaf.size, dtype=np.int64))
     return plans
