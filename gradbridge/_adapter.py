@@ -86,6 +86,12 @@ class PreparedFunction(Protocol):
     * ``undefined_gradients``: ``{leaf name: reason}`` for leaves the framework defines no gradient for
       (TensorFlow's ``None``, a torch ``NotImplementedError``, ...), filled by :meth:`vjp`/:meth:`jvp`.
       Such rows are reported as "no gradient", acceptable only where the numeric derivative is zero.
+    * ``vjp_transposed(tangents)``: (k, n) tangents to (k, m) products ``J t``, computed by transposing
+      the reverse-mode VJP (differentiating ``u -> J^T u`` again), so ``J`` is the very Jacobian
+      :meth:`vjp` implements, with the user's custom backward rules, never forward-mode rules. The core
+      uses it to get the analytic side of compressed column groups without the dense Jacobian, and
+      verifies it against :meth:`vjp` with a dot test. Raise ModeUnsupportedError where the backward
+      pass cannot be differentiated (``once_differentiable``, NumPy inside a custom rule, ...).
     """
 
     leaves: Sequence[LeafSpec]

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
-from ._errors import FunctionEvaluationError, GradbridgeError
+from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ._executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
 from ._progress import CheckProgress
 
@@ -173,6 +173,20 @@ class Evaluator:
         for start in range(0, len(cotangents), self.chunk_size):
             chunk = cotangents[start:start + self.chunk_size]
             parts.append(self._call(self.prepared.vjp, chunk, "the reverse-mode (VJP) computation"))
+            self.vjps += len(chunk)
+            self._advance(len(chunk))
+        return np.concatenate(parts, axis=0)
+
+    def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
+        """``J t`` per row of ``tangents`` from the transposed VJP (counted as VJPs: the same rules run);
+        raises ModeUnsupportedError when the adapter cannot transpose it."""
+        method = getattr(self.prepared, "vjp_transposed", None)
+        if method is None:
+            raise ModeUnsupportedError("this backend cannot transpose its VJP")
+        parts = []
+        for start in range(0, len(tangents), self.chunk_size):
+            chunk = tangents[start:start + self.chunk_size]
+            parts.append(self._call(method, chunk, "the transposed reverse-mode (J t from the VJP) computation"))
             self.vjps += len(chunk)
             self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
