@@ -47,14 +47,13 @@ def step_sweep(evaluator: Evaluator, directions: Directions, rounder: PointRound
                allowed: float) -> StepSweep:
     """Central differences of output entry ``output`` along ``direction`` at every step of
     :data:`SWEEP_EXPONENTS` (scaled like the check's own steps)."""
-    x0 = directions.x0
     base = directions.steps[direction] / directions.relative_step  # max(1, |x_j|), or its structured analogue
     steps = np.array([base * 10.0 ** k for k in SWEEP_EXPONENTS])
     index = np.full(len(steps), direction)
-    plus = rounder(x0 + directions.displacements(index, steps))
-    minus = rounder(x0 - directions.displacements(index, steps))
-    taken = directions.along(index, plus - minus) / 2.0  # the steps really taken, after rounding
-    outputs = evaluator.evaluate(np.concatenate([plus, minus]),
+    points = rounder(directions.stencil(index, steps))
+    h_plus, h_minus = directions.taken(index, points)
+    taken = (h_plus + h_minus) / 2.0  # the steps really taken, after rounding
+    outputs = evaluator.evaluate(points,
                                  [f"step-size sweep of {label}"] * (2 * len(steps)), allow_nonfinite=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         numeric = (outputs[: len(steps), output] - outputs[len(steps):, output]) / (2.0 * taken)

@@ -91,31 +91,54 @@ class Directions:
     def of(self, leaf: LeafSpec) -> LeafDirections:
         return next(e for e in self.per_leaf if e.leaf.name == leaf.name)
 
-    def displacements(self, indices: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        """Rows ``scales[k] * d_{indices[k]}`` over the whole flat vector (one row per direction)."""
-        rows = np.zeros((len(indices), len(self.x0)))
-        for k, (d, s) in enumerate(zip(indices, scales)):
-            entry = self.per_leaf[int(self.owner[d])]
-            local = int(d) - entry.first
-            if entry.basis is None:
-                rows[k, entry.leaf.offset + local] = s
-            else:
-                rows[k, entry.leaf.slice] = s * entry.basis[local]
-        return rows
+    def stencil(self, indices: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """The points ``x0 + scales[k] d_k`` followed by ``x0 - scales[k] d_k``: shape (2k, n), written
+        in place over copies of ``x0`` (no dense displacement matrices: a unit direction touches one
+        element), so building a batch costs one pass over its memory."""
+        indices = np.asarray(indices)
+        scales = np.asarray(scales, dtype=np.float64)
+        k = len(indices)
+        points = np.empty((2 * k, len(self.x0)))
+        points[:] = self.x0
+        self._add(points[:k], indices, scales)
+        self._add(points[k:], indices, -scales)
+        return points
 
-    def along(self, indices: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-        """The signed length of each displacement along its direction (exact for unit directions, and
-        the least-squares length for a basis direction after rounding)."""
-        lengths = np.zeros(len(indices))
-        for k, d in enumerate(indices):
-            entry = self.per_leaf[int(self.owner[d])]
-            local = int(d) - entry.first
+    def _add(self, rows: np.ndarray, indices: np.ndarray, scales: np.ndarray) -> None:
+        """``rows[k] += scales[k] * d_{indices[k]}``, leaf by leaf, vectorized for unit directions."""
+        owners = self.owner[indices] if len(indices) else np.zeros(0, dtype=int)
+        for owner in np.unique(owners):
+            entry = self.per_leaf[int(owner)]
+            mine = np.nonzero(owners == owner)[0]
+            local = indices[mine] - entry.first
             if entry.basis is None:
-                lengths[k] = displacement[k, entry.leaf.offset + local]
+                rows[mine, entry.leaf.offset + local] += scales[mine]
+            else:
+                rows[mine, entry.leaf.slice] += scales[mine, None] * entry.basis[local]
+
+    def taken(self, indices: np.ndarray, points: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+        """The steps really taken by the stencil ``points`` (from :meth:`stencil`, possibly rounded):
+        ``x0 + h_plus d`` and ``x0 - h_minus d`` as floating point represents them."""
+        indices = np.asarray(indices)
+        k = len(indices)
+        h_plus = np.zeros(k)
+        h_minus = np.zeros(k)
+        owners = self.owner[indices] if k else np.zeros(0, dtype=int)
+        for owner in np.unique(owners):
+            entry = self.per_leaf[int(owner)]
+            mine = np.nonzero(owners == owner)[0]
+            local = indices[mine] - entry.first
+            if entry.basis is None:
+                at = entry.leaf.offset + local
+                h_plus[mine] = points[mine, at] - self.x0[at]
+                h_minus[mine] = self.x0[at] - points[k + mine, at]
             else:
                 t = entry.basis[local]
-                lengths[k] = float(displacement[k, entry.leaf.slice] @ t) / float(t @ t)
-        return lengths
+                norm = np.einsum("kj,kj->k", t, t)
+                x = self.x0[entry.leaf.slice]
+                h_plus[mine] = np.einsum("kj,kj->k", points[mine, entry.leaf.slice] - x, t) / norm
+                h_minus[mine] = np.einsum("kj,kj->k", x - points[k + mine, entry.leaf.slice], t) / norm
+        return h_plus, h_minus
 
     def project(self, jacobian: np.ndarray) -> np.ndarray:
         """The analytic Jacobian ``(m, n)`` as directional derivatives ``(m, count)``."""

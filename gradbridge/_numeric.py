@@ -86,17 +86,14 @@ class StepLadder:
     # -- evaluations --------------------------------------------------------------------------------
     def _level(self, columns: np.ndarray, steps: np.ndarray):
         """Central, one-sided differences and their round-off at the given steps, for some directions."""
-        x0 = self.directions.x0
         chunk = max(1, self.evaluator.chunk_size // 2)
         parts = []
         for start in range(0, len(columns), chunk):
             cols, s = columns[start:start + chunk], steps[start:start + chunk]
-            plus = self.rounder(x0 + self.directions.displacements(cols, s))
-            minus = self.rounder(x0 - self.directions.displacements(cols, s))
-            h_plus = self.directions.along(cols, plus - x0)
-            h_minus = -self.directions.along(cols, minus - x0)
+            points = self.rounder(self.directions.stencil(cols, s))
+            h_plus, h_minus = self.directions.taken(cols, points)
             describe = _PointNames(self.directions, cols)
-            out = self.evaluator.evaluate(np.concatenate([plus, minus]), describe, allow_nonfinite=True)
+            out = self.evaluator.evaluate(points, describe, allow_nonfinite=True)
             parts.append((out[:len(cols)].T, out[len(cols):].T, h_plus, h_minus))
         f_plus = np.concatenate([p[0] for p in parts], axis=1)
         f_minus = np.concatenate([p[1] for p in parts], axis=1)
