@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
-from ._compress import diagonal_jacobian, diagonal_plan, plan as compression_plan
+from ._compress import MIN_COLUMNS, diagonal_jacobian, diagonal_plan, plan as compression_plan
 from ._diagnostics import SWEEP_ROWS, element_map, step_sweep
 from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
@@ -34,6 +34,7 @@ from ._progress import CheckProgress
 from ._report import KinkPoint, Report, RowResult, StepSweep, WorstElement
 from ._structure import Structure
 from ._tolerance import Tolerance, grade, relative_error
+from ._verified_groups import ColumnAnalytic, analytic_by_columns
 
 #: Most non-differentiable points listed per row (the count is always complete).
 KINKS_LISTED = 10
@@ -277,20 +278,29 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
     right that way is re-checked element by element, so a failure always names its element."""
     if compress and order == 1 and jacobian is None and context.diagonal is not None:
         return _diagonal_rows(evaluator, context, leaves, f0, analytic_mode, order)
-    if jacobian is None:
-        try:
-            jacobian = _analytic_jacobian(evaluator, analytic_mode)
-        except ModeUnsupportedError as exc:
-            return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
     prepared = evaluator.prepared
     options = context.options
     precision = working_eps(prepared, options)
     structures = {name: s for name, s in context.structures.items() if name in {l.name for l in leaves}}
-    # rounding to a low-precision dtype would bend a group's direction: compress only float64 checks
-    plans = compression_plan(prepared.x0, leaves, jacobian, options.seed, excluded=list(structures)) \
-        if compress and options.promote else {}
-    directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), structures, plans)
-    analytic = directions.project(jacobian)
+    columns = None
+    if compress and order == 1 and jacobian is None and analytic_mode == "rev" and options.promote \
+            and not structures:
+        columns = _analytic_by_columns(evaluator, context, leaves)
+    if columns is None and jacobian is None:
+        try:
+            jacobian = _analytic_jacobian(evaluator, analytic_mode)
+        except ModeUnsupportedError as exc:
+            return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+    if columns is not None:
+        plans = columns.plans
+        directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), {}, plans)
+        analytic = np.concatenate([columns.blocks[entry.leaf.name] for entry in directions.per_leaf], axis=1)
+    else:
+        # rounding to a low-precision dtype would bend a group's direction: compress only float64 checks
+        plans = compression_plan(prepared.x0, leaves, jacobian, options.seed, excluded=list(structures)) \
+            if compress and options.promote else {}
+        directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), structures, plans)
+        analytic = directions.project(jacobian)
     blocks = [(output.slice, entry.slice) for entry in directions.per_leaf for output in prepared.output_specs]
     ladder = StepLadder(evaluator, directions, f0, precision, PointRounder(prepared.leaves, options.promote),
                         context.tolerance, blocks)
@@ -312,10 +322,12 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                                             row.worst.numeric, row.worst.step, row.worst.allowed)
                 sweeps += 1
             rows[entry.leaf.name].append(row)
-    for name, plan in plans.items():
+    for name, plan in ({} if columns is not None else plans).items():
         context.notes.append(f"compressed finite differences: {name}'s {plan.groups.size} elements in {plan.count} "
                              "group(s) of columns that share no output (colouring of the analytic Jacobian's "
                              f"sparsity), {2 * plan.count} evaluations instead of {2 * plan.groups.size}")
+    if columns is not None:
+        context.notes.extend(columns.notes)
     redo = [entry.leaf for entry in directions.per_leaf
             if entry.compressed and not all(_clean(row) for row in rows[entry.leaf.name])]
     if redo:
@@ -325,6 +337,22 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             row.method = f"compressed, then element by element: {row.method}"
             rows[row.input].append(row)
     return [row for leaf in leaves for row in rows[leaf.name]]
+
+
+def _analytic_by_columns(evaluator: Evaluator, context: _Context,
+                         leaves: Sequence[LeafSpec]) -> Optional[ColumnAnalytic]:
+    """The analytic side by column groups from transposed VJPs (:mod:`gradbridge._verified_groups`),
+    when that costs less than the dense Jacobian's VJPs; None to build the dense Jacobian instead."""
+    prepared = evaluator.prepared
+    m = sum(spec.size for spec in prepared.output_specs)
+    if m < MIN_COLUMNS or getattr(prepared, "vjp_transposed", None) is None:
+        return None
+    try:
+        # a transposed VJP costs about two VJPs: worth it below half the dense Jacobian's m VJPs
+        return analytic_by_columns(evaluator.vjp_transposed, evaluator.vjp, prepared.x0, leaves, m,
+                                   working_eps(prepared, context.options), context.options.seed, m // 2)
+    except ModeUnsupportedError:
+        return None
 
 
 def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,

@@ -76,7 +76,7 @@ def colour_columns(pattern: np.ndarray, limit: int) -> Optional[np.ndarray]:
     return colours
 
 
-def _column_scales(rng: np.random.Generator, x0: np.ndarray, leaf: LeafSpec) -> np.ndarray:
+def column_scales(rng: np.random.Generator, x0: np.ndarray, leaf: LeafSpec) -> np.ndarray:
     """Each column's displacement in its group: a random ``s_j`` in :data:`SCALE_RANGE` times
     ``max(1, |x_j|)`` (the relative step is applied on top)."""
     return rng.uniform(*SCALE_RANGE, size=leaf.size) * np.maximum(1.0, np.abs(x0[leaf.slice]))
@@ -97,7 +97,7 @@ def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed:
             continue
         count = int(groups.max()) + 1
         basis = np.zeros((count, leaf.size))
-        basis[groups, np.arange(leaf.size)] = _column_scales(rng, x0, leaf)
+        basis[groups, np.arange(leaf.size)] = column_scales(rng, x0, leaf)
         plans[leaf.name] = CompressedLeaf(basis, groups)
     return plans
 
@@ -130,5 +130,5 @@ def diagonal_plan(x0: np.ndarray, leaves: Sequence[LeafSpec], seed: int) -> Mapp
     rng = np.random.default_rng(seed + 7)
     plans = {}
     for leaf in leaves:
-        plans[leaf.name] = CompressedLeaf(_column_scales(rng, x0, leaf)[None, :], np.zeros(leaf.size, dtype=np.int64))
+        plans[leaf.name] = CompressedLeaf(column_scales(rng, x0, leaf)[None, :], np.zeros(leaf.size, dtype=np.int64))
     return plans
