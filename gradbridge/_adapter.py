@@ -9,6 +9,8 @@ names a framework: everything framework-specific sits behind these two protocols
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import (Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple,
                     runtime_checkable)
@@ -36,7 +38,7 @@ class LeafSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def slice(self) -> slice:
