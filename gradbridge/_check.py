@@ -68,6 +68,7 @@ class _Context:
         self.progress = progress
         self.notes: List[str] = []
         self.diagonal: Optional[np.ndarray] = None  # the verified diagonal of an elementwise analytic Jacobian
+        self.strategy: Dict[str, str] = {}  # leaf name (and order) -> how it was compared
         self.options = options
         self.tolerance = tolerance
         self.structures = structures
@@ -103,6 +104,7 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             if options.order == 2:
                 report.rows.extend(_second_order(evaluator, context, counts))
             report.notes.extend(n for n in context.notes if n not in report.notes)
+            report.strategy = [f"{name}: {how}" for name, how in context.strategy.items()]
     finally:
         progress.close()
         counts.fill(report)
@@ -234,10 +236,11 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
     for analytic_mode in modes:
         fast_rows, probes = _fast_rows(evaluator, context, leaves, f0, analytic_mode, order)
         for row in fast_rows:
+            leaf = next(l for l in leaves if l.name == row.input)
+            _strategy(context, leaf, order, analytic_mode, f"{options.probes} random projections")
             if row.passed:
                 rows.append(row)
                 continue
-            leaf = next(l for l in leaves if l.name == row.input)
             full_cost = 2 * leaf.size + (m if analytic_mode == "rev" else leaf.size)
             if full_cost > options.budget and leaf.name not in context.structures:
                 precision = working_eps(evaluator.prepared, options)
@@ -246,6 +249,8 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
                                           precision, context.tolerance,
                                           PointRounder(evaluator.prepared.leaves, options.promote), options.seed,
                                           analytic_mode, order))
+                _strategy(context, leaf, order, analytic_mode, f"{options.probes} random projections failed, then "
+                                                               "localised by bisection")
                 continue
             for localized in _full_rows(evaluator, context, [leaf], f0, analytic_mode, order):
                 localized.method = f"fast ({options.probes} probes) then {localized.method} on this leaf"
@@ -328,6 +333,12 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                              f"sparsity), {2 * plan.count} evaluations instead of {2 * plan.groups.size}")
     if columns is not None:
         context.notes.extend(columns.notes)
+    for entry in directions.per_leaf:
+        _strategy(context, entry.leaf, order, analytic_mode,
+                  columns.strategy[entry.leaf.name] if columns is not None else
+                  f"{entry.count} column groups (colouring of the dense analytic Jacobian)" if entry.compressed else
+                  f"along {entry.count} tangent directions ({entry.structure})" if entry.basis is not None else
+                  "element by element, dense analytic Jacobian")
     redo = [entry.leaf for entry in directions.per_leaf
             if entry.compressed and not all(_clean(row) for row in rows[entry.leaf.name])]
     if redo:
@@ -336,7 +347,18 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                 rows[row.input] = []
             row.method = f"compressed, then element by element: {row.method}"
             rows[row.input].append(row)
+        for leaf in redo:
+            _strategy(context, leaf, order, analytic_mode, "compressed, then element by element (not cleanly right "
+                                                           "compressed), dense analytic Jacobian")
     return [row for leaf in leaves for row in rows[leaf.name]]
+
+
+def _strategy(context: _Context, leaf: LeafSpec, order: int, analytic_mode: str, how: str) -> None:
+    """Record how ``leaf`` was compared, for the report's strategy line (a later pass replaces it)."""
+    key = leaf.name + ("" if order == 1 else f" (order {order})")
+    if analytic_mode != "rev" or context.options.analytic == "both":
+        key += f" [{analytic_mode}]"
+    context.strategy[key] = how
 
 
 def _analytic_by_columns(evaluator: Evaluator, context: _Context,
@@ -388,6 +410,8 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
                 sweeps += 1
             rows.append(row)
     for leaf in leaves:
+        _strategy(context, leaf, order, analytic_mode, f"diagonal Jacobian verified with 3 VJPs, all {leaf.size} "
+                                                       "elements perturbed at once")
         context.notes.append(f"{leaf.name}: the analytic Jacobian is diagonal (verified with 3 VJPs), so all "
                              f"{leaf.size} elements were perturbed at once: every entry compared in "
                              "2 evaluations per step instead of 2 per element")

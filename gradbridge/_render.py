@@ -53,6 +53,8 @@ def header_lines(report: Report) -> List[str]:
              f"{report.evaluations} evaluations, {report.vjps} VJPs, {report.jvps} JVPs | {report.seconds:.3f} s",
              f"  tolerance: {report.tolerance}",
              f"  step:      {report.step}"]
+    if report.strategy:
+        lines.append(f"  strategy:  {'; '.join(report.strategy)}")
     lines.extend(f"  note: {note}" for note in report.notes)
     return lines
 

@@ -143,6 +143,8 @@ class Report:
         step: the finite-difference step rule.
         evaluations: number of evaluations of the function (points), ``vjps``/``jvps`` analytic calls.
         seconds: wall time of the check.
+        strategy: how each checked leaf was compared (``"x: 16 verified column groups ..."``): the
+            path the check chose, so the cost in ``evaluations`` and ``seconds`` can be read against it.
         notes: things the user should know (promotion from float32, modes put in eval, ...).
     """
 
@@ -160,6 +162,7 @@ class Report:
     vjps: int = 0
     jvps: int = 0
     seconds: float = 0.0
+    strategy: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     @property

@@ -50,6 +50,7 @@ class ColumnAnalytic:
     plans: Dict[str, CompressedLeaf] = field(default_factory=dict)
     blocks: Dict[str, np.ndarray] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    strategy: Dict[str, str] = field(default_factory=dict)
 
 
 def groupings(leaf: LeafSpec) -> Iterator[Tuple[str, np.ndarray]]:
@@ -127,6 +128,7 @@ def analytic_by_columns(products: Products, vjp: Products, x0: np.ndarray, leave
             spent += count
             if plain:
                 result.blocks[leaf.name] = first.T
+                result.strategy[leaf.name] = f"element by element, analytic from {count} transposed VJPs"
                 tangents_used.append(first_t)
                 products_used.append(first)
                 break
@@ -142,6 +144,8 @@ def analytic_by_columns(products: Products, vjp: Products, x0: np.ndarray, leave
             result.blocks[leaf.name] = first.T
             tangents_used += [first_t, second_t]
             products_used += [first, second]
+            result.strategy[leaf.name] = (f"{count} verified column groups ({description}), analytic from "
+                                          f"{2 * count} transposed VJPs")
             result.notes.append(
                 f"{leaf.name}: {leaf.size} elements in {count} group(s) ({description}); the analytic side of "
                 f"each group from J t by the transposed VJP, its pattern (one nonzero per output row and group) "
