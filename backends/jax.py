@@ -26,7 +26,10 @@ What is checked, and how the user's state stays untouched:
 * Analytic side: reverse mode is ``jax.vjp`` built once at the checked point and applied to all
   cotangents with ``jax.vmap`` under ``jax.jit``; forward mode is ``jax.linearize`` applied the same
   way. A ``custom_vjp`` function has no forward mode: ``analytic="fwd"`` rows are "unsupported".
-  ``order=2`` differentiates ``x -> vjp(fn, x)(v)`` once more.
+  ``order=2`` differentiates ``x -> vjp(fn, x)(v)`` once more. ``vjp_transposed`` (``J t`` with the ``J``
+  of reverse mode, custom_vjp bwd rules included) is ``jax.linear_transpose`` of that VJP, vmapped, jitted
+  and cached like the other maps; a bwd JAX cannot transpose (not linear in its cotangent, a
+  ``pure_callback`` applied to it) makes it ModeUnsupportedError.
 * "No gradient": where JAX raises because some input has no derivative rule (a ``pure_callback``
   without custom rule, a ``while_loop`` in reverse mode), each leaf is tried on its own and those JAX
   cannot differentiate are reported as "no gradient"; so are leaves whose derivative JAX returns as a
@@ -461,17 +464,24 @@ class _Compiled:
         return self.gradient
 
 
+def _restricted(function: Callable[..., jax.Array], indices: List[int], parts0: Sequence[jax.Array],
+                dyn: Any) -> Callable[..., jax.Array]:
+    """``function`` as a function of the leaves ``indices`` only, the others fixed at ``parts0``."""
+
+    def g(*sub: jax.Array) -> jax.Array:
+        parts = list(parts0)
+        for k, s in zip(indices, sub):
+            parts[k] = s
+        return function(parts, dyn)
+    return g
+
+
 def _linear_single(function: Callable[..., jax.Array], indices: List[int], mode: str) -> Callable[..., Any]:
     """``(parts0, dyn, *inputs) -> J^T v`` (rev, one cotangent, gradients of the leaves ``indices``) or
     ``J u`` (fwd, one tangent per leaf in ``indices``), the derivative taken inside the trace."""
 
     def restricted(parts0: Sequence[jax.Array], dyn: Any) -> Callable[..., jax.Array]:
-        def g(*sub: jax.Array) -> jax.Array:
-            parts = list(parts0)
-            for k, s in zip(indices, sub):
-                parts[k] = s
-            return function(parts, dyn)
-        return g
+        return _restricted(function, indices, parts0, dyn)
 
     if mode == "rev":
         def single(parts0: Sequence[jax.Array], dyn: Any, v: jax.Array) -> Tuple[jax.Array, ...]:
@@ -523,6 +533,58 @@ def _build_linear(entry: _Compiled, parts0: List[jax.Array], dyn: Any, probe: Ca
         in_axes = (None, None) + (0,) * count
         maps.append((indices, jax.jit(jax.vmap(single, in_axes=in_axes)), jax.jit(single)))
     return _LinearPlan(maps, undefined, constant)
+
+
+_TRANSPOSED = "the transposed VJP (J t, by transposing JAX's reverse-mode derivative) "
+
+
+def _not_transposable(exc: BaseException) -> str:
+    """Why ``jax.linear_transpose`` of the VJP failed, for a ModeUnsupportedError (JAX's own error is an
+    AssertionError or a ValueError deep in its transpose rules)."""
+    return (_TRANSPOSED + "is unavailable: JAX cannot transpose the VJP of fn, so a custom_vjp bwd (or another "
+            "derivative rule) is not linear in its cotangent or applies an operation without a transpose rule "
+            f"to it (jax.pure_callback, a while_loop, a comparison or product of cotangents) ({_first_line(exc)})")
+
+
+def _apply_transposed(transposed: Callable[..., Any], *tangents: jax.Array) -> jax.Array:
+    """``J t`` from a ``jax.linear_transpose``d VJP and one tangent per leaf of its group."""
+    return transposed(tuple(tangents))[0]
+
+
+def _transposed_single(function: Callable[..., jax.Array], indices: List[int]) -> Callable[..., jax.Array]:
+    """``(parts0, dyn, *tangents) -> J t`` for one tangent per leaf in ``indices``: the VJP ``u -> J^T u`` of
+    ``function`` at ``parts0`` transposed with ``jax.linear_transpose``, so ``J`` is the one the VJP (the
+    user's custom_vjp bwd) implements, never a forward-mode rule."""
+
+    def single(parts0: Sequence[jax.Array], dyn: Any, *tangents: jax.Array) -> jax.Array:
+        out, pullback = jax.vjp(_restricted(function, indices, parts0, dyn), *[parts0[k] for k in indices])
+        return jax.linear_transpose(pullback, out)(tuple(tangents))[0]
+    return single
+
+
+@dataclass
+class _TransposedPlan:
+    """The compiled transposed VJP maps of one entry, one per map of its ``"rev"`` plan (the same leaf
+    groups, so leaves JAX cannot differentiate are left out as the VJP leaves them out), or why JAX cannot
+    transpose the VJP (kept as text: the cache holds no traceback and no user array)."""
+
+    maps: List[Tuple[List[int], Callable[..., Any]]]  # (leaf indices, batched map)
+    error: Optional[str] = None
+
+
+def _build_transposed(entry: _Compiled, plan: _LinearPlan, parts0: List[jax.Array], dyn: Any) -> _TransposedPlan:
+    """Trace the transposed map of each leaf group of ``plan`` (transposition errors surface while tracing)."""
+    maps: List[Tuple[List[int], Callable[..., Any]]] = []
+    for indices, _, _ in plan.maps:
+        single = _transposed_single(entry.function, indices)
+        try:
+            jax.make_jaxpr(single)(parts0, dyn, *[jnp.zeros_like(parts0[k]) for k in indices])
+        except GradbridgeError:
+            raise
+        except Exception as exc:
+            return _TransposedPlan([], _not_transposable(exc))
+        maps.append((indices, jax.jit(jax.vmap(single, in_axes=(None, None) + (0,) * len(indices)))))
+    return _TransposedPlan(maps)
 
 
 @dataclass(frozen=True)
@@ -698,6 +760,7 @@ class JaxPrepared(ProblemBackedFunction):
         self._pointwise_linear = False
         self._pullbacks: Optional[List[LinearMap]] = None
         self._pushforwards: Optional[List[LinearMap]] = None
+        self._transposes: Optional[_TransposedPlan] = None  # the per-check path's transposed VJPs
 
     @property
     def undefined_gradients(self) -> Dict[str, str]:
@@ -862,12 +925,7 @@ class JaxPrepared(ProblemBackedFunction):
         entry, plan, dyn, parts0 = fast
         try:
             results = [(indices, batched(parts0, dyn, *inputs(indices))) for indices, batched, _ in plan.maps]
-            undefined = {self.leaves[k].name: reason for k, reason in plan.undefined.items()}
-            for m, j in plan.constant:
-                indices, _, single = plan.maps[m]
-                if mode == "rev" and np.any(np.asarray(single(parts0, dyn, *probe(indices))[j])):
-                    continue  # a constant that is not zero: a wrong rule, not a missing one
-                undefined.setdefault(self.leaves[indices[j]].name, _SYMBOLIC_ZERO)
+            undefined = self._plan_undefined(plan, parts0, dyn, probe, mode)
         except GradbridgeError:
             raise
         except Exception:  # the per-check path retries, falls back or reports it as before
@@ -877,27 +935,120 @@ class JaxPrepared(ProblemBackedFunction):
             self._undefined[mode].setdefault(name, reason)
         return results
 
-    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
-        def zero_cotangent(_: List[int]) -> Sequence[jax.Array]:
-            return [jnp.zeros(self._output_size(), dtype=plumbing_dtype())]
+    def _plan_undefined(self, plan: _LinearPlan, parts0: List[jax.Array], dyn: Any,
+                        probe: Callable[[List[int]], Sequence[jax.Array]], mode: str) -> Dict[str, str]:
+        """``{leaf name: reason}`` for the leaves a compiled plan has no derivative for: those JAX cannot
+        differentiate, and those whose derivative is a symbolic zero (a nonzero constant is a wrong rule)."""
+        undefined = {self.leaves[k].name: reason for k, reason in plan.undefined.items()}
+        for m, j in plan.constant:
+            indices, _, single = plan.maps[m]
+            if mode == "rev" and np.any(np.asarray(single(parts0, dyn, *probe(indices))[j])):
+                continue  # a constant that is not zero: a wrong rule, not a missing one
+            undefined.setdefault(self.leaves[indices[j]].name, _SYMBOLIC_ZERO)
+        return undefined
 
+    def _zero_cotangent(self, _: List[int]) -> Sequence[jax.Array]:
+        """The probe input of the VJP maps: one zero cotangent."""
+        return [jnp.zeros(self._output_size(), dtype=plumbing_dtype())]
+
+    def _per_check_pullbacks(self) -> List[LinearMap]:
+        """The VJP maps of the per-check path (built once, recording the leaves without a derivative)."""
+        if self._pullbacks is None:
+            self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], self._zero_cotangent,
+                                                "rev")
+            self._mark_symbolic_zeros(self._pullbacks, self._zero_cotangent, "rev")
+        return self._pullbacks
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         self._last_mode = "rev"
         v = jnp.asarray(cotangents, dtype=plumbing_dtype())
         gradients = np.zeros((len(v), len(self.x0)))
-        fast = self._apply_fast("rev", zero_cotangent, lambda _: [v])
+        fast = self._apply_fast("rev", self._zero_cotangent, lambda _: [v])
         if fast is not None:
             for indices, pulled in fast:
                 for k, g in zip(indices, pulled):
                     gradients[:, self.leaves[k].slice] = np.asarray(g, dtype=np.float64).reshape(len(v), -1)
             return gradients
-        if self._pullbacks is None:
-            self._pullbacks = self._linear_maps(lambda f, primals: jax.vjp(f, *primals)[1], zero_cotangent, "rev")
-            self._mark_symbolic_zeros(self._pullbacks, zero_cotangent, "rev")
-        for indices, pullback in self._pullbacks:
+        for indices, pullback in self._per_check_pullbacks():
             pulled = self._apply_batched(pullback, v)
             for k, g in zip(indices, pulled):
                 gradients[:, self.leaves[k].slice] = np.asarray(g, dtype=np.float64).reshape(len(v), -1)
         return gradients
+
+    # --- transposed reverse mode: J t by transposing the VJP u -> J^T u ---
+
+    def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
+        """``J t`` for each row of the (k, n) ``tangents``: (k, m), with ``J`` exactly the Jacobian :meth:`vjp`
+        implements (custom_vjp bwd rules included), never forward-mode rules: the VJP ``u -> J^T u`` at
+        ``x0`` transposed with ``jax.linear_transpose``, vmapped and jitted, compiled once per cache entry
+        like the VJP maps. Leaves without a reverse-mode derivative get zero columns, as :meth:`vjp` gives
+        them zero rows. Raises ModeUnsupportedError where JAX cannot transpose the VJP (a bwd not linear in
+        its cotangent, a pure_callback applied to it)."""
+        self._last_mode = "rev"
+        t = jnp.asarray(np.asarray(tangents, dtype=np.float64).reshape(len(tangents), -1), dtype=plumbing_dtype())
+        pushed = np.zeros((len(t), self._output_size()))
+
+        def parts(indices: List[int]) -> List[jax.Array]:
+            return [jnp.reshape(t[:, self.leaves[k].slice], (len(t),) + self.leaves[k].shape) for k in indices]
+
+        results = self._transposed_fast(parts)
+        if results is None:
+            results = self._transposed_per_check(parts)
+        for result in results:
+            pushed += np.asarray(result, dtype=np.float64).reshape(len(t), -1)
+        return pushed
+
+    def _transposed_fast(self, parts: Callable[[List[int]], List[jax.Array]]) -> Optional[List[Any]]:
+        """The transposed VJPs of each leaf group from the compiled maps kept across checks (traced once per
+        entry), recording the leaves without a derivative as :meth:`vjp` does; None: use the per-check path."""
+        fast = self._fast_linear("rev", self._zero_cotangent)
+        if fast is None:
+            return None
+        entry, plan, dyn, parts0 = fast
+        transposed = entry.linear.get("rev_t")
+        if transposed is None:
+            transposed = entry.linear["rev_t"] = _build_transposed(entry, plan, parts0, dyn)
+        if transposed is False:
+            return None
+        if transposed.error is not None:
+            raise ModeUnsupportedError(transposed.error)
+        try:
+            undefined = self._plan_undefined(plan, parts0, dyn, self._zero_cotangent, "rev")
+            results = [batched(parts0, dyn, *parts(indices)) for indices, batched in transposed.maps]
+        except GradbridgeError:
+            raise
+        except Exception:  # the per-check path retries, falls back or reports it
+            entry.linear["rev_t"] = False
+            return None
+        for name, reason in undefined.items():
+            self._undefined["rev"].setdefault(name, reason)
+        return results
+
+    def _transposed_per_check(self, parts: Callable[[List[int]], List[jax.Array]]) -> List[Any]:
+        """The transposed VJPs of each leaf group of the per-check VJP maps, applied with jit + vmap."""
+        if self._transposes is None:
+            self._transposes = self._transpose_pullbacks(self._per_check_pullbacks())
+        if self._transposes.error is not None:
+            raise ModeUnsupportedError(self._transposes.error)
+        return [self._apply_batched(jax.tree_util.Partial(_apply_transposed, transposed), *parts(indices))
+                for indices, transposed in self._transposes.maps]
+
+    def _transpose_pullbacks(self, pullbacks: List[LinearMap]) -> _TransposedPlan:
+        """``jax.linear_transpose`` of each VJP map, applied once to zero tangents (JAX raises only when a
+        transposed map is applied)."""
+        cotangent = jax.ShapeDtypeStruct((self._output_size(),), plumbing_dtype())
+        maps: List[Tuple[List[int], Callable[..., Any]]] = []
+        for indices, pullback in pullbacks:
+            zeros = tuple(jnp.zeros(self.leaves[k].shape, dtype=plumbing_dtype()) for k in indices)
+            try:
+                transposed = jax.linear_transpose(pullback, cotangent)
+                transposed(zeros)
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                return _TransposedPlan([], _not_transposable(exc))
+            maps.append((indices, transposed))
+        return _TransposedPlan(maps)
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:

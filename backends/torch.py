@@ -28,6 +28,14 @@ the point-by-point loop on the chunk's first and last rows, and anything vmap ca
 random draws, ``params=`` tensors swapped in through ``.data``) or any disagreement sends the function to
 the loop for good, with a note saying why. Once batching has been shown to work, an exception from a
 batched chunk is the user's and propagates (the core then locates the failing point one by one).
+
+Transposed VJPs (``vjp_transposed``, ``J t`` without forward mode): ``J^T u`` is built at a seeded random
+cotangent ``u`` with ``create_graph=True`` and differentiated with respect to ``u`` (double backward), so
+``J`` is the one the user's backward passes implement. The tangents are batched with ``is_grads_batched``
+under the same once-decided, guarded scheme as ``vjp``. Backward passes that cannot be differentiated again
+raise ModeUnsupportedError: ``@once_differentiable``, an op without a double backward, and a custom backward
+computing (part of) its result off the graph (NumPy, ``.detach()``), found because such a part is in
+``J^T u`` but not in ``J t``: ``u . (J t) = t . (J^T u)`` must hold for every tangent.
 """
 
 from __future__ import annotations
@@ -864,8 +872,11 @@ class TorchPrepared(ProblemBackedFunction):
         backward's own error and is raised as it is."""
         try:
             torch.autograd.grad(out, inputs, u.detach(), retain_graph=True, allow_unused=True)
+            plain_fails = False
         except Exception:
-            raise exc from None
+            plain_fails = True
+        if plain_fails:
+            raise exc
         raise ModeUnsupportedError(_TRANSPOSED + "is unavailable: the backward pass fails when its graph is "
                                    f"recorded (create_graph=True): {_first_line(exc)}") from exc
 
