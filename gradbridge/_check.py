@@ -317,6 +317,18 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
         rows[entry.leaf.name] = []
         for output in prepared.output_specs:
             row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
+            owners = columns.owners.get(entry.leaf.name) if columns is not None else None
+            if owners is not None:
+                plan = plans[entry.leaf.name]
+                _as_elements(row, worst_at, entry, output, analytic, verdicts, owners,
+                             plan.basis[plan.groups, np.arange(entry.leaf.size)],
+                             f"full, {entry.count} verified column groups: every entry compared, element by element")
+                nameable = not _unowned_failure(row, entry, output, verdicts, owners)
+                if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS and nameable:
+                    row.step_sweep = _element_sweep(evaluator, directions, PointRounder(prepared.leaves, options.promote),
+                                                    entry, output, worst_at, row, owners,
+                                                    plan.basis[plan.groups, np.arange(entry.leaf.size)])
+                    sweeps += 1
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
             if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS and not entry.compressed:
@@ -340,11 +352,18 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                   f"along {entry.count} tangent directions ({entry.structure})" if entry.basis is not None else
                   "element by element, dense analytic Jacobian")
     redo = [entry.leaf for entry in directions.per_leaf
-            if entry.compressed and not all(_clean(row) for row in rows[entry.leaf.name])]
+            if entry.compressed and not all(_clean(row) or _named(row, entry, verdicts, columns, prepared)
+                                            for row in rows[entry.leaf.name])]
+    m = sum(spec.size for spec in prepared.output_specs)
+    if redo and columns is not None and m * len(prepared.x0) > MAX_DENSE_ENTRIES:
+        context.notes.append(f"{', '.join(leaf.name for leaf in redo)}: re-checking element by element would need "
+                             f"the dense {m:,} x {len(prepared.x0):,} Jacobian; the failing groups are reported "
+                             "as they are (check fewer inputs with wrt= to name each element)")
+        redo = []
     if redo:
+        for leaf in redo:
+            rows[leaf.name] = []
         for row in _full_rows(evaluator, context, redo, f0, analytic_mode, order, jacobian, compress=False):
-            if rows[row.input] and rows[row.input][0].method.startswith("full, compressed"):
-                rows[row.input] = []
             row.method = f"compressed, then element by element: {row.method}"
             rows[row.input].append(row)
         for leaf in redo:
@@ -402,11 +421,17 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
             if not _clean(row) and (row.kinks or row.one_sided) and \
                     sum(s.size for s in prepared.output_specs) * len(prepared.x0) <= MAX_DENSE_ENTRIES:
                 return _full_rows(evaluator, context, leaves, f0, analytic_mode, order, compress=False)
-            _as_elements(row, worst_at, entry, output, analytic, verdicts, scales)
+            owners = (output.offset + np.arange(output.size))[None, :]
+            owners = np.concatenate([np.full((1, output.offset), -1), owners,
+                                     np.full((1, len(f0) - output.offset - output.size), -1)], axis=1)
+            _as_elements(row, worst_at, entry, output, analytic, verdicts, owners, scales,
+                         f"full, diagonal Jacobian verified: all {entry.leaf.size} elements perturbed at once, "
+                         "every entry compared")
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
             if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS:
-                row.step_sweep = _element_sweep(evaluator, directions, rounder, entry, output, worst_at, row, scales)
+                row.step_sweep = _element_sweep(evaluator, directions, rounder, entry, output, worst_at, row, owners,
+                                                scales)
                 sweeps += 1
             rows.append(row)
     for leaf in leaves:
@@ -419,41 +444,70 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
 
 
 def _as_elements(row: RowResult, worst_at: Optional[Tuple[int, int]], entry: LeafDirections, output: LeafSpec,
-                 analytic: np.ndarray, verdicts: ElementVerdicts, scales: np.ndarray) -> None:
-    """A one-group row of a diagonal Jacobian in element terms: output row i is element i, its values
-    divided by the element's scale in the group direction."""
+                 analytic: np.ndarray, verdicts: ElementVerdicts, owners: np.ndarray, scales: np.ndarray,
+                 method: str) -> None:
+    """A compressed row in element terms, where each output row of each group measures one known element:
+    ``owners[g, i]`` (-1 for none: the entry compared is zero on the analytic side). Values are divided by
+    the element's scale in its group direction, ``scales[j]``; the worst entry and the maps name elements."""
     leaf = entry.leaf
-    own = scales[output.slice]
-    a, n = analytic[output.slice, entry.first], verdicts.numeric[output.slice, entry.first]
+    where = (output.slice, entry.slice)
+    a, n = analytic[where], verdicts.numeric[where]
+    own = owners[:, output.slice].T  # (outputs, groups)
+    owned = own >= 0
+    s = np.where(owned, scales[np.maximum(own, 0)], 1.0)
     with np.errstate(invalid="ignore"):
-        difference = np.abs(a - n) / own
-    row.method = (f"full, diagonal Jacobian verified: all {leaf.size} elements perturbed at once, "
-                  "every entry compared")
+        signed = (a - n) / s
+    difference = np.abs(signed)
+    row.method = method
     row.max_abs_error = float(np.max(np.where(np.isfinite(difference), difference, 0.0), initial=0.0))
-    if row.worst is not None and worst_at is not None:
-        out_i = worst_at[0]
-        s, w = float(own[out_i]), row.worst
+    if row.worst is not None and worst_at is not None and owned[worst_at]:
+        out_i, g = worst_at
+        j, k, w = int(own[out_i, g]), float(s[out_i, g]), row.worst
         row.worst = WorstElement(
-            input_index=leaf.unravel(output.offset + out_i), output_index=w.output_index, analytic=w.analytic / s,
-            numeric=w.numeric / s, abs_error=w.abs_error / s, allowed=w.allowed / s,
-            step=None if w.step is None else w.step * s, fd_error=None if w.fd_error is None else w.fd_error / s,
+            input_index=leaf.unravel(j), output_index=w.output_index, analytic=w.analytic / k,
+            numeric=w.numeric / k, abs_error=w.abs_error / k, allowed=w.allowed / k,
+            step=None if w.step is None else w.step * k, fd_error=None if w.fd_error is None else w.fd_error / k,
             method=w.method)
-    if row.status == "fail" and output.size == leaf.size:
-        row.error_map = ((a - n) / own).reshape(leaf.shape)
-        row.outside_map = (verdicts.status[output.slice, entry.first] == FAIL).reshape(leaf.shape)
+    if row.status == "fail" and leaf.size:
+        elements, values = own[owned], signed[owned]
+        order = np.argsort(np.where(np.isfinite(values), np.abs(values), np.inf), kind="stable")
+        error_map = np.zeros(leaf.size)
+        error_map[elements[order]] = values[order]  # the largest error of each element is written last
+        outside = np.zeros(leaf.size, dtype=bool)
+        outside[own[owned & (verdicts.status[where] == FAIL)]] = True
+        row.error_map, row.outside_map = error_map.reshape(leaf.shape), outside.reshape(leaf.shape)
 
 
 def _element_sweep(evaluator: Evaluator, directions: Directions, rounder: PointRounder, entry: LeafDirections,
-                   output: LeafSpec, worst_at: Tuple[int, int], row: RowResult, scales: np.ndarray) -> StepSweep:
-    """The step-size sweep of a diagonal row's worst element, in the element's own units."""
-    out_i = worst_at[0]
-    s = float(scales[output.offset + out_i])
+                   output: LeafSpec, worst_at: Tuple[int, int], row: RowResult, owners: np.ndarray,
+                   scales: np.ndarray) -> StepSweep:
+    """The step-size sweep of a compressed row's worst element (along its group), in the element's units."""
+    out_i, g = worst_at
+    s = float(scales[owners[g, output.offset + out_i]])
     w = row.worst
     label = f"{entry.leaf.name}{_index_text(w.input_index)} -> {output.name}{_index_text(output.unravel(out_i))}"
-    sweep = step_sweep(evaluator, directions, rounder, entry.first, output.offset + out_i, label, w.analytic * s,
-                       w.numeric * s, (w.step or 0.0) / s, w.allowed * s)
+    sweep = step_sweep(evaluator, directions, rounder, entry.first + g, output.offset + out_i, label,
+                       w.analytic * s, w.numeric * s, (w.step or 0.0) / s, w.allowed * s)
     return StepSweep(element=sweep.element, steps=[h * s for h in sweep.steps], numeric=[v / s for v in sweep.numeric],
                      analytic=w.analytic, reference=w.numeric, used_step=w.step or 0.0, allowed=w.allowed)
+
+
+def _named(row: RowResult, entry: LeafDirections, verdicts: ElementVerdicts, columns: Optional[ColumnAnalytic],
+           prepared: PreparedFunction) -> bool:
+    """A failed row of verified column groups that already names its elements (every failing entry has
+    its element, no kink, no one-sided difference): it needs no element-by-element re-check."""
+    owners = columns.owners.get(entry.leaf.name) if columns is not None else None
+    if owners is None or row.status != "fail" or row.kinks or row.one_sided:
+        return False
+    output = next(spec for spec in prepared.output_specs if spec.name == row.output)
+    return not _unowned_failure(row, entry, output, verdicts, owners)
+
+
+def _unowned_failure(row: RowResult, entry: LeafDirections, output: LeafSpec, verdicts: ElementVerdicts,
+                     owners: np.ndarray) -> bool:
+    """A failing entry no element owns: a nonzero the analytic side is missing, somewhere in its group."""
+    fails = verdicts.status[output.slice, entry.slice] == FAIL
+    return row.status == "fail" and bool(np.any(fails & (owners[:, output.slice].T < 0)))
 
 
 def _clean(row: RowResult) -> bool:

@@ -51,6 +51,7 @@ class ColumnAnalytic:
     blocks: Dict[str, np.ndarray] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     strategy: Dict[str, str] = field(default_factory=dict)
+    owners: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def groupings(leaf: LeafSpec) -> Iterator[Tuple[str, np.ndarray]]:
@@ -66,26 +67,32 @@ def groupings(leaf: LeafSpec) -> Iterator[Tuple[str, np.ndarray]]:
     yield "column by column", np.arange(leaf.size, dtype=np.int64)
 
 
-def single_entry_rows(first: np.ndarray, second: np.ndarray, groups: np.ndarray, rho: np.ndarray) -> bool:
-    """Whether every output row of every group holds at most one nonzero of the group.
+def single_entry_rows(first: np.ndarray, second: np.ndarray, groups: np.ndarray,
+                      rho: np.ndarray) -> Optional[np.ndarray]:
+    """The element each output row of each group measures, when every row holds at most one nonzero of
+    its group: ``owners[g, r]`` is that element (-1 for a row with none); None when a row holds more.
 
     ``first[g]`` and ``second[g]`` are ``J c_g`` with scales ``s`` and ``s * rho``: a row with one
     nonzero ``j`` has ``second / first = rho_j``; zero rows are zero in both."""
     if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
-        return False
+        return None
+    owners = np.full(first.shape, -1, dtype=np.int64)
     for g in range(first.shape[0]):
         a, b = first[g], second[g]
         zero = (a == 0) & (b == 0)
         if np.any((a == 0) & ~zero):
-            return False
-        ratios = np.sort(rho[groups == g])
+            return None
+        members = np.nonzero(groups == g)[0]
+        order = np.argsort(rho[members])
+        ratios = rho[members][order]
         observed = b[~zero] / a[~zero]
         at = np.clip(np.searchsorted(ratios, observed), 1, max(1, len(ratios) - 1))
-        nearest = np.minimum(np.abs(observed - ratios[at - 1]),
-                             np.abs(observed - ratios[np.minimum(at, len(ratios) - 1)]))
-        if np.any(nearest > RATIO_TOLERANCE * np.abs(observed)):
-            return False
-    return True
+        below, above = at - 1, np.minimum(at, len(ratios) - 1)
+        nearer = np.where(np.abs(observed - ratios[below]) <= np.abs(observed - ratios[above]), below, above)
+        if np.any(np.abs(observed - ratios[nearer]) > RATIO_TOLERANCE * np.abs(observed)):
+            return None
+        owners[g, ~zero] = members[order][nearer]
+    return owners
 
 
 def dot_test(vjp: Products, tangents: np.ndarray, products: np.ndarray, output_size: int, eps: float,
@@ -94,9 +101,10 @@ def dot_test(vjp: Products, tangents: np.ndarray, products: np.ndarray, output_s
     are the Jacobian the VJP implements (a backward pass not linear in its cotangent fails)."""
     u = np.random.default_rng(seed).standard_normal((2, output_size))
     pulled = vjp(u)
-    reverse = pulled @ tangents.T           # (2, k)
-    forward = u @ products.T                # (2, k)
-    size = np.abs(pulled) @ np.abs(tangents).T + np.abs(u) @ np.abs(products).T
+    # (k, 2) products, big operand first: OpenBLAS takes a very slow path for (2, n) @ (n, k)
+    reverse = tangents @ pulled.T
+    forward = products @ u.T
+    size = np.abs(tangents) @ np.abs(pulled).T + np.abs(products) @ np.abs(u).T
     return bool(np.all(np.isfinite(reverse)) and np.all(np.abs(reverse - forward) <= 1e3 * eps * size + 1e-300))
 
 
@@ -137,8 +145,10 @@ def analytic_by_columns(products: Products, vjp: Products, x0: np.ndarray, leave
             second_t[groups, leaf.offset + np.arange(leaf.size)] = scales * rho
             second = products(second_t)
             spent += count
-            if not single_entry_rows(first, second, groups, rho):
+            owners = single_entry_rows(first, second, groups, rho)
+            if owners is None:
                 continue
+            result.owners[leaf.name] = owners
             basis = first_t[:, leaf.slice]
             result.plans[leaf.name] = CompressedLeaf(basis, groups)
             result.blocks[leaf.name] = first.T
