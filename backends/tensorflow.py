@@ -31,14 +31,19 @@ Keras models under their own dtype policies, unchecked inputs as given; gradient
 in those dtypes (the cotangents reach the outputs cast to the outputs' dtypes) and are widened to
 float64 only for the core.
 
-Speed: evaluations (a chunk of points) and VJPs (a chunk of cotangents at ``x0``) run as one ``tf.function``
-through ``tf.vectorized_map`` (checked leaves are tensor slices of the flat vector; Keras variables read them
-through the stateless scope), traced once per prepared function. The eager per-point loop runs instead, decided
+Speed: evaluations (a chunk of points), VJPs (a chunk of cotangents at ``x0``) and transposed VJPs (a chunk of
+tangents) run as one ``tf.function`` through ``tf.vectorized_map`` (checked leaves are tensor slices of the flat
+vector; Keras variables read them through the stateless scope; unchecked tensor arguments are graph inputs too).
+A traced graph is kept across checks of the same function and key (shapes, dtypes, structure, what ``fn``
+reads), held weakly by the function (``clear_cache()``, ``cache_size()``), so repeat checks do not trace again.
+A small chunk of a function's first check runs the eager loop instead (tracing costs more than it saves); a
+function checked again traces and keeps its graphs. The eager per-point loop runs instead, decided
 on the first call and said in ``notes``, when checked plain tf.Variables must be assigned, ``fn`` draws random
 numbers, calls Python (``tf.py_function``), has side effects (assertions, prints, assigns), cannot be traced
 (``.numpy()``, Python branches on tensors) or vectorized without a while_loop, or when the first batched chunk
 disagrees with the loop (~1e3 eps) or raises (the loop then raises with its point). Python side effects that
-do not change the outputs cannot be detected: they run once per trace instead of once per point.
+do not change the outputs cannot be detected: they run once per trace instead of once per point (not at
+all in a check that reuses a kept graph).
 
 Limitations: ``training=`` passed explicitly inside ``fn`` wins over ``train=``; a ``tf.function`` called
 *inside* ``fn`` (not ``fn`` itself) keeps its own trace cache; for a function drawing from stateful random
@@ -50,9 +55,14 @@ global one cannot be pinned (the check then reports the function as not determin
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import random
 import sys
+import threading
+import types
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import of TensorFlow: no INFO/WARNING spam
@@ -448,6 +458,12 @@ class TensorFlowProblem:
             for v in model.variables:
                 if id(v) not in checked and tf.as_dtype(v.dtype).is_floating:
                     self.constants.append((v, tf.cast(v.value, tf.float64)))
+        chosen_set = set(chosen)
+        # unchecked floating tensor arguments: inputs of a traced graph, never captured in it (see fixed_inputs)
+        self.fed_positions = [i for i, c in enumerate(candidates) if c.kind == "input" and i not in chosen_set
+                              and c.floating and isinstance(c.value, tf.Tensor)]
+        self._fed: Optional[Dict[int, tf.Tensor]] = None  # candidate index -> graph input, while tracing
+        self._fixed: Optional[List[tf.Tensor]] = None
 
     def _feed_dtype(self, candidate: Candidate) -> tf.DType:
         """The dtype a checked leaf takes while ``fn`` runs."""
@@ -520,11 +536,31 @@ class TensorFlowProblem:
             return "fn draws from stateful random ops, which are reseeded before each point"
         return None
 
+    def fixed_inputs(self) -> List[tf.Tensor]:
+        """The values besides the checked leaves that a traced graph takes as inputs rather than capturing
+        them, so a graph kept across checks never computes with another check's values: the unchecked
+        floating tensor arguments (as :meth:`call` passes them: float64 copies when promoting), then the
+        float64 copies of the model's unchecked variables."""
+        if self._fixed is None:
+            self._fixed = [self._unchecked_input(i) for i in self.fed_positions] + [t for _, t in self.constants]
+        return self._fixed
+
+    def _unchecked_input(self, i: int) -> Any:
+        """Unchecked argument ``i`` as ``fn`` receives it (floating ones in float64 when promoting)."""
+        c = self.candidates[i]
+        if self._fed is not None and i in self._fed:
+            return self._fed[i]
+        if c.kind == "input" and self.promote and c.floating:
+            return tf.cast(c.value, tf.float64)
+        return c.value
+
     @contextlib.contextmanager
-    def symbolic(self, x: tf.Tensor) -> Iterator[List[Source]]:
+    def symbolic(self, x: tf.Tensor, fixed: Sequence[tf.Tensor] = ()) -> Iterator[List[Source]]:
         """Like :meth:`applied`, for a symbolic float64 vector ``x`` inside a ``tf.function``: every checked
         leaf is a tensor slice of ``x`` (Keras variables read it through the stateless scope), so no
-        variable is assigned. Only for problems whose :meth:`unbatchable` is None."""
+        variable is assigned. ``fixed`` (symbolic, in the order of :meth:`fixed_inputs`) stand in for the
+        unchecked tensor arguments and the model's float64 constants. Only for problems whose
+        :meth:`unbatchable` is None."""
         sources: List[Source] = []
         mapping: List[Tuple[Any, Any]] = []
         for k, (leaf, i) in enumerate(zip(self.leaves, self.chosen)):
@@ -532,12 +568,21 @@ class TensorFlowProblem:
             if self.candidates[i].kind != "input":
                 mapping.append((self.candidates[i].value, value))
             sources.append(value)
+        fixed = list(fixed)
+        constants = self.constants
+        if fixed:
+            count = len(self.fed_positions)
+            constants = [(v, t) for (v, _), t in zip(self.constants, fixed[count:])]
         with contextlib.ExitStack() as stack:
             if self.promote_model:
                 stack.enter_context(_float64_policies(self.model))
-            stack.enter_context(_stateless(self.constants + mapping))
+            stack.enter_context(_stateless(constants + mapping))
             stack.enter_context(_keras_training(self.spec.train))
-            yield sources
+            self._fed = dict(zip(self.fed_positions, fixed)) if fixed else None
+            try:
+                yield sources
+            finally:
+                self._fed = None
 
     def call(self, sources: List[Source]) -> List[tf.Tensor]:
         """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
@@ -546,8 +591,8 @@ class TensorFlowProblem:
             if self.candidates[i].kind == "input":
                 values[i] = source
         for i, c in enumerate(self.candidates):
-            if c.kind == "input" and i not in self.chosen and self.promote and c.floating:
-                values[i] = tf.cast(c.value, tf.float64)  # unchecked floating inputs in float64 like the rest
+            if c.kind == "input" and i not in self.chosen:
+                values[i] = self._unchecked_input(i)  # in float64 like the rest; a graph input while tracing
         args = self.rebuild_args(values)
         self.reseed()
         return self._outputs(self.fn(*args, **self.spec.kwargs))
@@ -629,6 +674,330 @@ def _dense(gradient: Any) -> Optional[tf.Tensor]:
     return gradient
 
 
+# --- traced graphs kept across checks ---
+#
+# Tracing a vectorized graph costs 0.05-0.1 s, far more than a small check itself, so the graphs a check traces
+# are kept for the next check of the same function. An entry is found by the function object (held weakly: the
+# cache never keeps it alive) and a key of everything a trace depends on: the argument structure (checked and
+# other floating tensors by shape and dtype only, as they are graph inputs, never captured; integer and boolean
+# tensors and other values by value; variables by identity, as a graph reads them when it runs), kwargs, the
+# leaves and their dtypes inside fn, promote, train, the model and the parameter variables by identity, the
+# outputs, Keras' floatx, and what fn reads from outside its arguments (closure cells, globals it names,
+# defaults, recursively through the Python functions it reaches: tensors, variables, models and other objects by
+# identity, NumPy arrays and Python floats, bools and strings by value; Python ints are not keyed, so a counter
+# fn bumps does not defeat the cache). Anything that cannot be keyed safely is not cached. The graphs hold no
+# Python object of the check. Every check still compares its first batched chunk with the eager loop, so a graph
+# gone stale in a way the key missed (an attribute of a Keras layer changed, an int a trace baked in) is dropped,
+# not trusted. Only first-order checks are cached (an order-2 function closes over its cotangent).
+
+_CACHE: Dict[Tuple[int, ...], Tuple[Tuple[Any, ...], Dict[Any, "_Traced"]]] = {}
+_CACHE_LOCK = threading.Lock()
+_ENTRIES_PER_FUNCTION = 16
+_ENVIRONMENT_LIMIT = 512  # more objects reached than this: not cached
+_VALUE_TYPES = (type(None), bool, float, complex, str, bytes, type(Ellipsis))
+#: Packages whose functions and objects are keyed by identity only, not followed inside.
+_LIBRARIES = frozenset({"tensorflow", "keras", "tf_keras", "numpy", "scipy", "gradbridge", "backends", "functools",
+                        "builtins", "typing", "abc", "math", "operator", "absl", "google"})
+
+
+class _Uncacheable(Exception):
+    """Raised while keying a check that cannot be cached safely."""
+
+
+def clear_cache() -> None:
+    """Drop every traced graph kept across checks."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def cache_size() -> int:
+    """How many entries (one per function and key, each holding its traced graphs) are kept."""
+    with _CACHE_LOCK:
+        return sum(len(entries) for _, entries in _CACHE.values())
+
+
+class _Traced:
+    """What the checks of one function and key share: the traced graphs by path, the paths that cannot be
+    batched (and why, found while tracing), flags found while tracing, and weak references to the objects
+    keyed by identity (an id names an object only while it lives)."""
+
+    def __init__(self, refs: List[Any]) -> None:
+        self.refs = refs
+        self.graphs: Dict[str, Any] = {}
+        self.refused: Dict[str, str] = {}
+        self.flags: Dict[str, List[bool]] = {}
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+
+def _digest(array: np.ndarray) -> bytes:
+    if array.dtype.hasobject:
+        raise _Uncacheable("object array")
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+
+
+def _library_object(value: Any) -> bool:
+    module = getattr(value, "__module__", None)
+    if not isinstance(module, str) and not isinstance(value, (types.FunctionType, type)):
+        module = getattr(type(value), "__module__", None)
+    return isinstance(module, str) and module.split(".")[0] in _LIBRARIES
+
+
+class _Keyer:
+    """Builds the hashable tokens of a cache key, collecting weak references to what it keys by identity."""
+
+    def __init__(self) -> None:
+        self.refs: List[Any] = []
+        self._seen: Dict[int, int] = {}
+
+    def identity(self, value: Any) -> Tuple[str, int]:
+        try:
+            self.refs.append(weakref.ref(value))
+        except TypeError:
+            raise _Uncacheable(type(value).__name__) from None
+        return ("id", id(value))
+
+    def constant(self, value: Any) -> Any:
+        """A value a trace bakes in (an argument that is not a graph input): by value, or a variable by identity."""
+        if isinstance(value, (tf.Variable,)) or _is_keras_variable(value):
+            return ("variable", self.identity(value))
+        if isinstance(value, tf.Tensor):
+            if not hasattr(value, "numpy"):
+                raise _Uncacheable("symbolic tensor")
+            return ("tensor", tuple(value.shape), value.dtype.name, _digest(np.asarray(value.numpy())))
+        if isinstance(value, _VALUE_TYPES) or isinstance(value, int):
+            return (type(value), value)
+        if isinstance(value, np.generic):
+            return ("scalar", value.dtype.str, value.tobytes())
+        if isinstance(value, np.ndarray):
+            return ("ndarray", value.shape, value.dtype.str, _digest(value))
+        if isinstance(value, tf.DType):
+            return ("dtype", value.name)
+        raise _Uncacheable(type(value).__name__)
+
+    def tree(self, node: Any, leaf: Callable[[Any], Any], depth: int = 0) -> Any:
+        """The token of an argument tree, walked as :func:`gradbridge._tree.flatten` walks it (tensors and
+        variables are leaves, given to ``leaf`` in the same order as the candidates)."""
+        if depth > 32:
+            raise _Uncacheable("argument nested too deep")
+        if _is_tensor(node):
+            return leaf(node)
+        if isinstance(node, dict):
+            return (self.identity(type(node)), tuple((self.constant(k), self.tree(v, leaf, depth + 1))
+                                                     for k, v in node.items()))
+        if isinstance(node, (list, tuple)):
+            return (self.identity(type(node)), tuple(self.tree(v, leaf, depth + 1) for v in node))
+        return self.constant(node)
+
+    def environment(self, value: Any, depth: int = 0) -> Any:
+        """What ``value`` (fn, and what it reaches) contributes to a trace besides the arguments."""
+        if len(self._seen) > _ENVIRONMENT_LIMIT or depth > 12:
+            raise _Uncacheable("too much state")
+        if isinstance(value, _VALUE_TYPES):
+            return (type(value), value)
+        if isinstance(value, int):
+            return None  # not keyed: a trace counter fn bumps must not defeat the cache
+        if isinstance(value, np.generic):
+            return ("scalar", value.dtype.str, value.tobytes())
+        if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, np.ufunc)):
+            return ("builtin", getattr(value, "__name__", ""), id(value))  # modules and builtins live on
+        if isinstance(value, type):
+            return self.identity(value)
+        key = id(value)
+        if key in self._seen:
+            return ("seen", self._seen[key])
+        self._seen[key] = len(self._seen)
+        return self._object(value, depth)
+
+    def _object(self, value: Any, depth: int) -> Any:
+        if isinstance(value, np.ndarray):
+            return ("ndarray", value.shape, value.dtype.str, _digest(value))
+        if isinstance(value, tf.Tensor):
+            if not hasattr(value, "numpy"):
+                raise _Uncacheable("symbolic tensor")
+            return ("tensor", self.identity(value))  # an eager tensor never changes
+        if isinstance(value, tf.Variable) or _is_keras_variable(value) or _is_keras_layer(value) \
+                or isinstance(value, tf.Module):
+            return ("object", self.identity(value))  # read when the graph runs; a layer's settings: see above
+        if isinstance(value, (tuple, list, set, frozenset, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            tokens = tuple(t for t in (self.environment(v, depth + 1) for v in items) if t is not None)
+            return tokens or None
+        wrapped = getattr(value, "__wrapped__", None)
+        if wrapped is not None and not isinstance(value, types.FunctionType):  # tf.function, tf.custom_gradient
+            return ("wrapped", self.identity(value), self.environment(wrapped, depth + 1))
+        if _library_object(value):
+            return self.identity(value)
+        if isinstance(value, types.FunctionType):
+            return ("function", self.identity(value), self._function(value, depth))
+        if isinstance(value, types.MethodType):
+            return ("method", self.environment(value.__func__, depth + 1), self.environment(value.__self__, depth + 1))
+        if isinstance(value, functools.partial):
+            return ("partial", self.identity(value), self.environment(value.func, depth + 1),
+                    self.environment(value.args, depth + 1), self.environment(value.keywords, depth + 1))
+        state = getattr(value, "__dict__", None)
+        return ("object", self.identity(value), self.environment(dict(state), depth + 1)
+                if isinstance(state, dict) else None)
+
+    def _function(self, fn: types.FunctionType, depth: int) -> Any:
+        names: List[str] = []
+        codes = [fn.__code__]
+        while codes:
+            code = codes.pop()
+            names.extend(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        globals_ = fn.__globals__
+        referenced = tuple((name, self.environment(globals_[name], depth + 1)) for name in sorted(set(names))
+                           if name in globals_)
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(self.environment(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell (a name assigned later)
+                cells.append(("empty",))
+        return (id(fn.__code__), referenced, tuple(cells), self.environment(fn.__defaults__, depth + 1),
+                self.environment(fn.__kwdefaults__, depth + 1))
+
+
+def _cache_key(problem: "TensorFlowProblem") -> Tuple[Any, List[Any]]:
+    """The key of a first-order check's traced graphs and the weak references that must stay alive for an
+    entry to hold (raises _Uncacheable)."""
+    keyer = _Keyer()
+    chosen = set(problem.chosen)
+    fed = set(problem.fed_positions)
+    position = iter(range(len(problem.candidates)))
+
+    def argument(value: Any) -> Any:
+        i = next(position)
+        c = problem.candidates[i]
+        if i in chosen:
+            return ("checked", c.shape, c.dtype)
+        if i in fed:
+            return ("fed", c.shape, c.dtype)
+        return keyer.constant(value)
+
+    spec = problem.spec
+    keras = _keras()
+    key = (tuple(keyer.tree(arg, argument) for arg in spec.args),
+           tuple(sorted((str(k), keyer.tree(v, keyer.constant)) for k, v in spec.kwargs.items())),
+           tuple(problem.chosen),
+           tuple((leaf.name, leaf.shape, leaf.dtype, leaf.offset, leaf.kind) for leaf in problem.leaves),
+           tuple(dtype.name for dtype in problem.feed),
+           tuple((c.name, keyer.identity(c.value)) for c in problem.candidates if c.kind == "param"),
+           keyer.identity(problem.model) if problem.model is not None else None,
+           problem.promote, problem.promote_model, bool(spec.train),
+           tuple((o.name, o.shape, o.dtype) for o in problem.outputs or ()),
+           keras.config.floatx() if keras is not None and hasattr(keras, "config") else None,
+           keyer.environment(spec.fn))
+    hash(key)
+    return key, keyer.refs
+
+
+def _owners(fn: Any) -> Tuple[Any, ...]:
+    """The objects a cache slot is tied to (a bound method: its function and its object)."""
+    if isinstance(fn, types.MethodType):
+        return (fn.__func__, fn.__self__)
+    return (fn,)
+
+
+def _lookup(fn: Any, key: Any) -> Optional[_Traced]:
+    owners = _owners(fn)
+    with _CACHE_LOCK:
+        slot = _CACHE.get(tuple(id(o) for o in owners))
+        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
+            return None
+        entry = slot[1].get(key)
+        if entry is not None and not entry.alive():
+            del slot[1][key]
+            return None
+        return entry
+
+
+def _store(fn: Any, key: Any, entry: _Traced) -> bool:
+    """Keep ``entry`` for ``fn`` and ``key``; False when ``fn`` cannot be referenced weakly."""
+    owners = _owners(fn)
+    slot_key = tuple(id(o) for o in owners)
+
+    def forget(ref: Any, slot_key: Tuple[int, ...] = slot_key) -> None:
+        with _CACHE_LOCK:
+            slot = _CACHE.get(slot_key)
+            if slot is not None and any(r is ref for r in slot[0]):
+                del _CACHE[slot_key]
+
+    with _CACHE_LOCK:
+        slot = _CACHE.get(slot_key)
+        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
+            try:
+                slot = (tuple(weakref.ref(o, forget) for o in owners), {})
+            except TypeError:
+                return False
+            _CACHE[slot_key] = slot
+        entries = slot[1]
+        entries.pop(key, None)
+        entries[key] = entry
+        while len(entries) > _ENTRIES_PER_FUNCTION:
+            del entries[next(iter(entries))]
+    return True
+
+
+def _entry_for(problem: "TensorFlowProblem") -> Tuple[Optional[_Traced], bool]:
+    """The cache entry of a first-order check (an empty one is made and kept when there is none yet), and
+    whether an earlier check had made it; (None, False) when the check cannot be cached."""
+    try:
+        key, refs = _cache_key(problem)
+    except (_Uncacheable, TypeError, RecursionError):
+        return None, False
+    entry = _lookup(problem.spec.fn, key)
+    if entry is not None:
+        return entry, True
+    entry = _Traced(refs)
+    return (entry, False) if _store(problem.spec.fn, key, entry) else (None, False)
+
+
+def _joined(leaves: Sequence[LeafSpec], gradients: Sequence[Optional[tf.Tensor]]) -> tf.Tensor:
+    """One flat float64 vector of per-leaf gradients, zeros where TensorFlow gave None (differentiable)."""
+    return tf.concat([tf.zeros([leaf.size], tf.float64) if g is None else tf.reshape(tf.cast(g, tf.float64), [-1])
+                      for leaf, g in zip(leaves, gradients)], axis=0)
+
+
+def _pullback(forward: Forward, sources: List[Source], leaves: Sequence[LeafSpec], u: tf.Tensor
+              ) -> Tuple[tf.GradientTape, tf.Tensor, List[Optional[tf.Tensor]], List[bool]]:
+    """The VJP at the sources for the cotangent ``u``, recorded by a persistent tape watching ``u``, so that
+    differentiating it again with respect to ``u`` transposes it (``J t`` is the gradient of ``g = J^T u``
+    along ``t``). Returns that tape, the flat ``g``, the per-leaf gradients (None where TensorFlow defines
+    none) and, per leaf, whether the tape links its gradient to ``u`` (False where the backward pass cannot
+    be differentiated). Raises ModeUnsupportedError where an op of the backward pass has no gradient."""
+    with tf.GradientTape(watch_accessed_variables=False) as inner:
+        _watch(inner, sources)
+        out = _flat(forward(sources))
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as outer:
+        outer.watch(u)
+        gradients = [_dense(g) for g in inner.gradient(out, sources, output_gradients=u)]
+        g = _joined(leaves, gradients)
+    with _second_derivatives():
+        links = [grad is not None and outer.gradient(grad, u) is not None for grad in gradients]
+    return outer, g, gradients, links
+
+
+def _transposed_row(tape: tf.GradientTape, g: tf.Tensor, u: tf.Tensor, tangent: tf.Tensor) -> tf.Tensor:
+    """``J t`` for one tangent: the gradient of ``g = J^T u`` with respect to ``u`` along ``t``."""
+    with _second_derivatives():
+        row = tape.gradient(g, u, output_gradients=tangent)
+    return tf.zeros_like(u) if row is None else tf.cast(row, tf.float64)
+
+
+@contextlib.contextmanager
+def _second_derivatives() -> Iterator[None]:
+    """While differentiating a backward pass: TensorFlow's LookupError for an op without a registered gradient
+    (``SoftsignGrad``, the gradient op of ``tf.nn.softsign``, for one) becomes ModeUnsupportedError."""
+    try:
+        yield
+    except LookupError as exc:
+        raise ModeUnsupportedError(f"cannot transpose the VJP: TensorFlow cannot differentiate the backward pass "
+                                   f"({_first_line(exc)})") from exc
+
+
 class TensorFlowPrepared(ProblemBackedFunction):
     """A TensorFlow function over the flat float64 vector; ``forward`` maps sources to output tensors."""
 
@@ -649,21 +1018,43 @@ class TensorFlowPrepared(ProblemBackedFunction):
         self.undefined_gradients: Dict[str, str] = {}
         self._links: Optional[np.ndarray] = None
         # batched paths: None until decided on the first call, then "batched" or "loop" for good
-        self._paths: Dict[str, Optional[str]] = {"evaluate": None, "vjp": None}
+        self._paths: Dict[str, Optional[str]] = {"evaluate": None, "vjp": None, "transposed": None}
         self._graphs: Dict[str, Any] = {}
-        self._vjp_none: List[bool] = []  # per leaf: the batched VJP's gradient is None (found while tracing)
+        # found while tracing, per path and per leaf: "none" (the gradient is None), "links" (see _pullback)
+        self._flags: Dict[str, Dict[str, List[bool]]] = {}
+        self._entry: Optional[_Traced] = None  # this check's entry in the cache of traced graphs
+        self._entry_known = False  # whether an earlier check of the same function and key had made it
+        self._keyed = False
+        self._cotangent: Optional[np.ndarray] = None  # the fixed cotangent the transposed VJP starts from
+
+    def _cache_entry(self) -> Optional[_Traced]:
+        """This check's entry in the cache of traced graphs (looked up, or made, on first use); None for a
+        check that is not cached (order 2, or something in the key cannot be keyed safely)."""
+        if not self._keyed:
+            self._keyed = True
+            if self.forward == self.problem.call:
+                self._entry, self._entry_known = _entry_for(self.problem)
+        return self._entry
 
     def _worth_batching(self, path: str, rows: int) -> bool:
-        """Tracing the vectorized graph costs about 0.05-0.1 s, about 200 eager calls: a small chunk runs
-        the loop until a chunk of :data:`MIN_BATCH_ROWS` rows has paid for the trace (then every chunk
-        uses the graph)."""
-        return rows > 0 and (self._paths[path] == "batched" or rows >= MIN_BATCH_ROWS)
+        """Whether this chunk tries the vectorized graph. Tracing one costs about 0.05-0.1 s, about 200 eager
+        calls, so a small chunk runs the loop unless its graph is kept from an earlier check, or an earlier
+        check of the same function and key ran (a function checked again is worth one trace: later checks
+        reuse it), or a chunk of :data:`MIN_BATCH_ROWS` rows has paid for the trace."""
+        if rows <= 0 or not self.batching or self._paths[path] == "loop":
+            return False
+        if self._paths[path] == "batched" or rows >= MIN_BATCH_ROWS:
+            return True
+        if self.problem.unbatchable() is not None:
+            return False
+        entry = self._cache_entry()
+        return entry is not None and (path in entry.graphs or self._entry_known)
 
     # --- evaluation: one vectorized graph per chunk, or one eager call per point ---
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
-        if self.batching and self._paths["evaluate"] != "loop" and self._worth_batching("evaluate", len(points)):
+        if self._worth_batching("evaluate", len(points)):
             batched = self._evaluate_batched(points)
             if batched is not None:
                 return batched
@@ -680,18 +1071,18 @@ class TensorFlowPrepared(ProblemBackedFunction):
         """All rows at once through ``tf.vectorized_map`` in one ``tf.function``; None when the loop must run."""
         first = self._paths["evaluate"] is None
         if first:
-            reason = self.problem.unbatchable() or self._trace("evaluate")
+            reason = self.problem.unbatchable() or self._graph("evaluate")
             if reason is not None:
                 return self._fall_back("evaluate", reason)
         try:
-            result = self._graphs["evaluate"](tf.constant(points, tf.float64)).numpy()
+            result = self._run("evaluate", tf.constant(points, tf.float64)).numpy()
         except Exception as exc:  # the loop runs the chunk again and raises, with its point, if fn does
             return self._fall_back("evaluate", f"the vectorized graph raised {type(exc).__name__}: "
                                                f"{_first_line(exc)}", decided=not first)
         expected = sum(spec.size for spec in self.output_specs)
         if result.shape != (len(points), expected):
             return self._fall_back("evaluate", f"the vectorized graph returned shape {result.shape}, expected "
-                                               f"{(len(points), expected)}", decided=not first)
+                                               f"{(len(points), expected)}", decided=not first, stale=True)
         if first:
             rows = sorted({0, len(points) - 1})
             try:
@@ -701,51 +1092,106 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 raise
             mismatch = self._mismatch(result[rows], looped)
             if mismatch is not None:
-                return self._fall_back("evaluate", f"its outputs differ from the eager loop's ({mismatch})")
+                return self._fall_back("evaluate", f"its outputs differ from the eager loop's ({mismatch})",
+                                       stale=True)
             self._decide("evaluate", "batched", "")
         return result
 
+    # --- the vectorized graphs: traced once per function and key, kept across checks ---
+
+    def _graph(self, which: str) -> Optional[str]:
+        """Make the vectorized graph of ``which`` ready: kept from an earlier check of the same function and
+        key, or traced now (and kept). Returns why it cannot be used (also kept), or None."""
+        entry = self._cache_entry()
+        if entry is not None and which in entry.graphs:
+            self._graphs[which] = entry.graphs[which]
+            self._flags[which] = entry.flags.get(which, {})
+            return None
+        if entry is not None and which in entry.refused:
+            return entry.refused[which]
+        reason = self._trace(which)
+        if entry is not None:
+            if reason is None:
+                entry.graphs[which] = self._graphs[which]
+                entry.flags[which] = self._flags.get(which, {})
+            else:
+                entry.refused[which] = reason
+        return reason
+
+    def _run(self, which: str, *inputs: tf.Tensor) -> Any:
+        """Run the graph of ``which`` on ``inputs`` and this check's fixed inputs (see ``fixed_inputs``)."""
+        return self._graphs[which](*inputs, *self.problem.fixed_inputs())
+
     def _trace(self, which: str) -> Optional[str]:
-        """Build (trace) the vectorized ``tf.function`` for ``which``; returns why it cannot be used, or None."""
+        """Build (trace) the vectorized ``tf.function`` for ``which``; returns why it cannot be used, or None.
+        Everything that changes between checks is an input of the graph (the points or ``x0``, the
+        cotangents or tangents, the fixed inputs), so a graph holds for every check with the same key."""
         n = len(self.x0)
         m = sum(spec.size for spec in self.output_specs)
-        problem, forward, leaves, none = self.problem, self.forward, self.leaves, self._vjp_none
-
-        if which == "evaluate":
-            def one_point(x: tf.Tensor) -> tf.Tensor:
-                with problem.symbolic(x) as sources:
-                    return _flat(forward(sources))
-
-            def graph(points: tf.Tensor) -> tf.Tensor:
-                return tf.vectorized_map(one_point, points, fallback_to_while_loop=False)
-
-            signature = [tf.TensorSpec([None, n], tf.float64)]
-        else:
-            def graph(x: tf.Tensor, cotangents: tf.Tensor) -> tf.Tensor:
-                with problem.symbolic(x) as sources:
-                    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-                        _watch(tape, sources)
-                        out = _flat(forward(sources))
-
-                    def one_cotangent(cotangent: tf.Tensor) -> tf.Tensor:
-                        gradients = [_dense(g) for g in tape.gradient(out, sources, output_gradients=cotangent)]
-                        none[:] = [g is None for g in gradients]
-                        return tf.concat([tf.zeros([leaf.size], tf.float64) if g is None
-                                          else tf.reshape(tf.cast(g, tf.float64), [-1])
-                                          for leaf, g in zip(leaves, gradients)], axis=0)
-
-                    return tf.vectorized_map(one_cotangent, cotangents, fallback_to_while_loop=False)
-
-            signature = [tf.TensorSpec([n], tf.float64), tf.TensorSpec([None, m], tf.float64)]
+        flags: Dict[str, List[bool]] = {}
+        build = {"evaluate": self._evaluate_graph, "vjp": self._vjp_graph, "transposed": self._transposed_graph}
+        graph, signature = build[which](n, m, flags)
+        fixed = [tf.TensorSpec(t.shape, t.dtype) for t in self.problem.fixed_inputs()]
         try:
-            concrete = tf.function(graph, input_signature=signature, autograph=False).get_concrete_function()
+            concrete = tf.function(graph, input_signature=signature + fixed, autograph=False).get_concrete_function()
         except Exception as exc:  # not vectorizable (an op without a pfor rule), or graph-only trouble in fn
             return f"it could not be vectorized ({type(exc).__name__}: {_first_line(exc)})"
         unsafe = _unsafe_ops(concrete.graph)
         if unsafe is not None:
             return unsafe
         self._graphs[which] = concrete
+        self._flags[which] = flags
         return None
+
+    def _evaluate_graph(self, n: int, m: int, flags: Dict[str, List[bool]]) -> Tuple[Callable[..., Any], list]:
+        """``(points, *fixed) -> outputs``, one row per point."""
+        problem, forward = self.problem, self.forward
+
+        def graph(points: tf.Tensor, *fixed: tf.Tensor) -> tf.Tensor:
+            def one_point(x: tf.Tensor) -> tf.Tensor:
+                with problem.symbolic(x, fixed) as sources:
+                    return _flat(forward(sources))
+
+            return tf.vectorized_map(one_point, points, fallback_to_while_loop=False)
+
+        return graph, [tf.TensorSpec([None, n], tf.float64)]
+
+    def _vjp_graph(self, n: int, m: int, flags: Dict[str, List[bool]]) -> Tuple[Callable[..., Any], list]:
+        """``(x, cotangents, *fixed) -> VJPs``: one recorded forward pass at ``x``, ``tape.gradient``
+        vectorized over the cotangents; ``flags["none"]``: the leaves whose gradient is None."""
+        problem, forward, leaves = self.problem, self.forward, self.leaves
+
+        def graph(x: tf.Tensor, cotangents: tf.Tensor, *fixed: tf.Tensor) -> tf.Tensor:
+            with problem.symbolic(x, fixed) as sources:
+                with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                    _watch(tape, sources)
+                    out = _flat(forward(sources))
+
+                def one_cotangent(cotangent: tf.Tensor) -> tf.Tensor:
+                    gradients = [_dense(g) for g in tape.gradient(out, sources, output_gradients=cotangent)]
+                    flags["none"] = [g is None for g in gradients]
+                    return _joined(leaves, gradients)
+
+                return tf.vectorized_map(one_cotangent, cotangents, fallback_to_while_loop=False)
+
+        return graph, [tf.TensorSpec([n], tf.float64), tf.TensorSpec([None, m], tf.float64)]
+
+    def _transposed_graph(self, n: int, m: int, flags: Dict[str, List[bool]]) -> Tuple[Callable[..., Any], list]:
+        """``(x, u, tangents, *fixed) -> (J t per tangent, J^T u)``: the VJP for the cotangent ``u``, recorded
+        once, differentiated with respect to ``u`` vectorized over the tangents (see :func:`_pullback`)."""
+        problem, forward, leaves = self.problem, self.forward, self.leaves
+
+        def graph(x: tf.Tensor, u: tf.Tensor, tangents: tf.Tensor, *fixed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+            with problem.symbolic(x, fixed) as sources:
+                tape, g, gradients, links = _pullback(forward, sources, leaves, u)
+                flags["none"] = [grad is None for grad in gradients]
+                flags["links"] = links
+                rows = tf.vectorized_map(lambda t: _transposed_row(tape, g, u, t), tangents,
+                                         fallback_to_while_loop=False)
+                return rows, g
+
+        return graph, [tf.TensorSpec([n], tf.float64), tf.TensorSpec([m], tf.float64),
+                       tf.TensorSpec([None, n], tf.float64)]
 
     def _mismatch(self, batched: np.ndarray, looped: np.ndarray) -> Optional[str]:
         """None when the batched rows equal the looped ones to ~1e3 eps (relative to each row's magnitude)."""
@@ -760,8 +1206,12 @@ class TensorFlowPrepared(ProblemBackedFunction):
             return f"largest difference {float(error[bad].max()):.3g}"
         return None
 
-    def _fall_back(self, which: str, reason: str, decided: bool = False) -> None:
-        """The eager loop from now on (``decided``: after batched chunks had run); the caller runs it."""
+    def _fall_back(self, which: str, reason: str, decided: bool = False, stale: bool = False) -> None:
+        """The eager loop from now on (``decided``: after batched chunks had run); the caller runs it.
+        ``stale``: the graph disagreed with the loop, so it is dropped from the cache too (the next check
+        traces afresh rather than trusting it)."""
+        if stale and self._entry is not None:
+            self._entry.graphs.pop(which, None)
         self._decide(which, "loop", reason, later=decided)
 
     def _decide(self, which: str, path: str, reason: str, later: bool = False) -> None:
@@ -769,14 +1219,14 @@ class TensorFlowPrepared(ProblemBackedFunction):
         self._paths[which] = path
         if path == "loop":
             self._graphs.pop(which, None)
-        what = "evaluations" if which == "evaluate" else "reverse-mode products (VJPs)"
+        what = {"evaluate": "evaluations", "vjp": "reverse-mode products (VJPs)",
+                "transposed": "transposed reverse-mode products (J t from the VJP)"}[which]
+        unit = {"evaluate": "point", "vjp": "cotangent", "transposed": "tangent"}[which]
         if path == "batched":
-            how = ("all points of a chunk in one tf.function through tf.vectorized_map" if which == "evaluate"
-                   else "all cotangents of a chunk in one tf.function through tf.vectorized_map")
-            note = f"TensorFlow {what} batched: {how} (checked against the eager loop on the first chunk)"
+            note = (f"TensorFlow {what} batched: all {unit}s of a chunk in one tf.function through tf.vectorized_map "
+                    "(checked against the eager loop on the first chunk)")
         else:
             when = "from then on, after vectorized chunks," if later else ""
-            unit = "point" if which == "evaluate" else "cotangent"
             note = f"TensorFlow {what} {when} one {unit} at a time (eager loop): {reason}".replace("  ", " ")
         self.notes.append(note)
 
@@ -792,9 +1242,11 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 parts.append(np.asarray(gradient.numpy(), dtype=np.float64).reshape(-1))
         return np.concatenate(parts)
 
+    # --- reverse mode: VJPs ---
+
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         cotangents = np.asarray(cotangents, dtype=np.float64)
-        if self.batching and self._paths["vjp"] != "loop" and self._worth_batching("vjp", len(cotangents)):
+        if self._worth_batching("vjp", len(cotangents)):
             batched = self._vjp_batched(cotangents)
             if batched is not None:
                 return batched
@@ -805,28 +1257,29 @@ class TensorFlowPrepared(ProblemBackedFunction):
         cotangents; None when the loop must run."""
         first = self._paths["vjp"] is None
         if first:
-            reason = self.problem.unbatchable() or self._trace("vjp")
+            reason = self.problem.unbatchable() or self._graph("vjp")
             if reason is not None:
                 return self._fall_back("vjp", reason)
         try:
-            result = self._graphs["vjp"](tf.constant(self.x0, tf.float64),
-                                         tf.constant(cotangents, tf.float64)).numpy()
+            result = self._run("vjp", tf.constant(self.x0, tf.float64), tf.constant(cotangents, tf.float64)).numpy()
         except Exception as exc:
             return self._fall_back("vjp", f"the vectorized graph raised {type(exc).__name__}: {_first_line(exc)}",
                                    decided=not first)
         if result.shape != (len(cotangents), len(self.x0)):
-            return self._fall_back("vjp", f"the vectorized graph returned shape {result.shape}", decided=not first)
+            return self._fall_back("vjp", f"the vectorized graph returned shape {result.shape}", decided=not first,
+                                   stale=True)
+        none = self._flags["vjp"].get("none", [False] * len(self.leaves))
         if first:
             looped = self._vjp_loop(cotangents[:1])  # also records the loop's None gradients
-            undefined = {leaf.name for leaf, none in zip(self.leaves, self._vjp_none) if none}
+            undefined = {leaf.name for leaf, missing in zip(self.leaves, none) if missing}
             if undefined != set(self.undefined_gradients):
-                return self._fall_back("vjp", "its undefined (None) gradients differ from the eager tape's")
+                return self._fall_back("vjp", "its undefined (None) gradients differ from the eager tape's", stale=True)
             mismatch = self._mismatch(result[:1], looped)
             if mismatch is not None:
-                return self._fall_back("vjp", f"its gradients differ from the eager tape's ({mismatch})")
+                return self._fall_back("vjp", f"its gradients differ from the eager tape's ({mismatch})", stale=True)
             self._decide("vjp", "batched", "")
-        for leaf, none in zip(self.leaves, self._vjp_none):
-            if none:
+        for leaf, missing in zip(self.leaves, none):
+            if missing:
                 self.undefined_gradients[leaf.name] = _NO_GRADIENT
         return result
 
@@ -841,6 +1294,83 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 rows.append(self._gradient_rows(gradients))
             del tape
         return np.stack(rows)
+
+    # --- the transposed VJP: J t from differentiating u -> J^T u ---
+
+    def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
+        """``J t`` per row of ``tangents`` (k, n) -> (k, m), for the very ``J`` :meth:`vjp` implements (with the
+        user's ``tf.custom_gradient`` rules): the VJP ``g = J^T u`` for a fixed random cotangent ``u`` is
+        recorded by a tape watching ``u`` and differentiated again, ``J t = d<g, t>/du``. Raises
+        ModeUnsupportedError where the backward pass cannot be differentiated."""
+        tangents = np.asarray(tangents, dtype=np.float64)
+        if self._worth_batching("transposed", len(tangents)):
+            batched = self._transposed_batched(tangents)
+            if batched is not None:
+                return batched
+        return self._transposed_loop(tangents)
+
+    def _transpose_cotangent(self) -> tf.Tensor:
+        """The cotangent ``u`` the transposed VJP differentiates at: random (a zero one could hide a rule
+        that is not linear in its cotangent), fixed for the check."""
+        if self._cotangent is None:
+            m = sum(spec.size for spec in self.output_specs)
+            self._cotangent = np.random.default_rng(self.problem.spec.seed).standard_normal(m)
+        return tf.constant(self._cotangent, tf.float64)
+
+    def _transposed_batched(self, tangents: np.ndarray) -> Optional[np.ndarray]:
+        """All tangents at once through the graph of :meth:`_transposed_graph`; None when the loop must run."""
+        first = self._paths["transposed"] is None
+        if first:
+            reason = self.problem.unbatchable() or self._graph("transposed")
+            if reason is not None:
+                return self._fall_back("transposed", reason)
+        try:
+            rows, g = self._run("transposed", tf.constant(self.x0, tf.float64), self._transpose_cotangent(),
+                                tf.constant(tangents, tf.float64))
+            rows, g = rows.numpy(), g.numpy()
+        except Exception as exc:
+            return self._fall_back("transposed", f"the vectorized graph raised {type(exc).__name__}: "
+                                                 f"{_first_line(exc)}", decided=not first)
+        m = sum(spec.size for spec in self.output_specs)
+        if rows.shape != (len(tangents), m):
+            return self._fall_back("transposed", f"the vectorized graph returned shape {rows.shape}",
+                                   decided=not first, stale=True)
+        flags = self._flags["transposed"]
+        self._check_transposable(g, flags["links"], flags["none"])
+        if first:
+            looped = self._transposed_loop(tangents[:1])
+            mismatch = self._mismatch(rows[:1], looped)
+            if mismatch is not None:
+                return self._fall_back("transposed", f"its products differ from the eager tapes' ({mismatch})",
+                                       stale=True)
+            self._decide("transposed", "batched", "")
+        return rows
+
+    def _transposed_loop(self, tangents: np.ndarray) -> np.ndarray:
+        """One eager recording of the VJP at ``x0``, one backward pass through it per tangent."""
+        u = self._transpose_cotangent()
+        rows = []
+        with self.problem.applied(self.x0) as sources:
+            tape, g, gradients, links = _pullback(self.forward, sources, self.leaves, u)
+            self._check_transposable(g.numpy(), links, [grad is None for grad in gradients])
+            for tangent in tangents:
+                rows.append(_transposed_row(tape, g, u, tf.constant(tangent, tf.float64)).numpy())
+            del tape
+        return np.stack(rows) if rows else np.zeros((0, len(u)))
+
+    def _check_transposable(self, g: np.ndarray, links: Sequence[bool], none: Sequence[bool]) -> None:
+        """Record the leaves without a gradient (as :meth:`vjp` does), and raise ModeUnsupportedError for a
+        leaf whose VJP is not zero yet does not depend on the cotangent on the tape: its backward pass cannot
+        be differentiated, and ``J t`` would silently leave it out."""
+        for leaf, linked, missing in zip(self.leaves, links, none):
+            if missing:
+                self.undefined_gradients[leaf.name] = _NO_GRADIENT
+            elif not linked and np.any(g[leaf.slice] != 0):
+                raise ModeUnsupportedError(
+                    f"cannot transpose the VJP: TensorFlow cannot differentiate the backward pass that gives the "
+                    f"gradient of {leaf.name} with respect to its cotangent (the tape returned None: a "
+                    "tf.custom_gradient rule computing through NumPy, tf.numpy_function or tf.stop_gradient on the "
+                    "upstream gradient); use the dense Jacobian instead")
 
     def _output_links(self) -> np.ndarray:
         """``links[k, j]``: whether output block k depends differentiably on leaf j (from reverse mode)."""

@@ -6,7 +6,10 @@ Real TensorFlow throughout; ``TensorFlowPrepared.batching = False`` (the adapter
 
 from __future__ import annotations
 
+import functools
+import gc
 import time
+import weakref
 from typing import Any, Callable, List, Tuple
 
 import numpy as np
@@ -202,9 +205,17 @@ def test_batched_and_looped_results_agree(name: str, make: Callable[[], Tuple[An
         cotangents = rng.normal(size=(5, m))
         vjp_batched = prepared.vjp(cotangents)
         vjp_looped = prepared._vjp_loop(cotangents)
-    assert prepared._paths == {"evaluate": "batched", "vjp": "batched"}, prepared.notes
+        tangents = rng.normal(size=(4, n))
+        transposed_batched = prepared.vjp_transposed(tangents)
+        transposed_looped = prepared._transposed_loop(tangents)
+        jacobian = prepared._vjp_loop(np.eye(m))  # row i: e_i^T J
+    assert prepared._paths == {"evaluate": "batched", "vjp": "batched", "transposed": "batched"}, prepared.notes
     np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-12 * np.abs(looped).max())
     np.testing.assert_allclose(vjp_batched, vjp_looped, rtol=1e-12, atol=1e-12 * np.abs(vjp_looped).max())
+    expected = tangents @ jacobian.T
+    np.testing.assert_allclose(transposed_batched, transposed_looped, rtol=1e-12,
+                               atol=1e-12 * np.abs(transposed_looped).max())
+    np.testing.assert_allclose(transposed_batched, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
 
 
 def test_undefined_gradients_are_kept_by_the_batched_vjp() -> None:
@@ -314,3 +325,176 @@ def test_small_checks_skip_the_trace_and_large_ones_batch(monkeypatch: pytest.Mo
     assert small.passed and not _notes(small, BATCHED_EVAL), small.notes
     large = gb.check(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), _normal(100, seed=22))
     assert large.passed and _notes(large, BATCHED_EVAL), large.notes
+
+
+# --- traced graphs kept across checks of the same function ---
+
+
+def _counted(body: Callable[..., Any]) -> Tuple[Callable[..., Any], List[int]]:
+    """``body`` wrapped in a function that counts its traces (graph-mode calls), as a user's Python counter."""
+    traces: List[int] = []
+
+    @functools.wraps(body)  # keeps body's argument names for wrt=
+    def fn(*args: Any) -> Any:
+        if not tf.executing_eagerly():
+            traces.append(1)
+        return body(*args)
+
+    return fn, traces
+
+
+@pytest.fixture
+def fresh_cache() -> None:
+    tf_backend.clear_cache()
+    yield
+    tf_backend.clear_cache()
+
+
+def test_a_repeat_check_reuses_the_traced_graphs(fresh_cache: None) -> None:
+    fn, traces = _counted(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2))
+    x = _normal(6, seed=30)
+    first = gb.check(fn, x)
+    assert first.passed and _notes(first, BATCHED_EVAL) and _notes(first, BATCHED_VJP), first.notes
+    traced = len(traces)
+    assert traced > 0 and tf_backend.cache_size() == 1
+    for _ in range(2):
+        again = gb.check(fn, x)
+        assert again.passed and _notes(again, BATCHED_EVAL) and _notes(again, BATCHED_VJP), again.notes
+    assert len(traces) == traced and tf_backend.cache_size() == 1  # nothing traced again
+    gb.check(fn, _normal(6, seed=31))  # another point, same shapes: the same graphs
+    assert len(traces) == traced and tf_backend.cache_size() == 1
+
+
+def test_small_checks_trace_once_the_function_is_checked_again(fresh_cache: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default MIN_BATCH_ROWS, a small check runs the eager loop (a one-off check does not pay for a
+    trace); the second check of the same function traces, and later ones reuse its graphs."""
+    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 64)
+    fn, traces = _counted(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2))
+    x = _normal(6, seed=32)
+    once = gb.check(fn, x)
+    assert once.passed and not _notes(once, BATCHED_EVAL) and not traces, once.notes
+    twice = gb.check(fn, x)
+    assert twice.passed and _notes(twice, BATCHED_EVAL) and _notes(twice, BATCHED_VJP), twice.notes
+    traced = len(traces)
+    thrice = gb.check(fn, x)
+    assert thrice.passed and _notes(thrice, BATCHED_EVAL) and len(traces) == traced, thrice.notes
+
+
+def _scaled_square(x: "tf.Tensor", c: "tf.Tensor") -> "tf.Tensor":
+    """sum(c * x^2) through a custom gradient that forgets c: right only where c == 1."""
+
+    @tf.custom_gradient
+    def op(x):
+        return c * x ** 2, lambda g: 2.0 * x * g
+
+    return tf.reduce_sum(op(x))
+
+
+def test_a_changed_unchecked_tensor_argument_gives_the_new_verdict(fresh_cache: None) -> None:
+    """The unchecked argument is an input of the kept graph, not a constant captured in it."""
+    fn, traces = _counted(_scaled_square)
+    x = _normal(5, seed=33)
+    right = gb.check(fn, x, tf.ones([5], tf.float64), wrt="x")
+    assert right.passed and _notes(right, BATCHED_EVAL), str(right)
+    traced = len(traces)
+    wrong = gb.check(fn, x, tf.fill([5], tf.constant(3.0, tf.float64)), wrt="x")
+    assert not wrong.passed and wrong.failures, str(wrong)
+    assert _notes(wrong, BATCHED_EVAL) and _notes(wrong, BATCHED_VJP), wrong.notes  # no fallback: not stale
+    assert len(traces) == traced and tf_backend.cache_size() == 1
+    again = gb.check(fn, x, tf.ones([5], tf.float64), wrt="x")
+    assert again.passed and len(traces) == traced, str(again)
+
+
+def test_a_rebound_closure_tensor_is_a_new_key(fresh_cache: None) -> None:
+    scale = tf.constant(2.0, tf.float64)
+
+    def fn(x):
+        return tf.reduce_sum(scale * tf.sin(x))
+
+    x = _normal(4, seed=34)
+    prepared = _prepared(fn, x)
+    with prepared.session():
+        before = prepared.evaluate(prepared.x0[None])
+    scale = tf.constant(5.0, tf.float64)  # noqa: F841 - read by fn
+    prepared = _prepared(fn, x)
+    with prepared.session():
+        after = prepared.evaluate(prepared.x0[None])
+    assert prepared._paths["evaluate"] == "batched" and tf_backend.cache_size() == 2, prepared.notes
+    np.testing.assert_allclose(after, 2.5 * before, rtol=1e-14)
+
+
+def test_a_different_shape_traces_again(fresh_cache: None) -> None:
+    fn, traces = _counted(lambda x: tf.reduce_sum(tf.tanh(x) ** 2))
+    assert gb.check(fn, _normal(4, seed=35)).passed
+    traced = len(traces)
+    report = gb.check(fn, _normal(5, seed=36))
+    assert report.passed and _notes(report, BATCHED_EVAL), report.notes
+    assert len(traces) > traced and tf_backend.cache_size() == 2
+    traced = len(traces)
+    assert gb.check(fn, _normal(4, seed=37)).passed and len(traces) == traced  # the first shape's entry is kept
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_a_seeded_bug_is_caught_on_a_cached_repeat(fresh_cache: None, mode: str) -> None:
+    for bug in (True, False):
+        cube = _cube(bug)
+        fn, traces = _counted(lambda x: tf.reduce_sum(cube(x)))
+        x = _normal(3, 4, seed=38)
+        verdicts = []
+        for _ in range(3):
+            report = gb.check(fn, x, mode=mode)
+            assert _notes(report, BATCHED_EVAL), report.notes
+            verdicts.append(report.passed)
+        assert verdicts == [not bug] * 3
+        traced = len(traces)
+        assert gb.check(fn, x, mode=mode).passed is (not bug) and len(traces) == traced
+
+
+def test_a_keras_model_check_reuses_its_graphs_and_reads_changed_weights(fresh_cache: None) -> None:
+    """Only the head is checked: the hidden layer's float64 copies are graph inputs, so new hidden weights
+    are used by the kept graph (not the values captured when it was traced)."""
+    model = _mlp()
+    fn, traces = _counted(lambda x: tf.reduce_sum(model(x) ** 2))
+    x = tf.constant(np.random.default_rng(39).normal(size=(3, 4)).astype(np.float32))
+    assert gb.check(fn, x, params=model, wrt="head").passed
+    traced = len(traces)
+    hidden = model.get_layer("hidden").kernel
+    hidden.assign(hidden.numpy() * 1.5)
+    prepared = tf_backend.ADAPTER.prepare(CheckSpec(fn=fn, args=(x,), kwargs={}, params=model, wrt=("head",),
+                                                    grad=None, seed=0, train=False, arg_names=("x",)))
+    points = prepared.x0 + 0.1 * np.random.default_rng(40).normal(size=(5, len(prepared.x0)))
+    with prepared.session():
+        batched = prepared.evaluate(points)
+        looped = prepared._evaluate_loop(points)
+    assert prepared._paths["evaluate"] == "batched" and len(traces) == traced, prepared.notes
+    np.testing.assert_allclose(batched, looped, rtol=1e-12)
+
+
+def test_cache_entries_go_away_with_the_function(fresh_cache: None) -> None:
+    def make() -> Callable[..., Any]:
+        return lambda x: tf.reduce_sum(tf.exp(x) * x)
+
+    fn = make()
+    gone = weakref.ref(fn)
+    assert gb.check(fn, _normal(5, seed=41)).passed and tf_backend.cache_size() == 1
+    del fn
+    gc.collect()
+    assert gone() is None and tf_backend.cache_size() == 0
+    other = make()
+    gb.check(other, _normal(5, seed=42))
+    assert tf_backend.cache_size() == 1
+    tf_backend.clear_cache()
+    assert tf_backend.cache_size() == 0
+
+
+def test_order_2_and_uncacheable_checks_are_not_kept(fresh_cache: None) -> None:
+    fn = lambda x, w: tf.reduce_sum(tf.sin(x @ w) ** 2)  # noqa: E731
+    report = gb.check(fn, _normal(2, 3, seed=43), _normal(3, 2, seed=44), order=2)
+    assert report.passed and tf_backend.cache_size() == 1, str(report)  # the first-order check only
+
+    class Opaque:  # an argument that cannot be keyed by value
+        pass
+
+    report = gb.check(lambda x, o: tf.reduce_sum(x ** 2), _normal(3, seed=45), Opaque())
+    assert report.passed and _notes(report, BATCHED_EVAL) and tf_backend.cache_size() == 1, report.notes
