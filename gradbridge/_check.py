@@ -69,6 +69,7 @@ class _Context:
         self.notes: List[str] = []
         self.diagonal: Optional[np.ndarray] = None  # the verified diagonal of an elementwise analytic Jacobian
         self.strategy: Dict[str, str] = {}  # leaf name (and order) -> how it was compared
+        self.columns: Optional[ColumnAnalytic] = None  # verified column groups found while choosing the mode
         self.options = options
         self.tolerance = tolerance
         self.structures = structures
@@ -96,10 +97,12 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
                 report.problem = problem
                 return report
             diagonal = _verified_diagonal(evaluator, options, structures or {}, precision)
-            mode = _choose_mode(prepared, options, structures or {}, report, diagonal is not None)
+            columns = _columns_for_auto(evaluator, options, structures or {}, diagonal is not None)
+            mode = _choose_mode(prepared, options, structures or {}, report, diagonal is not None, columns)
             progress.expect(options.order * _planned_cost(prepared, options, mode))
             context = _Context(options, tolerance, structures or {}, mode, progress)
             context.diagonal = diagonal
+            context.columns = columns
             report.rows.extend(_check_order(evaluator, context, f0, order=1))
             if options.order == 2:
                 report.rows.extend(_second_order(evaluator, context, counts))
@@ -179,7 +182,7 @@ def _verified_diagonal(evaluator: Evaluator, options: Options, structures: Mappi
 
 
 def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mapping[str, Structure],
-                 report: Report, diagonal: bool = False) -> str:
+                 report: Report, diagonal: bool = False, columns: Optional[ColumnAnalytic] = None) -> str:
     """``full`` or ``fast``: ``auto`` compares the cost of a full check with ``options.budget``; a verified
     diagonal Jacobian makes a full check cost a handful of evaluations."""
     if options.mode != "auto":
@@ -192,7 +195,14 @@ def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mappi
     cost = 2 * directions + analytic_calls
     if diagonal:
         cost = 2 * len(prepared.leaves)
+    elif columns is not None:  # the verified groups' evaluations; their analytic calls are already spent
+        cost = 2 * sum(columns.plans[leaf.name].count if leaf.name in columns.plans else leaf.size
+                       for leaf in prepared.leaves)
     mode = "full" if cost <= options.budget else "fast"
+    if mode == "full" and columns is not None:
+        report.notes.append(f"mode='auto' chose full: the dense check would cost {2 * directions + analytic_calls:,} "
+                            f"evaluations and analytic calls, above budget={options.budget:,}, but verified column "
+                            f"groups need {cost:,} evaluations")
     report.mode = mode
     if mode == "fast":
         report.notes.append(
@@ -290,7 +300,8 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
     columns = None
     if compress and order == 1 and jacobian is None and analytic_mode == "rev" and options.promote \
             and not structures:
-        columns = _analytic_by_columns(evaluator, context, leaves)
+        same = context.columns is not None and [l.name for l in leaves] == [l.name for l in prepared.leaves]
+        columns = context.columns if same else _analytic_by_columns(evaluator, options, leaves)
     if columns is None and jacobian is None:
         try:
             jacobian = _analytic_jacobian(evaluator, analytic_mode)
@@ -380,8 +391,22 @@ def _strategy(context: _Context, leaf: LeafSpec, order: int, analytic_mode: str,
     context.strategy[key] = how
 
 
-def _analytic_by_columns(evaluator: Evaluator, context: _Context,
-                         leaves: Sequence[LeafSpec]) -> Optional[ColumnAnalytic]:
+def _columns_for_auto(evaluator: Evaluator, options: Options, structures: Mapping[str, Structure],
+                      diagonal: bool) -> Optional[ColumnAnalytic]:
+    """For ``mode='auto'`` when the dense full check is over budget: the verified column groups, whose
+    cheaper full check may fit (found once, reused by the full check)."""
+    prepared = evaluator.prepared
+    if options.mode != "auto" or diagonal or options.analytic != "rev" or not options.promote or structures \
+            or options.order != 1:
+        return None
+    m = sum(spec.size for spec in prepared.output_specs)
+    if 2 * sum(leaf.size for leaf in prepared.leaves) + m <= options.budget:
+        return None
+    return _analytic_by_columns(evaluator, options, prepared.leaves, limit=options.budget)
+
+
+def _analytic_by_columns(evaluator: Evaluator, options: Options, leaves: Sequence[LeafSpec],
+                         limit: Optional[int] = None) -> Optional[ColumnAnalytic]:
     """The analytic side by column groups from transposed VJPs (:mod:`gradbridge._verified_groups`),
     when that costs less than the dense Jacobian's VJPs; None to build the dense Jacobian instead."""
     prepared = evaluator.prepared
@@ -390,8 +415,9 @@ def _analytic_by_columns(evaluator: Evaluator, context: _Context,
         return None
     try:
         # a transposed VJP costs about two VJPs: worth it below half the dense Jacobian's m VJPs
+        budget = m // 2 if limit is None else min(m // 2, limit)
         return analytic_by_columns(evaluator.vjp_transposed, evaluator.vjp, prepared.x0, leaves, m,
-                                   working_eps(prepared, context.options), context.options.seed, m // 2)
+                                   working_eps(prepared, options), options.seed, budget)
     except ModeUnsupportedError:
         return None
 
