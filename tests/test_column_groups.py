@@ -190,3 +190,17 @@ def test_a_jacobian_too_large_to_build_is_still_checked_in_full(backend, bug, mo
     else:
         assert row.method.startswith("full, 16 verified column groups"), str(report)
         assert any("re-checking element by element would need the dense" in note for note in report.notes)
+
+
+def test_auto_mode_runs_in_full_when_the_verified_groups_fit_the_budget(backend):
+    """Dense full check: 2 * 1280 evaluations + 1024 VJPs, over budget=500; the 32 verified groups need
+    64 evaluations, so auto compares every entry where the VJP transposes, and projects elsewhere."""
+    fn, args, options = MAKERS[backend]("sign of one x element")
+    report = gb.check(fn, *args, backend=backend, budget=500, **options)
+    assert not report.passed, str(report)
+    if backend in TRANSPOSABLE:
+        assert report.mode == "full", str(report)
+        assert any("mode='auto' chose full" in note for note in report.notes), str(report)
+        assert report.failures[0].worst.input_index == (3, 5), str(report)
+    else:
+        assert report.mode == "fast", str(report)
