@@ -36,6 +36,16 @@ under the same once-decided, guarded scheme as ``vjp``. Backward passes that can
 raise ModeUnsupportedError: ``@once_differentiable``, an op without a double backward, and a custom backward
 computing (part of) its result off the graph (NumPy, ``.detach()``), found because such a part is in
 ``J^T u`` but not in ``J t``: ``u . (J t) = t . (J^T u)`` must hold for every tangent.
+
+Fixed costs: a small check is a few microseconds of fn wrapped in the adapter's own work per evaluation,
+per VJP and per session, so that work is kept down without changing what fn sees: what does not change
+between calls is worked out once (leaf cuts, argument templates, which tensors are copied), a forward
+with nothing to swap in enters no context managers, the default generator's seeded state is put back with
+``set_state`` (the state ``manual_seed`` leaves, normal-sample caches included), a single-tensor output
+is flattened without a tree walk or a concatenation (rows are copied out, since fn may keep and rewrite
+that tensor), the point-by-point loops convert a chunk once and fill a preallocated result, and the VJP
+loops call autograd's engine the way ``torch.autograd.grad`` does, skipping its Python-side argument
+checks, wherever no override or torch function mode could see the difference.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import gc
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,7 +67,7 @@ except ImportError:  # pragma: no cover - older or newer torch
     def is_batchedtensor(tensor: torch.Tensor) -> bool:
         return False
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, has_torch_function
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
@@ -83,6 +93,10 @@ _FIRST_BATCH = 8
 _VMAP_ELEMENTS = 1 << 18
 
 
+# params_held when there is nothing to hold (nullcontext is reusable and reentrant)
+_NOTHING_HELD = contextlib.nullcontext()
+
+
 def _batching_error(exc: BaseException) -> bool:
     return any(hint in str(exc).lower() for hint in _BATCHING_HINTS)
 
@@ -103,6 +117,18 @@ def _quiet_batching() -> Iterator[None]:
 
 _MUTATING_METHODS = frozenset({"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem",
                                "remove", "discard", "clear", "appendleft", "put", "write", "send"})
+
+
+_INSTRUCTIONS: "weakref.WeakKeyDictionary[types.CodeType, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _instructions(code: types.CodeType) -> tuple:
+    """``dis.get_instructions(code)``, kept per code object (immutable; a lambda written in a test or a loop
+    has one code object however often it is created), since disassembling costs tens of microseconds."""
+    found = _INSTRUCTIONS.get(code)
+    if found is None:
+        found = _INSTRUCTIONS[code] = tuple(dis.get_instructions(code))
+    return found
 
 
 def _visible_side_effect(fn: Any) -> Optional[str]:
@@ -130,7 +156,7 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
             return missing
 
     previous = None
-    for instr in dis.get_instructions(code):
+    for instr in _instructions(code):
         if instr.opname == "STORE_GLOBAL":
             return f"fn assigns the global {instr.argval!r}"
         if instr.opname == "STORE_DEREF" and instr.argval in free:
@@ -144,6 +170,37 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
             return "fn calls print(...)"
         previous = instr
     return None
+
+
+# A classic autograd.Function (forward(ctx, ...), no setup_context) given as fn itself (``MyFunction.apply``)
+# is refused by every torch.func transform before its forward runs, whatever the inputs: the refusal's
+# first line is kept per class (with the setup_context it was refused with) so that later checks of the
+# same Function skip the failing vmap attempt and note the same reason.
+_CLASSIC_REFUSALS: "weakref.WeakKeyDictionary[type, Tuple[Any, str]]" = weakref.WeakKeyDictionary()
+
+
+def _function_class(fn: Any) -> Optional[type]:
+    """The autograd.Function subclass when ``fn`` is its ``apply``, else None."""
+    owner = getattr(fn, "__self__", None)
+    if (isinstance(fn, types.MethodType) and isinstance(owner, type) and issubclass(owner, torch.autograd.Function)
+            and getattr(fn.__func__, "__name__", "") == "apply"):
+        return owner
+    return None
+
+
+def _classic_function_refusal(fn: Any) -> Optional[str]:
+    """The first line of the error vmap refused ``fn``'s Function class with before, if it did."""
+    owner = _function_class(fn)
+    known = _CLASSIC_REFUSALS.get(owner) if owner is not None else None
+    if known is None or known[0] is not getattr(owner, "setup_context", None):
+        return None
+    return known[1]
+
+
+def _remember_classic_function_refusal(fn: Any, exc: BaseException) -> None:
+    owner = _function_class(fn)
+    if owner is not None and isinstance(exc, RuntimeError) and "setup_context" in str(exc):
+        _CLASSIC_REFUSALS[owner] = (getattr(owner, "setup_context", None), _first_line(exc))
 
 
 class _EscapeWatch(TorchFunctionMode):
@@ -179,6 +236,8 @@ def _agree(batched: np.ndarray, looped: np.ndarray, eps: float) -> bool:
     largest magnitude absolute, for entries near zero); NaNs must sit in the same places."""
     if batched.shape != looped.shape:
         return False
+    if np.array_equal(batched, looped):  # the usual case, bit for bit (False wherever a NaN is: see below)
+        return True
     if not np.array_equal(np.isnan(batched), np.isnan(looped)):
         return False
     finite = np.isfinite(looped) & np.isfinite(batched)
@@ -290,17 +349,41 @@ class TorchProblem:
         # promote=True only: the tensors given below float64, named in the hint when fn fails on the copies
         self.low_precision = low_precision_names(
             [(c.name, _dtype_name(c.value)) for c in candidates if c.floating]) if spec.promote else ""
+        # what forward needs on every call, worked out once (none of it changes between calls): where each
+        # leaf is cut from the flat vector (a single leaf is x itself, seen through a view), whether the leaves
+        # need a cast, which candidates take a leaf's value and which a fresh copy (unchecked input tensors,
+        # with the dtype of the copy), and how the positional arguments are filled in
+        self._cuts = [(leaf.offset, leaf.offset + leaf.size, leaf.shape) for leaf in leaves]
+        self._whole = len(leaves) == 1 and leaves[0].offset == 0
+        self._whole_shape = -1 if self._whole and len(leaves[0].shape) == 1 else self._cuts[0][2]  # view(-1): quicker
+        self._cast = any(dtype != torch.float64 for dtype in self.leaf_dtypes)
+        chosen_set = set(chosen)
+        self._inputs = [(k, i) for k, i in enumerate(chosen) if candidates[i].kind == "input"]
+        self._copies = [(i, c.value, torch.float64 if c.floating and spec.promote else c.value.dtype)
+                        for i, c in enumerate(candidates)
+                        if c.kind == "input" and i not in chosen_set and _is_tensor(c.value)]
+        self._values = [c.value for c in candidates]
+        self._slots = _argument_slots(spec, candidates, chosen, self._copies)
+        # the generator state torch.default_generator.manual_seed(seed) leaves, put back by set_state
+        # (the same state, normal-sample caches included, about 7 times cheaper than re-seeding)
+        self._seeded_cpu_state: Optional[Tuple[int, torch.Tensor]] = None
 
     def reseed(self) -> None:
         self.rng.reseed()
-        torch.default_generator.manual_seed(self.spec.seed)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.manual_seed_all(self.spec.seed)
+        generator, seed = torch.default_generator, self.spec.seed
+        seeded = self._seeded_cpu_state
+        if seeded is not None and seeded[0] == seed:
+            generator.set_state(seeded[1])
+        else:
+            generator.manual_seed(seed)
+            self._seeded_cpu_state = (seed, generator.get_state())
+        if torch.cuda.is_initialized():  # False where CUDA is unavailable
+            torch.cuda.manual_seed_all(seed)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        cpu_state = torch.get_rng_state()
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cpu_state = torch.default_generator.get_state()  # what torch.get_rng_state returns
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         default_dtype = torch.get_default_dtype()
         modes = [(m, m.training) for m in self.module.modules()] if self.module is not None else []
         try:
@@ -324,23 +407,42 @@ class TorchProblem:
         """One tensor per checked leaf, cut from the flat float64 ``x`` (views) and, with ``promote=False``,
         cast to the leaf's own dtype (exact: the core rounded ``x``; differentiable, so gradients flow
         back to ``x`` and tangents forward to the leaves)."""
-        return self.own_dtypes([x[leaf.offset:leaf.offset + leaf.size].view(leaf.shape) for leaf in self.leaves])
+        if self._whole:
+            values = [x.view(self._whole_shape)]
+        else:
+            values = [x[start:stop].view(shape) for start, stop, shape in self._cuts]
+        return self.own_dtypes(values) if self._cast else values
 
     def own_dtypes(self, values: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """``values`` in the dtypes the leaves take while fn runs (unchanged with promotion)."""
         return [v.to(dtype) for v, dtype in zip(values, self.leaf_dtypes)]
 
-    @contextlib.contextmanager
-    def params_held(self, x: torch.Tensor, leaf_values: Optional[List[torch.Tensor]] = None) -> Iterator[None]:
+    def params_held(self, x: Optional[torch.Tensor],
+                    leaf_values: Optional[List[torch.Tensor]] = None) -> ContextManager[Any]:
         """Keep ``params=`` tensors pointing at their float64 views of ``x`` (and requiring grad) for a
         forward *and* the backward through its graph: autograd saves such leaf tensors by reference, so
         a backward run after their ``.data`` went back would read the user's original values and dtype."""
         if self.data_swap is None:
-            yield
-            return
-        with self.data_swap.applied(self.own_dtypes(leaf_values) if leaf_values is not None else self.leaf_values(x),
-                                    True):
-            yield
+            return _NOTHING_HELD
+        return self.data_swap.applied(self.own_dtypes(leaf_values) if leaf_values is not None
+                                      else self.leaf_values(x), True)
+
+    def arguments(self, leaf_values: Sequence[torch.Tensor]) -> tuple:
+        """fn's positional arguments with the checked leaves' values in place and fresh copies of the
+        unchecked input tensors (the user's stay untouched), floating ones in float64 like the rest."""
+        slots = self._slots
+        if slots is not None:  # every argument a tensor or a constant (no containers): filled in directly
+            template, fill = slots
+            args = list(template)
+            for position, leaf, tensor, dtype in fill:
+                args[position] = leaf_values[leaf] if tensor is None else tensor.detach().to(dtype).clone()
+            return tuple(args)
+        values = list(self._values)
+        for k, i in self._inputs:
+            values[i] = leaf_values[k]
+        for i, tensor, dtype in self._copies:
+            values[i] = tensor.detach().to(dtype).clone()
+        return self.rebuild_args(values)
 
     def forward(self, x: torch.Tensor, needs_grad: bool = False,
                 leaf_values: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -350,16 +452,10 @@ class TorchProblem:
         some leaves, whose gradients must be added to those of ``x``.
         """
         leaf_values = self.leaf_values(x) if leaf_values is None else self.own_dtypes(leaf_values)
-        values = [c.value for c in self.candidates]
-        for leaf_value, i in zip(leaf_values, self.chosen):
-            if self.candidates[i].kind == "input":
-                values[i] = leaf_value
-        for i, c in enumerate(self.candidates):
-            if c.kind == "input" and i not in self.chosen and _is_tensor(c.value):
-                # unchecked tensors: copies (the user's stay untouched), floating ones in float64 like the rest
-                values[i] = c.value.detach().to(torch.float64 if c.floating and self.promote
-                                                else c.value.dtype).clone()
-        args = self.rebuild_args(values)
+        args = self.arguments(leaf_values)
+        if self.module_state is None and self.data_swap is None:  # nothing to swap in around the call
+            self.reseed()
+            return self._flatten_output(self._call(args)), []
         with contextlib.ExitStack() as stack:
             if self.module_state is not None:
                 stack.enter_context(self.module_state.applied(leaf_values))
@@ -367,20 +463,34 @@ class TorchProblem:
             if self.data_swap is not None:
                 swapped = stack.enter_context(self.data_swap.applied(leaf_values, needs_grad))
             self.reseed()
-            try:
-                result = self.spec.fn(*args, **self.spec.kwargs)
-            except RuntimeError as exc:
-                if (self.promote and self.module is None and "dtype" in str(exc)
-                        and ("Float" in str(exc) or "float" in str(exc))):
-                    also = f" {promotion_hint(self.low_precision)}" if self.low_precision else ""
-                    raise FunctionEvaluationError(
-                        f"fn raised RuntimeError: {str(exc).splitlines()[0]}. The check runs in float64; if fn "
-                        "closes over an nn.Module (or float32 tensors), pass it as params=model (or params=[...]) "
-                        f"so it is promoted too.{also}") from exc
-                raise
+            result = self._call(args)
         return self._flatten_output(result), swapped
 
+    def _call(self, args: tuple) -> Any:
+        try:
+            return self.spec.fn(*args, **self.spec.kwargs)
+        except RuntimeError as exc:
+            if (self.promote and self.module is None and "dtype" in str(exc)
+                    and ("Float" in str(exc) or "float" in str(exc))):
+                also = f" {promotion_hint(self.low_precision)}" if self.low_precision else ""
+                raise FunctionEvaluationError(
+                    f"fn raised RuntimeError: {str(exc).splitlines()[0]}. The check runs in float64; if fn "
+                    "closes over an nn.Module (or float32 tensors), pass it as params=model (or params=[...]) "
+                    f"so it is promoted too.{also}") from exc
+            raise
+
     def _flatten_output(self, result: Any) -> torch.Tensor:
+        """fn's output as one flat float64 tensor (its floating leaves, one after the other). It may be a
+        view of fn's own output (a single tensor): callers copy what they keep."""
+        if self.outputs is not None:
+            if isinstance(result, torch.Tensor):  # the common case: no tree to walk, nothing to concatenate
+                if result.is_floating_point():
+                    flat = result.reshape(-1)
+                    return flat if flat.dtype == torch.float64 else flat.to(torch.float64)
+            else:
+                tensors = [t for t in _output_tensors(result, []) if t.is_floating_point()]
+                if tensors:
+                    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
         leaves = [leaf for leaf in output_leaves(result, _is_tensor) if leaf.value.is_floating_point()]
         if not leaves:
             got = type(result).__name__
@@ -397,6 +507,47 @@ class TorchProblem:
 
     def to_tensor(self, vector: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(vector), dtype=torch.float64, device=self.device)
+
+
+def _argument_slots(spec: CheckSpec, candidates: List[Candidate], chosen: List[int],
+                    copies: List[Tuple[int, torch.Tensor, torch.dtype]]) -> Optional[Tuple[list, list]]:
+    """When every positional argument is a tensor or a constant (no tuple, list or dict to rebuild): the
+    arguments as a list to fill in, and for each tensor argument (position, index of its leaf or None,
+    the tensor to copy, its dtype). None otherwise (the arguments are rebuilt through ``rebuild_args``)."""
+    count = min(len(spec.args), len(spec.arg_names))  # the arguments argument_candidates walked
+    leaf_of = {i: k for k, i in enumerate(chosen)}
+    copy_of = {i: (tensor, dtype) for i, tensor, dtype in copies}
+    fill = []
+    index = 0  # candidates are listed argument by argument, one per tensor argument
+    for position, arg in enumerate(spec.args[:count]):
+        if _is_tensor(arg):
+            if candidates[index].value is not arg or candidates[index].arg_index != position:
+                return None
+            if index in leaf_of:
+                fill.append((position, leaf_of[index], None, None))
+            elif index in copy_of:
+                fill.append((position, None) + copy_of[index])
+            else:
+                return None
+            index += 1
+        elif isinstance(arg, (dict, list, tuple)):
+            return None
+    return list(spec.args[:count]), fill
+
+
+def _output_tensors(value: Any, found: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors in fn's output, in the order of :func:`gradbridge._outputs.output_leaves` (dicts by
+    their items, tuples and lists by position, anything else a constant), without building names (and
+    without the closures whose reference cycle keeps the tensors alive until a garbage collection)."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _output_tensors(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _output_tensors(item, found)
+    return found
 
 
 def _combine(problem: TorchProblem, grad_x: Optional[torch.Tensor], grads_swapped: Sequence[Optional[torch.Tensor]],
@@ -417,11 +568,58 @@ def _vjp_graph(problem: TorchProblem, forward, x: torch.Tensor):
     return x, out, swapped
 
 
+# torch.autograd.grad validates its arguments in Python (shapes through torch.fx's symbolic-shape helpers,
+# overrides, dtypes) before it calls the engine through this function: a third of a small VJP's time, and
+# more when the caches are cold between the core's steps. Our own cotangents are built to the output's
+# shape and dtype, so where nothing can override the call (plain tensors, no torch function mode) the VJP
+# loops call the engine the way torch.autograd.grad does; anything else goes through torch.autograd.grad.
+_UNPROBED = object()
+_run_backward: Any = _UNPROBED
+
+
+def _engine() -> Optional[Callable[..., tuple]]:
+    """``torch.autograd.graph._engine_run_backward`` (private) once it has given torch.autograd.grad's
+    result on a tiny graph in this process, else None."""
+    global _run_backward
+    if _run_backward is _UNPROBED:
+        _run_backward = None
+        engine = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
+        if engine is not None:
+            try:
+                with torch.enable_grad():
+                    probe = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+                    square = probe * probe
+                got = engine((square,), (torch.ones(2, dtype=torch.float64),), False, False, (probe,), True,
+                             accumulate_grad=False)
+                if (isinstance(got, tuple) and len(got) == 1 and isinstance(got[0], torch.Tensor)
+                        and got[0].tolist() == [2.0, 4.0] and probe.grad is None):
+                    _run_backward = engine
+            except Exception:  # noqa: BLE001 - another torch: torch.autograd.grad it is
+                pass
+    return _run_backward
+
+
+def _pull(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+          create_graph: bool = False) -> tuple:
+    """``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, create_graph=create_graph,
+    allow_unused=True)``, calling the engine directly where that is the same (see :func:`_engine`)."""
+    if (len(outputs) == len(cotangents)
+            and all(type(o) is torch.Tensor and type(c) is torch.Tensor and o.shape == c.shape and o.dtype == c.dtype
+                    for o, c in zip(outputs, cotangents))
+            and not has_torch_function(tuple(outputs) + tuple(inputs))):  # also True under a torch function mode
+        engine = _engine()
+        if engine is not None:
+            return engine(tuple(outputs), tuple(cotangents), True, create_graph, tuple(inputs), True,
+                          accumulate_grad=False)
+    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), retain_graph=True,
+                               create_graph=create_graph, allow_unused=True)
+
+
 def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool) -> torch.Tensor:
     if not out.requires_grad:
         return torch.zeros_like(x)
     inputs = [x] + list(swapped)
-    grads = torch.autograd.grad(out, inputs, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True)
+    grads = _pull((out,), inputs, (cotangent,), create_graph)
     return _combine(problem, grads[0], grads[1:], x.numel())
 
 
@@ -470,10 +668,11 @@ def _differentiate_cotangent(u: torch.Tensor, pieces: Sequence[torch.Tensor], sp
     """``J t`` for the (k, n) ``tangents``: the pieces of ``J^T u`` differentiated with respect to ``u``,
     for all rows at once (``is_grads_batched``) or for a single row (k = 1). Raises torch's errors."""
     outputs = [_tangent_piece(tangents, span, g) for g, span in zip(pieces, spans)]
-    if not batched:
-        outputs = [o[0] for o in outputs]
-    (pulled,) = torch.autograd.grad(list(pieces), [u], outputs, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=batched)
+    if batched:
+        (pulled,) = torch.autograd.grad(list(pieces), [u], outputs, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+    else:
+        (pulled,) = _pull(pieces, (u,), [o[0] for o in outputs])
     if pulled is None:  # no piece depends on u: J t is zero (the consistency check tells whether it should be)
         return np.zeros((tangents.shape[0], u.numel()))
     return pulled.detach().to(torch.float64).reshape(tangents.shape[0], -1).cpu().numpy()
@@ -577,27 +776,34 @@ class TorchPrepared(ProblemBackedFunction):
 
     def _evaluate_loop(self, points: np.ndarray) -> np.ndarray:
         """One forward pass per point (the reference path, and the fallback)."""
-        rows = []
-        for point in points:
-            x = self.problem.to_tensor(point)
-            try:
-                if self.needs_grad:
-                    x.requires_grad_(True)
-                    with torch.enable_grad():
-                        out, _ = self.forward(x, True)
-                else:
-                    with torch.no_grad():
-                        out, _ = self.forward(x, False)
-            except Exception as exc:
-                if (self.problem.low_precision and not isinstance(exc, GradbridgeError)
-                        and np.array_equal(point, self.x0)):
-                    # fn fails on the float64 copies at the user's own point: it may only run in its own dtypes
-                    raise FunctionEvaluationError(f"fn raised {type(exc).__name__} at the unperturbed input: "
-                                                  f"{str(exc).strip()}. {promotion_hint(self.problem.low_precision)}"
-                                                  ) from exc
-                raise
-            rows.append(out.detach().cpu().numpy())
-        return np.stack(rows)
+        problem, forward, needs_grad = self.problem, self.forward, self.needs_grad
+        batch = problem.to_tensor(points)  # one conversion for the chunk; each point a view of its row
+        rows: Optional[np.ndarray] = None
+        with (torch.enable_grad() if needs_grad else torch.no_grad()):
+            for k in range(len(points)):
+                x = batch[k]
+                try:
+                    if needs_grad:
+                        out, _ = forward(x.requires_grad_(True), True)
+                    else:
+                        out, _ = forward(x, False)
+                except Exception as exc:
+                    if (problem.low_precision and not isinstance(exc, GradbridgeError)
+                            and np.array_equal(points[k], self.x0)):
+                        # fn fails on the float64 copies at the user's own point: it may only run in its own dtypes
+                        raise FunctionEvaluationError(f"fn raised {type(exc).__name__} at the unperturbed input: "
+                                                      f"{str(exc).strip()}. {promotion_hint(problem.low_precision)}"
+                                                      ) from exc
+                    raise
+                row = out.detach().cpu().numpy()
+                if rows is None:
+                    rows = np.empty((len(points),) + row.shape)
+                elif row.shape != rows.shape[1:]:  # fn's output changed size (np.stack's error, as before)
+                    raise ValueError("all input arrays must have the same shape")
+                rows[k] = row  # a copy: out may be a view of a tensor fn keeps and writes again
+        if rows is None:  # no points
+            return np.zeros((0, sum(spec.size for spec in problem.outputs or ())))
+        return rows
 
     def _evaluate_vmap(self, points: np.ndarray, watch: Optional[_EscapeWatch] = None) -> np.ndarray:
         """All of ``points`` in one call of fn under ``torch.func.vmap`` over the flat point vector; random
@@ -615,7 +821,9 @@ class TorchPrepared(ProblemBackedFunction):
         with torch.no_grad(), _quiet_batching(), (watch if watch is not None else contextlib.nullcontext()):
             out = torch.func.vmap(one, randomness="error", chunk_size=sub if sub < len(points) else None)(
                 self.problem.to_tensor(points))
-        return out.detach().cpu().numpy()
+        result = out.detach().cpu().numpy()
+        # an output that is a view of the input (fn returns x or part of it) would share the points' memory
+        return result.copy() if np.may_share_memory(result, points) else result
 
     def _evaluate_first_batch(self, points: np.ndarray) -> np.ndarray:
         """Decide the path: batched when vmap runs fn and agrees with the loop on the chunk's first and
@@ -631,11 +839,18 @@ class TorchPrepared(ProblemBackedFunction):
             self._decide("evaluate", False, f"{side_effect}, which one batched call under torch.func.vmap "
                                             "would do once for many evaluations: evaluated point by point")
             return looped
+        refused = _classic_function_refusal(self.problem.spec.fn)
+        if refused is not None:  # vmap refused this Function class before: it refuses it again, untried
+            looped = self._evaluate_loop(points)
+            self._decide("evaluate", False, f"fn could not run under torch.func.vmap ({refused}): "
+                                            "evaluated point by point")
+            return looped
         watch = _EscapeWatch()
         try:
             batched = self._evaluate_vmap(points, watch)
         except Exception as exc:  # vmap cannot run fn, or fn is broken: the loop tells which
             looped = self._evaluate_loop(points)
+            _remember_classic_function_refusal(self.problem.spec.fn, exc)
             self._decide("evaluate", False, f"fn could not run under torch.func.vmap ({_first_line(exc)}): "
                                             "evaluated point by point")
             return looped
@@ -712,13 +927,26 @@ class TorchPrepared(ProblemBackedFunction):
             return self._vjp_without(cotangents, set(self.undefined_gradients))
 
     def _vjp(self, cotangents: np.ndarray) -> np.ndarray:
-        x = self.problem.to_tensor(self.x0).requires_grad_(True)
-        with self.problem.params_held(x):  # the graph is built and walked while params= point into x
-            _, out, swapped = _vjp_graph(self.problem, self.forward, x)
+        problem = self.problem
+        x = problem.to_tensor(self.x0).requires_grad_(True)
+        with problem.params_held(x):  # the graph is built and walked while params= point into x
+            _, out, swapped = _vjp_graph(problem, self.forward, x)
+            inputs = [x] + list(swapped)
 
             def loop(rows: np.ndarray) -> np.ndarray:
-                return np.stack([_grad(self.problem, x, out, swapped, self.problem.to_tensor(cotangent),
-                                       create_graph=False).detach().cpu().numpy() for cotangent in rows])
+                """One backward pass per cotangent through the one recorded graph."""
+                size = x.numel()
+                pulled = np.zeros((len(rows), size))
+                if not out.requires_grad:  # nothing depends on the checked leaves
+                    return pulled
+                batch = problem.to_tensor(rows)
+                for k in range(len(rows)):
+                    grads = _pull((out,), inputs, (batch[k],))
+                    if problem.data_swap is not None:
+                        pulled[k] = _combine(problem, grads[0], grads[1:], size).detach().cpu().numpy()
+                    elif grads[0] is not None:  # None: x unused (zeros)
+                        pulled[k] = grads[0].detach().cpu().numpy()
+                return pulled
 
             if (not self.batching or self._batched_vjp is False
                     or len(cotangents) < (2 if self._batched_vjp else _FIRST_BATCH)):
@@ -940,7 +1168,8 @@ class TorchPrepared(ProblemBackedFunction):
                 if any(hint in str(exc).lower() for hint in _FORWARD_AD_HINTS):
                     raise ModeUnsupportedError(f"forward mode unsupported: {str(exc).splitlines()[0]}") from exc
                 raise
-            rows.append(np.zeros(out.numel()) if pushed is None else pushed.detach().cpu().numpy())
+            # a copy: the tangent of a view of fn's output, which fn may write again on the next call
+            rows.append(np.zeros(out.numel()) if pushed is None else np.array(pushed.detach().cpu().numpy()))
         return np.stack(rows)
 
     def gradient_function(self, cotangent: np.ndarray) -> "TorchPrepared":
