@@ -331,14 +331,13 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             owners = columns.owners.get(entry.leaf.name) if columns is not None else None
             if owners is not None:
                 plan = plans[entry.leaf.name]
-                _as_elements(row, worst_at, entry, output, analytic, verdicts, owners,
-                             plan.basis[plan.groups, np.arange(entry.leaf.size)],
+                scales = plan.basis[plan.groups, np.arange(entry.leaf.size)]  # each element's scale in its group
+                _as_elements(row, worst_at, entry, output, analytic, verdicts, owners, scales,
                              f"full, {entry.count} verified column groups: every entry compared, element by element")
                 nameable = not _unowned_failure(row, entry, output, verdicts, owners)
                 if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS and nameable:
                     row.step_sweep = _element_sweep(evaluator, directions, PointRounder(prepared.leaves, options.promote),
-                                                    entry, output, worst_at, row, owners,
-                                                    plan.basis[plan.groups, np.arange(entry.leaf.size)])
+                                                    entry, output, worst_at, row, owners, scales)
                     sweeps += 1
             if entry.leaf.name in undefined:
                 _mark_undefined(row, undefined[entry.leaf.name])
@@ -447,9 +446,8 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
             if not _clean(row) and (row.kinks or row.one_sided) and \
                     sum(s.size for s in prepared.output_specs) * len(prepared.x0) <= MAX_DENSE_ENTRIES:
                 return _full_rows(evaluator, context, leaves, f0, analytic_mode, order, compress=False)
-            owners = (output.offset + np.arange(output.size))[None, :]
-            owners = np.concatenate([np.full((1, output.offset), -1), owners,
-                                     np.full((1, len(f0) - output.offset - output.size), -1)], axis=1)
+            owners = np.full((1, len(f0)), -1)
+            owners[0, output.slice] = np.arange(output.offset, output.offset + output.size)  # output i is element i
             _as_elements(row, worst_at, entry, output, analytic, verdicts, owners, scales,
                          f"full, diagonal Jacobian verified: all {entry.leaf.size} elements perturbed at once, "
                          "every entry compared")
