@@ -57,7 +57,7 @@ import gc
 import types
 import warnings
 import weakref
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -774,6 +774,19 @@ class TorchPrepared(ProblemBackedFunction):
                               "the check's precision is limited by that")
         return result
 
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``; once fn
+        runs batched, the batch is built as a tensor (no NumPy points to write and convert)."""
+        if self.needs_grad or not self.batching or self._batched_evaluate is not True or len(positions) < 2:
+            points = np.empty((len(positions), len(self.x0)))
+            points[:] = self.x0
+            points[np.arange(len(positions)), positions] = values
+            return self.evaluate(points)
+        batch = self.problem.to_tensor(self.x0).expand(len(positions), -1).clone()
+        batch[torch.arange(len(positions), device=batch.device), torch.as_tensor(positions, device=batch.device)] = \
+            self.problem.to_tensor(values)
+        return self._evaluate_batch(batch)
+
     def _evaluate_loop(self, points: np.ndarray) -> np.ndarray:
         """One forward pass per point (the reference path, and the fallback)."""
         problem, forward, needs_grad = self.problem, self.forward, self.needs_grad
@@ -805,9 +818,11 @@ class TorchPrepared(ProblemBackedFunction):
             return np.zeros((0, sum(spec.size for spec in problem.outputs or ())))
         return rows
 
-    def _evaluate_vmap(self, points: np.ndarray, watch: Optional[_EscapeWatch] = None) -> np.ndarray:
-        """All of ``points`` in one call of fn under ``torch.func.vmap`` over the flat point vector; random
-        draws raise (``randomness="error"``): the loop's per-point re-seeded draws are not reproduced."""
+    def _evaluate_vmap(self, points: Union[np.ndarray, torch.Tensor], watch: Optional[_EscapeWatch] = None
+                       ) -> np.ndarray:
+        """All of ``points`` (rows; NumPy, or a float64 tensor on the device) in one call of fn under
+        ``torch.func.vmap`` over the flat point vector; random draws raise (``randomness="error"``): the
+        loop's per-point re-seeded draws are not reproduced."""
         forward = self.forward
 
         def one(x: torch.Tensor) -> torch.Tensor:
@@ -819,11 +834,12 @@ class TorchPrepared(ProblemBackedFunction):
         width = max(len(self.x0), sum(spec.size for spec in self.problem.outputs or ()), 1)
         sub = max(_FIRST_BATCH, _VMAP_ELEMENTS // width)
         with torch.no_grad(), _quiet_batching(), (watch if watch is not None else contextlib.nullcontext()):
-            out = torch.func.vmap(one, randomness="error", chunk_size=sub if sub < len(points) else None)(
-                self.problem.to_tensor(points))
+            batch = points if isinstance(points, torch.Tensor) else self.problem.to_tensor(points)
+            out = torch.func.vmap(one, randomness="error", chunk_size=sub if sub < len(points) else None)(batch)
         result = out.detach().cpu().numpy()
         # an output that is a view of the input (fn returns x or part of it) would share the points' memory
-        return result.copy() if np.may_share_memory(result, points) else result
+        shared = points if isinstance(points, np.ndarray) else batch.detach().cpu().numpy()
+        return result.copy() if np.may_share_memory(result, shared) else result
 
     def _evaluate_first_batch(self, points: np.ndarray) -> np.ndarray:
         """Decide the path: batched when vmap runs fn and agrees with the loop on the chunk's first and
@@ -872,12 +888,14 @@ class TorchPrepared(ProblemBackedFunction):
         self._decide("evaluate", True, "", len(points))
         return batched
 
-    def _evaluate_batch(self, points: np.ndarray) -> np.ndarray:
+    def _evaluate_batch(self, points: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
         try:
             batched = self._evaluate_vmap(points)
         except Exception as exc:
             if not _batching_error(exc):
                 raise  # vmap ran fn before: this is fn's own error (the core locates the failing point)
+            if isinstance(points, torch.Tensor):
+                points = points.cpu().numpy()
             looped = self._evaluate_loop(points)
             self._decide("evaluate", False, f"fn stopped running under torch.func.vmap ({_first_line(exc)}): "
                                             "evaluated point by point from then on")

@@ -94,6 +94,10 @@ class PreparedFunction(Protocol):
       uses it to get the analytic side of compressed column groups without the dense Jacobian, and
       verifies it against :meth:`vjp` with a dot test. Raise ModeUnsupportedError where the backward
       pass cannot be differentiated (``once_differentiable``, NumPy inside a custom rule, ...).
+    * ``evaluate_edits(positions, values)``: the outputs (k, m) at the k points that are ``x0`` with
+      element ``positions[k]`` set to ``values[k]``, exactly what :meth:`evaluate` returns for those
+      points, with the points built in the framework (an element-by-element check of a scalar loss makes
+      2n such points; building them natively next to the computation saves writing and converting them).
     """
 
     leaves: Sequence[LeafSpec]

@@ -116,6 +116,20 @@ class Directions:
             else:
                 rows[mine, entry.leaf.slice] += scales[mine, None] * entry.basis[local]
 
+    def unit_positions(self, indices: np.ndarray) -> Optional[np.ndarray]:
+        """The positions in the flat vector that directions ``indices`` change, when every one of them is
+        a unit direction (one element each); None when any is a tangent or compressed direction."""
+        indices = np.asarray(indices)
+        owners = self.owner[indices] if len(indices) else np.zeros(0, dtype=int)
+        positions = np.empty(len(indices), dtype=np.int64)
+        for owner in np.unique(owners):
+            entry = self.per_leaf[int(owner)]
+            if entry.basis is not None:
+                return None
+            mine = owners == owner
+            positions[mine] = entry.leaf.offset + indices[mine] - entry.first
+        return positions
+
     def taken(self, indices: np.ndarray, points: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
         """The steps really taken by the stencil ``points`` (from :meth:`stencil`, possibly rounded):
         ``x0 + h_plus d`` and ``x0 - h_minus d`` as floating point represents them."""

@@ -59,6 +59,36 @@ class Evaluator:
             outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
         return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
 
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray, describe: Optional[Sequence[str]] = None,
+                       allow_nonfinite: bool = False) -> np.ndarray:
+        """Outputs at the points ``x0`` with element ``positions[k]`` set to ``values[k]``, one point per k.
+
+        The same as :meth:`evaluate` of those points, which is what runs when the prepared function has no
+        ``evaluate_edits`` or an executor evaluates; otherwise the adapter builds the points itself (a
+        scalar loss at 4096 inputs needs 8192 such points: 268 MB the core need not write and convert)."""
+        method = getattr(self.prepared, "evaluate_edits", None)
+        if method is None or self.remote is not None:
+            return self.evaluate(self._edited(positions, values), describe, allow_nonfinite)
+        outputs = []
+        for start in range(0, len(positions), self.chunk_size):
+            at, to = positions[start:start + self.chunk_size], values[start:start + self.chunk_size]
+            first = self.evaluations + 1
+            try:
+                result = self._call(lambda pair: method(*pair), (at, to), f"evaluation {first}")
+            except FunctionEvaluationError:
+                self._locate_failure(self._edited(at, to), first,
+                                     describe[start:start + len(at)] if describe else None)
+                raise
+            outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
+        return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+
+    def _edited(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The points of :meth:`evaluate_edits` as rows: copies of ``x0``, one element set in each."""
+        points = np.empty((len(positions), len(self.prepared.x0)))
+        points[:] = self.prepared.x0
+        points[np.arange(len(positions)), positions] = values
+        return points
+
     def _accept(self, result: np.ndarray, start: int, first: int, describe: Optional[Sequence[str]],
                 allow_nonfinite: bool) -> np.ndarray:
         """Count one chunk's evaluations and refuse non-finite outputs (unless allowed)."""

@@ -88,12 +88,21 @@ class StepLadder:
         """Central, one-sided differences and their round-off at the given steps, for some directions."""
         chunk = max(1, self.evaluator.chunk_size // 2)
         parts = []
+        positions = None if getattr(self.rounder, "slices", None) else self.directions.unit_positions(columns)
         for start in range(0, len(columns), chunk):
             cols, s = columns[start:start + chunk], steps[start:start + chunk]
-            points = self.rounder(self.directions.stencil(cols, s))
-            h_plus, h_minus = self.directions.taken(cols, points)
             describe = _PointNames(self.directions, cols)
-            out = self.evaluator.evaluate(points, describe, allow_nonfinite=True)
+            if positions is not None:  # one element changed per point: the adapter may build the points itself
+                at = positions[start:start + chunk]
+                x = self.directions.x0[at]
+                plus, minus = x + s, x - s
+                h_plus, h_minus = plus - x, x - minus
+                out = self.evaluator.evaluate_edits(np.concatenate([at, at]), np.concatenate([plus, minus]),
+                                                    describe, allow_nonfinite=True)
+            else:
+                points = self.rounder(self.directions.stencil(cols, s))
+                h_plus, h_minus = self.directions.taken(cols, points)
+                out = self.evaluator.evaluate(points, describe, allow_nonfinite=True)
             parts.append((out[:len(cols)].T, out[len(cols):].T, h_plus, h_minus))
         f_plus = np.concatenate([p[0] for p in parts], axis=1)
         f_minus = np.concatenate([p[1] for p in parts], axis=1)
