@@ -48,11 +48,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import contextlib
-import functools
-import hashlib
-import threading
-import types
-import weakref
 from dataclasses import dataclass, field
 from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
                     Tuple)
@@ -63,6 +58,8 @@ import numpy as np
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache, digest,
+                                   weak_callable)
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
@@ -204,27 +201,18 @@ def _apply_vmapped(function: Callable[..., Any], *batched: Any) -> Any:
 # too: a rebound global or a NumPy array changed in place makes a fresh trace. Anything that cannot be
 # keyed or fingerprinted safely is simply not cached. The compiled pieces hold no user array.
 
-_CACHE: Dict[Tuple[int, ...], Tuple[Tuple[Any, ...], Dict[Any, "_Compiled"]]] = {}
-_CACHE_LOCK = threading.Lock()
-_ENTRIES_PER_FUNCTION = 16
-_ENVIRONMENT_LIMIT = 512  # more captured values than this: not cached
+_CACHE: WeakFunctionCache["_Compiled"] = WeakFunctionCache(per_function=16)
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), np.dtype)
-
-
-class _Uncacheable(Exception):
-    """Raised while keying a check that cannot be cached safely."""
 
 
 def clear_cache() -> None:
     """Drop every compiled function kept across checks."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
 
 
 def cache_size() -> int:
     """How many compiled entries are kept (over all functions)."""
-    with _CACHE_LOCK:
-        return sum(len(entries) for _, entries in _CACHE.values())
+    return len(_CACHE)
 
 
 def _static_token(value: Any, depth: int = 0) -> Any:
@@ -233,19 +221,7 @@ def _static_token(value: Any, depth: int = 0) -> Any:
         return (type(value), value)
     if isinstance(value, tuple) and depth < 4:
         return (type(value), tuple(_static_token(v, depth + 1) for v in value))
-    raise _Uncacheable(type(value).__name__)
-
-
-#: Packages whose functions and objects are fingerprinted by identity only, not followed inside.
-_LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "scipy", "gradbridge", "backends", "flax", "optax", "equinox",
-                        "haiku", "chex", "functools", "builtins", "typing", "abc", "math", "operator"})
-
-
-def _library_object(value: Any) -> bool:
-    module = getattr(value, "__module__", None)
-    if not isinstance(module, str) and not isinstance(value, (types.FunctionType, type)):
-        module = getattr(type(value), "__module__", None)
-    return isinstance(module, str) and module.split(".")[0] in _LIBRARIES
+    raise Uncacheable(type(value).__name__)
 
 
 def _constant_token(value: Any) -> Any:
@@ -254,145 +230,39 @@ def _constant_token(value: Any) -> Any:
     data = jax.random.key_data(value) if _is_key(value) else value
     array = np.asarray(data)
     if array.dtype.hasobject or array.dtype.kind not in "biufc":
-        raise _Uncacheable("array of dtype " + str(array.dtype))
-    digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).data, digest_size=16).digest()
-    return ("constant", type(value).__name__, tuple(np.shape(value)), str(value.dtype), digest)
+        raise Uncacheable("array of dtype " + str(array.dtype))
+    return ("constant", type(value).__name__, tuple(np.shape(value)), str(value.dtype), digest(array))
 
 
-def _identity(fn: Any) -> Tuple[Any, ...]:
-    """The objects a cache slot is tied to (a bound method: its function and its object)."""
-    if isinstance(fn, types.MethodType):
-        return (fn.__func__, fn.__self__)
-    return (fn,)
+class _Fingerprint(Fingerprinter):
+    """What fn reads besides its arguments: ``token`` for comparison, plus weak references proving that the
+    objects compared by identity are still the same ones (:meth:`alive`)."""
 
-
-class _Fingerprint:
-    """What fn reads besides its arguments: a token for comparison plus weak references proving that
-    the objects compared by identity are still the same ones (an id is unique only among live objects)."""
+    #: Packages whose functions and objects are fingerprinted by identity only, not followed inside.
+    libraries = BASE_LIBRARIES | {"jax", "jaxlib", "flax", "optax", "equinox", "haiku", "chex"}
 
     def __init__(self, fn: Any) -> None:
-        self.refs: List[Any] = []
-        self._seen: Dict[int, int] = {}
-        self.token = self._of(fn, 0)
+        super().__init__()
+        self.token = self.environment(fn)
 
-    def alive(self) -> bool:
-        return all(ref() is not None for ref in self.refs)
+    def plain(self, value: Any) -> Any:
+        """Python and NumPy scalars are not keyed at all (a trace counter fn bumps must not defeat the cache)."""
+        return None if isinstance(value, _IMMUTABLE) or isinstance(value, np.generic) else UNHANDLED
 
-    def _identity_token(self, value: Any) -> Tuple[str, int]:
-        try:
-            self.refs.append(weakref.ref(value))
-        except TypeError:
-            raise _Uncacheable(type(value).__name__) from None
-        return ("id", id(value))
+    def ndarray(self, value: np.ndarray) -> Any:
+        """A NumPy array by shape, dtype and a digest of its contents, and by identity too."""
+        return ("ndarray", value.shape, str(value.dtype), digest(value), self.identity(value))
 
-    def _of(self, value: Any, depth: int) -> Any:
-        if len(self._seen) > _ENVIRONMENT_LIMIT or depth > 12:
-            raise _Uncacheable("too much state")
-        if isinstance(value, _IMMUTABLE) or isinstance(value, np.generic):
-            return None  # Python scalars are not followed (a trace counter fn bumps must not defeat the cache)
-        if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, np.ufunc)):
-            return ("builtin", getattr(value, "__name__", ""), id(value))  # modules and builtins live forever
-        if isinstance(value, type):
-            return self._identity_token(value)
-        key = id(value)
-        if key in self._seen:
-            return ("seen", self._seen[key])
-        self._seen[key] = len(self._seen)
-        if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                raise _Uncacheable("object array")
-            digest = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8).data, digest_size=16).digest()
-            return ("ndarray", value.shape, str(value.dtype), digest, self._identity_token(value))
+    def adapter_object(self, value: Any, depth: int) -> Any:
+        """JAX arrays (immutable) by identity; custom_vjp/custom_jvp functions by identity plus the user's
+        function and rules inside."""
         if isinstance(value, jax.Array):
-            return ("jax", self._identity_token(value))  # immutable
-        if isinstance(value, (tuple, list, set, frozenset)):  # followed for the arrays and functions in them
-            return tuple(t for t in (self._of(v, depth + 1) for v in value) if t is not None) or None
-        if isinstance(value, dict):
-            return tuple(t for t in (self._of(v, depth + 1) for v in value.values()) if t is not None) or None
-        if isinstance(value, (jax.custom_vjp, jax.custom_jvp)):  # the user's functions and rules inside
-            return ("custom", self._identity_token(value),
-                    tuple(self._of(getattr(value, name, None), depth + 1) for name in ("fun", "fwd", "bwd", "jvp")))
-        wrapped = getattr(value, "__wrapped__", None)
-        if wrapped is not None and not isinstance(value, types.FunctionType):  # jax.jit(user_fn), decorators
-            return ("wrapped", self._identity_token(value), self._of(wrapped, depth + 1))
-        if _library_object(value):
-            return self._identity_token(value)  # library code: its own state is not the user's to change
-        if isinstance(value, types.FunctionType):
-            return ("function", self._identity_token(value), self._function(value, depth))
-        if isinstance(value, types.MethodType):
-            return ("method", self._of(value.__func__, depth + 1), self._of(value.__self__, depth + 1))
-        if isinstance(value, functools.partial):
-            return ("partial", self._identity_token(value), self._of(value.func, depth + 1),
-                    self._of(value.args, depth + 1), self._of(value.keywords, depth + 1))
-        token = self._identity_token(value)
-        wrapped = getattr(value, "__wrapped__", None)  # jax.jit functions
-        state = getattr(value, "__dict__", None)
-        return ("object", token, self._of(wrapped, depth + 1) if wrapped is not None else None,
-                self._of(dict(state), depth + 1) if isinstance(state, dict) else None)
-
-    def _function(self, fn: types.FunctionType, depth: int) -> Any:
-        names: List[str] = []
-        codes = [fn.__code__]
-        while codes:
-            code = codes.pop()
-            names.extend(code.co_names)
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        globals_ = fn.__globals__
-        referenced = tuple((name, self._of(globals_[name], depth + 1)) for name in sorted(set(names))
-                           if name in globals_)
-        cells = []
-        for cell in fn.__closure__ or ():
-            try:
-                cells.append(self._of(cell.cell_contents, depth + 1))
-            except ValueError:  # an empty cell (a name assigned later)
-                cells.append(("empty",))
-        return (id(fn.__code__), referenced, tuple(cells), self._of(fn.__defaults__, depth + 1),
-                self._of(fn.__kwdefaults__, depth + 1))
-
-
-def _lookup(fn: Any, key: Any, fingerprint: _Fingerprint) -> Optional["_Compiled"]:
-    slot_key = tuple(id(o) for o in _identity(fn))
-    with _CACHE_LOCK:
-        slot = _CACHE.get(slot_key)
-        if slot is None or any(ref() is not o for ref, o in zip(slot[0], _identity(fn))):
-            return None
-        entry = slot[1].get(key)
-    if entry is None or entry.environment != fingerprint.token or not entry.fingerprint.alive():
-        return None
-    return entry
-
-
-def _store(fn: Any, key: Any, entry: "_Compiled") -> None:
-    owners = _identity(fn)
-    slot_key = tuple(id(o) for o in owners)
-
-    def forget(ref: Any, slot_key: Tuple[int, ...] = slot_key) -> None:
-        with _CACHE_LOCK:
-            slot = _CACHE.get(slot_key)
-            if slot is not None and any(r is ref for r in slot[0]):
-                del _CACHE[slot_key]
-
-    with _CACHE_LOCK:
-        slot = _CACHE.get(slot_key)
-        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
-            try:
-                slot = (tuple(weakref.ref(o, forget) for o in owners), {})
-            except TypeError:
-                return
-            _CACHE[slot_key] = slot
-        entries = slot[1]
-        entries.pop(key, None)
-        entries[key] = entry
-        while len(entries) > _ENTRIES_PER_FUNCTION:
-            del entries[next(iter(entries))]
-
-
-def _weak_function(fn: Any) -> Callable[[], Any]:
-    """A way back to fn that does not keep it alive (the cache's compiled code must not)."""
-    try:
-        return weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else weakref.ref(fn)
-    except TypeError:
-        return lambda: fn
+            return ("jax", self.identity(value))
+        if isinstance(value, (jax.custom_vjp, jax.custom_jvp)):
+            return ("custom", self.identity(value),
+                    tuple(self.environment(getattr(value, name, None), depth + 1)
+                          for name in ("fun", "fwd", "bwd", "jvp")))
+        return UNHANDLED
 
 
 def _output_sink_flatten(result: Any, sink: Any) -> jax.Array:
@@ -687,22 +557,22 @@ class JaxProblem:
                    self.promote, self.needs_x64, bool(jax.config.jax_enable_x64))
             hash(key)
             fingerprint: Optional[_Fingerprint] = _Fingerprint(fn)
-        except (_Uncacheable, TypeError, RecursionError):
+        except (Uncacheable, TypeError, RecursionError):
             key, fingerprint = None, None
         if key is not None:
-            entry = _lookup(fn, key, fingerprint)
-            if entry is not None:
+            entry = _CACHE.get(fn, key)
+            if entry is not None and entry.environment == fingerprint.token and entry.fingerprint.alive():
                 return entry, dyn
         entry = _Compiled(self._traced_call(dynamic, checked, fn if key is None else None),
                           [(leaf.offset, leaf.size, leaf.shape) for leaf in self.leaves], fingerprint)
         if key is not None:
-            _store(fn, key, entry)
+            _CACHE.put(fn, key, entry)
         return entry, dyn
 
     def _traced_call(self, dynamic: List[int], checked: set, strong_fn: Any) -> Callable[..., jax.Array]:
         """``call`` as a function of the checked parts and the other array leaves (``dyn``), holding neither
         the user's arrays nor (when cached) ``fn`` itself."""
-        get_fn = (lambda: strong_fn) if strong_fn is not None else _weak_function(self.spec.fn)
+        get_fn = (lambda: strong_fn) if strong_fn is not None else weak_callable(self.spec.fn)
         template = [None if pos in checked or pos in dynamic else value for pos, value in enumerate(self.values)]
         positions = [self.positions[i] for i in self.chosen]
         leaf_dtypes = list(self.leaf_dtypes)

@@ -55,14 +55,9 @@ global one cannot be pinned (the check then reports the function as not determin
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import os
 import random
 import sys
-import threading
-import types
-import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import of TensorFlow: no INFO/WARNING spam
@@ -75,6 +70,8 @@ from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, VALUE_TYPES, Fingerprinter, Uncacheable,
+                                   WeakFunctionCache, digest)
 from gradbridge._precision import DTYPE_EPS
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
@@ -690,30 +687,17 @@ def _dense(gradient: Any) -> Optional[tf.Tensor]:
 # gone stale in a way the key missed (an attribute of a Keras layer changed, an int a trace baked in) is dropped,
 # not trusted. Only first-order checks are cached (an order-2 function closes over its cotangent).
 
-_CACHE: Dict[Tuple[int, ...], Tuple[Tuple[Any, ...], Dict[Any, "_Traced"]]] = {}
-_CACHE_LOCK = threading.Lock()
-_ENTRIES_PER_FUNCTION = 16
-_ENVIRONMENT_LIMIT = 512  # more objects reached than this: not cached
-_VALUE_TYPES = (type(None), bool, float, complex, str, bytes, type(Ellipsis))
-#: Packages whose functions and objects are keyed by identity only, not followed inside.
-_LIBRARIES = frozenset({"tensorflow", "keras", "tf_keras", "numpy", "scipy", "gradbridge", "backends", "functools",
-                        "builtins", "typing", "abc", "math", "operator", "absl", "google"})
-
-
-class _Uncacheable(Exception):
-    """Raised while keying a check that cannot be cached safely."""
+_CACHE: WeakFunctionCache["_Traced"] = WeakFunctionCache(per_function=16)
 
 
 def clear_cache() -> None:
     """Drop every traced graph kept across checks."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
 
 
 def cache_size() -> int:
     """How many entries (one per function and key, each holding its traced graphs) are kept."""
-    with _CACHE_LOCK:
-        return sum(len(entries) for _, entries in _CACHE.values())
+    return len(_CACHE)
 
 
 class _Traced:
@@ -731,32 +715,11 @@ class _Traced:
         return all(ref() is not None for ref in self.refs)
 
 
-def _digest(array: np.ndarray) -> bytes:
-    if array.dtype.hasobject:
-        raise _Uncacheable("object array")
-    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
-
-
-def _library_object(value: Any) -> bool:
-    module = getattr(value, "__module__", None)
-    if not isinstance(module, str) and not isinstance(value, (types.FunctionType, type)):
-        module = getattr(type(value), "__module__", None)
-    return isinstance(module, str) and module.split(".")[0] in _LIBRARIES
-
-
-class _Keyer:
+class _Keyer(Fingerprinter):
     """Builds the hashable tokens of a cache key, collecting weak references to what it keys by identity."""
 
-    def __init__(self) -> None:
-        self.refs: List[Any] = []
-        self._seen: Dict[int, int] = {}
-
-    def identity(self, value: Any) -> Tuple[str, int]:
-        try:
-            self.refs.append(weakref.ref(value))
-        except TypeError:
-            raise _Uncacheable(type(value).__name__) from None
-        return ("id", id(value))
+    #: Packages whose functions and objects are keyed by identity only, not followed inside.
+    libraries = BASE_LIBRARIES | {"tensorflow", "keras", "tf_keras", "absl", "google"}
 
     def constant(self, value: Any) -> Any:
         """A value a trace bakes in (an argument that is not a graph input): by value, or a variable by identity."""
@@ -764,23 +727,23 @@ class _Keyer:
             return ("variable", self.identity(value))
         if isinstance(value, tf.Tensor):
             if not hasattr(value, "numpy"):
-                raise _Uncacheable("symbolic tensor")
-            return ("tensor", tuple(value.shape), value.dtype.name, _digest(np.asarray(value.numpy())))
-        if isinstance(value, _VALUE_TYPES) or isinstance(value, int):
+                raise Uncacheable("symbolic tensor")
+            return ("tensor", tuple(value.shape), value.dtype.name, digest(np.asarray(value.numpy())))
+        if isinstance(value, VALUE_TYPES) or isinstance(value, int):
             return (type(value), value)
         if isinstance(value, np.generic):
             return ("scalar", value.dtype.str, value.tobytes())
         if isinstance(value, np.ndarray):
-            return ("ndarray", value.shape, value.dtype.str, _digest(value))
+            return ("ndarray", value.shape, value.dtype.str, digest(value))
         if isinstance(value, tf.DType):
             return ("dtype", value.name)
-        raise _Uncacheable(type(value).__name__)
+        raise Uncacheable(type(value).__name__)
 
     def tree(self, node: Any, leaf: Callable[[Any], Any], depth: int = 0) -> Any:
         """The token of an argument tree, walked as :func:`gradbridge._tree.flatten` walks it (tensors and
         variables are leaves, given to ``leaf`` in the same order as the candidates)."""
         if depth > 32:
-            raise _Uncacheable("argument nested too deep")
+            raise Uncacheable("argument nested too deep")
         if _is_tensor(node):
             return leaf(node)
         if isinstance(node, dict):
@@ -790,79 +753,22 @@ class _Keyer:
             return (self.identity(type(node)), tuple(self.tree(v, leaf, depth + 1) for v in node))
         return self.constant(node)
 
-    def environment(self, value: Any, depth: int = 0) -> Any:
-        """What ``value`` (fn, and what it reaches) contributes to a trace besides the arguments."""
-        if len(self._seen) > _ENVIRONMENT_LIMIT or depth > 12:
-            raise _Uncacheable("too much state")
-        if isinstance(value, _VALUE_TYPES):
-            return (type(value), value)
-        if isinstance(value, int):
-            return None  # not keyed: a trace counter fn bumps must not defeat the cache
-        if isinstance(value, np.generic):
-            return ("scalar", value.dtype.str, value.tobytes())
-        if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, np.ufunc)):
-            return ("builtin", getattr(value, "__name__", ""), id(value))  # modules and builtins live on
-        if isinstance(value, type):
-            return self.identity(value)
-        key = id(value)
-        if key in self._seen:
-            return ("seen", self._seen[key])
-        self._seen[key] = len(self._seen)
-        return self._object(value, depth)
-
-    def _object(self, value: Any, depth: int) -> Any:
-        if isinstance(value, np.ndarray):
-            return ("ndarray", value.shape, value.dtype.str, _digest(value))
+    def adapter_object(self, value: Any, depth: int) -> Any:
+        """Eager tensors (they never change) by identity; variables, Keras layers and tf.Modules by identity
+        only, as a graph reads them when it runs (a layer's settings: see above)."""
         if isinstance(value, tf.Tensor):
             if not hasattr(value, "numpy"):
-                raise _Uncacheable("symbolic tensor")
-            return ("tensor", self.identity(value))  # an eager tensor never changes
+                raise Uncacheable("symbolic tensor")
+            return ("tensor", self.identity(value))
         if isinstance(value, tf.Variable) or _is_keras_variable(value) or _is_keras_layer(value) \
                 or isinstance(value, tf.Module):
-            return ("object", self.identity(value))  # read when the graph runs; a layer's settings: see above
-        if isinstance(value, (tuple, list, set, frozenset, dict)):
-            items = value.values() if isinstance(value, dict) else value
-            tokens = tuple(t for t in (self.environment(v, depth + 1) for v in items) if t is not None)
-            return tokens or None
-        wrapped = getattr(value, "__wrapped__", None)
-        if wrapped is not None and not isinstance(value, types.FunctionType):  # tf.function, tf.custom_gradient
-            return ("wrapped", self.identity(value), self.environment(wrapped, depth + 1))
-        if _library_object(value):
-            return self.identity(value)
-        if isinstance(value, types.FunctionType):
-            return ("function", self.identity(value), self._function(value, depth))
-        if isinstance(value, types.MethodType):
-            return ("method", self.environment(value.__func__, depth + 1), self.environment(value.__self__, depth + 1))
-        if isinstance(value, functools.partial):
-            return ("partial", self.identity(value), self.environment(value.func, depth + 1),
-                    self.environment(value.args, depth + 1), self.environment(value.keywords, depth + 1))
-        state = getattr(value, "__dict__", None)
-        return ("object", self.identity(value), self.environment(dict(state), depth + 1)
-                if isinstance(state, dict) else None)
-
-    def _function(self, fn: types.FunctionType, depth: int) -> Any:
-        names: List[str] = []
-        codes = [fn.__code__]
-        while codes:
-            code = codes.pop()
-            names.extend(code.co_names)
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        globals_ = fn.__globals__
-        referenced = tuple((name, self.environment(globals_[name], depth + 1)) for name in sorted(set(names))
-                           if name in globals_)
-        cells = []
-        for cell in fn.__closure__ or ():
-            try:
-                cells.append(self.environment(cell.cell_contents, depth + 1))
-            except ValueError:  # an empty cell (a name assigned later)
-                cells.append(("empty",))
-        return (id(fn.__code__), referenced, tuple(cells), self.environment(fn.__defaults__, depth + 1),
-                self.environment(fn.__kwdefaults__, depth + 1))
+            return ("object", self.identity(value))
+        return UNHANDLED
 
 
 def _cache_key(problem: "TensorFlowProblem") -> Tuple[Any, List[Any]]:
     """The key of a first-order check's traced graphs and the weak references that must stay alive for an
-    entry to hold (raises _Uncacheable)."""
+    entry to hold (raises Uncacheable)."""
     keyer = _Keyer()
     chosen = set(problem.chosen)
     fed = set(problem.fed_positions)
@@ -894,65 +800,18 @@ def _cache_key(problem: "TensorFlowProblem") -> Tuple[Any, List[Any]]:
     return key, keyer.refs
 
 
-def _owners(fn: Any) -> Tuple[Any, ...]:
-    """The objects a cache slot is tied to (a bound method: its function and its object)."""
-    if isinstance(fn, types.MethodType):
-        return (fn.__func__, fn.__self__)
-    return (fn,)
-
-
-def _lookup(fn: Any, key: Any) -> Optional[_Traced]:
-    owners = _owners(fn)
-    with _CACHE_LOCK:
-        slot = _CACHE.get(tuple(id(o) for o in owners))
-        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
-            return None
-        entry = slot[1].get(key)
-        if entry is not None and not entry.alive():
-            del slot[1][key]
-            return None
-        return entry
-
-
-def _store(fn: Any, key: Any, entry: _Traced) -> bool:
-    """Keep ``entry`` for ``fn`` and ``key``; False when ``fn`` cannot be referenced weakly."""
-    owners = _owners(fn)
-    slot_key = tuple(id(o) for o in owners)
-
-    def forget(ref: Any, slot_key: Tuple[int, ...] = slot_key) -> None:
-        with _CACHE_LOCK:
-            slot = _CACHE.get(slot_key)
-            if slot is not None and any(r is ref for r in slot[0]):
-                del _CACHE[slot_key]
-
-    with _CACHE_LOCK:
-        slot = _CACHE.get(slot_key)
-        if slot is None or any(ref() is not o for ref, o in zip(slot[0], owners)):
-            try:
-                slot = (tuple(weakref.ref(o, forget) for o in owners), {})
-            except TypeError:
-                return False
-            _CACHE[slot_key] = slot
-        entries = slot[1]
-        entries.pop(key, None)
-        entries[key] = entry
-        while len(entries) > _ENTRIES_PER_FUNCTION:
-            del entries[next(iter(entries))]
-    return True
-
-
 def _entry_for(problem: "TensorFlowProblem") -> Tuple[Optional[_Traced], bool]:
     """The cache entry of a first-order check (an empty one is made and kept when there is none yet), and
     whether an earlier check had made it; (None, False) when the check cannot be cached."""
     try:
         key, refs = _cache_key(problem)
-    except (_Uncacheable, TypeError, RecursionError):
+    except (Uncacheable, TypeError, RecursionError):
         return None, False
-    entry = _lookup(problem.spec.fn, key)
+    entry = _CACHE.get(problem.spec.fn, key, keep=_Traced.alive)
     if entry is not None:
         return entry, True
     entry = _Traced(refs)
-    return (entry, False) if _store(problem.spec.fn, key, entry) else (None, False)
+    return (entry, False) if _CACHE.put(problem.spec.fn, key, entry) else (None, False)
 
 
 def _joined(leaves: Sequence[LeafSpec], gradients: Sequence[Optional[tf.Tensor]]) -> tf.Tensor:

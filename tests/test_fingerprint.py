@@ -1,0 +1,323 @@
+"""The shared function fingerprint and weak per-function cache (``gradbridge._fingerprint``), on real objects."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+import pytest
+
+from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
+                                     digest, owners, weak_callable)
+
+
+def _function(source: str, **namespace: Any) -> Callable[..., Any]:
+    """``fn`` defined by ``source`` in a fresh module namespace holding ``namespace`` (its globals)."""
+    scope: Dict[str, Any] = {"__name__": "user_module", **namespace}
+    exec(source, scope)
+    return scope["fn"]
+
+
+def _token(value: Any, walker: type = Fingerprinter) -> Any:
+    return walker().environment(value)
+
+
+class _Holder:
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def method(self, x: float) -> float:
+        return self.scale * x
+
+
+class _Partial(functools.partial):
+    """A partial of a user's module (``functools.partial`` itself is a library object)."""
+
+
+class _NoWeakRef:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 1.0
+
+    def __call__(self, x: float) -> float:
+        return x
+
+
+# --- the walk ---
+
+
+def test_an_array_read_by_fn_is_keyed_by_its_contents() -> None:
+    fn = _function("def fn(x):\n    return W @ x\n", W=np.ones((2, 3)))
+    before = _token(fn)
+    assert _token(fn) == before
+    fn.__globals__["W"] = np.ones((2, 3))  # another array, the same contents
+    assert _token(fn) == before
+    fn.__globals__["W"][0, 1] = 5.0  # changed in place
+    assert _token(fn) != before
+    fn.__globals__["W"] = np.ones((3, 2))  # the same contents, another shape
+    assert _token(fn) != before
+
+
+def test_plain_values_are_keyed_by_value_but_ints_are_not() -> None:
+    fn = _function("def fn(x):\n    global COUNT\n    COUNT += 1\n    return SCALE * x + np.float32(OFFSET)\n",
+                   np=np, SCALE=2.0, COUNT=0, OFFSET=np.float32(1.0))
+    before = _token(fn)
+    fn.__globals__["COUNT"] = 7  # a trace counter fn bumps
+    assert _token(fn) == before
+    fn.__globals__["SCALE"] = 3.0
+    assert _token(fn) != before
+    fn.__globals__["SCALE"] = 2.0
+    assert _token(fn) == before
+    fn.__globals__["OFFSET"] = np.float32(1.5)
+    assert _token(fn) != before
+
+
+def test_closures_defaults_partials_and_bound_methods_are_followed() -> None:
+    def make(scale: float) -> Callable[..., Any]:
+        def inner(x: float, shift: float = 1.0) -> float:
+            return scale * x + shift
+        return inner
+
+    assert _token(make(2.0)) != _token(make(3.0))
+    inner = make(2.0)
+    before = _token(inner)
+    inner.__defaults__ = (4.0,)
+    assert _token(inner) != before
+
+    partial = _Partial(make(2.0), shift=1.0)
+    before = _token(partial)
+    assert before[0] == "partial"
+    partial.keywords["shift"] = 2.0
+    assert _token(partial) != before
+    library_partial = functools.partial(make(2.0), shift=1.0)  # __module__ is "functools": identity only
+    assert _token(library_partial) == ("id", id(library_partial))
+
+    holder = _Holder(2.0)
+    before = _token(holder.method)
+    assert _token(holder.method) == before  # a fresh method object each access, the same function and object
+    holder.scale = 3.0
+    assert _token(holder.method) != before
+
+
+def test_an_empty_closure_cell_is_keyed() -> None:
+    def outer() -> Tuple[Any, Any]:
+        def fn(x: float) -> float:
+            return later * x
+        token = _token(fn)
+        later = 1.0
+        return token, _token(fn)
+
+    empty, filled = outer()
+    assert empty[2][2] == (("empty",),) and filled[2][2] == ((float, 1.0),)
+
+
+def test_objects_are_keyed_by_identity_and_weak_references_say_whether_they_live() -> None:
+    fn = _function("def fn(x):\n    return H.method(x)\n", H=_Holder(2.0))
+    walker = Fingerprinter()
+    token = walker.environment(fn)
+    assert walker.alive()
+    fn.__globals__["H"] = _Holder(2.0)  # equal state, another object
+    assert _token(fn) != token
+    gc.collect()
+    assert not walker.alive()
+
+
+def test_recursion_and_shared_objects_are_walked_once() -> None:
+    shared = np.arange(3.0)
+    fn = _function("def fn(x):\n    return fn(x - 1) if x else A + B\n", A=shared, B=shared)
+    token = _token(fn)
+    referenced = dict(token[2][1])
+    assert referenced["A"][0] == "ndarray" and referenced["B"] == ("seen", 1) and referenced["fn"] == ("seen", 0)
+    assert _token(fn) == token
+
+
+def test_library_objects_are_keyed_by_identity_only() -> None:
+    """A function of a package in ``libraries`` is not followed: its globals are not the user's."""
+    fn = _function("def fn(x):\n    return SCALE * x\n", SCALE=2.0)
+    fn.__module__ = "somelib.ops"
+
+    class Walker(Fingerprinter):
+        libraries = BASE_LIBRARIES | {"somelib"}
+
+    assert Walker().is_library(fn) and not Fingerprinter().is_library(fn)
+    followed, kept = _token(fn), _token(fn, Walker)
+    fn.__globals__["SCALE"] = 3.0
+    assert _token(fn) != followed
+    assert _token(fn, Walker) == kept
+    assert Fingerprinter().is_library(np.linspace) and Fingerprinter().is_library(np.float64)
+
+
+def test_modules_builtins_and_wrapped_functions() -> None:
+    fn = _function("def fn(x):\n    return np.sin(len(x))\n", np=np)
+    assert dict(_token(fn)[2][1]) == {"np": ("builtin", "numpy", id(np))}
+    inner = _function("def fn(x):\n    return SCALE * x\n", SCALE=2.0)
+
+    class Wrapper:
+        def __init__(self, wrapped: Callable[..., Any]) -> None:
+            self.__wrapped__ = wrapped
+
+    wrapper = Wrapper(inner)
+    before = _token(wrapper)
+    assert before[0] == "wrapped"
+    inner.__globals__["SCALE"] = 3.0
+    assert _token(wrapper) != before
+
+
+def test_the_adapter_hook_comes_before_the_generic_rules() -> None:
+    class Tensorish:
+        def __init__(self) -> None:
+            self.values = [1.0, 2.0]
+
+    class Walker(Fingerprinter):
+        def adapter_object(self, value: Any, depth: int) -> Any:
+            return ("tensorish", self.identity(value)) if isinstance(value, Tensorish) else UNHANDLED
+
+    tensor = Tensorish()
+    fn = _function("def fn(x):\n    return T\n", T=tensor)
+    generic, hooked = _token(fn), _token(fn, Walker)
+    assert hooked[2][1][0][1] == ("tensorish", ("id", id(tensor)))
+    tensor.values.append(3.0)  # the generic walk follows __dict__; the hook keys the object by identity only
+    assert _token(fn) != generic and _token(fn, Walker) == hooked
+
+
+def test_a_policy_for_plain_values_can_be_replaced() -> None:
+    class NoScalars(Fingerprinter):
+        def plain(self, value: Any) -> Any:
+            return None if isinstance(value, (type(None), int, float)) else UNHANDLED
+
+    fn = _function("def fn(x):\n    return SCALE * x\n", SCALE=2.0)
+    before = _token(fn, NoScalars)
+    fn.__globals__["SCALE"] = 3.0
+    assert _token(fn, NoScalars) == before
+
+
+@pytest.mark.parametrize("value", [
+    np.array([object()]),  # an object array has no contents to hash
+    _NoWeakRef(),  # keyed by identity, but no weak reference can prove it alive
+    [_Holder(1.0) for _ in range(Fingerprinter.limit + 10)],  # too much state
+    functools.reduce(lambda inner, _: [inner], range(Fingerprinter.max_depth + 2), [1.0]),  # nested too deep
+], ids=["object-array", "no-weakref", "too-many", "too-deep"])
+def test_what_cannot_be_keyed_safely_is_uncacheable(value: Any) -> None:
+    fn = _function("def fn(x):\n    return V\n", V=value)
+    with pytest.raises(Uncacheable):
+        _token(fn)
+
+
+def test_digest_follows_contents_not_layout() -> None:
+    a = np.arange(6.0).reshape(2, 3)
+    assert digest(a) == digest(np.ascontiguousarray(a)) == digest(a.copy(order="F"))
+    assert digest(a) != digest(a + 1) and len(digest(a)) == 16
+    assert digest(np.float64(2.0) * np.ones(())) == digest(np.array(2.0))
+
+
+# --- the weak per-function cache ---
+
+
+def test_entries_are_kept_per_function_and_key() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache()
+
+    def f(x: float) -> float:
+        return x
+
+    def g(x: float) -> float:
+        return x
+
+    assert cache.put(f, ("a",), "f-a") and cache.put(f, ("b",), "f-b") and cache.put(g, ("a",), "g-a")
+    assert cache.get(f, ("a",)) == "f-a" and cache.get(g, ("a",)) == "g-a" and cache.get(g, ("b",)) is None
+    assert len(cache) == 3
+    cache.put(f, ("a",), "f-a2")
+    assert cache.get(f, ("a",)) == "f-a2" and len(cache) == 3
+    cache.clear()
+    assert len(cache) == 0 and cache.get(f, ("a",)) is None
+
+
+def test_the_cache_does_not_keep_the_function_alive() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache()
+    fn = _function("def fn(x):\n    return x\n")
+    cache.put(fn, 1, "entry")
+    gone = weakref.ref(fn)
+    del fn
+    gc.collect()
+    assert gone() is None and len(cache) == 0
+
+
+def test_a_bound_method_is_tied_to_its_function_and_object() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache()
+    holder, other = _Holder(1.0), _Holder(1.0)
+    assert owners(holder.method) == (_Holder.method, holder)
+    cache.put(holder.method, 1, "entry")
+    assert cache.get(holder.method, 1) == "entry"  # another method object, the same function and object
+    assert cache.get(other.method, 1) is None
+    gone = weakref.ref(holder)
+    del holder
+    gc.collect()
+    assert gone() is None and len(cache) == 0
+
+
+def test_a_slot_keeps_the_latest_stored_keys() -> None:
+    cache: WeakFunctionCache[int] = WeakFunctionCache(per_function=3)
+
+    def f(x: float) -> float:
+        return x
+
+    for key in range(3):
+        cache.put(f, key, key)
+    cache.put(f, 0, 10)  # stored again: now the newest
+    cache.put(f, 3, 3)
+    assert [cache.get(f, key) for key in range(4)] == [10, None, 2, 3] and len(cache) == 3
+
+
+def test_an_entry_the_caller_rejects_is_dropped() -> None:
+    cache: WeakFunctionCache[Dict[str, bool]] = WeakFunctionCache()
+
+    def f(x: float) -> float:
+        return x
+
+    cache.put(f, 1, {"valid": True})
+    assert cache.get(f, 1, keep=lambda e: e["valid"]) == {"valid": True}
+    cache.get(f, 1)["valid"] = False
+    assert cache.get(f, 1) == {"valid": False}  # without keep: returned as is
+    assert cache.get(f, 1, keep=lambda e: e["valid"]) is None and len(cache) == 0
+
+
+def test_a_function_without_weak_references_is_not_kept() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache()
+    fn = _NoWeakRef()
+    assert not cache.put(fn, 1, "entry") and len(cache) == 0 and cache.get(fn, 1) is None
+
+
+def test_weak_callable_does_not_keep_fn_alive() -> None:
+    holder = _Holder(2.0)
+    fn = _function("def fn(x):\n    return x\n")
+    back_to_method, back_to_fn = weak_callable(holder.method), weak_callable(fn)
+    assert back_to_method()(3.0) == 6.0 and back_to_fn() is fn
+    del holder, fn
+    gc.collect()
+    assert back_to_method() is None and back_to_fn() is None
+    strong = _NoWeakRef()
+    assert weak_callable(strong)() is strong
+
+
+# --- no framework in the core ---
+
+
+def test_the_core_imports_and_names_no_framework(tmp_path: Path) -> None:
+    frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras", "flax", "tf_keras")
+    code = ("import sys, json, gradbridge._fingerprint; "
+            f"print(json.dumps([m for m in {frameworks!r} if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                            check=True)
+    assert json.loads(result.stdout) == []
+    import gradbridge._fingerprint as core
+
+    source = Path(core.__file__).read_text().lower()
+    assert not [name for name in frameworks if name in source]
+    assert not BASE_LIBRARIES & set(frameworks)
