@@ -313,6 +313,14 @@ class _Compiled:
             return function(self.split(x), dyn)
 
         self.evaluate = jax.jit(jax.vmap(flat, in_axes=(0, None)))
+
+        def edited(x0: jax.Array, positions: jax.Array, values: jax.Array, dyn: Any) -> jax.Array:
+            count = positions.shape[0]
+            points = jnp.broadcast_to(x0, (count, x0.shape[0])).at[jnp.arange(count), positions].set(values)
+            return jax.vmap(flat, in_axes=(0, None))(points, dyn)
+
+        # the points of an element-by-element check built next to the computation (XLA fuses the edit in)
+        self.evaluate_edits = jax.jit(edited)
         bind = getattr(function, "bind", None)
         if bind is not None:  # the traced call records the output layout here
             bind(self)
@@ -701,6 +709,27 @@ class JaxPrepared(ProblemBackedFunction):
             self._note(f"fn computes {', '.join(self.problem.low_precision_outputs)} below float64: "
                        "the check's precision is limited by that")
         return result
+
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``; once the
+        compiled evaluation has run, the points are built inside it (no NumPy points to write and copy)."""
+        known = self._outputs is not None or self.problem.outputs is not None
+        if known and len(positions) > 1 and not self._pointwise_evaluation and self._compiled is not None:
+            entry, dyn = self._compiled()
+            if not entry.evaluation_fails:
+                dtype = plumbing_dtype()
+                try:
+                    self.problem.rng.reseed()
+                    return np.asarray(entry.evaluate_edits(jnp.asarray(self.x0, dtype=dtype), jnp.asarray(positions),
+                                                           jnp.asarray(values, dtype=dtype), dyn), dtype=np.float64)
+                except GradbridgeError:
+                    raise
+                except Exception:  # evaluate below runs the same points its own way, and reports what fn raises
+                    pass
+        points = np.empty((len(positions), len(self.x0)))
+        points[:] = self.x0
+        points[np.arange(len(positions)), positions] = values
+        return self.evaluate(points)
 
     def _apply_batched(self, function: Callable[..., Any], *batched: jax.Array) -> Any:
         """``function`` on every row of ``batched`` (jit + vmap; point by point if that cannot trace)."""

@@ -919,6 +919,23 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 return batched
         return self._evaluate_loop(points)
 
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``. Once the
+        points run batched, the vectorized graph builds them from ``x0`` itself, next to the computation."""
+        if self._paths["evaluate"] == "batched" and "evaluate" in self._graphs and len(positions) > 1:
+            try:
+                result = self._run("evaluate", tf.constant(self.x0[None, :], tf.float64),
+                                   tf.constant(len(positions), tf.int32), tf.constant(positions, tf.int32),
+                                   tf.constant(values, tf.float64)).numpy()
+            except Exception:  # the points path runs the chunk again and raises, with its point, if fn does
+                result = None
+            if result is not None and result.shape == (len(positions), sum(s.size for s in self.output_specs)):
+                return result
+        points = np.empty((len(positions), len(self.x0)))
+        points[:] = self.x0
+        points[np.arange(len(positions)), positions] = values
+        return self.evaluate(points)
+
     def _evaluate_loop(self, points: np.ndarray) -> np.ndarray:
         rows = []
         for point in points:
@@ -934,7 +951,8 @@ class TensorFlowPrepared(ProblemBackedFunction):
             if reason is not None:
                 return self._fall_back("evaluate", reason)
         try:
-            result = self._run("evaluate", tf.constant(points, tf.float64)).numpy()
+            no_edits = (tf.constant(1, tf.int32), tf.zeros([0], tf.int32), tf.zeros([0], tf.float64))
+            result = self._run("evaluate", tf.constant(points, tf.float64), *no_edits).numpy()
         except Exception as exc:  # the loop runs the chunk again and raises, with its point, if fn does
             return self._fall_back("evaluate", f"the vectorized graph raised {type(exc).__name__}: "
                                                f"{_first_line(exc)}", decided=not first)
@@ -1003,17 +1021,25 @@ class TensorFlowPrepared(ProblemBackedFunction):
         return None
 
     def _evaluate_graph(self, n: int, m: int, flags: Dict[str, List[bool]]) -> Tuple[Callable[..., Any], list]:
-        """``(points, *fixed) -> outputs``, one row per point."""
+        """``(base, repeat, positions, values, *fixed) -> outputs``, one row per point. The points are the rows
+        of ``base`` repeated ``repeat`` times with element ``positions[k]`` of row k set to ``values[k]``: given
+        points (``repeat`` 1, no edits), or ``x0`` and the edits of an element-by-element check (built here,
+        next to the computation, rather than written by NumPy and copied in)."""
         problem, forward = self.problem, self.forward
 
-        def graph(points: tf.Tensor, *fixed: tf.Tensor) -> tf.Tensor:
+        def graph(base: tf.Tensor, repeat: tf.Tensor, positions: tf.Tensor, values: tf.Tensor,
+                  *fixed: tf.Tensor) -> tf.Tensor:
             def one_point(x: tf.Tensor) -> tf.Tensor:
                 with problem.symbolic(x, fixed) as sources:
                     return _flat(forward(sources))
 
+            points = tf.tile(base, tf.stack([repeat, 1]))
+            edits = tf.stack([tf.range(tf.shape(positions)[0]), positions], axis=1)
+            points = tf.tensor_scatter_nd_update(points, edits, values)
             return tf.vectorized_map(one_point, points, fallback_to_while_loop=False)
 
-        return graph, [tf.TensorSpec([None, n], tf.float64)]
+        return graph, [tf.TensorSpec([None, n], tf.float64), tf.TensorSpec([], tf.int32),
+                       tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.float64)]
 
     def _vjp_graph(self, n: int, m: int, flags: Dict[str, List[bool]]) -> Tuple[Callable[..., Any], list]:
         """``(x, cotangents, *fixed) -> VJPs``: one recorded forward pass at ``x``, ``tape.gradient``
