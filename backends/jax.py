@@ -197,9 +197,13 @@ def _apply_vmapped(function: Callable[..., Any], *batched: Any) -> Any:
 # only, as they are passed to the compiled code as arguments, never baked in; other values: by value, and
 # only immutable ones), kwargs (immutable values only), promote, the leaves' dtypes inside fn and the x64
 # mode. What fn reads from outside its arguments (closure cells, globals it names, defaults, the state of
-# a callable object or bound method, recursively through the Python functions it reaches) is fingerprinted
-# too: a rebound global or a NumPy array changed in place makes a fresh trace. Anything that cannot be
-# keyed or fingerprinted safely is simply not cached. The compiled pieces hold no user array.
+# a callable object or bound method, recursively through the Python functions it reaches) is part of the
+# key too, taken when the check looks its entry up, before it runs fn: Python scalars (ints included) and
+# NumPy arrays by contents, JAX arrays and other objects by identity (see gradbridge._fingerprint). A global
+# rebound to another value or an array changed in place makes a fresh trace; an int or a list of ints fn
+# bumps while traced (a trace counter) does not, as the entries of the state a check started from are also
+# kept under the state it leaves behind (WeakFunctionCache.keep_after_run). Anything that cannot be keyed or
+# fingerprinted safely is simply not cached. The compiled pieces hold no user array.
 
 _CACHE: WeakFunctionCache["_Compiled"] = WeakFunctionCache(per_function=16)
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), np.dtype)
@@ -236,7 +240,8 @@ def _constant_token(value: Any) -> Any:
 
 class _Fingerprint(Fingerprinter):
     """What fn reads besides its arguments: ``token`` for comparison, plus weak references proving that the
-    objects compared by identity are still the same ones (:meth:`alive`)."""
+    objects compared by identity are still the same ones (:meth:`alive`). Plain values by value, as every
+    adapter keys them (:meth:`Fingerprinter.plain`)."""
 
     #: Packages whose functions and objects are fingerprinted by identity only, not followed inside.
     libraries = BASE_LIBRARIES | {"jax", "jaxlib", "flax", "optax", "equinox", "haiku", "chex"}
@@ -244,10 +249,6 @@ class _Fingerprint(Fingerprinter):
     def __init__(self, fn: Any) -> None:
         super().__init__()
         self.token = self.environment(fn)
-
-    def plain(self, value: Any) -> Any:
-        """Python and NumPy scalars are not keyed at all (a trace counter fn bumps must not defeat the cache)."""
-        return None if isinstance(value, _IMMUTABLE) or isinstance(value, np.generic) else UNHANDLED
 
     def ndarray(self, value: np.ndarray) -> Any:
         """A NumPy array by shape, dtype and a digest of its contents, and by identity too."""
@@ -300,7 +301,6 @@ class _Compiled:
         self.function = function
         self.layout = list(layout)  # (offset, size, shape) of each checked leaf in the flat vector
         self.fingerprint = fingerprint
-        self.environment = fingerprint.token if fingerprint is not None else None
         self.outputs = outputs
         self.low_precision_outputs: List[str] = []
         self.evaluation_fails = False
@@ -327,6 +327,10 @@ class _Compiled:
 
     def split(self, x: Any) -> List[Any]:
         return [jnp.reshape(x[offset:offset + size], shape) for offset, size, shape in self.layout]
+
+    def alive(self) -> bool:
+        """Whether the objects its key names by identity still live (else an id may name another object)."""
+        return self.fingerprint is not None and self.fingerprint.alive()
 
     def gradient_entry(self) -> "_Compiled":
         """The entry of ``x -> J(x)^T v`` (order 2), with ``v`` passed as an argument next to ``dyn``."""
@@ -491,6 +495,7 @@ class JaxProblem:
         self.low_precision_outputs: List[str] = []
         self._fixed: Optional[List[Any]] = None
         self._compiled: Optional[Tuple[_Compiled, Tuple[Any, ...]]] = None
+        self._key: Optional[Tuple[Any, Any]] = None  # the key the compiled entry is kept under, when cached
         self.promote = spec.promote
         # the dtype each checked leaf takes inside fn: None (the plumbing's float64) or, with promote=False, its own
         self.leaf_dtypes = [None if spec.promote else candidates[i].value.dtype for i in chosen]
@@ -505,6 +510,19 @@ class JaxProblem:
         with self.rng.preserved(), scope:
             self.fixed_values()  # now: the x64 setting of the check is in force, and no JAX trace is running
             yield
+            self._keep_after_run()
+
+    def _keep_after_run(self) -> None:
+        """Keep the compiled entries of the state this check started from also under the state fn left
+        behind, where the two differ in ints only (a trace counter): the next check starts from it."""
+        if self._key is None:
+            return
+        try:
+            environment = _Fingerprint(self.spec.fn).token
+        except (Uncacheable, TypeError, RecursionError):
+            return
+        if _CACHE.keep_after_run(self.spec.fn, self._key[1], environment):
+            self._key = (self._key[0], environment)
 
     def fixed_values(self) -> List[Any]:
         """All leaves as ``fn`` sees them when nothing is perturbed: unchecked floating leaves as float64
@@ -555,26 +573,28 @@ class JaxProblem:
         try:
             static = {pos: _constant_token(value) if _is_array(value) else _static_token(value)
                       for pos, value in enumerate(fixed) if pos not in checked and pos not in dynamic}
-            key = (tuple(a.treedef for a in self.arguments),
-                   tuple(("checked",) if pos in checked else static[pos] if pos in static
-                         else ("array", tuple(np.shape(fixed[pos])), str(fixed[pos].dtype))
-                         for pos in range(len(fixed))),
-                   tuple(self.chosen),
-                   tuple((leaf.shape, str(dtype)) for leaf, dtype in zip(self.leaves, self.leaf_dtypes)),
-                   tuple(sorted((str(k), _static_token(v)) for k, v in self.spec.kwargs.items())),
-                   self.promote, self.needs_x64, bool(jax.config.jax_enable_x64))
+            structure = (tuple(a.treedef for a in self.arguments),
+                         tuple(("checked",) if pos in checked else static[pos] if pos in static
+                               else ("array", tuple(np.shape(fixed[pos])), str(fixed[pos].dtype))
+                               for pos in range(len(fixed))),
+                         tuple(self.chosen),
+                         tuple((leaf.shape, str(dtype)) for leaf, dtype in zip(self.leaves, self.leaf_dtypes)),
+                         tuple(sorted((str(k), _static_token(v)) for k, v in self.spec.kwargs.items())),
+                         self.promote, self.needs_x64, bool(jax.config.jax_enable_x64))
+            fingerprint: Optional[_Fingerprint] = _Fingerprint(fn)  # before the check first runs fn
+            key: Optional[Tuple[Any, Any]] = (structure, fingerprint.token)
             hash(key)
-            fingerprint: Optional[_Fingerprint] = _Fingerprint(fn)
         except (Uncacheable, TypeError, RecursionError):
             key, fingerprint = None, None
         if key is not None:
-            entry = _CACHE.get(fn, key)
-            if entry is not None and entry.environment == fingerprint.token and entry.fingerprint.alive():
+            entry = _CACHE.get(fn, key, keep=_Compiled.alive)
+            if entry is not None:
+                self._key = key
                 return entry, dyn
         entry = _Compiled(self._traced_call(dynamic, checked, fn if key is None else None),
                           [(leaf.offset, leaf.size, leaf.shape) for leaf in self.leaves], fingerprint)
-        if key is not None:
-            _CACHE.put(fn, key, entry)
+        if key is not None and _CACHE.put(fn, key, entry):
+            self._key = key
         return entry, dyn
 
     def _traced_call(self, dynamic: List[int], checked: set, strong_fn: Any) -> Callable[..., jax.Array]:

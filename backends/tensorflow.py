@@ -461,6 +461,8 @@ class TensorFlowProblem:
                               and c.floating and isinstance(c.value, tf.Tensor)]
         self._fed: Optional[Dict[int, tf.Tensor]] = None  # candidate index -> graph input, while tracing
         self._fixed: Optional[List[tf.Tensor]] = None
+        # what fn reads besides its arguments, as it was before the check first ran fn (see _cache_key)
+        self.environment: Optional[Tuple[Any, List[Any]]] = None
 
     def _feed_dtype(self, candidate: Candidate) -> tf.DType:
         """The dtype a checked leaf takes while ``fn`` runs."""
@@ -681,11 +683,13 @@ def _dense(gradient: Any) -> Optional[tf.Tensor]:
 # leaves and their dtypes inside fn, promote, train, the model and the parameter variables by identity, the
 # outputs, Keras' floatx, and what fn reads from outside its arguments (closure cells, globals it names,
 # defaults, recursively through the Python functions it reaches: tensors, variables, models and other objects by
-# identity, NumPy arrays and Python floats, bools and strings by value; Python ints are not keyed, so a counter
-# fn bumps does not defeat the cache). Anything that cannot be keyed safely is not cached. The graphs hold no
-# Python object of the check. Every check still compares its first batched chunk with the eager loop, so a graph
-# gone stale in a way the key missed (an attribute of a Keras layer changed, an int a trace baked in) is dropped,
-# not trusted. Only first-order checks are cached (an order-2 function closes over its cotangent).
+# identity, NumPy arrays and Python scalars, ints included, by value), taken when the check is prepared, before
+# it first runs fn. An int or a list of ints fn bumps while it runs (a trace or call counter) does not defeat the
+# cache: the entries of the state a check started from are also kept under the state it leaves behind
+# (WeakFunctionCache.keep_after_run, see gradbridge._fingerprint). Anything that cannot be keyed safely is not
+# cached. The graphs hold no Python object of the check. Every check still compares its first batched chunk with
+# the eager loop, so a graph gone stale in a way the key missed (an attribute of a Keras layer changed) is
+# dropped, not trusted. Only first-order checks are cached (an order-2 function closes over its cotangent).
 
 _CACHE: WeakFunctionCache["_Traced"] = WeakFunctionCache(per_function=16)
 
@@ -696,7 +700,8 @@ def clear_cache() -> None:
 
 
 def cache_size() -> int:
-    """How many entries (one per function and key, each holding its traced graphs) are kept."""
+    """How many entries (each holding the traced graphs of one function and key) are kept; one kept under
+    several keys (the values of a counter fn bumps) counts once."""
     return len(_CACHE)
 
 
@@ -729,7 +734,7 @@ class _Keyer(Fingerprinter):
             if not hasattr(value, "numpy"):
                 raise Uncacheable("symbolic tensor")
             return ("tensor", tuple(value.shape), value.dtype.name, digest(np.asarray(value.numpy())))
-        if isinstance(value, VALUE_TYPES) or isinstance(value, int):
+        if isinstance(value, VALUE_TYPES):
             return (type(value), value)
         if isinstance(value, np.generic):
             return ("scalar", value.dtype.str, value.tobytes())
@@ -766,9 +771,25 @@ class _Keyer(Fingerprinter):
         return UNHANDLED
 
 
-def _cache_key(problem: "TensorFlowProblem") -> Tuple[Any, List[Any]]:
-    """The key of a first-order check's traced graphs and the weak references that must stay alive for an
-    entry to hold (raises Uncacheable)."""
+def _environment(fn: Any) -> Optional[Tuple[Any, List[Any]]]:
+    """The token of what ``fn`` reads besides its arguments and the weak references that must stay alive for
+    it to hold; None where it cannot be keyed safely."""
+    keyer = _Keyer()
+    try:
+        token = keyer.environment(fn)
+        hash(token)
+    except (Uncacheable, TypeError, RecursionError):
+        return None
+    return token, keyer.refs
+
+
+def _cache_key(problem: "TensorFlowProblem") -> Tuple[Tuple[Any, Any], List[Any]]:
+    """The key of a first-order check's traced graphs, ``(structure, environment)`` with the environment taken
+    when the check was prepared, and the weak references that must stay alive for an entry to hold (raises
+    Uncacheable)."""
+    if problem.environment is None:
+        raise Uncacheable("what fn reads")
+    environment, environment_refs = problem.environment
     keyer = _Keyer()
     chosen = set(problem.chosen)
     fed = set(problem.fed_positions)
@@ -785,33 +806,33 @@ def _cache_key(problem: "TensorFlowProblem") -> Tuple[Any, List[Any]]:
 
     spec = problem.spec
     keras = _keras()
-    key = (tuple(keyer.tree(arg, argument) for arg in spec.args),
-           tuple(sorted((str(k), keyer.tree(v, keyer.constant)) for k, v in spec.kwargs.items())),
-           tuple(problem.chosen),
-           tuple((leaf.name, leaf.shape, leaf.dtype, leaf.offset, leaf.kind) for leaf in problem.leaves),
-           tuple(dtype.name for dtype in problem.feed),
-           tuple((c.name, keyer.identity(c.value)) for c in problem.candidates if c.kind == "param"),
-           keyer.identity(problem.model) if problem.model is not None else None,
-           problem.promote, problem.promote_model, bool(spec.train),
-           tuple((o.name, o.shape, o.dtype) for o in problem.outputs or ()),
-           keras.config.floatx() if keras is not None and hasattr(keras, "config") else None,
-           keyer.environment(spec.fn))
+    structure = (tuple(keyer.tree(arg, argument) for arg in spec.args),
+                 tuple(sorted((str(k), keyer.tree(v, keyer.constant)) for k, v in spec.kwargs.items())),
+                 tuple(problem.chosen),
+                 tuple((leaf.name, leaf.shape, leaf.dtype, leaf.offset, leaf.kind) for leaf in problem.leaves),
+                 tuple(dtype.name for dtype in problem.feed),
+                 tuple((c.name, keyer.identity(c.value)) for c in problem.candidates if c.kind == "param"),
+                 keyer.identity(problem.model) if problem.model is not None else None,
+                 problem.promote, problem.promote_model, bool(spec.train),
+                 tuple((o.name, o.shape, o.dtype) for o in problem.outputs or ()),
+                 keras.config.floatx() if keras is not None and hasattr(keras, "config") else None)
+    key = (structure, environment)
     hash(key)
-    return key, keyer.refs
+    return key, keyer.refs + environment_refs
 
 
-def _entry_for(problem: "TensorFlowProblem") -> Tuple[Optional[_Traced], bool]:
-    """The cache entry of a first-order check (an empty one is made and kept when there is none yet), and
-    whether an earlier check had made it; (None, False) when the check cannot be cached."""
+def _entry_for(problem: "TensorFlowProblem") -> Tuple[Optional[_Traced], bool, Optional[Tuple[Any, Any]]]:
+    """The cache entry of a first-order check (an empty one is made and kept when there is none yet), whether an
+    earlier check had made it, and its key; (None, False, None) when the check cannot be cached."""
     try:
         key, refs = _cache_key(problem)
     except (Uncacheable, TypeError, RecursionError):
-        return None, False
+        return None, False, None
     entry = _CACHE.get(problem.spec.fn, key, keep=_Traced.alive)
     if entry is not None:
-        return entry, True
+        return entry, True, key
     entry = _Traced(refs)
-    return (entry, False) if _CACHE.put(problem.spec.fn, key, entry) else (None, False)
+    return (entry, False, key) if _CACHE.put(problem.spec.fn, key, entry) else (None, False, None)
 
 
 def _joined(leaves: Sequence[LeafSpec], gradients: Sequence[Optional[tf.Tensor]]) -> tf.Tensor:
@@ -883,6 +904,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
         self._flags: Dict[str, Dict[str, List[bool]]] = {}
         self._entry: Optional[_Traced] = None  # this check's entry in the cache of traced graphs
         self._entry_known = False  # whether an earlier check of the same function and key had made it
+        self._key: Optional[Tuple[Any, Any]] = None  # the key the entry is kept under
         self._keyed = False
         self._cotangent: Optional[np.ndarray] = None  # the fixed cotangent the transposed VJP starts from
 
@@ -892,8 +914,24 @@ class TensorFlowPrepared(ProblemBackedFunction):
         if not self._keyed:
             self._keyed = True
             if self.forward == self.problem.call:
-                self._entry, self._entry_known = _entry_for(self.problem)
+                self._entry, self._entry_known, self._key = _entry_for(self.problem)
         return self._entry
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """The problem's session; on leaving it normally, the cache entries follow the counters fn bumped."""
+        with self.problem.session():
+            yield
+            self._keep_after_run()
+
+    def _keep_after_run(self) -> None:
+        """Keep the cache entries of the state this check started from also under the state fn left behind,
+        where the two differ in ints only (a counter fn bumps): the next check starts from it."""
+        if self._entry is None or self._key is None:
+            return
+        environment = _environment(self.problem.spec.fn)
+        if environment is not None and _CACHE.keep_after_run(self.problem.spec.fn, self._key[1], environment[0]):
+            self._key = (self._key[0], environment[0])
 
     def _worth_batching(self, path: str, rows: int) -> bool:
         """Whether this chunk tries the vectorized graph. Tracing one costs about 0.05-0.1 s, about 200 eager
@@ -1363,9 +1401,12 @@ class TensorFlowAdapter:
         leaves, chosen = layout_leaves(candidates, _expand_slash_prefixes(spec.wrt, candidates))
         x0 = np.concatenate([_numpy(candidates[i].value).reshape(-1) for i in chosen])
 
+        environment = _environment(spec.fn)  # before _probe runs fn: the state the check starts from
+
         def problem_for(promote: bool) -> TensorFlowProblem:
-            return TensorFlowProblem(spec, candidates, leaves, chosen,
-                                     rebuild_args, model, promote)
+            problem = TensorFlowProblem(spec, candidates, leaves, chosen, rebuild_args, model, promote)
+            problem.environment = environment
+            return problem
 
         problem = problem_for(spec.promote)
         failure = _probe(problem, x0)

@@ -5,7 +5,9 @@ holds only while ``fn`` reads the same things: the globals it names, its closure
 of a callable object or bound method, recursively through the Python functions it reaches.
 :class:`Fingerprinter` walks all that and builds a token to compare:
 
-* plain values (numbers, strings, ...) by :meth:`Fingerprinter.plain`, a policy each adapter may replace;
+* plain values (Python ints, floats, bools, complex numbers, strings, bytes, NumPy scalars) by value
+  (:meth:`Fingerprinter.plain`): a trace bakes them in, so a rebound global ``SCALE`` must not find the old
+  trace;
 * NumPy arrays by shape, dtype and a digest of their contents (they can change in place);
 * modules, builtins and ufuncs by name and id (they live as long as the process); classes by identity;
 * tuples, lists, sets and dicts by what they hold; objects wrapping a function (``__wrapped__``) by identity
@@ -23,6 +25,23 @@ reference; :meth:`Fingerprinter.alive` says whether all of them still are. Each 
 :attr:`~Fingerprinter.libraries`; nothing here imports a framework.
 
 :class:`WeakFunctionCache` keeps entries per function and key without keeping the function alive.
+
+Which state a key describes. An adapter keys an entry by ``(structure, environment)``: what its traces
+depend on besides ``fn``'s environment (shapes, dtypes, options), and the token of that environment taken
+before the check first runs ``fn``. A deterministic check that starts from that state traces the same
+graphs, whatever ``fn`` changes while it runs, so the entry holds for every later check starting from it.
+
+``fn`` may change what it reads while it runs: a trace counter (``global TRACES; TRACES += 1``), a log of
+ints it appends to. Keyed by value, such a counter would differ at the start of every check and the cache
+would never be hit. So after a check, :meth:`WeakFunctionCache.keep_after_run` keeps the entries of the
+state the check started from also under the state ``fn`` left behind, which the next check starts from, but
+only where the two differ in Python ints and in containers holding nothing but ints (:func:`same_but_ints`).
+Such ints are taken to be ``fn``'s bookkeeping, which its traces do not depend on: a function whose result
+depends on how often it ran has no single derivative to check (within one check its traces would already
+disagree). Any other change (a float, a string, an array, an object that ``fn`` rebinds while it runs)
+leaves the entries under the start state only: a trace may have read the value from before the change, so
+the next check, starting from the changed state, traces afresh. An int the user rebinds between checks (a
+factor ``SCALE = 3``) is not bookkeeping: it changes the start state, so the check traces afresh.
 """
 
 from __future__ import annotations
@@ -40,8 +59,8 @@ import numpy as np
 BASE_LIBRARIES: FrozenSet[str] = frozenset({"numpy", "scipy", "gradbridge", "backends", "functools", "builtins",
                                             "typing", "abc", "math", "operator"})
 
-#: Python values the default :meth:`Fingerprinter.plain` keys by value (a trace bakes them in).
-VALUE_TYPES: Tuple[type, ...] = (type(None), bool, float, complex, str, bytes, type(Ellipsis))
+#: Python values :meth:`Fingerprinter.plain` keys by value, as ``(type, value)`` (a trace bakes them in).
+VALUE_TYPES: Tuple[type, ...] = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis))
 
 #: Returned by a hook for a value it leaves to the rest of the walk.
 UNHANDLED: Any = object()
@@ -114,13 +133,11 @@ class Fingerprinter:
         return self._python_object(value, depth)
 
     def plain(self, value: Any) -> Any:
-        """The token of a plain value, which needs no entry in the table of objects seen: :data:`VALUE_TYPES` and
-        NumPy scalars by value; Python ints not keyed (None), so that a trace counter ``fn`` bumps does not
-        defeat the cache. :data:`UNHANDLED` for anything else."""
+        """The token of a plain value, which needs no entry in the table of objects seen: :data:`VALUE_TYPES`
+        (ints included: a counter ``fn`` bumps is dealt with by :meth:`WeakFunctionCache.keep_after_run`) and
+        NumPy scalars by value. :data:`UNHANDLED` for anything else."""
         if isinstance(value, VALUE_TYPES):
             return (type(value), value)
-        if isinstance(value, int):
-            return None
         if isinstance(value, np.generic):
             return ("scalar", value.dtype.str, value.tobytes())
         return UNHANDLED
@@ -184,6 +201,27 @@ class Fingerprinter:
                 self.environment(fn.__kwdefaults__, depth + 1))
 
 
+_INTS: Any = object()
+
+
+def _without_ints(token: Any) -> Any:
+    """``token`` with each Python int (``(int, value)``) and each part holding nothing but ints (an empty
+    container's None included) replaced by one marker, in place: the other parts keep their positions."""
+    if token is None or type(token) is tuple and len(token) == 2 and token[0] is int:
+        return _INTS
+    if type(token) is not tuple:
+        return token
+    parts = tuple(_without_ints(part) for part in token)
+    return _INTS if parts and all(part is _INTS for part in parts) else parts
+
+
+def same_but_ints(before: Any, after: Any) -> bool:
+    """Whether two environment tokens are equal but for Python ints and containers holding nothing but ints
+    (a counter, a log of counts, an int attribute). A bool, an int subclass, an int that became a float, a
+    container that got a float are changes."""
+    return before == after or _without_ints(before) == _without_ints(after)
+
+
 def owners(fn: Any) -> Tuple[Any, ...]:
     """The objects a cache slot is tied to: a bound method's function and object (each attribute access makes
     a new method object), else ``fn`` itself."""
@@ -210,7 +248,8 @@ class WeakFunctionCache(Generic[E]):
 
     A function's slot is found by the ids of its :func:`owners` and checked against weak references to them
     (an id is reused once its object is gone); those references drop the slot when an owner is collected. A
-    slot keeps the :attr:`per_function` latest stored keys. Thread-safe.
+    slot keeps the :attr:`per_function` latest stored keys (older keys of a counter's values drop out first);
+    one entry may be kept under several keys (:meth:`keep_after_run`). Thread-safe.
     """
 
     def __init__(self, per_function: int = 16) -> None:
@@ -224,9 +263,9 @@ class WeakFunctionCache(Generic[E]):
             self._slots.clear()
 
     def __len__(self) -> int:
-        """How many entries are kept, over all functions."""
+        """How many entries are kept, over all functions (one kept under several keys counts once)."""
         with self._lock:
-            return sum(len(entries) for _, entries in self._slots.values())
+            return sum(len({id(entry) for entry in entries.values()}) for _, entries in self._slots.values())
 
     def get(self, fn: Any, key: Hashable, keep: Optional[Callable[[E], bool]] = None) -> Optional[E]:
         """``fn``'s entry for ``key``, or None; an entry ``keep`` rejects is dropped and None returned."""
@@ -261,9 +300,35 @@ class WeakFunctionCache(Generic[E]):
                 except TypeError:
                     return False
                 self._slots[slot_key] = slot
-            entries = slot[1]
-            entries.pop(key, None)
-            entries[key] = entry
-            while len(entries) > self.per_function:
-                del entries[next(iter(entries))]
+            self._store(slot[1], key, entry)
         return True
+
+    def _store(self, entries: Dict[Hashable, E], key: Hashable, entry: E) -> None:
+        entries.pop(key, None)
+        entries[key] = entry
+        while len(entries) > self.per_function:
+            del entries[next(iter(entries))]
+
+    def keep_after_run(self, fn: Any, before: Any, after: Any) -> bool:
+        """After a check of ``fn`` that started from the environment token ``before`` and left ``after`` behind,
+        keep every entry of ``fn`` kept under ``(structure, before)`` also under ``(structure, after)``, where
+        the two differ in ints only (:func:`same_but_ints`; see the module's docstring). The entries of other
+        structures (shapes, options) are moved along too: the counter is the same for all of them. Returns
+        whether any entry is kept so."""
+        if after == before or not same_but_ints(before, after):
+            return False
+        try:
+            hash(after)
+        except TypeError:
+            return False
+        fn_owners = owners(fn)
+        with self._lock:
+            slot = self._slots.get(tuple(id(o) for o in fn_owners))
+            if slot is None or any(ref() is not o for ref, o in zip(slot[0], fn_owners)):
+                return False
+            entries = slot[1]
+            found = [(key[0], entry) for key, entry in entries.items()
+                     if type(key) is tuple and len(key) == 2 and key[1] == before]
+            for structure, entry in found:
+                self._store(entries, (structure, after), entry)
+        return bool(found)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
-                                     digest, owners, weak_callable)
+                                     digest, owners, same_but_ints, weak_callable)
 
 
 def _function(source: str, **namespace: Any) -> Callable[..., Any]:
@@ -66,18 +66,53 @@ def test_an_array_read_by_fn_is_keyed_by_its_contents() -> None:
     assert _token(fn) != before
 
 
-def test_plain_values_are_keyed_by_value_but_ints_are_not() -> None:
-    fn = _function("def fn(x):\n    global COUNT\n    COUNT += 1\n    return SCALE * x + np.float32(OFFSET)\n",
-                   np=np, SCALE=2.0, COUNT=0, OFFSET=np.float32(1.0))
+@pytest.mark.parametrize("name, value, other", [
+    ("SCALE", 2.0, 3.0), ("FACTOR", 2, 3), ("FLAG", True, False), ("PHASE", 1j, 2j), ("MODE", "sum", "mean"),
+    ("RAW", b"a", b"b"), ("OFFSET", np.float32(1.0), np.float32(1.5)), ("COUNT", 0, 7),
+])
+def test_python_and_numpy_scalars_are_keyed_by_value(name: str, value: Any, other: Any) -> None:
+    fn = _function("def fn(x):\n    global COUNT\n    COUNT += 1\n"
+                   "    return SCALE * FACTOR * x + np.float32(OFFSET) if FLAG else PHASE, MODE, RAW\n",
+                   np=np, SCALE=2.0, FACTOR=2, FLAG=True, PHASE=1j, MODE="sum", RAW=b"a", COUNT=0,
+                   OFFSET=np.float32(1.0))
+    fn.__globals__[name] = value
     before = _token(fn)
-    fn.__globals__["COUNT"] = 7  # a trace counter fn bumps
-    assert _token(fn) == before
-    fn.__globals__["SCALE"] = 3.0
+    fn.__globals__[name] = other
     assert _token(fn) != before
-    fn.__globals__["SCALE"] = 2.0
+    fn.__globals__[name] = value
     assert _token(fn) == before
-    fn.__globals__["OFFSET"] = np.float32(1.5)
-    assert _token(fn) != before
+
+
+def test_an_int_is_not_keyed_as_the_equal_bool_or_float() -> None:
+    fn = _function("def fn(x):\n    return S * x\n", S=1)
+    before = _token(fn)
+    for other in (True, 1.0, np.int64(1)):
+        fn.__globals__["S"] = other
+        assert _token(fn) != before
+
+
+def test_same_but_ints_leaves_out_ints_and_containers_of_ints_only() -> None:
+    holder = _Holder(2.0)
+    holder.calls = 0
+    fn = _function("def fn(x):\n    return SCALE * H.scale * x + len(LOG) + COUNT + len(TABLE)\n",
+                   SCALE=2.0, H=holder, LOG=[], COUNT=0, TABLE={"a": 1, "b": 2.0})
+    before = _token(fn)
+    assert same_but_ints(before, before)
+    fn.__globals__["COUNT"] = 3  # a counter fn bumps
+    fn.__globals__["LOG"].extend([1, 1])  # a log of ints fn appends to
+    holder.calls = 5  # a counter in the state of an object fn reads
+    fn.__globals__["TABLE"]["a"] = 4
+    assert _token(fn) != before and same_but_ints(before, _token(fn))
+    after = _token(fn)
+    for name, value in (("SCALE", 3.0), ("SCALE", 2), ("COUNT", 3.0), ("COUNT", True), ("LOG", [1.0]),
+                        ("LOG", [1, "a"]), ("H", _Holder(2.0)), ("TABLE", {"a": 2.0, "b": 1})):
+        kept = fn.__globals__[name]
+        fn.__globals__[name] = value
+        assert not same_but_ints(after, _token(fn)), (name, value)
+        fn.__globals__[name] = kept
+    assert _token(fn) == after
+    holder.scale = 2.5
+    assert not same_but_ints(after, _token(fn))
 
 
 def test_closures_defaults_partials_and_bound_methods_are_followed() -> None:
@@ -286,6 +321,45 @@ def test_an_entry_the_caller_rejects_is_dropped() -> None:
     cache.get(f, 1)["valid"] = False
     assert cache.get(f, 1) == {"valid": False}  # without keep: returned as is
     assert cache.get(f, 1, keep=lambda e: e["valid"]) is None and len(cache) == 0
+
+
+def test_an_entry_under_several_keys_counts_once() -> None:
+    cache: WeakFunctionCache[Dict[str, int]] = WeakFunctionCache()
+
+    def f(x: float) -> float:
+        return x
+
+    entry = {"traces": 1}
+    cache.put(f, ("shape", ((int, 0),)), entry)
+    cache.put(f, ("shape", ((int, 1),)), entry)
+    assert cache.get(f, ("shape", ((int, 0),))) is cache.get(f, ("shape", ((int, 1),))) is entry
+    assert len(cache) == 1
+    cache.put(f, ("shape", ((int, 1),)), {"traces": 2})
+    assert len(cache) == 2
+
+
+def test_entries_are_kept_after_a_run_that_changed_only_ints() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache(per_function=4)
+
+    def f(x: float) -> float:
+        return x
+
+    def env(count: int, scale: float = 2.0) -> Any:
+        return (("COUNT", (int, count)), ("SCALE", (float, scale)))
+
+    cache.put(f, ("shape-a", env(0)), "a")
+    cache.put(f, ("shape-b", env(0)), "b")
+    cache.put(f, ("shape-c", env(0, 3.0)), "c")  # another start state: not moved along
+    assert not cache.keep_after_run(f, env(0), env(0))  # nothing changed
+    assert not cache.keep_after_run(f, env(0), env(0, 3.0))  # a float changed: the start keys only
+    assert not cache.keep_after_run(f, env(5), env(6))  # no entry was kept under env(5)
+    assert cache.keep_after_run(f, env(0), env(1))
+    assert cache.get(f, ("shape-a", env(1))) == "a" and cache.get(f, ("shape-b", env(1))) == "b"
+    assert cache.get(f, ("shape-c", env(1, 3.0))) is None and len(cache) == 3
+    assert cache.keep_after_run(f, env(1), env(2))  # the oldest keys drop out: (shape-a, 0), (shape-b, 0), ...
+    assert cache.get(f, ("shape-a", env(2))) == "a" and cache.get(f, ("shape-b", env(2))) == "b"
+    assert cache.get(f, ("shape-a", env(0))) is None and cache.get(f, ("shape-c", env(0, 3.0))) is None
+    assert len(cache) == 2
 
 
 def test_a_function_without_weak_references_is_not_kept() -> None:

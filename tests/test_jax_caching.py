@@ -146,3 +146,84 @@ def test_seeded_bugs_are_still_caught_on_repeated_checks() -> None:
     for seed in range(3):
         report = gb.check(square, _x(seed=seed))
         assert not report.passed, str(report)
+
+
+# --- Python scalars fn reads are keyed by value; counters fn bumps while traced keep the cache ---
+
+_SQUARE_WITH_GLOBAL_FACTOR = (
+    "@jax.custom_vjp\n"
+    "def f(x):\n"
+    "    return jnp.sum(x * x)\n"
+    "def fwd(x):\n"
+    "    return f(x), x\n"
+    "def bwd(x, g):\n"
+    "    return (g * x * S,)\n"  # right only while S is 2
+    "f.defvjp(fwd, bwd)\n")
+
+
+@pytest.mark.parametrize("right, wrong", [(2.0, 3.0), (2, 3), (np.float32(2.0), np.float32(3.0))],
+                         ids=["float", "int", "numpy-scalar"])
+def test_a_rebound_global_scalar_read_by_the_bwd_gives_the_new_verdict(right, wrong) -> None:
+    namespace = {"jax": jax, "jnp": jnp, "S": right}
+    exec(_SQUARE_WITH_GLOBAL_FACTOR, namespace)
+    f, x = namespace["f"], _x()
+    verdicts = []
+    for value in (right, wrong, right, wrong):  # the last two find the entries of the first two
+        namespace["S"] = value
+        verdicts.append(gb.check(f, x).passed)
+    assert verdicts == [True, False, True, False]
+
+
+def test_a_rebound_closure_float_read_by_the_bwd_gives_the_new_verdict() -> None:
+    scale = 2.0
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sum(x * x)
+
+    def bwd(x, g):
+        return (g * x * scale,)  # right only while scale is 2
+
+    f.defvjp(lambda x: (f(x), x), bwd)
+    x = _x()
+    assert gb.check(f, x).passed
+    scale = 2.5
+    assert not gb.check(f, x).passed
+    scale = 2.0  # noqa: F841 - read by bwd
+    assert gb.check(f, x).passed
+
+
+_COUNTED_SQUARE = (
+    "@jax.custom_vjp\n"
+    "def f(x):\n"
+    "    global TRACES\n"
+    "    TRACES += 1\n"  # runs only while JAX traces
+    "    return jnp.sum(x * x)\n"
+    "def fwd(x):\n"
+    "    return f(x), x\n"
+    "def bwd(x, g):\n"
+    "    return (g * x * SCALE,)\n"  # right only while SCALE is 2
+    "f.defvjp(fwd, bwd)\n")
+
+
+def test_a_trace_counter_keeps_the_cache_and_a_rebound_int_factor_does_not() -> None:
+    """The counter fn bumps while traced is not what the trace depends on: the second and third checks reuse
+    the first one's trace. The int factor is: rebinding it traces afresh and gives the new verdict."""
+    gbjax.clear_cache()
+    namespace = {"jax": jax, "jnp": jnp, "TRACES": 0, "SCALE": 2}
+    exec(_COUNTED_SQUARE, namespace)
+    f = namespace["f"]
+    assert gb.check(f, _x()).passed
+    traced = namespace["TRACES"]
+    assert traced > 0 and gbjax.cache_size() == 1
+    for seed in (1, 2):
+        assert gb.check(f, _x(seed=seed)).passed
+    assert namespace["TRACES"] == traced and gbjax.cache_size() == 1
+    namespace["SCALE"] = 3
+    assert not gb.check(f, _x()).passed
+    assert namespace["TRACES"] > traced and gbjax.cache_size() == 2
+    traced = namespace["TRACES"]
+    assert not gb.check(f, _x(seed=3)).passed and namespace["TRACES"] == traced
+    namespace["SCALE"] = 2
+    assert gb.check(f, _x()).passed
+    gbjax.clear_cache()

@@ -498,3 +498,72 @@ def test_order_2_and_uncacheable_checks_are_not_kept(fresh_cache: None) -> None:
 
     report = gb.check(lambda x, o: tf.reduce_sum(x ** 2), _normal(3, seed=45), Opaque())
     assert report.passed and _notes(report, BATCHED_EVAL) and tf_backend.cache_size() == 1, report.notes
+
+
+# --- Python scalars fn reads are keyed by value; counters fn bumps keep the cache ---
+
+_SQUARE_WITH_GLOBAL_FACTOR = (
+    "@tf.custom_gradient\n"
+    "def op(x):\n"
+    "    def grad(g):\n"
+    "        return g * x * S\n"  # right only while S is 2
+    "    return x * x, grad\n"
+    "def fn(x):\n"
+    "    return tf.reduce_sum(op(x))\n")
+
+
+@pytest.mark.parametrize("right, wrong", [(2.0, 3.0), (2, 3)], ids=["float", "int"])
+def test_a_rebound_global_scalar_read_by_the_gradient_gives_the_new_verdict(fresh_cache: None, right: Any,
+                                                                            wrong: Any) -> None:
+    """Each value has a graph of its own: the verdict comes from batched VJPs, not from the eager loop taking
+    over after a stale graph disagreed with it."""
+    namespace = {"tf": tf, "S": right}
+    exec(_SQUARE_WITH_GLOBAL_FACTOR, namespace)
+    fn, x = namespace["fn"], _normal(5, seed=46)
+    for value, passes in ((right, True), (wrong, False), (right, True), (wrong, False)):
+        namespace["S"] = value
+        report = gb.check(fn, x)
+        assert report.passed is passes, str(report)
+        assert _notes(report, BATCHED_VJP) and not _notes(report, LOOP_VJP), report.notes
+    assert tf_backend.cache_size() == 2
+
+
+_COUNTED_SQUARE = (
+    "@tf.custom_gradient\n"
+    "def op(x):\n"
+    "    def grad(g):\n"
+    "        return g * x * SCALE\n"  # right only while SCALE is 2
+    "    return x * x, grad\n"
+    "def fn(x):\n"
+    "    global CALLS, TRACES\n"
+    "    CALLS += 1\n"  # every Python call: the eager ones and the traces
+    "    if not tf.executing_eagerly():\n"
+    "        TRACES += 1\n"
+    "    return tf.reduce_sum(op(x))\n")
+
+
+@pytest.mark.parametrize("min_rows", [1, 64])
+def test_counters_fn_bumps_keep_the_cache_and_a_rebound_int_factor_does_not(
+        fresh_cache: None, monkeypatch: pytest.MonkeyPatch, min_rows: int) -> None:
+    """The counters fn bumps while it runs are not what its graphs depend on: checks reuse the graphs traced
+    before (with MIN_BATCH_ROWS=64 the first small check runs the loop and the second one traces). The int
+    factor is: rebinding it traces afresh and gives the new verdict."""
+    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", min_rows)
+    namespace = {"tf": tf, "CALLS": 0, "TRACES": 0, "SCALE": 2}
+    exec(_COUNTED_SQUARE, namespace)
+    fn, x = namespace["fn"], _normal(5, seed=47)
+    assert gb.check(fn, x).passed
+    if min_rows > 1:
+        assert namespace["TRACES"] == 0
+        assert gb.check(fn, x).passed
+    traced = namespace["TRACES"]
+    assert traced > 0 and tf_backend.cache_size() == 1
+    for seed in (48, 49):
+        again = gb.check(fn, _normal(5, seed=seed))
+        assert again.passed and _notes(again, BATCHED_EVAL) and _notes(again, BATCHED_VJP), again.notes
+    assert namespace["TRACES"] == traced and tf_backend.cache_size() == 1
+    namespace["SCALE"] = 3
+    for _ in range(2):  # no stale graph caught by the eager loop; the second check batches in any case
+        wrong = gb.check(fn, x)
+        assert not wrong.passed and not _notes(wrong, LOOP_VJP), wrong.notes
+    assert _notes(wrong, BATCHED_VJP) and namespace["TRACES"] > traced, wrong.notes
