@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _executor, _hooks, _registry
@@ -154,6 +155,10 @@ def function_name(fn: Any) -> str:
 
 def argument_names(fn: Any, count: int) -> Tuple[str, ...]:
     """Names for the positional arguments: from ``fn``'s signature where it has them, else ``arg0``...."""
+    if type(fn) is types.FunctionType and not hasattr(fn, "__wrapped__") and not hasattr(fn, "__signature__"):
+        code = fn.__code__  # a plain function: its positional parameters straight from the code (no inspect)
+        names = code.co_varnames[:code.co_argcount][:count]
+        return tuple(names) + tuple(f"arg{i}" for i in range(len(names), count))
     target = fn
     owner = getattr(fn, "__self__", None)
     skip = 0

@@ -87,6 +87,8 @@ class Directions:
         self.steps = np.concatenate(steps) if steps else np.zeros(0)
         self.owner = np.concatenate([np.full(e.count, i) for i, e in enumerate(self.per_leaf)]) \
             if self.per_leaf else np.zeros(0, dtype=int)
+        # every direction a unit vector, leaves in flat order: direction j changes element j
+        self._directions_are_elements = all(e.basis is None and e.first == e.leaf.offset for e in self.per_leaf)
 
     def of(self, leaf: LeafSpec) -> LeafDirections:
         return next(e for e in self.per_leaf if e.leaf.name == leaf.name)
@@ -120,6 +122,8 @@ class Directions:
         """The positions in the flat vector that directions ``indices`` change, when every one of them is
         a unit direction (one element each); None when any is a tangent or compressed direction."""
         indices = np.asarray(indices)
+        if self._directions_are_elements:
+            return indices.astype(np.int64)
         owners = self.owner[indices] if len(indices) else np.zeros(0, dtype=int)
         positions = np.empty(len(indices), dtype=np.int64)
         for owner in np.unique(owners):

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Dict, Iterator
 
 import numpy as np
+
+
+#: Python's generator state right after ``random.seed(seed)``, per seed: restoring it is about twice as fast
+#: as seeding again, and gives exactly the same state.
+_SEEDED_PYTHON_STATES: Dict[int, tuple] = {}
 
 
 class SharedRandomState:
@@ -19,10 +24,15 @@ class SharedRandomState:
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self._python_state = _SEEDED_PYTHON_STATES.get(seed)
 
     def reseed(self) -> None:
         """Put both global generators into the same state before an evaluation."""
-        random.seed(self.seed)
+        if self._python_state is None:
+            random.seed(self.seed)
+            self._python_state = _SEEDED_PYTHON_STATES.setdefault(self.seed, random.getstate())
+        else:
+            random.setstate(self._python_state)
         np.random.seed(self.seed % (2**32))
 
     @contextlib.contextmanager
