@@ -71,6 +71,7 @@ from torch.overrides import TorchFunctionMode, has_torch_function
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._fingerprint import BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._precision import FLOAT64_EPS, eps_of
@@ -170,6 +171,47 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
             return "fn calls print(...)"
         previous = instr
     return None
+
+
+class _Fingerprint(Fingerprinter):
+    """What fn reads besides its arguments, as far as it decides whether fn runs under ``torch.func.vmap``
+    as it runs point by point: Python values by value, functions by their code and what they read, tensors,
+    arrays and modules by identity (their values do not change how fn batches)."""
+
+    libraries = BASE_LIBRARIES | {"torch", "functorch"}
+
+    def ndarray(self, value: np.ndarray) -> Any:
+        return ("ndarray", self.identity(value))
+
+    def adapter_object(self, value: Any, depth: int) -> Any:
+        if isinstance(value, (torch.Tensor, torch.nn.Module)):
+            return (type(value).__name__, self.identity(value))
+        return UNHANDLED
+
+
+class _Batches:
+    """A cached decision: fn (for this key) ran under vmap and agreed with the loop in an earlier check."""
+
+    def __init__(self, refs: List[Any]) -> None:
+        self.refs = refs
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+
+#: Functions whose batched evaluation an earlier check verified, per structure and fingerprint (see
+#: ``_evaluate_first_batch``); weakly held by the function, like the JAX and TensorFlow compiled code.
+_BATCHES: WeakFunctionCache[_Batches] = WeakFunctionCache(per_function=16)
+
+
+def clear_cache() -> None:
+    """Forget every batching decision kept across checks."""
+    _BATCHES.clear()
+
+
+def cache_size() -> int:
+    """How many batching decisions are kept across checks."""
+    return len(_BATCHES)
 
 
 # A classic autograd.Function (forward(ctx, ...), no setup_context) given as fn itself (``MyFunction.apply``)
@@ -745,6 +787,8 @@ class TorchPrepared(ProblemBackedFunction):
         self._batched_transposed: Optional[bool] = None
         self._batch_sizes: Dict[str, int] = {}
         self._path_notes: Dict[str, str] = {}
+        # this check's key in the cache of batching decisions, taken when its session starts (before fn runs)
+        self._batches_start: Optional[Tuple[Any, List[Any]]] = None
         if problem.promote:
             self.notes = promotion_notes(problem.leaves)
             self.working_eps: Optional[float] = None
@@ -756,6 +800,25 @@ class TorchPrepared(ProblemBackedFunction):
             self.notes.append(f"module {type(problem.module).__name__} in "
                               f"{'training' if problem.spec.train else 'eval'} mode during the check; its "
                               f"parameters and buffers replaced by {copies} while fn runs")
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """The problem's session; the key of the batching decision is taken on entering it, and on leaving it
+        normally the decision follows the counters fn bumped (as the JAX and TensorFlow caches do)."""
+        with self.problem.session():
+            self._batches_start = self._batches_key() if self.batching and not self.needs_grad else None
+            yield
+            self._keep_batches_after_run()
+
+    def _keep_batches_after_run(self) -> None:
+        """Keep a decision made under the state this check started from also under the state fn left behind,
+        where the two differ in ints only (a counter fn bumps): the next check starts from it."""
+        start = self._batches_start
+        if start is None or self._batched_evaluate is not True:
+            return
+        end = self._batches_key()
+        if end is not None:
+            _BATCHES.keep_after_run(self.problem.spec.fn, start[0][1], end[0][1])
 
     # --- evaluation: batched under torch.func.vmap, or point by point ---
 
@@ -844,7 +907,44 @@ class TorchPrepared(ProblemBackedFunction):
 
     def _evaluate_first_batch(self, points: np.ndarray) -> np.ndarray:
         """Decide the path: batched when vmap runs fn and agrees with the loop on the chunk's first and
-        last points; otherwise the loop, for good. A loop that raises leaves the decision open."""
+        last points; otherwise the loop, for good. A loop that raises leaves the decision open.
+
+        A function whose batched evaluation an earlier check verified (same fn, leaf shapes and dtypes,
+        options, and fingerprint of what it reads) runs batched at once; anything going wrong under vmap
+        then sends it through the full decision here."""
+        key = self._batches_start or self._batches_key()
+        if key is not None and _BATCHES.get(self.problem.spec.fn, key[0], keep=_Batches.alive) is not None:
+            try:
+                batched = self._evaluate_vmap(points)
+            except Exception:
+                pass
+            else:
+                self._decide("evaluate", True, "", len(points))
+                return batched
+        result = self._evaluate_undecided(points)
+        if key is not None and self._batched_evaluate is True:
+            _BATCHES.put(self.problem.spec.fn, key[0], _Batches(key[1]))
+        return result
+
+    def _batches_key(self) -> Optional[Tuple[Any, List[Any]]]:
+        """The key of this check in the cache of batching decisions and the weak references that must stay
+        alive for an entry to hold; None when fn cannot be keyed safely, or its parameters are swapped in
+        through ``.data`` (never batched)."""
+        if self.problem.data_swap is not None:
+            return None
+        try:
+            fingerprint = _Fingerprint()
+            token = fingerprint.environment(self.problem.spec.fn)
+            structure = (tuple((leaf.shape, leaf.dtype) for leaf in self.leaves), self.problem.promote,
+                         self.problem.spec.train, str(self.problem.device))
+            key = (structure, token)
+            hash(key)
+        except (Uncacheable, TypeError, RecursionError):
+            return None
+        return key, fingerprint.refs
+
+    def _evaluate_undecided(self, points: np.ndarray) -> np.ndarray:
+        """The decision of :meth:`_evaluate_first_batch`, made on this chunk."""
         if self.problem.data_swap is not None:
             looped = self._evaluate_loop(points)
             self._decide("evaluate", False, "params= given as plain tensors are swapped in through .data, which "

@@ -9,6 +9,7 @@ loop, the reference the batched path is compared with.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Tuple
 
@@ -456,3 +457,61 @@ def test_speed_sanity_is_printed(capsys) -> None:
     with capsys.disabled():
         print(f"\n[speed] gb.check full, n={n}: batched {times[True]:.3f}s, looped {times[False]:.3f}s "
               f"({times[False] / times[True]:.1f}x)")
+
+
+# --- batching decisions kept across checks ---
+
+_ACTIVATION: Callable[[Any], Any] = torch.sin
+_KEPT: list = []
+
+
+def _per_point_calls(counter: list) -> Callable[[Any], Any]:
+    """``sum(_ACTIVATION(x) * x)``, counting the calls fn gets with an unbatched tensor (point by point)."""
+    from torch._C._functorch import is_batchedtensor
+
+    def fn(x):
+        if not is_batchedtensor(x):
+            counter[0] += 1
+        return (_ACTIVATION(x) * x).sum()
+
+    return fn
+
+
+def test_a_repeat_check_runs_batched_without_verifying_again() -> None:
+    """The first check verifies the batched path against the loop (two extra point-by-point calls); a repeat
+    check of the same function with the same shapes trusts it, and says it ran batched."""
+    torch_backend.clear_cache()
+    calls = [0]
+    fn = _per_point_calls(calls)
+    x = _randn(16, seed=3)
+    first = gb.check(fn, x, mode="full")
+    assert first.passed and any(BATCHED in note for note in first.notes), first.notes
+    during_first = calls[0]
+    again = gb.check(fn, x, mode="full")
+    assert again.passed and any(BATCHED in note for note in again.notes), again.notes
+    assert calls[0] - during_first == during_first - 2
+    assert torch_backend.cache_size() == 1
+    gb.check(fn, _randn(17, seed=4), mode="full")  # other shapes: verified afresh
+    assert torch_backend.cache_size() == 2
+
+
+def test_a_rebound_global_is_verified_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A global fn reads is part of the key: rebinding it to a function that keeps the tensors it computes
+    (which vmap would hand one batched tensor) makes the next check decide again, and fall back to the loop."""
+    torch_backend.clear_cache()
+    fn = _per_point_calls([0])
+    x = _randn(16, seed=5)
+    assert any(BATCHED in note for note in gb.check(fn, x, mode="full").notes)
+
+    def keeping(t):
+        out = torch.sin(t)
+        _KEPT.append(out)
+        return out
+
+    monkeypatch.setattr(sys.modules[__name__], "_ACTIVATION", keeping)
+    try:
+        report = gb.check(fn, x, mode="full")
+    finally:
+        _KEPT.clear()
+    assert report.passed
+    assert any(FELL_BACK in note and "keeps tensors" in note for note in report.notes), report.notes
