@@ -71,7 +71,8 @@ from torch.overrides import TorchFunctionMode, has_torch_function
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._fingerprint import BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache
+from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
+                                     holds_ints)
 from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._precision import FLOAT64_EPS, eps_of
@@ -814,7 +815,7 @@ class TorchPrepared(ProblemBackedFunction):
         """Keep a decision made under the state this check started from also under the state fn left behind,
         where the two differ in ints only (a counter fn bumps): the next check starts from it."""
         start = self._batches_start
-        if start is None or self._batched_evaluate is not True:
+        if start is None or self._batched_evaluate is not True or not holds_ints(start[0][1]):
             return
         end = self._batches_key()
         if end is not None:

@@ -222,6 +222,17 @@ def same_but_ints(before: Any, after: Any) -> bool:
     return before == after or _without_ints(before) == _without_ints(after)
 
 
+def holds_ints(token: Any) -> bool:
+    """Whether an environment token holds a Python int (``(int, value)``) anywhere. Where it holds none, no
+    counter was read, so a cache can skip the second fingerprint after a run (a container that was empty and
+    fills up with ints then costs one cache miss, never a wrong hit)."""
+    if type(token) is not tuple:
+        return False
+    if len(token) == 2 and token[0] is int:
+        return True
+    return any(holds_ints(part) for part in token)
+
+
 def owners(fn: Any) -> Tuple[Any, ...]:
     """The objects a cache slot is tied to: a bound method's function and object (each attribute access makes
     a new method object), else ``fn`` itself."""

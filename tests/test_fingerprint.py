@@ -395,3 +395,22 @@ def test_the_core_imports_and_names_no_framework(tmp_path: Path) -> None:
     source = Path(core.__file__).read_text().lower()
     assert not [name for name in frameworks if name in source]
     assert not BASE_LIBRARIES & set(frameworks)
+
+
+def test_holds_ints_finds_an_int_anywhere_and_nothing_else() -> None:
+    from gradbridge._fingerprint import holds_ints
+
+    counter = [0]
+    scale = 2.0
+
+    def reads_counter(x):
+        return x * counter[0]
+
+    def reads_float(x):
+        return x * scale
+
+    assert holds_ints(Fingerprinter().environment(reads_counter))
+    assert not holds_ints(Fingerprinter().environment(reads_float))
+    assert not holds_ints(Fingerprinter().environment(lambda x: x))  # None defaults, code ids: not ints read
+    assert holds_ints(("a", (float, 1.0), ((int, 3),)))
+    assert not holds_ints(("id", 12345)) and not holds_ints((bool, True)) and not holds_ints(None)
