@@ -86,7 +86,7 @@ def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed:
          excluded: Sequence[str] = ()) -> Mapping[str, CompressedLeaf]:
     """The compressed leaves of a full check: those of at least :data:`MIN_COLUMNS` elements whose
     columns fit in at most :data:`MAX_GROUP_FRACTION` of their count of groups."""
-    rng = np.random.default_rng(seed + 7)
+    rng: Optional[np.random.Generator] = None  # made when needed: a small check compresses nothing
     plans = {}
     for leaf in leaves:
         if leaf.size < MIN_COLUMNS or leaf.name in excluded:
@@ -95,6 +95,7 @@ def plan(x0: np.ndarray, leaves: Sequence[LeafSpec], jacobian: np.ndarray, seed:
         groups = colour_columns(pattern, int(MAX_GROUP_FRACTION * leaf.size))
         if groups is None:
             continue
+        rng = rng or np.random.default_rng(seed + 7)
         count = int(groups.max()) + 1
         basis = np.zeros((count, leaf.size))
         basis[groups, np.arange(leaf.size)] = column_scales(rng, x0, leaf)
