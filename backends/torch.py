@@ -27,7 +27,11 @@ the point-by-point loop on the chunk's first and last rows, and anything vmap ca
 ``autograd.Function``s, ``.item()``, data-dependent control flow, in-place writes into unbatched tensors,
 random draws, ``params=`` tensors swapped in through ``.data``) or any disagreement sends the function to
 the loop for good, with a note saying why. Once batching has been shown to work, an exception from a
-batched chunk is the user's and propagates (the core then locates the failing point one by one).
+batched chunk is the user's and propagates (the core then locates the failing point one by one). A batched
+evaluation an earlier check verified is kept (``clear_cache()``, ``cache_size()``), weakly held by the
+function and keyed on its leaves' shapes and dtypes, the options and a fingerprint of what it reads; a
+repeat check then runs batched at once, and anything going wrong under vmap sends it through the full
+decision again.
 
 Transposed VJPs (``vjp_transposed``, ``J t`` without forward mode): ``J^T u`` is built at a seeded random
 cotangent ``u`` with ``create_graph=True`` and differentiated with respect to ``u`` (double backward), so
