@@ -47,6 +47,8 @@ def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
 
 
 def _integer(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    if type(value) is int and value >= low and (high is None or value <= high):
+        return value  # the common case, without the (slow) abstract-base-class check below
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
             or (high is not None and value > high)):
         bounds = f">= {low}" if high is None else f"from {low} to {high}"
