@@ -41,8 +41,8 @@ function checked again traces and keeps its graphs. The eager per-point loop run
 on the first call and said in ``notes``, when checked plain tf.Variables must be assigned, ``fn`` draws random
 numbers, calls Python (``tf.py_function``), has side effects (assertions, prints, assigns), cannot be traced
 (``.numpy()``, Python branches on tensors) or vectorized without a while_loop, or when the first batched chunk
-disagrees with the loop (~1e3 eps) or raises (the loop then raises with its point). A kept graph that agreed
-with the loop in an earlier check is used without that comparison (it disagreeing later drops it). Python side effects that
+disagrees with the loop (~1e3 eps) or raises (the loop then raises with its point). Every check makes that
+comparison again, also with a kept graph: it is the safety net for what the cache key cannot see. Python side effects that
 do not change the outputs cannot be detected: they run once per trace instead of once per point (not at
 all in a check that reuses a kept graph).
 
@@ -59,7 +59,7 @@ import contextlib
 import os
 import random
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import of TensorFlow: no INFO/WARNING spam
 
@@ -236,9 +236,18 @@ def _expand_slash_prefixes(wrt: Optional[Tuple[Any, ...]],
 
 # --- random state ---
 
-#: The seeded global generator that stands in while the user has none, one per seed, shared by checks
-#: (creating one makes a variable, about 1 ms); each check resets it to its seeded state on exit.
-_STAND_IN_GENERATORS: Dict[int, tf.random.Generator] = {}
+#: The seeded global generator that stands in while the user has none, and its seeded state, one per seed,
+#: shared by checks (creating one makes a variable, about 1 ms). Every check starts it from the seeded state,
+#: whatever drew from it in between (fn may keep it: ``tf.random.get_global_generator()``).
+_STAND_IN_GENERATORS: Dict[int, Tuple[tf.random.Generator, np.ndarray]] = {}
+
+
+def _stand_in_generator(seed: int) -> Tuple[tf.random.Generator, np.ndarray]:
+    found = _STAND_IN_GENERATORS.get(seed)
+    if found is None:
+        generator = tf.random.Generator.from_seed(seed)
+        found = _STAND_IN_GENERATORS.setdefault(seed, (generator, generator.state.numpy().copy()))
+    return found
 
 
 class _TensorFlowRandomState:
@@ -283,12 +292,13 @@ class _TensorFlowRandomState:
         keras_state = _keras_global_state()
         keras_generator = keras_state.get_global_attribute("global_seed_generator") if keras_state else None
         try:
-            if user_generator is None and self._own is None:
-                self._own = _STAND_IN_GENERATORS.get(self.seed)
-                if self._own is None:
-                    self._own = _STAND_IN_GENERATORS.setdefault(self.seed, tf.random.Generator.from_seed(self.seed))
-            self._active = user_generator if user_generator is not None else self._own
-            self._active_state = self._active.state.numpy().copy()
+            if user_generator is None:
+                self._own, seeded = _stand_in_generator(self.seed)
+                self._active, self._active_state = self._own, seeded
+                self._own.reset(seeded)
+            else:
+                self._active = user_generator
+                self._active_state = user_generator.state.numpy().copy()
             _tf_stateful_random.global_generator = self._active
             yield
         finally:
@@ -723,7 +733,6 @@ class _Traced:
         self.graphs: Dict[str, Any] = {}
         self.refused: Dict[str, str] = {}
         self.flags: Dict[str, List[bool]] = {}
-        self.verified: Set[str] = set()  # paths whose graph agreed with the eager loop in an earlier check
 
     def alive(self) -> bool:
         return all(ref() is not None for ref in self.refs)
@@ -1007,7 +1016,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
         if result.shape != (len(points), expected):
             return self._fall_back("evaluate", f"the vectorized graph returned shape {result.shape}, expected "
                                                f"{(len(points), expected)}", decided=not first, stale=True)
-        if first and not self._verified_before("evaluate"):
+        if first:
             rows = sorted({0, len(points) - 1})
             try:
                 looped = self._evaluate_loop(points[rows])
@@ -1138,41 +1147,25 @@ class TensorFlowPrepared(ProblemBackedFunction):
             return f"largest difference {float(error[bad].max()):.3g}"
         return None
 
-    def _verified_before(self, which: str) -> bool:
-        """Whether the graph of ``which`` is the cached one that agreed with the eager loop in an earlier
-        check (same function, shapes and fingerprint): then it is used at once, without running the loop on
-        this check's first chunk again (at 16 inputs that loop is most of a check's time)."""
-        if self._entry is None or which not in self._entry.verified or self._entry.graphs.get(which) is not \
-                self._graphs.get(which):
-            return False
-        self._decide(which, "batched", "", verified_before=True)
-        return True
-
     def _fall_back(self, which: str, reason: str, decided: bool = False, stale: bool = False) -> None:
         """The eager loop from now on (``decided``: after batched chunks had run); the caller runs it.
         ``stale``: the graph disagreed with the loop, so it is dropped from the cache too (the next check
         traces afresh rather than trusting it)."""
         if stale and self._entry is not None:
             self._entry.graphs.pop(which, None)
-            self._entry.verified.discard(which)
         self._decide(which, "loop", reason, later=decided)
 
-    def _decide(self, which: str, path: str, reason: str, later: bool = False, verified_before: bool = False) -> None:
-        """Remember the path for good and say so in the notes; a batched path checked against the loop here
-        is recorded in the cache entry as verified."""
+    def _decide(self, which: str, path: str, reason: str, later: bool = False) -> None:
+        """Remember the path for good and say so in the notes."""
         self._paths[which] = path
         if path == "loop":
             self._graphs.pop(which, None)
-        elif self._entry is not None and self._entry.graphs.get(which) is self._graphs.get(which):
-            self._entry.verified.add(which)
         what = {"evaluate": "evaluations", "vjp": "reverse-mode products (VJPs)",
                 "transposed": "transposed reverse-mode products (J t from the VJP)"}[which]
         unit = {"evaluate": "point", "vjp": "cotangent", "transposed": "tangent"}[which]
         if path == "batched":
-            checked = ("its graph checked against the eager loop by an earlier check of this function"
-                       if verified_before else "checked against the eager loop on the first chunk")
             note = (f"TensorFlow {what} batched: all {unit}s of a chunk in one tf.function through tf.vectorized_map "
-                    f"({checked})")
+                    "(checked against the eager loop on the first chunk)")
         else:
             when = "from then on, after vectorized chunks," if later else ""
             note = f"TensorFlow {what} {when} one {unit} at a time (eager loop): {reason}".replace("  ", " ")
@@ -1217,7 +1210,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
             return self._fall_back("vjp", f"the vectorized graph returned shape {result.shape}", decided=not first,
                                    stale=True)
         none = self._flags["vjp"].get("none", [False] * len(self.leaves))
-        if first and not self._verified_before("vjp"):
+        if first:
             looped = self._vjp_loop(cotangents[:1])  # also records the loop's None gradients
             undefined = {leaf.name for leaf, missing in zip(self.leaves, none) if missing}
             if undefined != set(self.undefined_gradients):
@@ -1285,7 +1278,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
                                    decided=not first, stale=True)
         flags = self._flags["transposed"]
         self._check_transposable(g, flags["links"], flags["none"])
-        if first and not self._verified_before("transposed"):
+        if first:
             looped = self._transposed_loop(tangents[:1])
             mismatch = self._mismatch(rows[:1], looped)
             if mismatch is not None:

@@ -569,26 +569,31 @@ def test_counters_fn_bumps_keep_the_cache_and_a_rebound_int_factor_does_not(
     assert _notes(wrong, BATCHED_VJP) and namespace["TRACES"] > traced, wrong.notes
 
 
-def test_a_repeat_check_trusts_the_graphs_an_earlier_check_verified(fresh_cache: None) -> None:
-    """The first check compares each batched path's first chunk with the eager loop; a repeat check of the same
-    function reuses the verified graphs without running the loop again (only the probe's two eager calls),
-    and says so. A new function (another key) is verified afresh."""
-    eager: List[int] = []
+class _Config:
+    scale = 3.0
 
-    def fn(x: tf.Tensor) -> tf.Tensor:
-        if tf.executing_eagerly():
-            eager.append(1)
-        return tf.reduce_sum(tf.sin(x) * x ** 2)
 
-    x = _normal(6, seed=40)
-    first = gb.check(fn, x)
-    assert first.passed and _notes(first, BATCHED_EVAL) and _notes(first, BATCHED_VJP), first.notes
-    assert all("first chunk" in note for note in _notes(first, BATCHED_EVAL) + _notes(first, BATCHED_VJP))
-    during_first = len(eager)
-    again = gb.check(fn, x)
-    assert again.passed, again
-    verified = _notes(again, BATCHED_EVAL) + _notes(again, BATCHED_VJP)
-    assert len(verified) == 2 and all("by an earlier check" in note for note in verified), again.notes
-    assert len(eager) - during_first == 2 < during_first  # the probe's two calls; no verifying loop
-    other = gb.check(lambda x: tf.reduce_sum(tf.cos(x) * x), x)
-    assert all("first chunk" in note for note in _notes(other, BATCHED_EVAL)), other.notes
+def test_a_kept_graph_gone_stale_is_still_caught(fresh_cache: None) -> None:
+    """A custom gradient reading a class attribute: the cache key cannot see the attribute, so a repeat check
+    finds the graph traced with the old value. Every check compares its first chunk with the eager loop, which
+    catches the stale graph, so the now-wrong backward rule still fails (a regression test: trusting graphs
+    verified by an earlier check let it pass)."""
+
+    @tf.custom_gradient
+    def f(x):
+        def grad(g):
+            return g * tf.cos(x) * _Config.scale  # right only while _Config.scale is 3
+
+        return tf.sin(x) * 3.0, grad
+
+    def fn(x):
+        return tf.reduce_sum(f(x))
+
+    x = tf.constant(np.linspace(0.1, 1.0, 16))
+    try:
+        for _ in range(2):
+            assert gb.check(fn, x, mode="full").passed
+        _Config.scale = 1.0
+        assert not gb.check(fn, x, mode="full").passed
+    finally:
+        _Config.scale = 3.0
