@@ -96,7 +96,7 @@ _BATCHING_HINTS = ("vmap", "functorch", "batching rule", "batchedtensor", "batch
 # first batched call's checks cost more than they can save on a smaller one (which runs point by point)
 _FIRST_BATCH = 8
 # about how many elements (points x the wider of inputs and outputs) one call of fn under vmap handles
-_VMAP_ELEMENTS = 1 << 20
+_VMAP_ELEMENTS = 1 << 18
 
 
 # params_held when there is nothing to hold (nullcontext is reusable and reentrant)
@@ -192,6 +192,22 @@ class _Fingerprint(Fingerprinter):
         if isinstance(value, (torch.Tensor, torch.nn.Module)):
             return (type(value).__name__, self.identity(value))
         return UNHANDLED
+
+
+def _argument_token(fingerprint: Fingerprinter, value: Any, depth: int = 0) -> Any:
+    """What fn receives as arguments, for the key of a batching decision: tensors by shape, dtype and
+    ``requires_grad`` (their values do not change how fn batches), containers item by item, anything else
+    (a flag, a config object) as the fingerprint keys what fn reads."""
+    if depth > 32:
+        raise Uncacheable("arguments nested too deep")
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_argument_token(fingerprint, v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((fingerprint.environment(k), _argument_token(fingerprint, v, depth + 1))
+                              for k, v in value.items()))
+    return fingerprint.environment(value)
 
 
 class _Batches:
@@ -897,9 +913,10 @@ class TorchPrepared(ProblemBackedFunction):
             out, _ = forward(x, False)
             return out
 
-        # vmap runs fn on sub-batches of about _VMAP_ELEMENTS elements (8 MB per float64 temporary): larger
-        # ones fall out of the caches, smaller ones pay vmap's fixed cost more often (a 4096-input scalar loss,
-        # measured: sub-batches of 256 rows 10-18% faster than of 64)
+        # vmap runs fn on sub-batches of about _VMAP_ELEMENTS elements (2 MB per float64 temporary the size of
+        # the inputs or outputs): fn's own intermediates may be far larger (a pairwise-distance energy), and
+        # peak memory grows with the sub-batch (2^20 was 10-18% faster on a 4096-input scalar loss, and 4x
+        # the memory)
         width = max(len(self.x0), sum(spec.size for spec in self.problem.outputs or ()), 1)
         sub = max(_FIRST_BATCH, _VMAP_ELEMENTS // width)
         with torch.no_grad(), _quiet_batching(), (watch if watch is not None else contextlib.nullcontext()):
@@ -919,11 +936,12 @@ class TorchPrepared(ProblemBackedFunction):
         then sends it through the full decision here."""
         key = self._batches_start or self._batches_key()
         if key is not None and _BATCHES.get(self.problem.spec.fn, key[0], keep=_Batches.alive) is not None:
+            watch = _EscapeWatch()
             try:
-                batched = self._evaluate_vmap(points)
+                batched = self._evaluate_vmap(points, watch)
             except Exception:
-                pass
-            else:
+                batched = None
+            if batched is not None and not watch.escaped():
                 self._decide("evaluate", True, "", len(points))
                 return batched
         result = self._evaluate_undecided(points)
@@ -937,11 +955,13 @@ class TorchPrepared(ProblemBackedFunction):
         through ``.data`` (never batched)."""
         if self.problem.data_swap is not None:
             return None
+        spec = self.problem.spec
         try:
             fingerprint = _Fingerprint()
-            token = fingerprint.environment(self.problem.spec.fn)
-            structure = (tuple((leaf.shape, leaf.dtype) for leaf in self.leaves), self.problem.promote,
-                         self.problem.spec.train, str(self.problem.device))
+            token = fingerprint.environment(spec.fn)
+            arguments = _argument_token(fingerprint, (spec.args, dict(spec.kwargs)))
+            structure = (tuple((leaf.name, leaf.shape, leaf.dtype) for leaf in self.leaves), arguments,
+                         self.problem.promote, spec.train, str(self.problem.device))
             key = (structure, token)
             hash(key)
         except (Uncacheable, TypeError, RecursionError):

@@ -515,3 +515,40 @@ def test_a_rebound_global_is_verified_afresh(monkeypatch: pytest.MonkeyPatch) ->
         _KEPT.clear()
     assert report.passed
     assert any(FELL_BACK in note and "keeps tensors" in note for note in report.notes), report.notes
+
+
+_LOGGED: list = []
+
+
+def _log(t):
+    _LOGGED.append(t)
+    return t
+
+
+def _maybe_keeping(x, keep):
+    y = torch.sin(x)
+    if keep:
+        _log(y)
+    return (y * x).sum()
+
+
+def test_a_changed_argument_is_verified_afresh() -> None:
+    """The arguments are part of the key: a flag that makes fn keep the tensors it computes (in a helper the
+    static screen does not read) sends the next check through the full decision, which falls back to the
+    loop."""
+    torch_backend.clear_cache()
+    x = torch.linspace(0.1, 1.0, 16, dtype=torch.float64)
+    try:
+        assert any(BATCHED in note for note in gb.check(_maybe_keeping, x, False, mode="full").notes)
+        report = gb.check(_maybe_keeping, x, True, mode="full")
+        assert report.passed
+        assert any(FELL_BACK in note and "keeps tensors" in note for note in report.notes), report.notes
+        unusable = 0
+        for kept in _LOGGED:
+            try:
+                kept + 1
+            except RuntimeError:  # a batched tensor that escaped from vmap
+                unusable += 1
+        assert unusable <= 1  # the one watched attempt that finds the escape (a known limit); never more
+    finally:
+        _LOGGED.clear()
