@@ -9,22 +9,36 @@ of a callable object or bound method, recursively through the Python functions i
   (:meth:`Fingerprinter.plain`): a trace bakes them in, so a rebound global ``SCALE`` must not find the old
   trace;
 * NumPy arrays by shape, dtype and a digest of their contents (they can change in place);
-* modules, builtins and ufuncs by name and id (they live as long as the process); classes by identity;
-* tuples, lists, sets and dicts by what they hold; objects wrapping a function (``__wrapped__``) by identity
-  plus the wrapped function;
+* builtins and ufuncs, and the modules of :attr:`Fingerprinter.libraries` and of Python's standard library, by
+  name and id (they live as long as the process); the classes of those by identity;
+* the user's own modules and classes by identity plus the attributes the code that reads them names (the
+  ``co_names`` of its code objects, attribute names included): ``settings.SCALE = 1.0`` in the user's config
+  module, or ``Config.scale = 1.0`` on a class, must not find the old trace. A class is followed into the
+  methods those names reach (``__call__``, ``__init__``, and the ``self.helper`` they call, through
+  staticmethods, classmethods and properties too), only in the user's classes of its MRO;
+* tuples, lists, sets by what they hold, dicts by their (key, value) items; every item keeps its position,
+  and each item counts against :attr:`Fingerprinter.limit` (a table of a million floats is not walked);
+* ``functools.partial`` objects (any module's) by identity plus their function, arguments and keywords;
+* objects wrapping a function (``__wrapped__``) by identity plus the wrapped function (plus their state and
+  class when they are the user's);
 * functions and objects of the packages in :attr:`Fingerprinter.libraries` by identity only: library state is
-  not the user's to change (``functools.partial`` objects are such objects: their ``__module__`` is
-  ``functools``);
-* Python functions by identity plus what they read; bound methods by their function and object; partial
-  objects of other modules by identity plus their function and arguments; other objects by identity plus
-  their ``__dict__``.
+  not the user's to change;
+* Python functions by identity plus what they read; bound methods by their function and object; other
+  objects by identity plus their ``__dict__`` and their class (what a callable object's ``__call__`` reads,
+  the class attributes read through the object).
+
+Whatever goes wrong while walking the user's objects (a ``__getattr__`` raising KeyError, a property raising,
+a hook failing) raises :class:`Uncacheable` from :meth:`Fingerprinter.environment`: such a check is simply
+not cached.
 
 An id names an object only while it lives, so every object keyed by identity is also held by a weak
 reference; :meth:`Fingerprinter.alive` says whether all of them still are. Each adapter subclasses
 :class:`Fingerprinter` for its own types (:meth:`~Fingerprinter.adapter_object`) and adds its own packages to
 :attr:`~Fingerprinter.libraries`; nothing here imports a framework.
 
-:class:`WeakFunctionCache` keeps entries per function and key without keeping the function alive.
+:class:`WeakFunctionCache` keeps entries per function and key without keeping the function alive; the
+callback that drops a collected function's entries never waits for the cache's lock (a collection can start
+inside it, in the same thread).
 
 Which state a key describes. An adapter keys an entry by ``(structure, environment)``: what its traces
 depend on besides ``fn``'s environment (shapes, dtypes, options), and the token of that environment taken
@@ -46,8 +60,10 @@ factor ``SCALE = 3``) is not bookkeeping: it changes the start state, so the che
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import sys
 import threading
 import types
 import weakref
@@ -59,8 +75,19 @@ import numpy as np
 BASE_LIBRARIES: FrozenSet[str] = frozenset({"numpy", "scipy", "gradbridge", "backends", "functools", "builtins",
                                             "typing", "abc", "math", "operator"})
 
+#: Top-level modules of Python's standard library: their modules and classes are keyed by identity only, as
+#: those of :attr:`Fingerprinter.libraries` (``math.pi`` is not the user's state).
+STDLIB: FrozenSet[str] = frozenset(sys.stdlib_module_names)
+
 #: Python values :meth:`Fingerprinter.plain` keys by value, as ``(type, value)`` (a trace bakes them in).
 VALUE_TYPES: Tuple[type, ...] = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis))
+
+#: The value of an instance of a subclass of a :data:`VALUE_TYPES` type as the base type itself: a token holds
+#: no object whose own ``__eq__`` or ``__hash__`` would run when a cache compares keys.
+_EXACT: Tuple[Tuple[type, Callable[[Any], Any]], ...] = (
+    (int, int.__int__), (float, float.__float__), (str, str.__str__),
+    (complex, lambda v: complex(complex.real.__get__(v), complex.imag.__get__(v))),
+    (bytes, lambda v: bytes.__getitem__(v, slice(None))))
 
 #: Returned by a hook for a value it leaves to the rest of the walk.
 UNHANDLED: Any = object()
@@ -94,7 +121,10 @@ class Fingerprinter:
 
     def __init__(self) -> None:
         self.refs: List[weakref.ref] = []
-        self._seen: Dict[int, int] = {}
+        # objects walked (by id) and user modules and classes walked (by id and the names read), in order
+        self._seen: Dict[Hashable, int] = {}
+        self._items = 0  # container items walked: they count against the limit as the objects do
+        self._names: FrozenSet[str] = frozenset()  # what the code being walked names (see _namespace)
 
     def alive(self) -> bool:
         """Whether every object keyed by identity still lives (else its id may name another object now)."""
@@ -111,15 +141,40 @@ class Fingerprinter:
 
     def environment(self, value: Any, depth: int = 0) -> Any:
         """The token of ``value`` (``fn``, and what it reaches) as read by a trace besides the arguments; None
-        where nothing of it is keyed."""
-        if len(self._seen) > self.limit or depth > self.max_depth:
+        where nothing of it is keyed.
+
+        Called with ``depth`` 0 (by an adapter, on ``fn``), any error of the walk becomes :class:`Uncacheable`:
+        walking runs the user's code (``__getattr__``, properties, ``__len__``) and the adapters' hooks, and
+        whatever fails there must only make the check uncached, never fail it. Hooks walk deeper values with
+        ``depth + 1``."""
+        if depth:
+            return self._walk(value, depth)
+        try:
+            return self._walk(value, 0)
+        except Uncacheable:
+            raise
+        except Exception as error:
+            raise Uncacheable(f"{type(error).__name__} while walking what fn reads") from error
+
+    def _check(self, depth: int) -> None:
+        if len(self._seen) + self._items > self.limit or depth > self.max_depth:
             raise Uncacheable("too much state")
+
+    def _walk(self, value: Any, depth: int) -> Any:
+        self._check(depth)
         token = self.plain(value)
         if token is not UNHANDLED:
             return token
-        if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, np.ufunc)):
+        if isinstance(value, types.ModuleType):
+            name = value.__name__ if isinstance(value.__name__, str) else ""
+            if self._users(name):
+                return self._namespace(value, self._names, depth)
+            return ("builtin", name, id(value))
+        if isinstance(value, (types.BuiltinFunctionType, np.ufunc)):
             return ("builtin", getattr(value, "__name__", ""), id(value))
         if isinstance(value, type):
+            if self._user_class(value):  # calling it runs __init__ (and __call__ on what it makes)
+                return self._namespace(value, self._names | _CONSTRUCTED, depth)
             return self.identity(value)
         key = id(value)
         if key in self._seen:
@@ -135,9 +190,13 @@ class Fingerprinter:
     def plain(self, value: Any) -> Any:
         """The token of a plain value, which needs no entry in the table of objects seen: :data:`VALUE_TYPES`
         (ints included: a counter ``fn`` bumps is dealt with by :meth:`WeakFunctionCache.keep_after_run`) and
-        NumPy scalars by value. :data:`UNHANDLED` for anything else."""
+        NumPy scalars by value. :data:`UNHANDLED` for anything else. An instance of a subclass (an IntEnum
+        member) is keyed by its type and its value as the base type."""
         if isinstance(value, VALUE_TYPES):
-            return (type(value), value)
+            kind = type(value)
+            if kind not in VALUE_TYPES:
+                value = next(exact(value) for base, exact in _EXACT if isinstance(value, base))
+            return (kind, value)
         if isinstance(value, np.generic):
             return ("scalar", value.dtype.str, value.tobytes())
         return UNHANDLED
@@ -158,47 +217,172 @@ class Fingerprinter:
             module = getattr(type(value), "__module__", None)
         return isinstance(module, str) and module.split(".")[0] in self.libraries
 
+    def _users(self, module: str) -> bool:
+        """Whether the module named ``module`` is the user's: neither in :attr:`libraries` nor in :data:`STDLIB`."""
+        top = module.split(".")[0]
+        return top not in self.libraries and top not in STDLIB
+
+    def _user_class(self, cls: type) -> bool:
+        """Whether ``cls`` is defined in a module of the user's (see :meth:`_users`)."""
+        module = cls.__dict__.get("__module__")
+        return isinstance(module, str) and self._users(module)
+
     def _python_object(self, value: Any, depth: int) -> Any:
         if isinstance(value, (tuple, list, set, frozenset, dict)):  # followed for the arrays and functions in them
-            items = value.values() if isinstance(value, dict) else value
-            tokens = tuple(t for t in (self.environment(v, depth + 1) for v in items) if t is not None)
-            return tokens or None
+            return self._container(value, depth)
+        if isinstance(value, functools.partial):  # before the library rule: functools.partial is of functools
+            return ("partial", self.identity(value), self._walk(value.func, depth + 1),
+                    self._walk(value.args, depth + 1), self._walk(value.keywords, depth + 1))
+        if isinstance(value, (staticmethod, classmethod)):  # found in a class; no weak reference to them
+            return (type(value).__name__, self._walk(value.__func__, depth + 1))
+        if isinstance(value, property):
+            return ("property",) + tuple(self._walk(f, depth + 1) for f in (value.fget, value.fset, value.fdel))
+        if isinstance(value, functools.cached_property):
+            return ("cached_property", self._walk(value.func, depth + 1))
         wrapped = getattr(value, "__wrapped__", None)
         if wrapped is not None and not isinstance(value, types.FunctionType):  # jit-like wrappers, decorators
-            return ("wrapped", self.identity(value), self.environment(wrapped, depth + 1))
+            # a library's decorator object copies the wrapped function's __module__: told apart by its class
+            if self.is_library(value) or not self._user_class(type(value)):
+                return ("wrapped", self.identity(value), self._walk(wrapped, depth + 1))
+            return ("wrapped", self._object(value, depth), self._walk(wrapped, depth + 1))
         if self.is_library(value):
             return self.identity(value)
         if isinstance(value, types.FunctionType):
             return ("function", self.identity(value), self._function(value, depth))
         if isinstance(value, types.MethodType):
-            return ("method", self.environment(value.__func__, depth + 1), self.environment(value.__self__, depth + 1))
-        if isinstance(value, functools.partial):
-            return ("partial", self.identity(value), self.environment(value.func, depth + 1),
-                    self.environment(value.args, depth + 1), self.environment(value.keywords, depth + 1))
+            function = value.__func__
+            name = getattr(function, "__name__", None)
+            token = self._walk(function, depth + 1)
+            outer = self._names
+            self._names = outer | {name} if isinstance(name, str) else outer  # the object's class: from this method
+            try:
+                return ("method", token, self._walk(value.__self__, depth + 1))
+            finally:
+                self._names = outer
+        return self._object(value, depth)
+
+    def _object(self, value: Any, depth: int) -> Any:
+        """An object by identity plus its ``__dict__`` and its class: what its ``__call__`` and the methods
+        the code reading it names read, and the class attributes read through it."""
         state = getattr(value, "__dict__", None)
+        cls = type(value)
         return ("object", self.identity(value),
-                self.environment(dict(state), depth + 1) if isinstance(state, dict) else None)
+                self._container(state, depth + 1) if isinstance(state, dict) else None,
+                self._namespace(cls, self._names | _CALLED, depth + 1) if self._user_class(cls)
+                else self.identity(cls))
+
+    def _container(self, value: Any, depth: int) -> Any:
+        """A tuple, list, set or dict (or an object's ``__dict__``) by what it holds, each item at its position,
+        dicts by (key, value) items; None where empty. Every item counts against :attr:`limit`, checked before
+        any is walked."""
+        self._items += len(value)
+        self._check(depth)
+        if isinstance(value, dict):
+            tokens: Tuple[Any, ...] = tuple((self._walk(k, depth + 1), self._walk(v, depth + 1))
+                                            for k, v in list(value.items()))
+        else:
+            tokens = tuple(self._walk(v, depth + 1) for v in list(value))
+        return tokens or None
+
+    def _namespace(self, value: Any, names: FrozenSet[str], depth: int) -> Any:
+        """A user's module or class by identity plus the attributes ``names`` names that it holds (a class: in
+        the user's classes of its MRO, ``names`` grown by what the methods found name). Walked once per
+        module or class and names."""
+        self._check(depth)
+        key = (id(value), names)
+        if key in self._seen:
+            return ("seen", self._seen[key])
+        self._seen[key] = len(self._seen)
+        if isinstance(value, type):
+            attributes, names = self._class_attributes(value, names)
+            head: Tuple[Any, ...] = ("class", self.identity(value))
+        else:
+            namespace = vars(value)
+            attributes = {name: namespace[name] for name in names if name in namespace}
+            head = ("module", value.__name__, self.identity(value))
+        outer = self._names
+        self._names = names  # a module or class reached through these attributes: by the same names
+        try:
+            return head + (tuple((name, self._walk(attributes[name], depth + 1)) for name in sorted(attributes)),)
+        finally:
+            self._names = outer
+
+    def _class_attributes(self, cls: type, names: FrozenSet[str]) -> Tuple[Dict[str, Any], FrozenSet[str]]:
+        """The attributes of ``cls`` that ``names`` names, looked up in the ``__dict__`` of the user's classes
+        of its MRO (library bases are not the user's state; nothing is run), and ``names`` grown by what the
+        user's methods found name (``self.helper`` in ``__call__``), until nothing more is found."""
+        classes = [c for c in cls.__mro__ if self._user_class(c)]
+        grown = set(names)
+        pending = list(names)
+        found: Dict[str, Any] = {}
+        while pending:
+            name = pending.pop()
+            for c in classes:
+                namespace = c.__dict__
+                if name in namespace:
+                    attribute = namespace[name]
+                    if isinstance(attribute, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                        break  # a slot or __dict__ itself: the instance's state, not the class's
+                    found[name] = attribute
+                    for function in _functions_in(attribute):
+                        if not self.is_library(function):
+                            new = _code_names(function.__code__) - grown
+                            grown |= new
+                            pending.extend(new)
+                    break
+        return found, frozenset(grown)
 
     def _function(self, fn: types.FunctionType, depth: int) -> Any:
         """A Python function's code, the globals its code (nested code included) names, its closure cells and
-        its defaults."""
-        names: List[str] = []
-        codes = [fn.__code__]
-        while codes:
-            code = codes.pop()
-            names.extend(code.co_names)
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        globals_ = fn.__globals__
-        referenced = tuple((name, self.environment(globals_[name], depth + 1)) for name in sorted(set(names))
-                           if name in globals_)
-        cells = []
-        for cell in fn.__closure__ or ():
-            try:
-                cells.append(self.environment(cell.cell_contents, depth + 1))
-            except ValueError:  # an empty cell (a name assigned later)
-                cells.append(("empty",))
-        return (id(fn.__code__), referenced, tuple(cells), self.environment(fn.__defaults__, depth + 1),
-                self.environment(fn.__kwdefaults__, depth + 1))
+        its defaults; the user's modules and classes among them by the attributes its code names."""
+        names = _code_names(fn.__code__)
+        outer = self._names
+        self._names = names
+        try:
+            globals_ = fn.__globals__
+            referenced = tuple((name, self._walk(globals_[name], depth + 1)) for name in sorted(names)
+                               if name in globals_)
+            cells = []
+            for cell in fn.__closure__ or ():
+                try:
+                    cells.append(self._walk(cell.cell_contents, depth + 1))
+                except ValueError:  # an empty cell (a name assigned later)
+                    cells.append(("empty",))
+            return (id(fn.__code__), referenced, tuple(cells), self._walk(fn.__defaults__, depth + 1),
+                    self._walk(fn.__kwdefaults__, depth + 1))
+        finally:
+            self._names = outer
+
+
+#: Names a class reached directly is followed by besides those its reader names: calling it runs these.
+_CONSTRUCTED: FrozenSet[str] = frozenset({"__init__", "__call__"})
+#: Names the class of an object is followed by besides those its reader names: calling the object runs it.
+_CALLED: FrozenSet[str] = frozenset({"__call__"})
+
+
+def _code_names(code: types.CodeType) -> FrozenSet[str]:
+    """The names (globals and attributes) ``code`` and the code objects nested in it use."""
+    names: List[str] = []
+    codes = [code]
+    while codes:
+        code = codes.pop()
+        names.extend(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return frozenset(names)
+
+
+def _functions_in(attribute: Any) -> List[types.FunctionType]:
+    """The Python functions a class attribute runs: a function, a staticmethod's or classmethod's function,
+    a property's accessors, a cached_property's function."""
+    if isinstance(attribute, (staticmethod, classmethod)):
+        attribute = attribute.__func__
+    if isinstance(attribute, property):
+        candidates: List[Any] = [attribute.fget, attribute.fset, attribute.fdel]
+    elif isinstance(attribute, functools.cached_property):
+        candidates = [attribute.func]
+    else:
+        candidates = [attribute]
+    return [f for f in candidates if isinstance(f, types.FunctionType)]
 
 
 _INTS: Any = object()
@@ -261,27 +445,57 @@ class WeakFunctionCache(Generic[E]):
     (an id is reused once its object is gone); those references drop the slot when an owner is collected. A
     slot keeps the :attr:`per_function` latest stored keys (older keys of a counter's values drop out first);
     one entry may be kept under several keys (:meth:`keep_after_run`). Thread-safe.
+
+    The callback of those references (:meth:`_forget`) never waits for the lock: the cyclic garbage collector
+    can run it in the thread that holds the lock (any allocation inside a locked region may start a
+    collection), where waiting would hang that thread for good. It queues the slot, drops it at once where the
+    lock is free, and otherwise leaves it to the next call, which drops the queued slots first.
     """
 
     def __init__(self, per_function: int = 16) -> None:
         self.per_function = per_function
         self._slots: Dict[Tuple[int, ...], _Slot[E]] = {}
         self._lock = threading.Lock()
+        # (slot key, dead weak reference) queued by _forget; deque.append and popleft are atomic
+        self._pending: "collections.deque[Tuple[Tuple[int, ...], weakref.ref[Any]]]" = collections.deque()
+
+    def _forget(self, slot_key: Tuple[int, ...], ref: "weakref.ref[Any]") -> None:
+        """The callback of an owner's weak reference: queue its slot, and drop it now only if the lock is free."""
+        self._pending.append((slot_key, ref))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._purge()
+            finally:
+                self._lock.release()
+
+    def _purge(self) -> None:
+        """Drop the queued slots of collected owners (under the lock; before any use of the slots)."""
+        while True:
+            try:
+                slot_key, ref = self._pending.popleft()
+            except IndexError:
+                return
+            slot = self._slots.get(slot_key)
+            if slot is not None and any(r is ref for r in slot[0]):  # not a new slot of an object with that id
+                del self._slots[slot_key]
 
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
+            self._purge()
             self._slots.clear()
 
     def __len__(self) -> int:
         """How many entries are kept, over all functions (one kept under several keys counts once)."""
         with self._lock:
+            self._purge()
             return sum(len({id(entry) for entry in entries.values()}) for _, entries in self._slots.values())
 
     def get(self, fn: Any, key: Hashable, keep: Optional[Callable[[E], bool]] = None) -> Optional[E]:
         """``fn``'s entry for ``key``, or None; an entry ``keep`` rejects is dropped and None returned."""
         fn_owners = owners(fn)
         with self._lock:
+            self._purge()
             slot = self._slots.get(tuple(id(o) for o in fn_owners))
             if slot is None or any(ref() is not o for ref, o in zip(slot[0], fn_owners)):
                 return None
@@ -298,12 +512,10 @@ class WeakFunctionCache(Generic[E]):
         slot_key = tuple(id(o) for o in fn_owners)
 
         def forget(ref: "weakref.ref[Any]", slot_key: Tuple[int, ...] = slot_key) -> None:
-            with self._lock:
-                slot = self._slots.get(slot_key)
-                if slot is not None and any(r is ref for r in slot[0]):
-                    del self._slots[slot_key]
+            self._forget(slot_key, ref)
 
         with self._lock:
+            self._purge()
             slot = self._slots.get(slot_key)
             if slot is None or any(ref() is not o for ref, o in zip(slot[0], fn_owners)):
                 try:
@@ -334,6 +546,7 @@ class WeakFunctionCache(Generic[E]):
             return False
         fn_owners = owners(fn)
         with self._lock:
+            self._purge()
             slot = self._slots.get(tuple(id(o) for o in fn_owners))
             if slot is None or any(ref() is not o for ref, o in zip(slot[0], fn_owners)):
                 return False

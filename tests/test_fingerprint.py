@@ -7,6 +7,10 @@ import gc
 import json
 import subprocess
 import sys
+import textwrap
+import threading
+import time
+import types
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
@@ -132,8 +136,11 @@ def test_closures_defaults_partials_and_bound_methods_are_followed() -> None:
     assert before[0] == "partial"
     partial.keywords["shift"] = 2.0
     assert _token(partial) != before
-    library_partial = functools.partial(make(2.0), shift=1.0)  # __module__ is "functools": identity only
-    assert _token(library_partial) == ("id", id(library_partial))
+    library_partial = functools.partial(make(2.0), shift=1.0)  # followed too, though its module is functools
+    before = _token(library_partial)
+    assert before[0] == "partial"
+    library_partial.keywords["shift"] = 2.0
+    assert _token(library_partial) != before
 
     holder = _Holder(2.0)
     before = _token(holder.method)
@@ -414,3 +421,307 @@ def test_holds_ints_finds_an_int_anywhere_and_nothing_else() -> None:
     assert not holds_ints(Fingerprinter().environment(lambda x: x))  # None defaults, code ids: not ints read
     assert holds_ints(("a", (float, 1.0), ((int, 3),)))
     assert not holds_ints(("id", 12345)) and not holds_ints((bool, True)) and not holds_ints(None)
+
+
+# --- what the walk follows: partials, callable objects, dict keys, user modules and classes ---
+
+
+def test_a_functools_partial_is_followed_to_its_function_and_arguments() -> None:
+    """``functools.partial`` objects are of the ``functools`` module, a library, yet what they call and pass is
+    the user's: the wrapped function's globals, the arguments and the keywords are all part of the token."""
+    fn = _function("def fn(x, table, shift=0.0):\n    return SCALE * x * table[0] + shift\n", SCALE=2.0)
+    table = [1.0]
+    partial = functools.partial(fn, table=table, shift=1.0)
+    before = _token(partial)
+    assert before[0] == "partial" and _token(partial) == before
+    fn.__globals__["SCALE"] = 3.0  # a global the wrapped function reads
+    assert _token(partial) != before
+    fn.__globals__["SCALE"] = 2.0
+    table[0] = 5.0  # an argument changed in place
+    assert _token(partial) != before
+    table[0] = 1.0
+    partial.keywords["shift"] = 4.0
+    assert _token(partial) != before
+    partial.keywords["shift"] = 1.0
+    assert _token(partial) == before
+    positional = functools.partial(fn, 1.0)
+    assert _token(positional) != _token(functools.partial(fn, 2.0))
+
+
+def test_a_callable_object_is_keyed_by_its_class_call_and_what_it_reads() -> None:
+    namespace: Dict[str, Any] = {"__name__": "user_module", "SCALE": 2.0, "OFFSET": 1.0}
+    exec(textwrap.dedent("""
+        class Loss:
+            factor = 2.0
+
+            def __call__(self, x):
+                return self.factor * SCALE * x + self.helper(x)
+
+            def helper(self, x):  # reached only through __call__ (self.helper)
+                return OFFSET + x
+        """), namespace)
+    loss = namespace["Loss"]()
+    before = _token(loss)
+    assert _token(loss) == before
+    for name, value in (("SCALE", 3.0), ("OFFSET", 2.0)):  # globals read by __call__ and by the method it calls
+        kept = namespace[name]
+        namespace[name] = value
+        assert _token(loss) != before, name
+        namespace[name] = kept
+    namespace["Loss"].factor = 3.0  # a class attribute read through the object
+    assert _token(loss) != before
+    namespace["Loss"].factor = 2.0
+    assert _token(loss) == before
+
+
+def test_dicts_are_keyed_by_their_keys_too_and_containers_keep_positions() -> None:
+    fn = _function("def fn(x):\n    return CFG.get('scale', 2.0) * x + len(PARTS)\n",
+                   CFG={"scale": 3.0}, PARTS=[[], 2.0])
+    before = _token(fn)
+    fn.__globals__["CFG"] = {"shift": 3.0}  # the same values, another key
+    assert _token(fn) != before
+    fn.__globals__["CFG"] = {"scale": 3.0}
+    fn.__globals__["PARTS"] = [2.0, []]  # an empty container moved: the positions of the others count
+    assert _token(fn) != before
+    fn.__globals__["PARTS"] = [[], 2.0]
+    assert _token(fn) == before
+    counter = {"calls": 0}
+    fn = _function("def fn(x):\n    return COUNTS\n", COUNTS=counter)
+    start = _token(fn)
+    counter["calls"] += 1  # an int under the same key: still bookkeeping
+    assert same_but_ints(start, _token(fn))
+    counter["other"] = 1.5
+    assert not same_but_ints(start, _token(fn))
+
+
+def test_a_class_attribute_read_by_fn_is_keyed_by_value() -> None:
+    namespace: Dict[str, Any] = {"__name__": "user_module", "BASE": 1.0}
+    exec(textwrap.dedent("""
+        class Config:
+            scale = 3.0
+
+            class Nested:
+                shift = 1.0
+
+            @staticmethod
+            def factor():
+                return BASE * 2.0
+
+            @classmethod
+            def doubled(cls):
+                return 2.0 * cls.scale
+
+            @property
+            def offset(self):
+                return BASE
+
+        def fn(x):
+            return Config.scale * x + Config.Nested.shift + Config.factor() + Config.doubled() + Config().offset
+        """), namespace)
+    fn, config = namespace["fn"], namespace["Config"]
+    before = _token(fn)
+    assert _token(fn) == before
+    for owner, name, value in ((config, "scale", 1.0), (config.Nested, "shift", 2.0)):
+        kept = getattr(owner, name)
+        setattr(owner, name, value)
+        assert _token(fn) != before, name
+        setattr(owner, name, kept)
+    namespace["BASE"] = 5.0  # read by a staticmethod and a property of the class
+    assert _token(fn) != before
+    namespace["BASE"] = 1.0
+    assert _token(fn) == before
+    config.unread = 7.0  # an attribute fn does not name: not part of the token
+    assert _token(fn) == before
+
+
+def test_a_user_module_attribute_read_by_fn_is_keyed_by_value() -> None:
+    settings = types.ModuleType("gb_test_settings")
+    settings.SCALE = 3.0
+    settings.sub = types.ModuleType("gb_test_settings.sub")
+    settings.sub.SHIFT = 1.0
+    settings.UNREAD = 1.0
+    fn = _function("def fn(x):\n    return settings.SCALE * x + settings.sub.SHIFT + np.sin(x)\n",
+                   settings=settings, np=np)
+    before = _token(fn)
+    assert _token(fn) == before
+    assert dict(before[2][1])["np"] == ("builtin", "numpy", id(np))  # a library module: by identity only
+    settings.SCALE = 1.0
+    assert _token(fn) != before
+    settings.SCALE = 3.0
+    settings.sub.SHIFT = 2.0
+    assert _token(fn) != before
+    settings.sub.SHIFT = 1.0
+    settings.UNREAD = 2.0  # not named by fn's code
+    assert _token(fn) == before
+    import math  # a standard library module: by identity only, its attributes are not the user's
+    stdlib = _function("def fn(x):\n    return math.pi * x\n", math=math)
+    assert dict(_token(stdlib)[2][1])["math"] == ("builtin", "math", id(math))
+
+
+def test_a_library_decorator_object_is_told_apart_by_its_class() -> None:
+    """A library's decorator object copies the wrapped function's ``__module__`` onto itself; its state (here a
+    signature, which has no weak reference) is the library's: keyed by identity plus the wrapped function."""
+    import inspect
+
+    class Walker(Fingerprinter):
+        libraries = BASE_LIBRARIES | {"somelib"}
+
+    class Decorator:
+        def __init__(self, target: Callable[..., Any]) -> None:
+            self.__wrapped__ = target
+            self.__module__ = target.__module__
+            self.__signature__ = inspect.signature(target)
+
+    Decorator.__module__ = "somelib.decorators"
+    inner = _function("def fn(x):\n    return SCALE * x\n", SCALE=2.0)
+    inner.__module__ = "user_module"
+    decorated = Decorator(inner)
+    before = _token(decorated, Walker)
+    assert before[0] == "wrapped" and before[1] == ("id", id(decorated))
+    inner.__globals__["SCALE"] = 3.0
+    assert _token(decorated, Walker) != before
+
+
+class _RaisingGetattr:
+    """An object whose ``__getattr__`` raises KeyError for a missing name (not AttributeError)."""
+
+    def __init__(self) -> None:
+        self._values = {"scale": 2.0}
+
+    def __getattr__(self, name: str) -> Any:
+        return self._values[name]
+
+
+class _RaisingDict:
+    @property
+    def __dict__(self) -> Any:  # type: ignore[override]
+        raise ValueError("no state here")
+
+
+class _RaisingModule:
+    @property
+    def __module__(self) -> Any:  # type: ignore[override]
+        raise RuntimeError("no module")
+
+
+@pytest.mark.parametrize("value", [_RaisingGetattr(), _RaisingDict(), _RaisingModule()],
+                         ids=["getattr-keyerror", "dict-valueerror", "module-runtimeerror"])
+def test_an_error_raised_by_a_user_object_makes_the_check_uncacheable(value: Any) -> None:
+    fn = _function("def fn(x):\n    return V.scale * x\n", V=value)
+    with pytest.raises(Uncacheable):
+        _token(fn)
+
+
+def test_a_token_holds_no_user_subclass_of_a_plain_type() -> None:
+    """A cache hashes and compares keys outside the walk: a str or int subclass whose ``__hash__`` or ``__eq__``
+    raises must not end up in a token (it is keyed by its type and its value as the base type)."""
+
+    class Name(str):
+        def __hash__(self) -> int:
+            raise KeyError("no hash")
+
+        def __eq__(self, other: Any) -> bool:
+            raise KeyError("no eq")
+
+    class Count(int):
+        def __hash__(self) -> int:
+            raise KeyError("no hash")
+
+    fn = _function("def fn(x):\n    return MODE, N\n", MODE=Name("sum"), N=Count(3))
+    token = _token(fn)
+    hash(token)
+    assert token == _token(fn) and dict(token[2][1]) == {"MODE": (Name, "sum"), "N": (Count, 3)}
+    fn.__globals__["MODE"] = Name("mean")
+    assert _token(fn) != token
+
+
+def test_an_error_raised_by_a_hook_makes_the_check_uncacheable() -> None:
+    class Walker(Fingerprinter):
+        def adapter_object(self, value: Any, depth: int) -> Any:
+            raise LookupError("a hook that fails")
+
+    fn = _function("def fn(x):\n    return W\n", W=[np.ones(2)])
+    with pytest.raises(Uncacheable):
+        _token(fn, Walker)
+
+
+def test_a_large_container_is_uncacheable_without_walking_its_items() -> None:
+    iterated = []
+
+    class Table(list):
+        def __iter__(self) -> Any:
+            iterated.append(True)
+            return super().__iter__()
+
+    fn = _function("def fn(x):\n    return TABLE[3] * x\n", TABLE=Table([1e-6] * (Fingerprinter.limit + 1)))
+    with pytest.raises(Uncacheable):
+        _token(fn)
+    assert not iterated
+    fn.__globals__["TABLE"] = [float(i) for i in range(2_000_000)]
+    start = time.perf_counter()
+    with pytest.raises(Uncacheable):
+        _token(fn)
+    assert time.perf_counter() - start < 0.05
+    fn.__globals__["TABLE"] = [1.0] * (Fingerprinter.limit - 10)
+    assert _token(fn) is not None  # a smaller table is keyed
+
+
+# --- the weak cache and the cyclic garbage collector ---
+
+_DEADLOCK_SCRIPT = """
+import gc, sys
+from gradbridge._fingerprint import WeakFunctionCache
+
+def make():
+    def f(x):
+        return f(x)  # refers to itself: a reference cycle, freed only by the cyclic collector
+    return f
+
+cache = WeakFunctionCache()
+gc.disable()
+f = make(); cache.put(f, "k", object()); del f
+g = lambda x: x; cache.put(g, "k", object())
+# a collection run while the cache's lock is held (any allocation may start one), freeing the cached f
+assert cache.get(g, "k", keep=lambda entry: gc.collect() >= 0) is not None
+assert len(cache) == 1, len(cache)
+gc.enable()
+for i in range(20000):  # natural collections inside put and get
+    f = make()
+    cache.put(f, ("k", i), [i])
+    cache.get(f, ("k", i))
+    del f
+print("done")
+"""
+
+
+def test_a_collection_inside_the_cache_lock_does_not_deadlock(tmp_path: Path) -> None:
+    """A cached function freed by the cyclic collector while the cache's lock is held (in the same thread)
+    must not wait for that lock. Run in a subprocess: a regression hangs there, not here."""
+    script = tmp_path / "deadlock.py"
+    script.write_text(_DEADLOCK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                                env={**__import__("os").environ, "PYTHONPATH": root})
+    except subprocess.TimeoutExpired:
+        pytest.fail("WeakFunctionCache deadlocked when a cached function was collected under its lock")
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+
+
+def test_a_function_collected_while_another_thread_holds_the_lock_does_not_wait() -> None:
+    cache: WeakFunctionCache[str] = WeakFunctionCache()
+    fn = eval("lambda x: x", {})  # in no reference cycle: freed as soon as the last reference goes
+    cache.put(fn, 1, "entry")
+    dropped = threading.Event()
+
+    def drop() -> None:
+        nonlocal fn
+        del fn  # the weak reference's callback runs here, in this thread
+        dropped.set()
+
+    with cache._lock:  # another thread holds the lock meanwhile
+        worker = threading.Thread(target=drop)
+        worker.start()
+        assert dropped.wait(10), "the weak reference's callback waited for the cache's lock"
+    worker.join(10)
+    assert len(cache) == 0

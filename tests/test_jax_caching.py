@@ -6,9 +6,14 @@ Traces are counted with a Python side effect inside the user's function: it runs
 
 from __future__ import annotations
 
+import functools
 import gc
+import importlib.util
+import sys
+import textwrap
 import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +232,159 @@ def test_a_trace_counter_keeps_the_cache_and_a_rebound_int_factor_does_not() -> 
     namespace["SCALE"] = 2
     assert gb.check(f, _x()).passed
     gbjax.clear_cache()
+
+
+# --- state fn reads through classes, user modules, partials, callable objects and dict keys ---
+# Each bwd below is right only for the first state. No clear_cache() between the checks: the repeated check of
+# the same function must trace afresh once the state changed, and so catch the now wrong rule.
+
+
+def _verdicts(fn, change, restore) -> list:
+    x = _x()
+    verdicts = [gb.check(fn, x).passed]
+    change()
+    verdicts.append(gb.check(fn, x).passed)
+    restore()
+    verdicts.append(gb.check(fn, x).passed)
+    return verdicts
+
+
+def _square_reading(expression: str, **namespace):
+    """f(x) = sum(x * x) with a bwd returning g * x * <expression>: right only while it is 2."""
+    scope = {"__name__": "user_jax_module", "jax": jax, "jnp": jnp, **namespace}
+    exec(textwrap.dedent(f"""
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sum(x * x)
+        def fwd(x):
+            return f(x), x
+        def bwd(x, g):
+            return (g * x * {expression},)
+        f.defvjp(fwd, bwd)
+        """), scope)
+    return scope["f"], scope
+
+
+def test_a_class_attribute_read_by_the_bwd_gives_the_new_verdict() -> None:
+    class Config:
+        scale = 2.0
+
+    f, _ = _square_reading("Config.scale", Config=Config)
+
+    def change() -> None:
+        Config.scale = 3.0
+
+    def restore() -> None:
+        Config.scale = 2.0
+
+    assert _verdicts(f, change, restore) == [True, False, True]
+
+
+def test_a_user_module_attribute_read_by_the_bwd_gives_the_new_verdict(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "gb_user_settings.py"
+    path.write_text("SCALE = 2.0\n")
+    spec = importlib.util.spec_from_file_location("gb_user_settings", path)
+    settings = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gb_user_settings", settings)
+    spec.loader.exec_module(settings)
+    f, _ = _square_reading("settings.SCALE", settings=settings)
+
+    def change() -> None:
+        settings.SCALE = 3.0
+
+    def restore() -> None:
+        settings.SCALE = 2.0
+
+    assert _verdicts(f, change, restore) == [True, False, True]
+
+
+def test_a_value_read_through_a_functools_partial_gives_the_new_verdict() -> None:
+    """What the partial's function reads (here a global of its bwd) is followed through the partial."""
+    f, scope = _square_reading("S", S=2.0)
+    loss = functools.partial(lambda x, offset: f(x) + offset, offset=1.0)
+
+    def change() -> None:
+        scope["S"] = 3.0
+
+    def restore() -> None:
+        scope["S"] = 2.0
+
+    assert _verdicts(loss, change, restore) == [True, False, True]
+
+
+def test_an_argument_of_a_functools_partial_bwd_gives_the_new_verdict() -> None:
+    factors = [2.0]
+
+    @jax.custom_vjp
+    def g(x):
+        return jnp.sum(x * x)
+
+    def g_bwd(factors, x, ct):
+        return (ct * x * factors[0],)
+
+    g.defvjp(lambda x: (g(x), x), functools.partial(g_bwd, factors))
+
+    def change_argument() -> None:
+        factors[0] = 3.0
+
+    def restore_argument() -> None:
+        factors[0] = 2.0
+
+    assert _verdicts(g, change_argument, restore_argument) == [True, False, True]
+
+
+def test_what_the_call_of_a_callable_object_reads_gives_the_new_verdict() -> None:
+    """A callable object: what its class's __call__ reads (here a global of the bwd it calls)."""
+    f, scope = _square_reading("S", S=2.0)
+
+    class Loss:
+        def __call__(self, x):
+            return f(x)
+
+    def change() -> None:
+        scope["S"] = 3.0
+
+    def restore() -> None:
+        scope["S"] = 2.0
+
+    assert _verdicts(Loss(), change, restore) == [True, False, True]
+
+
+def test_an_attribute_of_a_callable_object_held_by_its_class_gives_the_new_verdict() -> None:
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def scaled(x, s):
+        return s * jnp.sum(x * x) / 2.0
+
+    def scaled_fwd(x, s):
+        return scaled(x, s), x
+
+    def scaled_bwd(s, x, g):
+        return (g * x * 2.0,)  # ignores s: right only while s is 2
+
+    scaled.defvjp(scaled_fwd, scaled_bwd)
+
+    class Scaled:
+        scale = 2.0
+
+        def __call__(self, x):
+            return scaled(x, self.scale)
+
+    def change_attribute() -> None:
+        Scaled.scale = 3.0
+
+    def restore_attribute() -> None:
+        Scaled.scale = 2.0
+
+    assert _verdicts(Scaled(), change_attribute, restore_attribute) == [True, False, True]
+
+
+def test_a_dict_with_renamed_keys_gives_the_new_verdict() -> None:
+    f, scope = _square_reading("CFG.get('scale', 3.0)", CFG={"scale": 2.0})
+
+    def change() -> None:
+        scope["CFG"] = {"shift": 2.0}  # the same values under another key: bwd now reads the default
+
+    def restore() -> None:
+        scope["CFG"] = {"scale": 2.0}
+
+    assert _verdicts(f, change, restore) == [True, False, True]
