@@ -597,3 +597,30 @@ def test_a_kept_graph_gone_stale_is_still_caught(fresh_cache: None) -> None:
         assert not gb.check(fn, x, mode="full").passed
     finally:
         _Config.scale = 3.0
+
+
+class _SlottedScale:
+    """A callable whose factor lives in ``__slots__``, which the cache key does not see."""
+
+    __slots__ = ("k", "__weakref__")
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(tf.sin(x) * self.k)
+
+
+def test_a_stale_evaluation_graph_is_caught_at_the_probed_point(fresh_cache: None) -> None:
+    """The first chunk's comparison uses the probe's eager outputs where the chunk evaluates x0 (no second
+    eager run there); a kept graph that went stale (a factor in __slots__ changed) still disagrees with
+    them, and the check falls back to the eager loop and stays right."""
+    fn = _SlottedScale(1.0)
+    x = _normal(6, seed=41)
+    first = gb.check(fn, x)
+    assert first.passed and _notes(first, BATCHED_EVAL), first.notes
+    fn.k = 2.0
+    again = gb.check(fn, x)
+    assert again.passed, again
+    assert any(note.startswith("TensorFlow evaluations") and "differ from the eager loop" in note
+               for note in again.notes), again.notes
