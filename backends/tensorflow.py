@@ -267,7 +267,6 @@ class _TensorFlowRandomState:
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.clear_kernel_cache = True  # until the probe shows the function does not need it
-        self._own: Optional[tf.random.Generator] = None  # the stand-in global generator (per seed)
         self._active: Optional[tf.random.Generator] = None
         self._active_state: Optional[np.ndarray] = None
 
@@ -293,9 +292,9 @@ class _TensorFlowRandomState:
         keras_generator = keras_state.get_global_attribute("global_seed_generator") if keras_state else None
         try:
             if user_generator is None:
-                self._own, seeded = _stand_in_generator(self.seed)
-                self._active, self._active_state = self._own, seeded
-                self._own.reset(seeded)
+                stand_in, seeded = _stand_in_generator(self.seed)
+                stand_in.reset(seeded)
+                self._active, self._active_state = stand_in, seeded
             else:
                 self._active = user_generator
                 self._active_state = user_generator.state.numpy().copy()
