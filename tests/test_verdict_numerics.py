@@ -336,6 +336,28 @@ def test_gross_error_fails_at_once_small_error_after_refinement():
     assert small.allowed[0, 0] < 1e-7 * abs(exact[0])
 
 
+# == round-off of the first pass =======================================================================
+def test_round_off_of_a_large_output_is_estimated_at_the_first_pass():
+    # 1e6 + sin(x): the central difference carries round-off eps * 1e6 / h ~ 4e-5, far above the relative
+    # floor. Its documented estimate eps * (|f(x+h)| + |f(x-h)|) / span covers it at the first pass: the
+    # exact derivative passes there, at 2 evaluations per direction, without refinement or noise estimate.
+    x = np.array([0.3, -1.2, 2.0])
+
+    def f(x):
+        return 1e6 + np.sin(x)
+
+    v = ladder(f, x, diagonal(np.cos(x)))
+    assert (np.diag(v.status) == PASS).all() and (v.levels == 0).all()
+    h = H * np.maximum(1.0, np.abs(x))
+    plus, minus = x + h, x - h
+    expected = EPS64 * (np.abs(f(plus)) + np.abs(f(minus))) / ((plus - x) + (x - minus))
+    np.testing.assert_allclose(np.diag(v.error), expected, rtol=1e-12)
+    assert (np.abs(np.diag(v.numeric) - np.cos(x)) <= np.diag(v.error)).all()
+    report = gb.check(f, x, grad=elementwise(np.cos), mode="full")
+    assert report.passed and report.row("x").refined == 0
+    assert report.evaluations == 2 + 2 * len(x)  # the determinism check at x0, then x +- h per element
+
+
 # == noise of the function ============================================================================
 def test_cancellation_noise_is_not_a_gradient_bug():
     # the variance as mean(x^2) - mean(x)^2 at x ~ 1e4 cancels terms of 1e8: its output carries round-off

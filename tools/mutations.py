@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = ["tests/test_verdict_numerics.py"]
@@ -43,10 +43,16 @@ DEFAULT_TESTS = ["tests/test_verdict_numerics.py"]
 class Mutation:
     key: str
     path: str
-    old: str          # the exact code line (without its indentation)
-    new: str          # its replacement (indentation of the old line is kept)
+    old: Union[str, Tuple[str, ...]]  # the exact code line (without indentation), or alternatives: the code's
+    new: Union[str, Tuple[str, ...]]  # known versions, each with its replacement (indentation is kept)
     what: str
     count: int = 1    # how many lines must match; all of them are replaced
+    after: str = ""   # only lines after the first line containing this text (e.g. "def _block_scale")
+
+    def variants(self) -> List[Tuple[str, str]]:
+        olds = (self.old,) if isinstance(self.old, str) else self.old
+        news = (self.new,) * len(olds) if isinstance(self.new, str) else self.new
+        return list(zip(olds, news))
 
 
 N, T, C, L = "gradbridge/_numeric.py", "gradbridge/_tolerance.py", "gradbridge/_check.py", "gradbridge/_localize.py"
@@ -60,7 +66,8 @@ MUTATIONS: List[Mutation] = [
              "eps^(2/3)*max|numeric| floor dropped from the element tolerance"),
     Mutation("c", N, "scale[rows, cols] = float(np.max(block)) if block.size else 0.0",
              "scale[rows, cols] = block",
-             "absolute floor taken per element (|numeric| of the element) instead of per block"),
+             "absolute floor taken per element (|numeric| of the element) instead of per block",
+             after="def _block_scale"),
     Mutation("d", T, "return float(SAFETY * fd_error + self.relative_floor * max(abs(numeric), magnitude)",
              "return float(SAFETY * fd_error + self.relative_floor * abs(numeric)",
              "fast mode's relative floor on |numeric| only instead of max(|numeric|, magnitude)"),
@@ -74,8 +81,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("h", N, "agree = np.isfinite(c) & np.isfinite(allowed) & (np.abs(analytic - c) <= allowed)",
              "agree = np.isfinite(c) & np.isfinite(allowed) & (np.abs(analytic - c) < allowed)",
              "'<=' -> '<' in the first-pass test (both lines)", count=2),
-    Mutation("i", C, 'return row.status == "pass" and not row.kinks and not row.one_sided',
-             'return row.status == "pass" and not row.one_sided',
+    Mutation("i", C, ('return row.status == "pass" and not row.kinks and not row.one_sided',
+                      'return row.status == "pass" and not row.kinks and not row.jumps and not row.one_sided'),
+             ('return row.status == "pass" and not row.one_sided',
+              'return row.status == "pass" and not row.jumps and not row.one_sided'),
              "compressed rows with kinks not re-checked element by element"),
     Mutation("j", L, "i = search.find_output(j, numeric, error)",
              "i = min(search.find_output(j, numeric, error) + 1, search.m - 1)",
@@ -98,7 +107,8 @@ MUTATIONS: List[Mutation] = [
              "return float(np.sqrt(self.working_eps))", "absolute floor eps^(2/3) -> sqrt(eps)"),
     Mutation("absfloor-global", N, "scale[rows, cols] = float(np.max(block)) if block.size else 0.0",
              "scale[rows, cols] = float(np.max(finite)) if block.size else 0.0",
-             "absolute floor from the largest entry of the whole Jacobian, not of the block"),
+             "absolute floor from the largest entry of the whole Jacobian, not of the block",
+             after="def _block_scale"),
     Mutation("fast-absfloor", T, "+ self.absolute_floor * magnitude + TINY)", "+ TINY)",
              "fast mode's eps^(2/3)*magnitude floor dropped"),
     Mutation("grade-le", T, "if rel_error < bound:", "if rel_error <= bound:",
@@ -117,8 +127,10 @@ MUTATIONS: List[Mutation] = [
              "no restart of the ladder at a step relative to |x| near a domain edge"),
     Mutation("one-sided-off", N, "use = ~central_ok & np.isfinite(one) & np.isfinite(one_err) & ~(one_err >= err)",
              "use = np.zeros_like(central_ok)", "one-sided differences never used at domain edges"),
-    Mutation("diag-kinks", C, "if not _clean(row) and (row.kinks or row.one_sided) and \\",
-             "if not _clean(row) and row.one_sided and \\",
+    Mutation("diag-kinks", C, ("if not _clean(row) and (row.kinks or row.one_sided) and \\",
+                               "if not _clean(row) and (row.kinks or row.jumps or row.one_sided) and \\"),
+             ("if not _clean(row) and row.one_sided and \\",
+              "if not _clean(row) and (row.jumps or row.one_sided) and \\"),
              "diagonal (all-at-once) rows with kinks not re-checked densely"),
     Mutation("bisect-column", L, "return int(columns[0])", "return int(columns[0]) + 1 if columns[0] + 1 < self.leaf.offset + self.leaf.size else int(columns[0])",
              "bisection names the neighbouring input element"),
@@ -147,18 +159,33 @@ def copy_tree(src: Path, dst: Path) -> None:
         link.symlink_to(Path("..") / "backends")
 
 
-def apply(text: str, mutation: Mutation) -> Tuple[Optional[str], int]:
-    """The mutated text (None when the target is not found exactly ``count`` times) and the matches."""
+def apply(text: str, mutation: Mutation) -> Tuple[Optional[str], str]:
+    """The mutated text, or None and why: a mutation applies when exactly one of its variants' target
+    line is found exactly ``count`` times (after its ``after`` anchor); every such line is replaced."""
     lines = text.splitlines(keepends=True)
-    hits = [k for k, line in enumerate(lines) if line.strip() == mutation.old.strip()]
-    if len(hits) != mutation.count:
-        return None, len(hits)
+    start = 0
+    if mutation.after:
+        anchors = [k for k, line in enumerate(lines) if mutation.after in line]
+        if not anchors:
+            return None, f"anchor {mutation.after!r} not found"
+        start = anchors[0]
+    found = []
+    for old, new in mutation.variants():
+        hits = [k for k, line in enumerate(lines) if k >= start and line.strip() == old.strip()]
+        if hits:
+            found.append((old, new, hits))
+    if len(found) != 1 or len(found[0][2]) != mutation.count:
+        counts = ", ".join(f"{len(h)}x {o!r}" for o, _, h in found) or "no variant"
+        return None, f"expected one variant {mutation.count} time(s), found {counts}"
+    old, new, hits = found[0]
+    if mutation.after:
+        hits = hits[: mutation.count]
     for k in hits:
         line = lines[k]
         indent = line[: len(line) - len(line.lstrip())]
         ending = "\n" if line.endswith("\n") else ""
-        lines[k] = indent + mutation.new.strip() + ending
-    return "".join(lines), len(hits)
+        lines[k] = indent + new.strip() + ending
+    return "".join(lines), ""
 
 
 def run_tests(copy: Path, tests: List[str], timeout: float) -> Tuple[str, List[str], float]:
@@ -209,10 +236,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     stale = []
     for m in chosen:
-        _, hits = apply((args.src / m.path).read_text(), m)
-        if hits != m.count:
+        mutated, why = apply((args.src / m.path).read_text(), m)
+        if mutated is None:
             stale.append(m.key)
-            print(f"STALE {m.key}: target line found {hits} time(s) in {m.path}, expected {m.count}: {m.old!r}")
+            print(f"STALE {m.key}: {m.path}: {why}; targets: {[old for old, _ in m.variants()]!r}")
     if args.check:
         print("all target lines found" if not stale else f"{len(stale)} stale mutation(s)")
         return 2 if stale else 0
@@ -234,6 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             target = copy / m.path
             original = target.read_text()
             mutated, _ = apply(original, m)
+            assert mutated is not None and mutated != original
             target.write_text(mutated)
             try:
                 outcome, failed, seconds = run_tests(copy, args.tests, args.timeout)
