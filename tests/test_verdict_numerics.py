@@ -482,3 +482,47 @@ def test_fast_mode_tolerates_errors_below_the_floor_of_the_projected_magnitude()
         assert report.passed, (seed, str(report))
     bad = gb.check(lambda x: g @ x, np.zeros(n), grad=lambda x: (g + 1e-4 * delta,), mode="fast", budget=1)
     assert not bad.passed
+
+
+# == the same numerics through torch ==================================================================
+@pytest.mark.torch
+def test_torch_refined_estimate_and_bisection():
+    from conftest import require_backend
+
+    require_backend("torch")
+    import torch
+
+    # Richardson through the torch adapter: sin at |x| ~ 1.5e3 needs the ladder; the worst element's
+    # estimate is accurate far below plain central differences at its step (|f'''| h^2 / 6)
+    x = torch.tensor([1500.0, 1000.3, 1800.7], dtype=torch.float64)
+    report = gb.check(lambda x: torch.sin(x), x, mode="full")
+    assert report.passed, str(report)
+    worst = report.row("x").worst
+    exact = float(np.cos(x.numpy()[worst.input_index[0]]))
+    assert abs(worst.numeric - exact) <= min(worst.fd_error, 1e-2 * abs(exact) * worst.step ** 2 / 6.0)
+
+    # a backward wrong in one entry of a large leaf: fast mode, bisection names element and output
+    n, wrong_input, wrong_output = 2048, 1337, 1
+    A = torch.tensor(np.random.default_rng(9).normal(size=(3, n)))
+
+    class Mix(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            ctx.save_for_backward(v)
+            return A @ torch.tanh(v)
+
+        @staticmethod
+        def backward(ctx, g):
+            (v,) = ctx.saved_tensors
+            gradient = (A.T @ g) * (1 - torch.tanh(v) ** 2)
+            gradient[wrong_input] = gradient[wrong_input] + 0.25 * g[wrong_output]
+            return gradient
+
+    v = torch.tensor(np.random.default_rng(10).normal(size=n))
+    report = gb.check(Mix.apply, v, mode="fast", budget=100)
+    row = report.rows[0]
+    assert not report.passed and "bisection" in row.method
+    assert row.worst.input_index == (wrong_input,) and row.worst.output_index == (wrong_output,)
+    exact = float(A[wrong_output, wrong_input]) * (1 - np.tanh(float(v[wrong_input])) ** 2)
+    assert row.worst.numeric == pytest.approx(exact, rel=1e-7, abs=1e-9)
+    assert row.worst.analytic == pytest.approx(exact + 0.25, rel=1e-12)
