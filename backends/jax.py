@@ -38,6 +38,15 @@ What is checked, and how the user's state stays untouched:
   (float0 cotangents belong to integer inputs, which are never differentiated.)
 * Evaluation runs ``jax.jit(jax.vmap(fn))`` over a batch of points; a function that cannot be traced
   that way (Python control flow on values, NumPy conversions) is evaluated point by point instead.
+* State fn keeps: a model holding its own PRNG key (``self.key, sub = jax.random.split(self.key)``), a
+  closure rebinding a nonlocal, a global, a flax/equinox-style state object. Every traced run of fn is
+  watched: where it leaves tracers in those places, they are put back at once and fn is evaluated point by
+  point and differentiated eagerly from then on (a note says so). When the check ends, also by raising,
+  every array, key or object fn rebound holds what it held before (int counters and logs fn keeps stay).
+  A function whose output depends on a key it advances is reported as not deterministic.
+* ``gradbridge.check`` called on tracers (inside ``jax.jit``/``jax.grad``/``jax.vmap``) raises
+  InvalidArgumentError naming the argument; a check called by fn on values that do not depend on fn's
+  input makes the outer check evaluate fn eagerly, where the inner check runs.
 * ``params=`` and ``grad=`` are rejected: a pure JAX function cannot have closed-over parameters swapped
   (pass the parameter pytree as an argument), and JAX computes the gradients itself (write custom ones
   as ``custom_vjp``/``custom_jvp`` rules).
@@ -48,6 +57,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import contextlib
+import functools
+import threading
 from dataclasses import dataclass, field
 from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
                     Tuple)
@@ -58,8 +69,8 @@ import numpy as np
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache, digest,
-                                   weak_callable)
+from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, StateSnapshot, StateWalker, Uncacheable,
+                                   WeakFunctionCache, digest, weak_callable)
 from gradbridge._layout import Candidate, layout_leaves, promotion_notes
 from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
@@ -70,6 +81,11 @@ try:  # the public home of jaxpr types since jax 0.4.3x
     from jax.extend.core import Literal
 except ImportError:  # pragma: no cover - older jax
     from jax.core import Literal  # type: ignore[attr-defined,no-redef]
+
+try:  # every trace's placeholder value (jit, vmap, grad, linearize) is a Tracer
+    _Tracer: Any = jax.core.Tracer
+except AttributeError:  # pragma: no cover - a jax that moved it
+    from jax._src.core import Tracer as _Tracer
 
 #: Substrings of JAX errors meaning "this input has no derivative rule" (not a bug in the user's rule).
 _NO_DERIVATIVE_HINTS = ("differentiation rule for", "transpose rule", "do not support jvp", "does not support jvp",
@@ -266,6 +282,109 @@ class _Fingerprint(Fingerprinter):
         return UNHANDLED
 
 
+# --- State fn keeps and rebinds while it runs (a model splitting its own PRNG key) ------------------------------
+#
+# A model that keeps its key (``self.key, sub = jax.random.split(self.key)``), a closure rebinding a nonlocal
+# key, a global it advances: traced under jit or vmap, fn stores tracers into the user's objects, the next trace
+# or call then reads a dead tracer (UnexpectedTracerError), and the user's model is left broken. So every run of
+# fn under a trace is guarded: the places fn can rebind (found from fn and from the non-array values passed to
+# it, by the fingerprint's reach, see gradbridge._fingerprint.StateWalker) are snapshotted before, and looked
+# through for tracers after; where fn left some, the places are put back at once and fn is marked stateful: from
+# then on it is evaluated point by point, eagerly, and differentiated with eager jax.vjp/jax.linearize at the
+# checked point (what jit would bake in, one key for every evaluation, is not what fn does). A function whose
+# output depends on the key it advances then differs between two evaluations at the same point, which the core
+# reports as "not deterministic"; one whose output does not depend on it gets its normal verdict. At the end of
+# the session every place is put back as the check found it (StateSnapshot.restore: arrays, keys, state objects;
+# int counters and logs fn keeps stay as fn left them), also when the check raises.
+
+
+class _State(StateWalker):
+    """The places fn can rebind, and the tracers found in them."""
+
+    libraries = _Fingerprint.libraries
+
+    def is_array(self, value: Any) -> bool:
+        return isinstance(value, (jax.Array, np.ndarray))
+
+    def is_watched(self, value: Any) -> bool:
+        return isinstance(value, _Tracer)
+
+    def adapter_children(self, value: Any) -> Any:
+        if isinstance(value, (jax.custom_vjp, jax.custom_jvp)):
+            return [getattr(value, name) for name in ("fun", "fwd", "bwd", "jvp") if hasattr(value, name)]
+        return UNHANDLED
+
+
+def _holds_tracer(value: Any) -> bool:
+    """Whether ``value`` is, or holds somewhere inside (a tuple, a new state object, a closure), a tracer."""
+    if isinstance(value, _Tracer):
+        return True
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return False
+    return bool(_State([("", value)], snapshot=False).watched)
+
+
+class _StatefulFunction(FunctionEvaluationError):
+    """Raised out of a traced run of fn that left tracers in the user's state (already put back): the prepared
+    function's method that ran it starts again, eagerly (see :func:`_eager_on_leak`)."""
+
+
+class _Active(threading.local):
+    """The problems whose sessions are open in this thread, innermost last (a check inside fn nests one)."""
+
+    def __init__(self) -> None:
+        self.problems: List["JaxProblem"] = []
+
+
+_ACTIVE = _Active()
+
+
+def _call_fn(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Mapping[str, Any], traced: bool) -> Any:
+    """``fn(*args, **kwargs)``; a traced run is guarded by the innermost open session's problem."""
+    if traced and _ACTIVE.problems:
+        return _ACTIVE.problems[-1].guarded(fn, args, kwargs)
+    return fn(*args, **kwargs)
+
+
+def _eager_on_leak(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A prepared function's method that starts again once a traced run of fn left tracers in the user's state:
+    the problem is stateful by then, so the second run takes the eager paths only."""
+
+    @functools.wraps(method)
+    def run(self: "JaxPrepared", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except _StatefulFunction:
+            if self.problem.eager_reason is None:  # pragma: no cover - raised only after marking
+                raise
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _staging() -> bool:
+    """Whether JAX is staging code now (inside jax.jit or jax.make_jaxpr): every array made is then a tracer.
+    Eager autodiff and eager vmap are not staging: arrays made from constants there are concrete."""
+    try:  # about 1 us; private, so checked for
+        from jax._src.core import unsafe_am_i_under_a_jit
+
+        return bool(unsafe_am_i_under_a_jit())
+    except Exception:  # pragma: no cover - a jax without it: ask an array (about 0.1 ms)
+        return isinstance(jnp.zeros(()), _Tracer)
+
+
+def _tracer_error(where: str, what: Optional[str]) -> InvalidArgumentError:
+    """gradbridge.check was given a tracer: it was called under a JAX transformation (marked, so that a check
+    running fn under a trace, where fn calls gradbridge.check itself, can tell it and evaluate fn eagerly)."""
+    found = f"{what} is a JAX tracer, not a concrete array" if what else "JAX is tracing code (jax.jit)"
+    error = InvalidArgumentError(
+        f"{where}: {found}: gradbridge.check was called inside a JAX transformation (jax.jit, jax.grad, jax.vmap, "
+        "jax.lax control flow, or a function that gradbridge itself is checking, which it traces). gradbridge runs "
+        "fn and JAX's derivatives itself and needs concrete values: call gb.check outside any transformed code, "
+        "on concrete arrays")
+    error.gradbridge_tracer_argument = True  # type: ignore[attr-defined]
+    return error
+
+
 def _output_sink_flatten(result: Any, sink: Any) -> jax.Array:
     """``fn``'s output as one flat vector in the plumbing dtype; records the output layout in ``sink`` once."""
     pairs, _ = jax.tree_util.tree_flatten_with_path(result)
@@ -304,6 +423,7 @@ class _Compiled:
         self.outputs = outputs
         self.low_precision_outputs: List[str] = []
         self.evaluation_fails = False
+        self.eager_reason: Optional[str] = None  # why fn cannot be traced (it keeps state): checked eagerly
         self.linear: Dict[str, Any] = {}  # mode -> _LinearPlan, or False: use the per-check path
         self.gradient: Optional[_Compiled] = None
         self.gradient_error: Optional[BaseException] = None
@@ -478,6 +598,18 @@ class _Argument:
     count: int
 
 
+def _passed_objects(spec: CheckSpec) -> List[Tuple[str, Any]]:
+    """The non-array values fn is passed (pytree leaves of the arguments, keyword arguments), named by path:
+    fn gets these very objects at every run, so it can keep state in them."""
+    found: List[Tuple[str, Any]] = []
+    for name, arg in zip(spec.arg_names, spec.args):
+        for path, value in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            if not _is_array(value):
+                found.append((name + jax.tree_util.keystr(path), value))
+    found.extend((f"kwargs[{key!r}]", value) for key, value in spec.kwargs.items())
+    return found
+
+
 class JaxProblem:
     """Everything about one JAX check that is fixed: the argument trees, the leaves, the output layout."""
 
@@ -503,14 +635,73 @@ class JaxProblem:
         self.needs_x64 = spec.promote or any(str(c.dtype) == "float64" for c in floating)
         # promote=True only: the leaves given below float64, named in the hint when fn fails on the copies
         self.low_precision = low_precision_names([(c.name, c.dtype) for c in floating]) if spec.promote else ""
+        # where fn can keep state: fn itself and the non-array values it is passed (the same objects every run)
+        self.roots: List[Tuple[str, Any]] = [("fn", spec.fn)] + _passed_objects(spec)
+        self.eager_reason: Optional[str] = None  # why fn is evaluated and differentiated eagerly (see _State)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         scope = enable_float64() if self.needs_x64 else contextlib.nullcontext()
         with self.rng.preserved(), scope:
-            self.fixed_values()  # now: the x64 setting of the check is in force, and no JAX trace is running
-            yield
+            start = StateSnapshot(_State(self.roots))  # what fn's state holds now: put back on the way out
+            _ACTIVE.problems.append(self)
+            try:
+                self.fixed_values()  # now: the x64 setting of the check is in force, and no JAX trace is running
+                yield
+            finally:
+                _ACTIVE.problems.remove(self)
+                start.restore(_holds_tracer)
             self._keep_after_run()
+
+    def guarded(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """A traced run of ``fn``: where it leaves tracers in the places it can rebind, those are put back at once
+        and fn is marked stateful; the first time, :class:`_StatefulFunction` stops the traced path (the
+        prepared function's method starts again, eagerly). Once stateful, a run under eager autodiff
+        (jax.vjp/jax.linearize at the point) is only put back: its derivative holds."""
+        before = StateSnapshot(_State(self.roots))
+        eager = self.eager_reason is not None
+        try:
+            result = fn(*args, **kwargs)
+        except InvalidArgumentError as error:
+            self._put_back(before)
+            if eager or not getattr(error, "gradbridge_tracer_argument", False):
+                raise  # under eager autodiff: fn checks values that depend on the point, which cannot be done
+            self._mark_eager("fn calls gradbridge.check itself, which needs concrete values: fn is evaluated point "
+                             "by point and differentiated eagerly")
+            raise _StatefulFunction(self.eager_reason or "") from None
+        except Exception:
+            if self._put_back(before) and not eager:
+                raise _StatefulFunction(self.eager_reason or "") from None
+            raise
+        if self._put_back(before) and not eager:
+            raise _StatefulFunction(self.eager_reason or "")
+        return result
+
+    def _put_back(self, before: StateSnapshot) -> bool:
+        """Whether a traced run left tracers in fn's state; if so they are put back and fn marked stateful."""
+        leaked = _State(self.roots, snapshot=False).watched
+        if not leaked:
+            return False
+        before.restore(_holds_tracer)
+        paths = sorted({path for path, _ in leaked})
+        shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        self._mark_eager(f"fn rebinds JAX arrays in its own state while it runs ({shown}): under jax.jit/jax.vmap "
+                         "that stores tracers there, so fn is evaluated point by point and differentiated eagerly, "
+                         "and its state is put back as it was after the check")
+        return True
+
+    def _mark_eager(self, reason: str) -> None:
+        if self.eager_reason is None:
+            self.eager_reason = reason
+            if self._compiled is not None:
+                self._compiled[0].eager_reason = reason  # the next check of fn in this state starts eagerly
+
+    def eager(self) -> bool:
+        """Whether fn must run eagerly: it left tracers in its state in this check or in an earlier one of the
+        same compiled entry."""
+        if self.eager_reason is None and self._compiled is not None and self._compiled[0].eager_reason is not None:
+            self.eager_reason = self._compiled[0].eager_reason
+        return self.eager_reason is not None
 
     def _keep_after_run(self) -> None:
         """Keep the compiled entries of the state this check started from also under the state fn left
@@ -545,7 +736,8 @@ class JaxProblem:
             part = jnp.reshape(part, leaf.shape)
             values[self.positions[i]] = part if dtype is None else part.astype(dtype)  # exact: points are rounded
         args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count]) for a in self.arguments)
-        return self._flatten_output(self.spec.fn(*args, **self.spec.kwargs))
+        traced = any(isinstance(part, _Tracer) for part in parts)
+        return self._flatten_output(_call_fn(self.spec.fn, args, self.spec.kwargs, traced))
 
     def split(self, x: Any) -> List[Any]:
         """The flat vector ``x`` cut into one array per checked leaf, in the leaf's shape."""
@@ -621,7 +813,7 @@ class JaxProblem:
             fn = get_fn()
             if fn is None:  # pragma: no cover - the check holds fn while it runs
                 raise RuntimeError("the checked function was garbage-collected")
-            return _output_sink_flatten(fn(*args, **kwargs), holder[0])
+            return _output_sink_flatten(_call_fn(fn, args, kwargs, True), holder[0])
 
         def bind(entry: _Compiled) -> None:
             holder.append(entry)
@@ -680,9 +872,21 @@ class JaxPrepared(ProblemBackedFunction):
         if note not in self.notes:
             self.notes.append(note)
 
+    def _eager(self) -> bool:
+        """Whether fn is stateful (see :class:`_State`): evaluated point by point and differentiated eagerly."""
+        if self.problem.eager_reason is None and self._compiled is not None:
+            self._compiled()  # the entry kept from an earlier check may know it already
+        if self.problem.eager():
+            self._note(self.problem.eager_reason or "")
+            return True
+        return False
+
+    @_eager_on_leak
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         x = jnp.asarray(points, dtype=plumbing_dtype())
         result = None
+        if self._eager():
+            self._pointwise_evaluation = True
         if not self._pointwise_evaluation and self._compiled is not None:
             entry, dyn = self._compiled()
             if not entry.evaluation_fails:
@@ -730,11 +934,13 @@ class JaxPrepared(ProblemBackedFunction):
                        "the check's precision is limited by that")
         return result
 
+    @_eager_on_leak
     def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``; once the
         compiled evaluation has run, the points are built inside it (no NumPy points to write and copy)."""
         known = self._outputs is not None or self.problem.outputs is not None
-        if known and len(positions) > 1 and not self._pointwise_evaluation and self._compiled is not None:
+        if (known and len(positions) > 1 and not self._pointwise_evaluation and self._compiled is not None
+                and not self._eager()):
             entry, dyn = self._compiled()
             if not entry.evaluation_fails:
                 dtype = plumbing_dtype()
@@ -827,6 +1033,8 @@ class JaxPrepared(ProblemBackedFunction):
         """The compiled linear maps of ``mode`` (built once per cache entry), or None: use the per-check path."""
         if self._compiled is None or (self._pullbacks if mode == "rev" else self._pushforwards) is not None:
             return None
+        if self._eager():
+            return None
         entry, dyn = self._compiled()
         parts0 = self._parts0()
         plan = entry.linear.get(mode)
@@ -878,6 +1086,7 @@ class JaxPrepared(ProblemBackedFunction):
             self._mark_symbolic_zeros(self._pullbacks, self._zero_cotangent, "rev")
         return self._pullbacks
 
+    @_eager_on_leak
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         self._last_mode = "rev"
         v = jnp.asarray(cotangents, dtype=plumbing_dtype())
@@ -896,6 +1105,7 @@ class JaxPrepared(ProblemBackedFunction):
 
     # --- transposed reverse mode: J t by transposing the VJP u -> J^T u ---
 
+    @_eager_on_leak
     def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
         """``J t`` for each row of the (k, n) ``tangents``: (k, m), with ``J`` exactly the Jacobian :meth:`vjp`
         implements (custom_vjp bwd rules included), never forward-mode rules: the VJP ``u -> J^T u`` at
@@ -969,6 +1179,7 @@ class JaxPrepared(ProblemBackedFunction):
             maps.append((indices, transposed))
         return _TransposedPlan(maps)
 
+    @_eager_on_leak
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:
             return [jnp.zeros(self.leaves[k].shape, dtype=plumbing_dtype()) for k in indices]
@@ -994,6 +1205,7 @@ class JaxPrepared(ProblemBackedFunction):
                                  dtype=np.float64).reshape(len(u), -1)
         return pushed
 
+    @_eager_on_leak
     def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
         v = jnp.asarray(cotangent, dtype=plumbing_dtype())
         first = self.function
@@ -1007,7 +1219,7 @@ class JaxPrepared(ProblemBackedFunction):
         compiled = None
         error: Optional[BaseException] = None
         probed = False
-        if self._compiled is not None:
+        if self._compiled is not None and not self._eager():
             entry, dyn = self._compiled()
             child = entry.gradient_entry()
             if not child.gradient_probed:  # can JAX differentiate the gradient? (traced once per entry)
@@ -1085,12 +1297,22 @@ class JaxAdapter:
             pairs, treedef = jax.tree_util.tree_flatten_with_path(arg)
             arguments.append(_Argument(treedef, len(values), len(pairs)))
             for path, value in pairs:
+                if isinstance(value, _Tracer):
+                    raise _tracer_error("args", name + jax.tree_util.keystr(path))
                 if _is_array(value):
                     checkable = _floating(value) or _complex(value)
                     candidates.append(Candidate(name + jax.tree_util.keystr(path), value, tuple(np.shape(value)),
                                                 _dtype_name(value), checkable, "input", index))
                     positions.append(len(values))
                 values.append(value)
+        for key, value in spec.kwargs.items():
+            if _holds_tracer(value):
+                raise _tracer_error("kwargs", f"{key!r} (or something inside it)")
+        leaked = _State([("fn", spec.fn)], snapshot=False).watched
+        if leaked:
+            raise _tracer_error("fn", f"a value fn reads ({leaked[0][0]})")
+        if _staging():
+            raise _tracer_error("fn", None)
         leaves, chosen = layout_leaves(candidates, spec.wrt)
         for leaf, i in zip(leaves, chosen):
             if _complex(candidates[i].value):
