@@ -103,6 +103,15 @@ _VMAP_ELEMENTS = 1 << 18
 _NOTHING_HELD = contextlib.nullcontext()
 
 
+def _outside_inference_mode() -> ContextManager[Any]:
+    """Leave ``torch.inference_mode`` for the block when the caller is in it (restored on exit, also on an
+    exception); nothing otherwise. Inside inference mode autograd records nothing and every tensor made
+    is an inference tensor, so a check run there would see an analytic derivative of zero. Grad mode is
+    set explicitly around every forward pass of the check (``no_grad`` to evaluate, ``enable_grad`` to
+    record a graph), so the caller's ``no_grad`` / ``set_grad_enabled(False)`` needs nothing here."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else _NOTHING_HELD
+
+
 def _batching_error(exc: BaseException) -> bool:
     return any(hint in str(exc).lower() for hint in _BATCHING_HINTS)
 
@@ -448,9 +457,11 @@ class TorchProblem:
         cpu_state = torch.default_generator.get_state()  # what torch.get_rng_state returns
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         default_dtype = torch.get_default_dtype()
+        grad_enabled = torch.is_grad_enabled()
         modes = [(m, m.training) for m in self.module.modules()] if self.module is not None else []
         try:
-            with self.rng.preserved():
+            # out of the caller's inference mode for the whole check (see _outside_inference_mode)
+            with _outside_inference_mode(), self.rng.preserved():
                 if self.promote:  # promote=False: fn runs as it would for the user, default dtype included
                     torch.set_default_dtype(torch.float64)
                 if self.module is not None and not self.spec.train:
@@ -465,6 +476,8 @@ class TorchProblem:
                 torch.cuda.set_rng_state_all(cuda_states)
             if self.data_swap is not None:
                 self.data_swap.restore()
+            if torch.is_grad_enabled() != grad_enabled:  # fn called torch.set_grad_enabled(...) and left it
+                torch.set_grad_enabled(grad_enabled)
 
     def leaf_values(self, x: torch.Tensor) -> List[torch.Tensor]:
         """One tensor per checked leaf, cut from the flat float64 ``x`` (views) and, with ``promote=False``,
@@ -533,6 +546,12 @@ class TorchProblem:
         try:
             return self.spec.fn(*args, **self.spec.kwargs)
         except RuntimeError as exc:
+            if "Inference tensors" in str(exc):
+                raise FunctionEvaluationError(
+                    f"fn raised RuntimeError: {str(exc).splitlines()[0]} fn uses a tensor created under "
+                    "torch.inference_mode (an inference tensor) in a computation autograd must record, which torch "
+                    "refuses. Pass that tensor to the check as an argument (arguments are copied), or create it "
+                    "outside inference mode (or .clone() it there)") from exc
             if (self.promote and self.module is None and "dtype" in str(exc)
                     and ("Float" in str(exc) or "float" in str(exc))):
                 also = f" {promotion_hint(self.low_precision)}" if self.low_precision else ""
@@ -649,11 +668,12 @@ def _engine() -> Optional[Callable[..., tuple]]:
         engine = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
         if engine is not None:
             try:
-                with torch.enable_grad():
-                    probe = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-                    square = probe * probe
-                got = engine((square,), (torch.ones(2, dtype=torch.float64),), False, False, (probe,), True,
-                             accumulate_grad=False)
+                with torch.inference_mode(False):  # a first VJP under the caller's inference mode
+                    with torch.enable_grad():
+                        probe = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+                        square = probe * probe
+                    got = engine((square,), (torch.ones(2, dtype=torch.float64),), False, False, (probe,), True,
+                                 accumulate_grad=False)
                 if (isinstance(got, tuple) and len(got) == 1 and isinstance(got[0], torch.Tensor)
                         and got[0].tolist() == [2.0, 4.0] and probe.grad is None):
                     _run_backward = engine
@@ -1355,6 +1375,10 @@ class TorchAdapter:
         return ok, "" if ok else f"autograd gave {None if x.grad is None else x.grad.dtype}"
 
     def prepare(self, spec: CheckSpec) -> TorchPrepared:
+        with _outside_inference_mode():  # the copies made here (module constants) must not be inference tensors
+            return self._prepare(spec)
+
+    def _prepare(self, spec: CheckSpec) -> TorchPrepared:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _checkable(t)))
         module, param_tensors = _parameters(spec)
@@ -1375,6 +1399,12 @@ class TorchAdapter:
         else:
             swapped = {k: candidates[i].value for k, i in enumerate(chosen) if candidates[i].kind == "param"}
             for k, tensor in swapped.items():
+                if tensor.is_inference():
+                    raise InvalidArgumentError(
+                        f"params: {leaves[k].name} is an inference tensor (created under torch.inference_mode); the "
+                        "check points a params= tensor at perturbed copies that autograd records, which torch does "
+                        "not allow for inference tensors. Create it outside inference mode (or .clone() it there), "
+                        "or pass it to fn as an argument, which the check copies")
                 if not tensor.is_leaf:
                     raise InvalidArgumentError(f"params: {leaves[k].name} is not a leaf tensor (it was computed from "
                                                "others); pass leaf tensors or the nn.Module that owns them")
