@@ -27,7 +27,7 @@ from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentEr
 from ._evaluate import Evaluator
 from ._finite_diff import relative_step, step_description
 from ._localize import bisection_row
-from ._numeric import BACKWARD, FAIL, FORWARD, KINK, METHOD_NAMES, ElementVerdicts, StepLadder
+from ._numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts, StepLadder
 from ._options import Options
 from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
 from ._progress import CheckProgress
@@ -443,7 +443,7 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
         scales = plans[entry.leaf.name].basis[0]
         for output in prepared.output_specs:
             row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
-            if not _clean(row) and (row.kinks or row.one_sided) and \
+            if not _clean(row) and (row.kinks or row.jumps or row.one_sided) and \
                     sum(s.size for s in prepared.output_specs) * len(prepared.x0) <= MAX_DENSE_ENTRIES:
                 return _full_rows(evaluator, context, leaves, f0, analytic_mode, order, compress=False)
             owners = np.full((1, len(f0)), -1)
@@ -521,7 +521,7 @@ def _named(row: RowResult, entry: LeafDirections, verdicts: ElementVerdicts, col
     """A failed row of verified column groups that already names its elements (every failing entry has
     its element, no kink, no one-sided difference): it needs no element-by-element re-check."""
     owners = columns.owners.get(entry.leaf.name) if columns is not None else None
-    if owners is None or row.status != "fail" or row.kinks or row.one_sided:
+    if owners is None or row.status != "fail" or row.kinks or row.jumps or row.one_sided:
         return False
     output = next(spec for spec in prepared.output_specs if spec.name == row.output)
     return not _unowned_failure(row, entry, output, verdicts, owners)
@@ -536,7 +536,7 @@ def _unowned_failure(row: RowResult, entry: LeafDirections, output: LeafSpec, ve
 
 def _clean(row: RowResult) -> bool:
     """A compressed row accepted as it is: passed, no kink, no one-sided difference."""
-    return row.status == "pass" and not row.kinks and not row.one_sided
+    return row.status == "pass" and not row.kinks and not row.jumps and not row.one_sided
 
 
 def _index_text(index: Sequence[int]) -> str:
@@ -551,14 +551,18 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     a, n, allowed = analytic[where], verdicts.numeric[where], verdicts.allowed[where]
     status, error, method = verdicts.status[where], verdicts.error[where], verdicts.method[where]
     left, right = verdicts.left[where], verdicts.right[where]
-    at_kink = status == KINK
+    at_jump = status == JUMP
+    unresolved = status == UNRESOLVED
+    at_kink = (status == KINK) | at_jump | unresolved  # non-differentiable: not part of the smooth comparison
     with np.errstate(invalid="ignore"):
         subgradient = (a >= np.fmin(left, right) - allowed) & (a <= np.fmax(left, right) + allowed)
+        # at a jump the analytic value must be one of the one-sided derivatives, not between them
+        subgradient = np.where(at_jump | unresolved, at_jump, subgradient)
     bad = status == FAIL
     if kinks == "fail":
-        bad |= at_kink
+        bad |= at_kink & ~unresolved
     elif kinks == "subgradient":
-        bad |= at_kink & ~subgradient
+        bad |= at_kink & ~subgradient & ~unresolved
     difference = np.abs(a - n)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(np.isfinite(difference), difference / np.where(allowed > 0, allowed, np.inf), np.inf)
@@ -571,11 +575,17 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     refined = int(np.count_nonzero(verdicts.levels[entry.slice]))
     one_sided = int(np.count_nonzero(((method == FORWARD) | (method == BACKWARD)) & ~at_kink))
     row = RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
-                    method="full", analytic_mode=analytic_mode, status="fail" if bad.any() else "pass",
+                    method="full", analytic_mode=analytic_mode,
+                    status="fail" if bad.any() else "unresolved" if unresolved.any() else "pass",
                     max_abs_error=float(np.max(np.where(smooth, difference, 0.0))) if difference.size else 0.0,
                     rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
-                    mismatches=int(bad.sum()), compared=int(a.size), kinks=int(at_kink.sum()),
-                    one_sided=one_sided, refined=refined)
+                    mismatches=int(bad.sum()), compared=int(a.size),
+                    kinks=int((at_kink & ~at_jump & ~unresolved).sum()), jumps=int((at_jump | unresolved).sum()),
+                    unresolved=int(unresolved.sum()), one_sided=one_sided, refined=refined)
+    if verdicts.resolution is not None:
+        resolution = verdicts.resolution[where]
+        if np.isfinite(resolution).any():
+            row.resolution = float(np.nanmax(resolution))
     if entry.compressed:
         row.method = (f"full, compressed: {leaf.size} columns in {entry.count} group(s), every entry compared")
         row.compared = int(output.size * leaf.size)
@@ -598,18 +608,34 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
             abs_error=float(difference[out_i, d_j]), allowed=float(allowed[out_i, d_j]), step=float(steps[d_j]),
             fd_error=float(error[out_i, d_j]), method=METHOD_NAMES[int(method[out_i, d_j])],
             direction="" if entry.basis is None else entry.label(int(d_j)))
-    for out_i, d_j in list(zip(*np.nonzero(at_kink)))[:KINKS_LISTED]:
+    jumped = np.isfinite(verdicts.jump[where]) if verdicts.jump is not None else np.zeros(a.shape, dtype=bool)
+    row.jumps += int((jumped & bad).sum())  # a wrong derivative at a jump is still a jump
+    for out_i, d_j in list(zip(*np.nonzero(at_kink | (jumped & bad))))[:KINKS_LISTED]:
         row.nondifferentiable.append(KinkPoint(
             input_index=leaf.unravel(int(d_j)) if entry.basis is None else (),
             output_index=output.unravel(int(out_i)), analytic=float(a[out_i, d_j]), left=float(left[out_i, d_j]),
             right=float(right[out_i, d_j]), subgradient=bool(subgradient[out_i, d_j]),
-            direction="" if entry.basis is None else entry.label(int(d_j))))
-    row.message = _row_message(row, kinks, int((at_kink & ~subgradient).sum()))
+            direction="" if entry.basis is None else entry.label(int(d_j)),
+            jump=float(verdicts.jump[where][out_i, d_j]) if jumped[out_i, d_j] else None))
+    row.message = _row_message(row, kinks, int((at_kink & ~at_jump & ~unresolved & ~subgradient).sum()))
     return row, worst_at
 
 
 def _row_message(row: RowResult, kinks: str, outside: int) -> str:
     parts = []
+    if row.jumps:
+        solved = row.jumps - row.unresolved
+        if solved:
+            parts.append(f"{solved} element(s) where fn itself is discontinuous at the point (its one-sided limits differ "
+                         "and do not converge as the step shrinks): judged against the derivative on each side, "
+                         "measured from points on that side only")
+        if row.unresolved:
+            parts.append(f"{row.unresolved} element(s) where fn jumps and the derivative on one side could not be "
+                         "measured (fn is not finite there): UNRESOLVED, not a pass; check at a point away from the jump")
+    if row.resolution is not None:
+        parts.append(f"fn is not smooth below the default step here (internal adaptivity, a solver's stopping "
+                     f"tolerance, or noise): derivatives were measured at larger steps, to a relative resolution of "
+                     f"about {row.resolution:.1g}; errors below that cannot be seen in this function")
     if row.kinks:
         effect = {"allow": "shown, not failed (kinks='allow')",
                   "subgradient": "failed only where the analytic value is not between the one-sided values "

@@ -31,7 +31,7 @@ code, pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.
 """
 
 _VERDICT = {"pass": ("ok", "pass"), "fail": ("FAIL", "fail"), "unsupported": ("n/a", "na"),
-            "error": ("ERROR", "fail")}
+            "error": ("ERROR", "fail"), "unresolved": ("UNRESOLVED", "fail")}
 
 
 def _e(value: Any) -> str:

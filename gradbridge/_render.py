@@ -26,8 +26,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
 def row_cells(row: RowResult) -> List[str]:
     """The cells of one row of the table, in :data:`ROW_HEADER` order."""
     name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
-    verdict = {"pass": "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
-               "no-gradient": "none" if row.passed else "NONE"}[row.status]
+    verdict = {"pass": "jump" if row.jumps else "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
+               "unresolved": "UNRESOLVED", "no-gradient": "none" if row.passed else "NONE"}[row.status]
     if row.status == "unsupported":
         return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, "-", "-", "-", "-"]
     worst = "-"
@@ -110,13 +110,21 @@ def _kink_lines(report: Report) -> List[str]:
     for row in report.rows:
         for k in row.nondifferentiable:
             where = k.direction or f"{row.input}{_index(k.input_index)}"
+            if k.discontinuous:
+                verdict = ("one of them: the derivative of the branch fn takes" if k.subgradient
+                           else "NEITHER of them: wrong on both sides")
+                lines.append(f"    discontinuity {where} -> {row.output}{_index(k.output_index)}: fn jumps by "
+                             f"{_fmt(k.jump)}; derivative on the left {_fmt(k.left)}, on the right {_fmt(k.right)}; "
+                             f"analytic {_fmt(k.analytic)} ({verdict})")
+                continue
             verdict = "a valid subgradient" if k.subgradient else "NOT between them: not a subgradient"
             lines.append(f"    non-differentiable point {where} -> {row.output}{_index(k.output_index)}: one-sided "
                          f"left {_fmt(k.left)}, right {_fmt(k.right)}; analytic {_fmt(k.analytic)} ({verdict})")
-        if row.kinks > len(row.nondifferentiable):
-            lines.append(f"    ... and {row.kinks - len(row.nondifferentiable)} more in {row.input} -> {row.output}")
+        if row.kinks + row.jumps > len(row.nondifferentiable):
+            lines.append(f"    ... and {row.kinks + row.jumps - len(row.nondifferentiable)} more in "
+                         f"{row.input} -> {row.output}")
     if lines:
         lines.insert(0, "")
         lines.insert(1, "  non-differentiable points (the one-sided differences disagree beyond their error and do "
-                        "not converge as the step shrinks):")
+                        "not converge as the step shrinks; at a discontinuity fn itself jumps):")
     return lines

@@ -44,10 +44,13 @@ class WorstElement:
 @dataclass
 class KinkPoint:
     """An element at a non-differentiable point: the one-sided differences disagree beyond their error
-    and their gap does not shrink with the step (relu at 0, abs, max, floor at an integer).
+    and their gap does not shrink with the step (relu at 0, abs, max), or fn itself jumps there.
 
-    ``left``/``right`` are the backward/forward one-sided differences; ``subgradient`` says whether the
-    analytic value lies between them (a valid choice at a kink, like relu'(0) = 0).
+    ``left``/``right`` are the backward/forward one-sided derivatives; ``subgradient`` says whether the
+    analytic value lies between them (a valid choice at a kink, like relu'(0) = 0). At a jump
+    (``jump`` set: fn's one-sided limits differ by that much, a branch switch, a step function, a
+    sampler's accept/reject boundary) both are measured from points on their own side only, and
+    ``subgradient`` says whether the analytic value is one of them.
     """
 
     input_index: Tuple[int, ...]
@@ -57,6 +60,12 @@ class KinkPoint:
     right: float
     subgradient: bool
     direction: str = ""
+    jump: Optional[float] = None
+
+    @property
+    def discontinuous(self) -> bool:
+        """A jump of fn itself (``jump`` is its size), not only of its derivative."""
+        return self.jump is not None
 
 
 @dataclass
@@ -88,7 +97,13 @@ class RowResult:
 
     ``status`` is ``"pass"``, ``"fail"``, ``"unsupported"`` (the mode is not available for this function;
     neither a pass nor a failure), ``"no-gradient"`` (the framework defines no gradient for this input:
-    it passes only where the numeric derivative is zero too) or ``"error"``.
+    it passes only where the numeric derivative is zero too), ``"unresolved"`` (fn jumps at the point
+    and the derivative on some side could not be measured: never a pass) or ``"error"``.
+
+    ``jumps`` counts elements where fn itself is discontinuous at the point (judged against the
+    one-sided derivatives, listed in ``nondifferentiable``); ``resolution`` is the relative error to
+    which fn's derivatives could be measured where fn is not smooth below the default step (internal
+    adaptivity, a solver's tolerance): errors below it cannot be seen in this function.
 
     A failing row of a full check also carries ``error_map`` (per input element, analytic - numeric of
     its worst output entry, in the input's shape), ``outside_map`` (which elements have an entry outside
@@ -113,6 +128,9 @@ class RowResult:
     message: str = ""
     nondifferentiable: List[KinkPoint] = field(default_factory=list)
     kinks: int = 0
+    jumps: int = 0
+    unresolved: int = 0
+    resolution: Optional[float] = None
     one_sided: int = 0
     refined: int = 0
     error_map: Optional[Any] = None
@@ -121,6 +139,8 @@ class RowResult:
 
     @property
     def passed(self) -> bool:
+        """True for a pass (jumps judged against the one-sided derivatives included), an unsupported
+        mode, or a missing gradient where the numeric derivative is zero too; never for ``unresolved``."""
         if self.status == "no-gradient":
             return self.mismatches == 0
         return self.status in ("pass", "unsupported")
@@ -203,6 +223,10 @@ class Report:
         if self.problem:
             return f"FAILED: {self.problem}"
         failed = self.failures
+        if failed and all(f.status == "unresolved" for f in failed):
+            names = ", ".join(sorted({f.input for f in failed}))
+            return (f"FAILED: {len(failed)} of {len(self.rows)} block(s) could not be resolved (fn jumps at the point "
+                    f"and a one-sided derivative could not be measured): {names}")
         if not failed and not self.passed:
             return "FAILED: nothing was compared (every requested mode is unsupported for this function)"
         if not failed:

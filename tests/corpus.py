@@ -41,6 +41,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the benchmark import
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kits import make_op  # noqa: E402
+import adaptive  # noqa: E402
 
 BACKENDS = ("numpy", "torch", "jax", "tensorflow")
 
@@ -54,6 +55,9 @@ CATEGORIES = {
     "domain": "log/sqrt/x**0.5/p*log(p)/arccos within 1e-7..1e-6 of the edge of their domain",
     "structure": "symmetric matrices read from one triangle, probability vectors (structure=)",
     "native": "written with one framework's own mechanism (runs on that backend only)",
+    "jump": "fn itself jumps exactly at the input (a sampler's branch switch, a tax bracket, floor): judged "
+            "against the derivative on each side",
+    "adaptive": "internal adaptivity: bisection to a tolerance (a staircase), an adaptive RK45 with its adjoint",
 }
 
 
@@ -509,6 +513,42 @@ case("rows of p on the simplex", "structure", lambda p, w: (p ** 2 * w).sum(axis
      lambda g, p, w: (_proj(2 * p * w * g[:, None], axis=0), p ** 2 * g[:, None]), "p",
      "projection mean taken over the wrong axis", options={"structure": {"p": "simplex"}})
 
+
+
+# ------------------------------------------------------------------------------------------------ jump
+# x[2] sits exactly on the switch: fn's one-sided limits differ there (the branch at x0 is the one taken)
+_SWITCH_X = np.array([0.3, -0.2, 0.0, 0.7])
+
+
+def _switch(x):
+    """A sampler that switches branch at 0 (accept above, reject below): jumps by 30 at the switch."""
+    return np.where(x >= 0.0, 30.0 + 3.0 * x ** 2 + x, 0.5 * x ** 2 - x)
+
+
+case("sampler branch switch", "jump", _switch, lambda g, x: (g * np.where(x >= 0.0, 6.0 * x + 1.0, x - 1.0),),
+     [_SWITCH_X], "x", lambda g, x: (g * np.where(x >= 0.0, 6.0 * x, x - 1.0),), "x",
+     "the linear term's derivative dropped on the accepted branch (wrong right at the switch too)")
+case("tax bracket", "jump", lambda x: np.sin(x) + 10.0 * (x > 1.0), lambda g, x: (g * np.cos(x),),
+     [np.array([0.2, 1.0, 2.0])], "x", lambda g, x: (g * np.where(x == 1.0, -np.cos(x), np.cos(x)),), "x",
+     "sign flip only at the element that sits on the jump", worst_index=(1,))
+case("scaled floor", "jump", lambda x, s: s * np.floor(x) + x ** 2, lambda g, x, s: (2.0 * x * g, np.floor(x) * g),
+     [np.array([2.0, 0.5, -1.3]), np.array([1.5, 0.7, 2.0])], ("x", "s"),
+     lambda g, x, s: (2.0 * x * g, x * g), "s", "straight-through slip: s's gradient uses x instead of floor(x)")
+
+# -------------------------------------------------------------------------------------------- adaptive
+_KEPLER = (np.array([0.3, 1.2, 2.5, 4.0]), np.array([0.1, 0.5, 0.7, 0.3]))
+for _xtol in (1e-9, 1e-12):
+    case(f"kepler bisection xtol {_xtol:g}", "adaptive",
+         lambda m, e, xtol=_xtol: adaptive.kepler_bisection(m, e, xtol),
+         lambda g, m, e, xtol=_xtol: adaptive.kepler_vjp(g, m, e, xtol), _KEPLER, ("m", "e"),
+         lambda g, m, e, xtol=_xtol: adaptive.kepler_vjp(g, m, e, xtol, bug="relative"), "e",
+         "1e-4 relative error in e's gradient (below the staircase's noise at the default step)")
+case("adaptive RK45 adjoint", "adaptive",
+     lambda y0, theta: adaptive.odeint_rk45(y0, theta, rtol=1e-10, atol=1e-12),
+     lambda g, y0, theta: adaptive.odeint_rk45_adjoint(g, y0, theta, rtol=1e-10, atol=1e-12),
+     [np.array([1.0, 0.8]), np.array([1.1, 0.6, 0.9, 0.5])], ("y0", "theta"),
+     lambda g, y0, theta: adaptive.odeint_rk45_adjoint(g, y0, theta, rtol=1e-10, atol=1e-12, bug="relative"), "theta",
+     "1e-4 relative error in the parameters' adjoint")
 
 
 # ------------------------------------------------------------------------------------------- variants
