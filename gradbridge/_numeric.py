@@ -53,6 +53,7 @@ NOT_IMPROVING = 0.75     # the error estimate shrinks by 4x (central) or 2x (one
 NOISE_DOMINATED = 8.0   # an error estimate within 8x its round-off part is noise, not truncation
 NOISE_DIRECTIONS = 2    # random directions of the noise estimate (2 scales x NOISE_POINTS evaluations each)
 NOISE_POINTS = 7        # a 6th difference from points on one side of x0
+NOISE_AGREE = 30.0      # noise is scale-free: its 6th differences at two scales agree within this factor
 KINK_PERSISTS = 0.7      # a smooth function's one-sided gap halves per level; a kink's stays
 KINK_STEADY = 1.5        # ... and does not grow: a gap that doubles per level is noise over t (or a jump)
 JUMP_STEADY = 0.25       # a jump's increment f(x+-t) - f(x) converges to a constant; a smooth one halves
@@ -150,9 +151,11 @@ class StepLadder:
             for entry in self.directions.per_leaf:
                 where = entry.leaf.slice
                 u[where] = rng.standard_normal(entry.leaf.size) * np.maximum(1.0, np.abs(x0[where]))
-            smallest = None
+            sixths = []
             # two scales: noise has the same size at both; a kink in the stencil shrinks with the step
-            # (and a smooth part with its 6th power), so the smaller of the two is the noise
+            # (and a smooth part with its 6th power), so the smaller of the two is the noise, and only
+            # where the two agree within NOISE_AGREE: a 6th difference that shrinks by more is fn's
+            # smooth part (log next to its edge, where the stencil is wide), not noise
             for step in (self.directions.relative_step / 16.0, self.directions.relative_step / 256.0):
                 # on one side of x0, x0 itself excluded: a jump or kink exactly at x0 is not noise
                 points = self.rounder(x0[None, :] + step * np.arange(1, NOISE_POINTS + 1)[:, None] * u[None, :])
@@ -160,8 +163,9 @@ class StepLadder:
                                                        for k in range(1, NOISE_POINTS + 1)],
                                               allow_nonfinite=True)
                 sixth = np.abs(weights @ out)
-                sixth = np.where(np.isfinite(sixth), sixth, 0.0)
-                smallest = sixth if smallest is None else np.minimum(smallest, sixth)
+                sixths.append(np.where(np.isfinite(sixth), sixth, 0.0))
+            smallest, largest = np.minimum(*sixths), np.maximum(*sixths)
+            smallest = np.where(largest <= NOISE_AGREE * smallest, smallest, 0.0)
             variance = np.maximum(variance, smallest ** 2 / 924.0)
         return 3.0 * np.sqrt(variance)  # one sample of a noise variance: allow for a low draw
 
