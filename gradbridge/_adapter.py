@@ -98,6 +98,11 @@ class PreparedFunction(Protocol):
       element ``positions[k]`` set to ``values[k]``, exactly what :meth:`evaluate` returns for those
       points, with the points built in the framework (an element-by-element check of a scalar loss makes
       2n such points; building them natively next to the computation saves writing and converting them).
+    * ``forward_rule``: ``Optional[str]``, a short description of the user-written forward-mode rules
+      ``fn`` runs that reverse mode never exercises (``"MyFunction.jvp"``, comma-separated when several:
+      a torch ``autograd.Function`` with a ``jvp`` of its own, given as ``fn`` or found in its code), or
+      None. When set, a bug only in that rule passes a reverse-mode check, so the default check also
+      compares forward mode (:meth:`jvp`). Adapters whose analytic side is a hand-written ``grad=`` set None.
     """
 
     leaves: Sequence[LeafSpec]
