@@ -21,7 +21,7 @@ Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
 def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]] = None, params: Any = None,
           wrt: Wrt = None, mode: str = "auto", order: int = 1, eps: Optional[float] = None,
           atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
-          backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "rev",
+          backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "auto",
           probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
           kinks: str = "allow", promote: bool = True,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
@@ -60,7 +60,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``; detected from the arguments
             when None.
         kwargs: keyword arguments passed to ``fn`` unchanged (never checked).
-        analytic: ``"rev"`` (VJPs: checks backward passes, the default), ``"fwd"`` (JVPs) or ``"both"``.
+        analytic: ``"auto"`` (the default) checks every rule the user wrote: reverse mode (VJPs: backward
+            passes), plus forward mode where fn has its own forward rule (a torch ``Function.jvp``), and
+            forward mode instead where fn supports only forward mode. ``"rev"`` (VJPs), ``"fwd"`` (JVPs)
+            or ``"both"`` ask for exactly those modes (a mode fn lacks is then reported unsupported).
         probes: number of random probes per leaf in ``fast`` mode.
         train: keep the modules' own train/eval modes (a model in training mode is checked in training
             mode: dropout masks frozen by re-seeding, BatchNorm on batch statistics) instead of the

@@ -12,6 +12,7 @@ then checks ``x -> J(x)^T v`` for a random ``v`` the same way (the gradient of t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from functools import lru_cache
@@ -70,6 +71,7 @@ class _Context:
         self.diagonal: Optional[np.ndarray] = None  # the verified diagonal of an elementwise analytic Jacobian
         self.strategy: Dict[str, str] = {}  # leaf name (and order) -> how it was compared
         self.columns: Optional[ColumnAnalytic] = None  # verified column groups found while choosing the mode
+        self.automatic = False  # analytic='auto': fall back to forward mode where reverse mode is unsupported
         self.options = options
         self.tolerance = tolerance
         self.structures = structures
@@ -84,6 +86,8 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
     _check_structure_names(prepared, structures or {})
     progress = CheckProgress(f"checking {report.function}", options.progress)
     evaluator = counts.add(Evaluator(prepared, options.chunk_size, progress=progress))
+    automatic = options.analytic == "auto"
+    options = dataclasses.replace(options, analytic=_analytic_modes(prepared, options, report))
     try:
         with prepared.session():
             problem, f0 = _nondeterminism(evaluator, prepared.x0)
@@ -101,6 +105,7 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             mode = _choose_mode(prepared, options, structures or {}, report, diagonal is not None, columns)
             progress.expect(options.order * _planned_cost(prepared, options, mode))
             context = _Context(options, tolerance, structures or {}, mode, progress)
+            context.automatic = automatic
             context.diagonal = diagonal
             context.columns = columns
             report.rows.extend(_check_order(evaluator, context, f0, order=1))
@@ -114,6 +119,19 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
         report.notes.extend(n for n in prepared.notes if n not in report.notes)
         report.seconds = time.perf_counter() - started
     return report
+
+
+def _analytic_modes(prepared: PreparedFunction, options: Options, report: Report) -> str:
+    """``analytic='auto'``: reverse mode, and forward mode too where fn carries a forward rule of its
+    own (the adapter's ``forward_rule``: a torch ``Function.jvp`` reverse mode never calls)."""
+    if options.analytic != "auto":
+        return options.analytic
+    rule = getattr(prepared, "forward_rule", None)
+    if rule:
+        report.notes.append(f"fn has its own forward-mode rule ({rule}): checked in both modes (analytic='auto'), "
+                            "since reverse mode never calls it")
+        return "both"
+    return "rev"
 
 
 def _check_structure_names(prepared: PreparedFunction, structures: Mapping[str, Structure]) -> None:
@@ -241,7 +259,7 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
     if context.mode == "full":
         for analytic_mode in modes:
             rows.extend(_full_rows(evaluator, context, leaves, f0, analytic_mode, order))
-        return rows
+        return _forward_instead(evaluator, context, leaves, f0, order, rows, modes)
     m = sum(spec.size for spec in evaluator.prepared.output_specs)
     for analytic_mode in modes:
         fast_rows, probes = _fast_rows(evaluator, context, leaves, f0, analytic_mode, order)
@@ -269,6 +287,28 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
                                          f"projection detail: {row.message}")
                 rows.append(localized)
     return rows
+
+
+def _forward_instead(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,
+                     order: int, rows: List[RowResult], modes: Sequence[str]) -> List[RowResult]:
+    """Under ``analytic='auto'``, a function that supports only forward mode (a forward-only adjoint, a
+    library that raises on reverse mode) is checked in forward mode rather than reported unsupported."""
+    lacking = ("unsupported", "no-gradient")
+    if not context.automatic or modes != ("rev",) or not rows or any(r.status not in lacking for r in rows) \
+            or all(r.passed for r in rows):
+        return rows
+    undefined = dict(getattr(evaluator.prepared, "undefined_gradients", None) or {})
+    forward = _full_rows(evaluator, context, leaves, f0, "fwd", order)
+    if any(r.status in lacking for r in forward):
+        if hasattr(evaluator.prepared, "undefined_gradients"):
+            evaluator.prepared.undefined_gradients = undefined
+        return rows
+    for leaf in leaves:
+        context.strategy.pop(leaf.name + ("" if order == 1 else f" (order {order})"), None)
+    reason = rows[0].message.split("; but")[0]
+    context.notes.append(f"reverse mode is not available for fn ({reason}): checked in forward mode "
+                         "(JVPs) instead (analytic='auto'); pass analytic='rev' to require reverse mode")
+    return forward
 
 
 def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:

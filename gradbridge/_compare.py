@@ -714,7 +714,7 @@ def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:
         raise InvalidArgumentError(
             f"{unknown[0]}: not an option of gb.compare; the own checks take {', '.join(CHECK_OPTIONS)}"
             + (" (rtol/atol are the pairwise tolerance)" if unknown[0] in ("check_rtol", "check_atol") else ""))
-    merged = dict(mode="auto", order=1, eps=None, probes=3, analytic="rev", train=False, chunk_size=256,
+    merged = dict(mode="auto", order=1, eps=None, probes=3, analytic="auto", train=False, chunk_size=256,
                   budget=DEFAULT_BUDGET, kinks="allow", progress=None)
     merged.update(check_options)
     return validate_options(atol=None, rtol=None, seed=seed, promote=True, **merged)

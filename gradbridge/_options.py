@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Tuple
 from ._errors import InvalidArgumentError
 
 MODES = ("auto", "full", "fast")
-ANALYTIC = ("rev", "fwd", "both")
+ANALYTIC = ("auto", "rev", "fwd", "both")
 KINKS = ("allow", "subgradient", "fail")
 #: Default for ``budget``: most evaluations plus analytic calls a full check may take under ``mode="auto"``.
 DEFAULT_BUDGET = 20_000
