@@ -10,7 +10,6 @@ import gradbridge as gb
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
-pytestmark = pytest.mark.jax
 
 
 def newton_sqrt(x):
@@ -49,6 +48,7 @@ def _x():
         return jnp.array([1.5, 2.0, 4.0])
 
 
+@pytest.mark.jax
 def test_forward_only_function_is_checked_in_forward_mode_by_default():
     report = gb.check(newton_sqrt, _x())
     assert report.passed, str(report)
@@ -56,14 +56,54 @@ def test_forward_only_function_is_checked_in_forward_mode_by_default():
     assert any("checked in forward mode" in note for note in report.notes), str(report)
 
 
+@pytest.mark.jax
 def test_asking_for_reverse_mode_still_reports_it_missing():
     report = gb.check(newton_sqrt, _x(), analytic="rev")
     assert not report.passed and report.rows[0].status == "no-gradient", str(report)
 
 
+@pytest.mark.jax
 def test_a_forward_rule_bug_in_a_forward_only_function_fails_by_default():
     assert gb.check(looped_cube(3), _x()).passed
     report = gb.check(looped_cube(2), _x())
     assert not report.passed, str(report)
     row = report.failures[0]
     assert row.analytic_mode == "fwd" and row.input == "x", str(report)
+
+
+def _torch_cube(jvp_factor: float):
+    torch = pytest.importorskip("torch")
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return jvp_factor * x ** 2 * t
+
+    return Cube, torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+
+
+@pytest.mark.torch
+def test_a_bug_only_in_a_torch_jvp_fails_by_default():
+    right, x = _torch_cube(3.0)
+    assert gb.check(right.apply, x).passed
+    wrong, x = _torch_cube(2.0)
+    report = gb.check(wrong.apply, x)
+    assert not report.passed, str(report)
+    assert {row.analytic_mode for row in report.failures} >= {"fwd"}, str(report)
+    assert any("Cube.jvp" in note for note in report.notes), str(report)
+    assert gb.check(wrong.apply, x, analytic="rev").passed  # asked for reverse mode only: the jvp is not called
