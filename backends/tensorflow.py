@@ -79,6 +79,7 @@ from gradbridge._outputs import gradient_output_specs, output_leaves, output_spe
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
+from ._handwritten import HandWrittenGradient, floating_candidates
 from ._lowprec import own_precision
 
 #: A source of differentiation: the tensor or variable that stands for one checked leaf during a call.
@@ -602,8 +603,8 @@ class TensorFlowProblem:
             finally:
                 self._fed = None
 
-    def call(self, sources: List[Source]) -> List[tf.Tensor]:
-        """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
+    def arguments(self, sources: List[Source]) -> tuple:
+        """fn's positional arguments with the checked inputs taken from the sources (inside :meth:`applied`)."""
         values = [c.value for c in self.candidates]
         for source, i in zip(sources, self.chosen):
             if self.candidates[i].kind == "input":
@@ -611,7 +612,11 @@ class TensorFlowProblem:
         for i, c in enumerate(self.candidates):
             if c.kind == "input" and i not in self.chosen:
                 values[i] = self._unchecked_input(i)  # in float64 like the rest; a graph input while tracing
-        args = self.rebuild_args(values)
+        return self.rebuild_args(values)
+
+    def call(self, sources: List[Source]) -> List[tf.Tensor]:
+        """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
+        args = self.arguments(sources)
         self.reseed()
         return self._outputs(self.fn(*args, **self.spec.kwargs))
 
@@ -1426,7 +1431,7 @@ class TensorFlowAdapter:
         ok = gradient is not None and gradient.dtype == tf.float64
         return ok, "" if ok else f"GradientTape gave {None if gradient is None else gradient.dtype}"
 
-    def prepare(self, spec: CheckSpec) -> TensorFlowPrepared:
+    def prepare(self, spec: CheckSpec) -> Any:  # TensorFlowPrepared, or HandWrittenGradient with grad=
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)))
         model, params = _parameters(spec)
@@ -1453,7 +1458,11 @@ class TensorFlowAdapter:
             if _probe(problem, x0) is None:
                 notes.append(f"fn cannot run in float64 ({failure}), so it runs in the dtypes it was given")
         notes.extend(_notes(problem, model))
-        return TensorFlowPrepared(problem, problem.call, x0, notes=notes)
+        prepared = TensorFlowPrepared(problem, problem.call, x0, notes=notes)
+        if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never the tape
+            return HandWrittenGradient(prepared, "TensorFlow", _hand_written_call(problem, prepared), _to_array,
+                                       floating_candidates(candidates), chosen)
+        return prepared
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
 
@@ -1503,6 +1512,43 @@ class TensorFlowAdapter:
         leaves, _ = flatten(native, "params", _is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+
+def _to_array(value: Any) -> np.ndarray:
+    """A gradient a hand-written ``grad=`` returned (tensor, variable, array, number) as a float64 NumPy array."""
+    if isinstance(value, tf.IndexedSlices):
+        value = tf.convert_to_tensor(value)
+    if _is_tensor(value):
+        value = value.numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _hand_written_call(problem: TensorFlowProblem, prepared: TensorFlowPrepared
+                       ) -> Callable[[Optional[List[np.ndarray]]], Any]:
+    """The user's ``grad`` at ``x0`` (see :mod:`backends._handwritten`), called inside :meth:`TensorFlowProblem.applied`
+    as ``fn`` is: ``grad(*args)`` for ``None``, else ``grad(cotangent, *args)`` with the cotangent blocks put in
+    fn's output structure as tensors in the outputs' dtypes (zeros for non-floating outputs). The structure
+    comes from one run of fn at ``x0``."""
+    structure: List[Any] = []
+
+    def call(blocks: Optional[List[np.ndarray]]) -> Any:
+        with problem.applied(prepared.x0) as sources:
+            args = problem.arguments(sources)
+            leading: tuple = ()
+            if blocks is not None:
+                if not structure:
+                    problem.reseed()
+                    leaves, rebuild = flatten(problem.fn(*args, **problem.spec.kwargs), "out", _is_tensor)
+                    structure.append((rebuild, [(_floating(leaf.value), tf.convert_to_tensor(leaf.value))
+                                                for leaf in leaves]))
+                rebuild, outputs = structure[0]
+                supply = iter(blocks)
+                leading = (rebuild([tf.constant(next(supply), dtype=like.dtype) if floating else tf.zeros_like(like)
+                                    for floating, like in outputs]),)
+            problem.reseed()
+            return problem.spec.grad(*leading, *args, **problem.spec.kwargs)
+
+    return call
 
 
 def _keras_params(model: Any) -> List[_Param]:

@@ -84,6 +84,7 @@ from gradbridge._precision import FLOAT64_EPS, eps_of
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
+from ._handwritten import HandWrittenGradient, floating_candidates
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
@@ -702,6 +703,20 @@ class TorchProblem:
             self.reseed()
             result = self._call(args)
         return self._flatten_output(result), swapped
+
+    def call_with_arguments(self, function: Callable[..., Any], leading: tuple, x: torch.Tensor) -> Any:
+        """``function(*leading, *args, **kwargs)`` with fn's arguments at the flat point ``x`` and the module's
+        parameters (or ``params=`` tensors) swapped in, exactly as ``fn`` runs in :meth:`forward` (a hand-written
+        ``grad=`` sees what ``fn`` sees)."""
+        leaf_values = self.leaf_values(x)
+        args = self.arguments(leaf_values)
+        with contextlib.ExitStack() as stack:
+            if self.module_state is not None:
+                stack.enter_context(self.module_state.applied(leaf_values))
+            if self.data_swap is not None:
+                stack.enter_context(self.data_swap.applied(leaf_values, False))
+            self.reseed()
+            return function(*leading, *args, **self.spec.kwargs)
 
     def _call(self, args: tuple) -> Any:
         try:
@@ -1556,11 +1571,11 @@ class TorchAdapter:
         ok = x.grad is not None and x.grad.dtype == torch.float64 and bool(torch.allclose(x.grad, 2 * x.detach()))
         return ok, "" if ok else f"autograd gave {None if x.grad is None else x.grad.dtype}"
 
-    def prepare(self, spec: CheckSpec) -> TorchPrepared:
+    def prepare(self, spec: CheckSpec) -> Union[TorchPrepared, HandWrittenGradient]:
         with _outside_inference_mode():  # the copies made here (module constants) must not be inference tensors
             return self._prepare(spec)
 
-    def _prepare(self, spec: CheckSpec) -> TorchPrepared:
+    def _prepare(self, spec: CheckSpec) -> Union[TorchPrepared, HandWrittenGradient]:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _checkable(t)))
         module, param_tensors = _parameters(spec)
@@ -1597,7 +1612,11 @@ class TorchAdapter:
                                rebuild_args,
                                module, module_state, data_swap, device)
         x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
-        return TorchPrepared(problem, problem.forward, x0)
+        prepared = TorchPrepared(problem, problem.forward, x0)
+        if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
+            return HandWrittenGradient(prepared, "PyTorch", _hand_written_call(problem, prepared), _to_array,
+                                       floating_candidates(candidates), chosen)
+        return prepared
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
 
@@ -1637,6 +1656,40 @@ class TorchAdapter:
         leaves, _ = flatten(native, "params", _is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+
+def _to_array(value: Any) -> np.ndarray:
+    """A gradient a hand-written ``grad=`` returned (tensor, array, number) as a float64 NumPy array."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callable[[Optional[List[np.ndarray]]], Any]:
+    """The user's ``grad`` at ``x0`` (see :mod:`backends._handwritten`): ``grad(*args)`` for ``None``, else
+    ``grad(cotangent, *args)`` with the cotangent blocks put in fn's output structure as tensors in the
+    outputs' dtypes (zeros for non-floating outputs). The structure comes from one run of fn at ``x0``."""
+    structure: List[Any] = []
+
+    def output_structure() -> Tuple[Callable[[Sequence[Any]], Any], List[Tuple[bool, torch.Tensor]]]:
+        if not structure:
+            with torch.no_grad():
+                result = problem.call_with_arguments(problem.spec.fn, (), problem.to_tensor(prepared.x0))
+            leaves, rebuild = flatten(result, "out", _is_tensor)
+            structure.append((rebuild, [(leaf.value.is_floating_point(), leaf.value.detach()) for leaf in leaves]))
+        return structure[0]
+
+    def call(blocks: Optional[List[np.ndarray]]) -> Any:
+        leading: tuple = ()
+        if blocks is not None:
+            rebuild, outputs = output_structure()
+            supply = iter(blocks)
+            leading = (rebuild([torch.as_tensor(np.ascontiguousarray(next(supply)), dtype=like.dtype, device=like.device)
+                                if floating else torch.zeros_like(like) for floating, like in outputs]),)
+        with torch.enable_grad():  # the grad mode user code is written for (its inputs do not require grad)
+            return problem.call_with_arguments(problem.spec.grad, leading, problem.to_tensor(prepared.x0))
+
+    return call
 
 
 def _float64_copy_with(module: torch.nn.Module, params: Mapping[str, np.ndarray]) -> torch.nn.Module:

@@ -1,0 +1,146 @@
+"""A hand-written ``grad=`` as the analytic side of a check on a framework with its own autodiff.
+
+``gb.check(fn, x_torch, grad=my_grad)`` (or TensorFlow tensors) checks ``my_grad`` the way the NumPy backend
+does: for a scalar ``fn``, ``grad(*args)`` returns one gradient per checked argument; for a non-scalar
+``fn``, ``grad(cotangent, *args)`` is a vector-Jacobian product, the cotangent shaped like fn's output (a
+tuple, list or dict of tensors for such an output, zeros for its non-floating parts). ``args`` are the
+framework tensors ``fn`` receives at the checked point (float64 copies unless ``promote=False``), ``kwargs``
+follow; gradients may come back as framework tensors, NumPy arrays or Python numbers. Evaluations stay the
+framework adapter's own; only the VJPs come from ``grad``, so nothing of the framework's autodiff is in the
+analytic side: forward mode, ``order=2`` and the transposed VJP are unavailable (no ``vjp_transposed``).
+
+The gradients come one per checked leaf in the check's order (arguments, then parameters), or one per
+floating candidate (checked or not, as NumPy's ``grad`` returns one per floating argument whatever
+``wrt=`` narrows), or as a dict by leaf name; a single checked leaf may get a bare gradient. ``None`` is a
+zero gradient (the ``autograd.Function.backward`` convention).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from gradbridge._adapter import LeafSpec
+from gradbridge._errors import FunctionEvaluationError, ModeUnsupportedError
+
+#: ``call(cotangent_blocks)``: the user's grad at x0; ``None`` for a scalar fn (``grad(*args)``), else the
+#: flat cotangent cut per floating output (``grad(cotangent, *args)``). Returns what grad returned.
+GradCall = Callable[[Optional[List[np.ndarray]]], Any]
+
+
+class HandWrittenGradient:
+    """A framework's prepared function whose VJPs come from the user's ``grad``; everything else delegates."""
+
+    #: never the framework's forward-mode rules: grad= is checked in reverse mode only
+    forward_rule: Optional[str] = None
+
+    def __init__(self, inner: Any, framework: str, call: GradCall, to_array: Callable[[Any], np.ndarray],
+                 floating_candidates: Sequence[int], chosen: Sequence[int]) -> None:
+        self.inner = inner
+        self.analytic_source = (f"the grad= function you passed (hand-written), called with {framework} tensors; "
+                                f"{framework} autodiff is not used")
+        self._call = call
+        self._to_array = to_array
+        self._floating = list(floating_candidates)
+        self._chosen = list(chosen)
+        self.undefined_gradients: dict = {}
+
+    # --- delegated: the framework evaluates fn ---
+
+    @property
+    def leaves(self) -> Sequence[LeafSpec]:
+        return self.inner.leaves
+
+    @property
+    def x0(self) -> np.ndarray:
+        return self.inner.x0
+
+    @x0.setter
+    def x0(self, value: np.ndarray) -> None:
+        self.inner.x0 = value
+
+    @property
+    def notes(self) -> List[str]:
+        return self.inner.notes
+
+    @property
+    def working_eps(self) -> Optional[float]:
+        return getattr(self.inner, "working_eps", None)
+
+    @property
+    def output_specs(self) -> Sequence[LeafSpec]:
+        return self.inner.output_specs
+
+    def session(self):
+        return self.inner.session()
+
+    def evaluate(self, points: np.ndarray) -> np.ndarray:
+        return self.inner.evaluate(points)
+
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return self.inner.evaluate_edits(positions, values)
+
+    # --- the analytic side: the user's grad ---
+
+    def vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        outputs = self.output_specs
+        if len(outputs) == 1 and outputs[0].size == 1:  # scalar fn: grad(*args), scaled by the cotangent
+            gradient = self._gradients(self._call(None))
+            return cotangents[:, :1] * gradient[None, :]
+        rows = []
+        for cotangent in cotangents:
+            blocks = [cotangent[spec.slice].reshape(spec.shape) for spec in outputs]
+            rows.append(self._gradients(self._call(blocks)))
+        return np.stack(rows) if rows else np.zeros((0, len(self.x0)))
+
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        raise ModeUnsupportedError("forward mode: a grad= function gives reverse-mode gradients only; check it with "
+                                   "analytic='rev' (or drop grad= to check the framework's own forward mode)")
+
+    def gradient_function(self, cotangent: np.ndarray) -> "HandWrittenGradient":
+        raise ModeUnsupportedError("order=2 needs second derivatives, which a grad= function does not provide")
+
+    def _gradients(self, result: Any) -> np.ndarray:
+        """``grad``'s return value as one flat float64 vector over the checked leaves, shapes checked."""
+        leaves = self.leaves
+        if isinstance(result, Mapping):
+            missing = [leaf.name for leaf in leaves if leaf.name not in result]
+            if missing:
+                raise FunctionEvaluationError(
+                    f"grad: the returned dict has no gradient for {', '.join(repr(n) for n in missing)} (keys are "
+                    f"the checked leaves' names: {', '.join(repr(leaf.name) for leaf in leaves)})")
+            items = [result[leaf.name] for leaf in leaves]
+        else:
+            given = list(result) if isinstance(result, (list, tuple)) else [result]
+            if len(given) == len(self._chosen):
+                items = given
+            elif len(given) == len(self._floating):
+                by_candidate = dict(zip(self._floating, given))
+                items = [by_candidate[i] for i in self._chosen]
+            else:
+                expected = ", ".join(leaf.name for leaf in leaves)
+                raise FunctionEvaluationError(
+                    f"grad: returned {len(given)} gradient(s), expected {len(self._chosen)}, one per checked "
+                    f"argument or parameter ({expected}), in that order (or a dict by those names)")
+        flat = []
+        for leaf, item in zip(leaves, items):
+            if item is None:
+                flat.append(np.zeros(leaf.size))
+                continue
+            try:
+                gradient = self._to_array(item)
+            except Exception as exc:
+                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
+                                              f"a tensor or array ({type(exc).__name__}: {exc})") from exc
+            if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
+                raise FunctionEvaluationError(
+                    f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
+                    "(the shape of the argument)")
+            flat.append(gradient.reshape(-1))
+        return np.concatenate(flat) if flat else np.zeros(0)
+
+
+def floating_candidates(candidates: Sequence[Any]) -> List[int]:
+    """Indices of the floating candidates (what a grad returning one gradient per floating value counts)."""
+    return [i for i, c in enumerate(candidates) if c.floating]
