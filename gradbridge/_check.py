@@ -294,14 +294,12 @@ def _forward_instead(evaluator: Evaluator, context: _Context, leaves: Sequence[L
     """Under ``analytic='auto'``, a function that supports only forward mode (a forward-only adjoint, a
     library that raises on reverse mode) is checked in forward mode rather than reported unsupported."""
     lacking = ("unsupported", "no-gradient")
-    if not context.automatic or modes != ("rev",) or not rows or any(r.status not in lacking for r in rows) \
+    if not context.automatic or order != 1 or modes != ("rev",) or not rows \
+            or any(r.status not in lacking for r in rows) \
             or all(r.passed for r in rows):
         return rows
-    undefined = dict(getattr(evaluator.prepared, "undefined_gradients", None) or {})
     forward = _full_rows(evaluator, context, leaves, f0, "fwd", order)
     if any(r.status in lacking for r in forward):
-        if hasattr(evaluator.prepared, "undefined_gradients"):
-            evaluator.prepared.undefined_gradients = undefined
         return rows
     for leaf in leaves:
         context.strategy.pop(leaf.name + ("" if order == 1 else f" (order {order})"), None)
