@@ -331,10 +331,10 @@ _MISSING = object()
 
 def _forward_rules(fn: Any) -> List[str]:
     """The user-written forward-mode rules (``MyFunction.jvp``) ``fn`` runs, as far as a cheap look finds
-    them: ``fn`` is ``MyFunction.apply``; or fn's code (a function, a lambda, a partial, each submodule's
-    ``forward`` of a module) names a Function class or its ``apply``, directly, through a module attribute
-    (``ops.MyFunction.apply``) or ``self.<attribute>``; or calls a user function by name that does, up to
-    :data:`_RULE_DEPTH` calls deep. Only code is read, nothing is called."""
+    them: ``fn`` is ``MyFunction.apply``; or fn's code (a function, a lambda, a partial, a callable object's
+    ``__call__``, each submodule's ``forward`` of a module) names a Function class or its ``apply``,
+    directly, through a module attribute (``ops.MyFunction.apply``) or ``self.<attribute>``; or calls a user
+    function by name that does, up to :data:`_RULE_DEPTH` calls deep. Only code is read, nothing is called."""
     found: List[str] = []
     seen: set = set()
 
@@ -377,6 +377,11 @@ def _forward_rules(fn: Any) -> List[str]:
             if module.split(".")[0] in _TORCH_PACKAGES or module.split(".")[0] in BASE_LIBRARIES:
                 return
             scan(value, depth, self_value)
+            return
+        call = getattr(type(value), "__call__", None)  # a callable object of a user class: its __call__
+        if isinstance(call, types.FunctionType) and (getattr(call, "__module__", None) or "").split(".")[0] \
+                not in _TORCH_PACKAGES + tuple(BASE_LIBRARIES):
+            scan(call, depth, value)
 
     def scan(function: types.FunctionType, depth: int, self_value: Any) -> None:
         code = function.__code__
@@ -1684,8 +1689,9 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
         if blocks is not None:
             rebuild, outputs = output_structure()
             supply = iter(blocks)
-            leading = (rebuild([torch.as_tensor(np.ascontiguousarray(next(supply)), dtype=like.dtype, device=like.device)
-                                if floating else torch.zeros_like(like) for floating, like in outputs]),)
+            leading = (rebuild([torch.as_tensor(np.ascontiguousarray(next(supply)), dtype=like.dtype,
+                                                device=like.device) if floating else torch.zeros_like(like)
+                                for floating, like in outputs]),)
         with torch.enable_grad():  # the grad mode user code is written for (its inputs do not require grad)
             return problem.call_with_arguments(problem.spec.grad, leading, problem.to_tensor(prepared.x0))
 

@@ -4,10 +4,10 @@ Reverse mode never runs a Function's ``jvp``, so a bug only there passes ``analy
 function says which user-written forward-mode rules fn runs (``forward_rule``, e.g. ``"MyFunction.jvp"``;
 None when there are none), so that the default check can compare forward mode too. Covered here: the
 attribute for fn being ``SomeFunction.apply`` (the must-have case), for Functions used inside a plain
-function, a helper it calls, a closure, a partial and an ``nn.Module``, and None for Functions without a
-``jvp`` of their own, plain torch code and ``order=2``'s gradient function; ``analytic="fwd"`` and
-``"both"`` pass a correct ``jvp`` and fail a buggy one (sign flip, 1e-4 relative); a ``jvp`` torch cannot
-run in forward mode is a clean *unsupported* row naming the rule, not an exception.
+function, a helper it calls, a closure, a partial, a callable object and an ``nn.Module``, and None for
+Functions without a ``jvp`` of their own, plain torch code and ``order=2``'s gradient function;
+``analytic="fwd"`` and ``"both"`` pass a correct ``jvp`` and fail a buggy one (sign flip, 1e-4 relative);
+a ``jvp`` torch cannot run in forward mode is a clean *unsupported* row naming the rule, not an exception.
 """
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ def _closure():
     return lambda x: function.apply(x) * x
 
 
+class CallableLoss:
+    """A callable object whose __call__ uses the Function through an attribute."""
+
+    def __init__(self) -> None:
+        self.function = SinJvp
+
+    def __call__(self, x):
+        return (self.function.apply(x) * x).sum()
+
+
 def _x(n: int = 5, seed: int = 0) -> "torch.Tensor":
     generator = torch.Generator().manual_seed(seed)
     return 0.3 + torch.rand(n, generator=generator, dtype=torch.float64)
@@ -112,6 +122,7 @@ FOUND = {
     "closure": (_closure, "SinJvp.jvp"),
     "partial": (lambda: functools.partial(lambda x, k: SinJvp.apply(x) * k, k=2.0), "SinJvp.jvp"),
     "module": (lambda: Net(SinJvp).double(), "SinJvp.jvp"),
+    "callable_object": (CallableLoss, "SinJvp.jvp"),
     "two_functions": (lambda: (lambda x: SinJvp.apply(x) + SinNoJvp.apply(x)), "SinJvp.jvp"),
     "no_jvp": (lambda: SinNoJvp.apply, None),
     "no_jvp_module": (lambda: Net(SinNoJvp).double(), None),
