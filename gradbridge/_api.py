@@ -38,9 +38,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             JAX, TensorFlow) or from ``grad`` (NumPy).
         *args: the point at which to check. Floating arrays are checked; integers, booleans and other
             values pass through unchanged.
-        grad: NumPy only. For a scalar ``fn``, ``grad(*args)`` returns one gradient per checked argument
-            (a single array when there is one). For a non-scalar ``fn``, ``grad(cotangent, *args)`` is a
-            VJP returning the same.
+        grad: a hand-written gradient (NumPy, and PyTorch/TensorFlow, where it replaces the framework's
+            autodiff on the analytic side). For a scalar ``fn``, ``grad(*args)`` returns one gradient per
+            checked argument (a single array when there is one). For a non-scalar ``fn``,
+            ``grad(cotangent, *args)`` is a VJP returning the same.
         params: parameters ``fn`` closes over, checked by name: a ``torch.nn.Module`` (its named
             parameters) or an iterable of tensors. When ``fn`` is itself a module, its parameters are
             used unless ``params`` says otherwise (``params=()`` checks the inputs only).
