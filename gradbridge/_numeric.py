@@ -21,6 +21,12 @@ computed from the evaluations themselves:
   neither passed nor failed until the stencil leaves the kink (the input is merely near one) or the
   ladder ends (the input is at one, to the resolution the precision allows).
 
+Where ``fn`` itself jumps at the point (an increment on one side converges to a constant instead of
+vanishing), each side's derivative is measured from points on that side only and the analytic value
+must be one of them (:meth:`StepLadder._jump_sides`). Elements that fail narrowly without converging,
+or pass only because ``fn``'s measured noise widened their tolerance, are re-measured at coarser steps
+``2h .. 256h`` (:meth:`StepLadder._coarse_steps`), and the resolution reached is reported.
+
 An element fails when its mismatch is far beyond the estimated error (16x the tolerance, at once),
 or still beyond it once the estimate stops improving; it passes when the analytic value is within
 tolerance of an estimate that has converged. Every verdict is therefore relative to an error the
@@ -264,7 +270,7 @@ class StepLadder:
                 kink = (np.isfinite(gap) & (gap > gap_allowed) & (gap > KINK_PERSISTS * prev["gap"][:, columns])
                         & ~(gap > KINK_STEADY * prev["gap"][:, columns]))
                 h_plus, h_minus = self.last_spans
-                sides = self._jump_sides(columns, p * h_plus, q * h_minus, h_plus, h_minus, prev, spans, a, sc)
+                sides = self._jump_sides(columns, p * h_plus, q * h_minus, h_plus, h_minus, prev, spans)
                 jump = sides["jump"]
                 kink &= ~jump
 
@@ -334,7 +340,7 @@ class StepLadder:
         self._rescale_after_jumps(result, analytic)
         return result
 
-    def _jump_sides(self, columns, ip, iq, tp, tq, prev, spans, analytic, scale) -> dict:
+    def _jump_sides(self, columns, ip, iq, tp, tq, prev, spans) -> dict:
         """Is fn discontinuous at ``x0`` along these directions, and its derivative on each side.
 
         A continuous function's increments ``f(x+t) - f(x)`` vanish with ``t`` (they halve, or faster, per
@@ -480,7 +486,6 @@ class StepLadder:
             lim = tol.allowed(best_value, best, sc)
             passed = found & (np.abs(a - best_value) <= lim)
             failed = found & ~passed
-            still = wanted & ~found
             resolution = best / np.fmax(np.abs(best_value), 1e-300)
         status = result.status[:, columns]
         result.status[:, columns] = np.where(passed, PASS, np.where(failed, FAIL, status))
@@ -492,7 +497,6 @@ class StepLadder:
         worst = np.argmax(mismatch_now, axis=0)
         chosen = best_step[worst, np.arange(len(columns))]
         result.steps[columns] = np.where(np.isfinite(chosen), chosen, result.steps[columns])
-        del still
 
     def _rescale_after_jumps(self, result: ElementVerdicts, analytic: np.ndarray) -> None:
         """The first pass took each block's scale from its central differences, which a jump inflates to
