@@ -22,6 +22,7 @@ import numpy as np
 
 from ._adapter import LeafSpec, PreparedFunction
 from ._compress import MIN_COLUMNS, diagonal_jacobian, diagonal_plan, plan as compression_plan
+from ._determinism import SPREAD_EXPLAINS, Spread, measure_spread
 from ._diagnostics import SWEEP_ROWS, element_map, step_sweep
 from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
@@ -72,6 +73,7 @@ class _Context:
         self.strategy: Dict[str, str] = {}  # leaf name (and order) -> how it was compared
         self.columns: Optional[ColumnAnalytic] = None  # verified column groups found while choosing the mode
         self.automatic = False  # analytic='auto': fall back to forward mode where reverse mode is unsupported
+        self.spreads: Dict[str, Spread] = {}  # analytic mode -> spread of two calls, where not deterministic
         self.options = options
         self.tolerance = tolerance
         self.structures = structures
@@ -109,10 +111,12 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             context.diagonal = diagonal
             context.columns = columns
             report.rows.extend(_check_order(evaluator, context, f0, order=1))
+            _spread_notes(context, report.rows)
             if options.order == 2:
                 report.rows.extend(_second_order(evaluator, context, counts))
             report.notes.extend(n for n in context.notes if n not in report.notes)
             report.strategy = [f"{name}: {how}" for name, how in context.strategy.items()]
+            report.problem = _transient_faults(counts)
     finally:
         progress.close()
         counts.fill(report)
@@ -174,6 +178,17 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Tuple[Optional[str]
                 "(the framework's global seed or generator, NumPy's and Python's global RNGs, a JAX key argument; "
                 "private generator objects cannot be pinned), or remove it."), outputs[0]
     return None, outputs[0]
+
+
+def _transient_faults(counts: _Counts) -> Optional[str]:
+    """The problem of a fn that was not finite at a point once and finite there on re-evaluation."""
+    faults = [fault for evaluator in counts.evaluators for fault in evaluator.transients]
+    if not faults:
+        return None
+    more = f" (and {len(faults) - 1} more point(s))" if len(faults) > 1 else ""
+    return (f"fn is not deterministic: it returned {faults[0]}{more}. A value that is not finite once and finite "
+            "when the same point was evaluated again is a transient fault (a race, uninitialised memory, a flaky "
+            "kernel), not a domain edge, so the finite differences cannot be trusted; make fn deterministic")
 
 
 def _planned_cost(prepared: PreparedFunction, options: Options, mode: str) -> int:
@@ -254,8 +269,10 @@ def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order:
     leaves = list(evaluator.prepared.leaves)
     modes = ("rev", "fwd") if options.analytic == "both" else (options.analytic,)
     rows: List[RowResult] = []
+    if order == 1:
+        _measure_spreads(evaluator, context, modes)
     if options.analytic == "both":
-        rows.extend(_consistency_rows(evaluator, options, order))
+        rows.extend(_consistency_rows(evaluator, options, order, context.spreads))
     if context.mode == "full":
         for analytic_mode in modes:
             rows.extend(_full_rows(evaluator, context, leaves, f0, analytic_mode, order))
@@ -298,6 +315,7 @@ def _forward_instead(evaluator: Evaluator, context: _Context, leaves: Sequence[L
             or any(r.status not in lacking for r in rows) \
             or all(r.passed for r in rows):
         return rows
+    _measure_spreads(evaluator, context, ("fwd",))
     forward = _full_rows(evaluator, context, leaves, f0, "fwd", order)
     if any(r.status in lacking for r in forward):
         return rows
@@ -307,6 +325,33 @@ def _forward_instead(evaluator: Evaluator, context: _Context, leaves: Sequence[L
     context.notes.append(f"reverse mode is not available for fn ({reason}): checked in forward mode "
                          "(JVPs) instead (analytic='auto'); pass analytic='rev' to require reverse mode")
     return forward
+
+
+def _measure_spreads(evaluator: Evaluator, context: _Context, modes: Sequence[str]) -> None:
+    """Run the analytic side twice per mode at one probe (first order only; see
+    :mod:`gradbridge._determinism`) and keep the spread of each mode that is not deterministic."""
+    precision = working_eps(evaluator.prepared, context.options)
+    for mode in modes:
+        if mode not in context.spreads:
+            spread = measure_spread(evaluator, mode, precision, context.options.seed)
+            if spread is not None:
+                context.spreads[mode] = spread
+
+
+def _spread_notes(context: _Context, rows: Sequence[RowResult]) -> None:
+    """One note per non-deterministic analytic mode: its spread, and what it did to the verdict."""
+    for mode, spread in context.spreads.items():
+        named = [r for r in rows if r.status == "nondeterministic" and r.analytic_mode in (mode, "rev vs fwd")]
+        wrong = [r for r in rows if r.status == "fail" and r.analytic_mode in (mode, "rev vs fwd")]
+        if named:
+            effect = (f"above the tolerance: {len(named)} block(s) differ from finite differences only within that "
+                      "spread and read NONDET, not wrong. Make it deterministic (torch.use_deterministic_algorithms"
+                      "(True), no atomic scatter-adds or races) or pass an atol above the spread")
+        elif wrong:
+            effect = "the failing blocks differ by more than that spread: wrong values, not noise"
+        else:
+            effect = "below the tolerance: the verdict stands"
+        context.notes.append(f"{spread.describe()}; {effect}")
 
 
 def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
@@ -365,7 +410,8 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
     for entry in directions.per_leaf:
         rows[entry.leaf.name] = []
         for output in prepared.output_specs:
-            row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
+            row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order,
+                                       _spread_value(context, analytic_mode, order))
             owners = columns.owners.get(entry.leaf.name) if columns is not None else None
             if owners is not None:
                 plan = plans[entry.leaf.name]
@@ -480,7 +526,8 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
     for entry in directions.per_leaf:
         scales = plans[entry.leaf.name].basis[0]
         for output in prepared.output_specs:
-            row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order)
+            row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order,
+                                       _spread_value(context, analytic_mode, order))
             if not _clean(row) and (row.kinks or row.jumps or row.one_sided) and \
                     sum(s.size for s in prepared.output_specs) * len(prepared.x0) <= MAX_DENSE_ENTRIES:
                 return _full_rows(evaluator, context, leaves, f0, analytic_mode, order, compress=False)
@@ -581,9 +628,18 @@ def _index_text(index: Sequence[int]) -> str:
     return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
 
 
+def _spread_value(context: _Context, analytic_mode: str, order: int) -> float:
+    spread = context.spreads.get(analytic_mode) if order == 1 else None
+    return spread.value if spread is not None else 0.0
+
+
 def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, verdicts: ElementVerdicts,
-               kinks: str, analytic_mode: str, order: int) -> Tuple[RowResult, Optional[Tuple[int, int]]]:
-    """The row of one (input, output) block, and the (output, direction) position of its worst element."""
+               kinks: str, analytic_mode: str, order: int,
+               spread: float = 0.0) -> Tuple[RowResult, Optional[Tuple[int, int]]]:
+    """The row of one (input, output) block, and the (output, direction) position of its worst element.
+
+    ``spread`` is how much two analytic calls at the same probe differ (0 when deterministic): a block
+    whose every mismatch lies within ``allowed + SPREAD_EXPLAINS * spread`` is ``nondeterministic``."""
     leaf = entry.leaf
     where = (output.slice, entry.slice)
     a, n, allowed = analytic[where], verdicts.numeric[where], verdicts.allowed[where]
@@ -602,6 +658,7 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     elif kinks == "subgradient":
         bad |= at_kink & ~subgradient & ~unresolved
     difference = np.abs(a - n)
+    noise = (status == FAIL) & (difference <= allowed + SPREAD_EXPLAINS * spread) if spread > 0 else np.zeros_like(bad)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(np.isfinite(difference), difference / np.where(allowed > 0, allowed, np.inf), np.inf)
     ratio = np.nan_to_num(ratio, nan=np.inf)
@@ -614,7 +671,8 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     one_sided = int(np.count_nonzero(((method == FORWARD) | (method == BACKWARD)) & ~at_kink))
     row = RowResult(input=leaf.name, output=output.name, shape=leaf.shape, kind=leaf.kind, order=order,
                     method="full", analytic_mode=analytic_mode,
-                    status="fail" if bad.any() else "unresolved" if unresolved.any() else "pass",
+                    status="fail" if (bad & ~noise).any() else "nondeterministic" if bad.any()
+                    else "unresolved" if unresolved.any() else "pass",
                     max_abs_error=float(np.max(np.where(smooth, difference, 0.0))) if difference.size else 0.0,
                     rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
                     mismatches=int(bad.sum()), compared=int(a.size),
@@ -656,7 +714,19 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
             direction="" if entry.basis is None else entry.label(int(d_j)),
             jump=float(verdicts.jump[where][out_i, d_j]) if jumped[out_i, d_j] else None))
     row.message = _row_message(row, kinks, int((at_kink & ~at_jump & ~unresolved & ~subgradient).sum()))
+    if spread > 0 and bad.any():
+        row.message = "; ".join(part for part in (_noise_message(row, spread, int(noise.sum())), row.message) if part)
     return row, worst_at
+
+
+def _noise_message(row: RowResult, spread: float, explained: int) -> str:
+    side = "backward" if row.analytic_mode == "rev" else "forward-mode rule"
+    if row.status == "nondeterministic":
+        return (f"the {side} is not deterministic: two calls at the same probe differ by up to {spread:.2g} (the "
+                f"spread), and all {explained} mismatch(es) lie within it: a non-deterministic {side}, not a wrong "
+                "gradient")
+    return (f"the {side} is also non-deterministic (spread {spread:.2g}), but {row.mismatches - explained} "
+            "mismatch(es) are larger than the spread explains: a wrong gradient")
 
 
 def _row_message(row: RowResult, kinks: str, outside: int) -> str:
@@ -703,8 +773,10 @@ def _mark_undefined(row: RowResult, reason: str) -> None:
     row.message = f"no gradient defined ({reason}); {verdict}"
 
 
-def _consistency_rows(evaluator: Evaluator, options: Options, order: int) -> List[RowResult]:
-    """<J^T v, u> from the VJP must equal <v, J u> from the JVP to round-off: no finite differences."""
+def _consistency_rows(evaluator: Evaluator, options: Options, order: int,
+                      spreads: Optional[Mapping[str, Spread]] = None) -> List[RowResult]:
+    """<J^T v, u> from the VJP must equal <v, J u> from the JVP to round-off: no finite differences.
+    A disagreement within what the modes' spreads (non-deterministic rules) explain is ``nondeterministic``."""
     prepared = evaluator.prepared
     rng = np.random.default_rng(options.seed + 2)
     m = sum(spec.size for spec in prepared.output_specs)
@@ -720,13 +792,20 @@ def _consistency_rows(evaluator: Evaluator, options: Options, order: int) -> Lis
     allowed = 1e3 * eps * (float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
     difference = abs(reverse - forward)
     rel = relative_error(np.array([reverse]), np.array([forward]))
+    # a unit-norm probe's spread s shows in <J^T v, u> as about s |v| |u|
+    noise = sum(spread.value for spread in (spreads or {}).values()) * float(np.linalg.norm(v) * np.linalg.norm(u))
+    status = "pass" if difference <= allowed else \
+        "nondeterministic" if difference <= allowed + SPREAD_EXPLAINS * noise else "fail"
     return [RowResult(input="(all checked)", output="(all)", shape=(len(prepared.x0),), order=order,
                       method="consistency <J^T v, u> = <v, J u>", analytic_mode="rev vs fwd",
-                      status="pass" if difference <= allowed else "fail", max_abs_error=difference, rel_error=rel,
+                      status=status, max_abs_error=difference, rel_error=rel,
                       grade=grade(rel), mismatches=int(not difference <= allowed), compared=1,
                       worst=WorstElement((), (), reverse, forward, difference, allowed, None),
-                      message="reverse mode (value 'analytic') and forward mode (value 'numeric') disagree: "
-                              "one of your VJP/JVP rules is wrong" if not difference <= allowed else "")]
+                      message="" if status == "pass" else
+                      "reverse mode (value 'analytic') and forward mode (value 'numeric') disagree: one of your "
+                      "VJP/JVP rules is wrong" if status == "fail" else
+                      "reverse mode and forward mode disagree only within the spread of two calls of each: the "
+                      "rules are not deterministic, not shown wrong")]
 
 
 def _unsupported_rows(evaluator, leaves, analytic_mode, order, message) -> List[RowResult]:

@@ -6,7 +6,7 @@ a NaN, an exception or a wrong shape is reported with the point where it happene
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +28,8 @@ class Evaluator:
         self.evaluations = 0
         self.vjps = 0
         self.jvps = 0
+        # points where fn was not finite once and finite when evaluated again: a fault, not a domain edge
+        self.transients: List[str] = []
         # executor=: the chunks of evaluate go to other processes (see gradbridge._executor)
         self.remote = remote_for(prepared)
 
@@ -46,7 +48,8 @@ class Evaluator:
         Outputs must be finite unless ``allow_nonfinite`` (perturbed points near a domain edge, where the
         check falls back to one-sided differences)."""
         if self.remote is not None and len(points):
-            return self._evaluate_remote(points, describe, allow_nonfinite)
+            outputs = self._evaluate_remote(points, describe, allow_nonfinite)
+            return self._recheck_nonfinite(outputs, lambda rows: points[rows], describe)
         outputs = []
         for start in range(0, len(points), self.chunk_size):
             chunk = points[start:start + self.chunk_size]
@@ -57,7 +60,8 @@ class Evaluator:
                 self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None)
                 raise
             outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
-        return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+        result = np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+        return self._recheck_nonfinite(result, lambda rows: points[rows], describe)
 
     def evaluate_edits(self, positions: np.ndarray, values: np.ndarray, describe: Optional[Sequence[str]] = None,
                        allow_nonfinite: bool = False) -> np.ndarray:
@@ -80,7 +84,38 @@ class Evaluator:
                                      describe[start:start + len(at)] if describe else None)
                 raise
             outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
-        return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+        result = np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
+        return self._recheck_nonfinite(result, lambda rows: self._edited(positions[rows], values[rows]), describe)
+
+    def _recheck_nonfinite(self, outputs: np.ndarray, points_of: Callable[[np.ndarray], np.ndarray],
+                           describe: Optional[Sequence[str]]) -> np.ndarray:
+        """Evaluate the points where fn was not finite once more, here: a domain edge is not finite every
+        time, a transient fault (a race, uninitialised memory, a flaky kernel) is finite on the second try
+        and is recorded in ``transients`` (the check then fails: fn is not deterministic)."""
+        if outputs.size == 0:
+            return outputs
+        rows = np.flatnonzero(~np.isfinite(outputs).all(axis=1))
+        if rows.size == 0:
+            return outputs
+        parts = []
+        for start in range(0, len(rows), self.chunk_size):
+            chunk = points_of(rows[start:start + self.chunk_size])
+            if self.remote is not None:
+                with _EXECUTOR_LOCK:
+                    parts.append(self._call(self.prepared.evaluate, chunk, "a re-evaluation where it was not finite"))
+            else:
+                parts.append(self._call(self.prepared.evaluate, chunk, "a re-evaluation where it was not finite"))
+        again = np.concatenate(parts, axis=0)
+        self.evaluations += len(rows)
+        for k, row in enumerate(rows):
+            now_finite = np.isfinite(again[k]) & ~np.isfinite(outputs[row])
+            if now_finite.any():
+                column = int(np.flatnonzero(now_finite)[0])
+                where = describe[row] if describe is not None else "a perturbed point"
+                self.transients.append(f"{float(outputs[row, column])} in output {self.output_name(column)} at "
+                                       f"{where}, {float(again[k, column]):.6g} when the same point was evaluated "
+                                       "again")
+        return outputs
 
     def _edited(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The points of :meth:`evaluate_edits` as rows: copies of ``x0``, one element set in each."""

@@ -31,7 +31,8 @@ code, pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.
 """
 
 _VERDICT = {"pass": ("ok", "pass"), "fail": ("FAIL", "fail"), "unsupported": ("n/a", "na"),
-            "error": ("ERROR", "fail"), "unresolved": ("UNRESOLVED", "fail")}
+            "error": ("ERROR", "fail"), "unresolved": ("UNRESOLVED", "fail"),
+            "nondeterministic": ("NONDET", "fail")}
 
 
 def _e(value: Any) -> str:

@@ -27,7 +27,7 @@ def row_cells(row: RowResult) -> List[str]:
     """The cells of one row of the table, in :data:`ROW_HEADER` order."""
     name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
     verdict = {"pass": "jump" if row.jumps else "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
-               "unresolved": "UNRESOLVED", "no-gradient": "none" if row.passed else "NONE"}[row.status]
+               "unresolved": "UNRESOLVED", "nondeterministic": "NONDET", "no-gradient": "none" if row.passed else "NONE"}[row.status]
     if row.status == "unsupported":
         return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, "-", "-", "-", "-"]
     worst = "-"

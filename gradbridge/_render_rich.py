@@ -14,7 +14,7 @@ from ._report import Report
 
 GRADE_STYLES = {"correct": "green", "acceptable": "cyan", "suspicious": "yellow", "wrong": "bold red"}
 VERDICT_STYLES = {"ok": "bold green", "FAIL": "bold red", "ERROR": "bold red", "NONE": "bold red",
-                  "none": "green", "n/a": "dim", "UNRESOLVED": "bold red", "jump": "bold yellow"}
+                  "none": "green", "n/a": "dim", "UNRESOLVED": "bold red", "NONDET": "bold red", "jump": "bold yellow"}
 
 
 def _styled_line(line: str) -> Text:

@@ -98,7 +98,9 @@ class RowResult:
     ``status`` is ``"pass"``, ``"fail"``, ``"unsupported"`` (the mode is not available for this function;
     neither a pass nor a failure), ``"no-gradient"`` (the framework defines no gradient for this input:
     it passes only where the numeric derivative is zero too), ``"unresolved"`` (fn jumps at the point
-    and the derivative on some side could not be measured: never a pass) or ``"error"``.
+    and the derivative on some side could not be measured: never a pass), ``"nondeterministic"`` (two
+    analytic calls at the same cotangent differ, and every mismatch lies within that spread: the
+    analytic side is noisy beyond the tolerance, not shown wrong; never a pass) or ``"error"``.
 
     ``jumps`` counts elements where fn itself is discontinuous at the point (judged against the
     one-sided derivatives, listed in ``nondifferentiable``); ``resolution`` is the relative error to
@@ -140,7 +142,8 @@ class RowResult:
     @property
     def passed(self) -> bool:
         """True for a pass (jumps judged against the one-sided derivatives included), an unsupported
-        mode, or a missing gradient where the numeric derivative is zero too; never for ``unresolved``."""
+        mode, or a missing gradient where the numeric derivative is zero too; never for ``unresolved``
+        or ``nondeterministic``."""
         if self.status == "no-gradient":
             return self.mismatches == 0
         return self.status in ("pass", "unsupported")
@@ -223,16 +226,21 @@ class Report:
         if self.problem:
             return f"FAILED: {self.problem}"
         failed = self.failures
-        if failed and all(f.status == "unresolved" for f in failed):
-            names = ", ".join(sorted({f.input for f in failed}))
-            return (f"FAILED: {len(failed)} of {len(self.rows)} block(s) could not be resolved (fn jumps at the point "
-                    f"and a one-sided derivative could not be measured): {names}")
         if not failed and not self.passed:
             return "FAILED: nothing was compared (every requested mode is unsupported for this function)"
         if not failed:
             return f"passed: {len(self.rows)} block(s) checked"
-        names = ", ".join(sorted({f.input + ("" if f.order == 1 else f" (order {f.order})") for f in failed}))
-        return f"FAILED: {len(failed)} of {len(self.rows)} block(s) wrong: {names}"
+        parts = []
+        for statuses, what in ((("fail", "error", "no-gradient"), "wrong"),
+                               (("nondeterministic",), "differ only within the spread of a non-deterministic {side}"),
+                               (("unresolved",), "could not be resolved (fn jumps at the point and a one-sided "
+                                                 "derivative could not be measured)")):
+            rows = [f for f in failed if f.status in statuses]
+            if rows:
+                names = ", ".join(sorted({f.input + ("" if f.order == 1 else f" (order {f.order})") for f in rows}))
+                side = "backward" if all(f.analytic_mode == "rev" for f in rows) else "analytic side"
+                parts.append(f"{len(rows)} of {len(self.rows)} block(s) {what.format(side=side)}: {names}")
+        return "FAILED: " + "; ".join(parts)
 
     def __str__(self) -> str:
         from ._render import render_text

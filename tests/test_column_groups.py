@@ -130,7 +130,7 @@ def test_a_correct_matmul_passes_with_verified_column_groups(backend):
         for row in report.rows:
             assert row.compared == 1024 * row_size(row), str(report)  # every entry, zeros included
     else:
-        assert report.vjps == 1024, str(report)
+        assert report.vjps == 1024 + 2, str(report)  # one per output, and the determinism probe
 
 
 def row_size(row) -> int:
