@@ -13,7 +13,7 @@ from ._errors import GradientCheckError, InvalidArgumentError
 from ._options import DEFAULT_BUDGET, normalize_wrt, validate_executor, validate_kwargs, validate_options
 from ._structure import validate_structure
 from ._report import Report
-from ._tree import flatten
+from ._tree import terminal_values
 
 Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
 
@@ -141,8 +141,19 @@ def assert_check(fn: Callable[..., Any], *args: Any, **options: Any) -> Report:
 
 
 def _values_of(args: Tuple[Any, ...], params: Any, fn: Any) -> Iterable[Any]:
-    leaves, _ = flatten((args, params), "args", lambda v: not isinstance(v, (list, tuple, dict)))
-    return [leaf.value for leaf in leaves] + [fn]
+    """What decides the backend: every value inside the arguments and params (walked as the adapters walk
+    them: containers, dataclasses, optree nodes, and the pytree nodes of the frameworks already imported),
+    and ``fn``."""
+    hooks = [hook for hook in (getattr(a, "pytree_node", None) for a in _registry.loaded_adapters()) if hook]
+
+    def node_of(value: Any) -> Any:
+        for hook in hooks:
+            found = hook(value)
+            if found is not None:
+                return found
+        return None
+
+    return terminal_values((args, params), node_of if hooks else None) + [fn]
 
 
 def function_name(fn: Any) -> str:

@@ -12,7 +12,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ._adapter import LeafSpec
 from ._errors import InvalidArgumentError
-from ._tree import flatten
+from ._tree import NodeOf, array_kind, flatten_pytree, library_of
+
+#: Why a complex array is not checked (every adapter says the same).
+COMPLEX_REASON = ("complex arrays are not checked (gradbridge checks real floating-point arrays); pass the real "
+                  "and imaginary parts as separate real arrays to check them")
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,18 @@ class Candidate:
     floating: bool
     kind: str
     arg_index: Optional[int] = None
-    unchecked_reason: str = ""  # why a floating value is held fixed (e.g. "requires_grad=False")
+    unchecked_reason: str = ""  # why a floating or complex value is not checked (e.g. "requires_grad=False")
+
+
+@dataclass(frozen=True)
+class Unchecked:
+    """A floating (or complex) array among the arguments that is not a candidate at all, and why: another
+    framework's array (a NumPy array in a TensorFlow check), a field of a dataclass that cannot be rebuilt, a
+    dataclass JAX does not flatten. Listed in the report's notes; never silently passed over."""
+
+    name: str
+    dtype: str
+    reason: str
 
 
 def _matches(entry: Any, candidate: Candidate) -> bool:
@@ -50,12 +65,14 @@ def _matches(entry: Any, candidate: Candidate) -> bool:
     return entry is candidate.value
 
 
-def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]]) -> Tuple[List[LeafSpec], List[int]]:
+def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]],
+                  unchecked: Sequence[Unchecked] = ()) -> Tuple[List[LeafSpec], List[int]]:
     """Choose the checked leaves and give each an offset in the flat vector.
 
     Returns the leaf specs and, for each, the index of its candidate. Every floating candidate is
     checked unless ``wrt`` narrows the choice; ``wrt`` entries may be argument positions (int), names or
-    name prefixes (str), or the array objects themselves.
+    name prefixes (str), or the array objects themselves. ``unchecked`` (arrays the adapter found but
+    cannot check) only improves the messages.
 
     Raises:
         InvalidArgumentError: a ``wrt`` entry matches nothing floating, or nothing is left to check.
@@ -70,20 +87,24 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]])
             if not hits:
                 described = entry if isinstance(entry, (int, str)) else f"an object of type {type(entry).__name__}"
                 named = [candidates[i] for i in range(len(candidates)) if _matches(entry, candidates[i])]
-                why = ("it names " + ", ".join(f"{c.name}, which " + (f"is held fixed ({c.unchecked_reason})"
-                                                                     if c.unchecked_reason else "is not floating-point")
-                                               for c in named)
-                       if named else "it matches no argument or parameter")
+                why = [f"{c.name}, which " + (f"is held fixed ({c.unchecked_reason})" if c.unchecked_reason
+                                              else "is not floating-point") for c in named]
+                if isinstance(entry, str):
+                    why += [f"{u.name}, which is not checked ({u.reason})" for u in unchecked
+                            if u.name == entry or any(u.name.startswith(entry + sep) for sep in ("[", ".", "/"))]
                 raise InvalidArgumentError(
-                    f"wrt: entry {described!r} selects nothing to check ({why}). "
+                    f"wrt: entry {described!r} selects nothing to check "
+                    f"({'it names ' + ', '.join(why) if why else 'it matches no argument or parameter'}). "
                     f"Checkable leaves are: {_names(candidates, floating)}.")
             chosen.extend(i for i in hits if i not in chosen)
         chosen.sort()
     if not chosen:
-        found = ", ".join(f"{c.name} ({c.dtype})" for c in candidates) or "no arrays at all"
+        plain = [f"{c.name} ({c.dtype})" for c in candidates if not c.unchecked_reason]
+        found = [", ".join(plain)] if plain else []
+        found += [note[len("not checked: "):] for note in unchecked_notes(candidates, (), unchecked)]
         raise InvalidArgumentError(
             "args: no floating-point input to check. gradbridge checks real floating arrays "
-            f"(float16/32/64, bfloat16) among the arguments and params; found {found}. "
+            f"(float16/32/64, bfloat16) among the arguments and params; found {'; '.join(found) or 'no arrays at all'}. "
             "Python numbers pass through unchanged: pass them as arrays to check them.")
     leaves: List[LeafSpec] = []
     offset = 0
@@ -93,6 +114,28 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]])
         leaves.append(leaf)
         offset += leaf.size
     return leaves, chosen
+
+
+def unchecked_notes(candidates: Sequence[Candidate], chosen: Sequence[int],
+                    unchecked: Sequence[Unchecked] = ()) -> List[str]:
+    """The report's notes for every floating or complex array that is not checked, one per reason:
+    ``not checked: z (complex128): complex arrays are not checked ...``. Integer and boolean arrays are
+    not floating and are not listed."""
+    by_reason: dict = {}
+    picked = set(chosen)
+    for i, c in enumerate(candidates):
+        if i in picked:
+            continue
+        reason = c.unchecked_reason or ("not selected by wrt=" if c.floating else "")
+        if reason:
+            by_reason.setdefault(reason, []).append(f"{c.name} ({c.dtype})")
+    for u in unchecked:
+        by_reason.setdefault(u.reason, []).append(f"{u.name} ({u.dtype})")
+    notes = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        notes.append(f"not checked: {shown}: {reason}")
+    return notes
 
 
 def _names(candidates: Sequence[Candidate], indices: Sequence[int]) -> str:
@@ -110,22 +153,45 @@ def promotion_notes(leaves: Sequence[LeafSpec]) -> List[str]:
 
 
 def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array: Callable[[Any], bool],
-                        describe: Callable[[Any], Tuple[Tuple[int, ...], str, bool]]
-                        ) -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
+                        describe: Callable[[Any], Tuple[Tuple[int, ...], str, bool]],
+                        node_of: Optional[NodeOf] = None, unchecked: Optional[List[Unchecked]] = None,
+                        native: str = "") -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
     """The array leaves of the positional arguments as candidates, and a function rebuilding the arguments.
 
-    ``describe(array)`` gives (shape, dtype name, floating). The rebuild function takes one value per
-    candidate (further values, such as parameters appended after the inputs, are ignored) and returns
-    the argument tuple with those values in place of the leaves.
+    The arguments are walked by :func:`gradbridge._tree.flatten_pytree` (dicts, lists, tuples, named tuples
+    and dataclasses by field, optree-registered nodes, and the framework's own registered nodes through
+    ``node_of``). ``describe(array)`` gives (shape, dtype name, floating); a complex array is a candidate
+    that is not floating, with the reason. The rebuild function takes one value per candidate (further
+    values, such as parameters appended after the inputs, are ignored) and returns the argument tuple with
+    those values in place of the leaves.
+
+    Floating and complex arrays that cannot be candidates are appended to ``unchecked`` (when given): another
+    framework's arrays (``native`` says what this adapter checks and how to convert, e.g. "the torch backend
+    checks torch tensors: pass torch.as_tensor(...)") and fields of dataclasses that cannot be rebuilt.
     """
     candidates: List[Candidate] = []
     rebuilds = []
     for index, (name, arg) in enumerate(zip(arg_names, args)):
-        leaves, rebuild = flatten(arg, name, is_array)
+        flat = flatten_pytree(arg, name, is_array, node_of)
         base = len(candidates)
-        for leaf in leaves:
+        for leaf in flat.leaves:
             shape, dtype, floating = describe(leaf.value)
+            reason = COMPLEX_REASON if not floating and dtype.startswith("complex") else ""
             candidates.append(Candidate(leaf.path, leaf.value, tuple(int(d) for d in shape), dtype, floating,
-                                        "input", index))
-        rebuilds.append((rebuild, base, len(leaves)))
+                                        "input", index, unchecked_reason=reason))
+        if unchecked is not None:
+            for other in flat.others:
+                dtype, kind = array_kind(other.value)
+                reason = f"a {library_of(other.value)}, passed through unchanged" + (f"; {native}" if native else "")
+                unchecked.append(Unchecked(other.path, dtype, reason))
+            unchecked.extend(Unchecked(u.path, u.dtype, u.reason) for u in flat.unwalked)
+        rebuilds.append((flat.rebuild, base, len(flat.leaves)))
     return candidates, lambda values: tuple(r(values[base:base + n]) for r, base, n in rebuilds)
+
+
+def hidden_arrays(value: Any, path: str, reason: str) -> List[Unchecked]:
+    """The floating and complex arrays inside ``value`` (an object a framework's pytree does not walk, such as a
+    dataclass JAX does not know), as :class:`Unchecked` entries with ``reason``."""
+    flat = flatten_pytree(value, path, lambda v: array_kind(v) is not None)
+    found = [Unchecked(leaf.path, array_kind(leaf.value)[0], reason) for leaf in flat.leaves]
+    return found + [Unchecked(u.path, u.dtype, reason) for u in flat.unwalked]
