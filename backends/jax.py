@@ -57,6 +57,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -71,7 +72,8 @@ from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBindin
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, StateSnapshot, StateWalker, Uncacheable,
                                    WeakFunctionCache, digest, weak_callable)
-from gradbridge._layout import Candidate, layout_leaves, promotion_notes
+from gradbridge._layout import (COMPLEX_REASON, Candidate, Unchecked, hidden_arrays, layout_leaves, promotion_notes,
+                                unchecked_notes)
 from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
 
@@ -151,6 +153,27 @@ def _complex(value: Any) -> bool:
 
 def _dtype_name(value: Any) -> str:
     return str(value.dtype)
+
+
+def _hidden_reason(value: Any) -> str:
+    """Why the floating arrays inside a value JAX's pytree registry treats as a leaf are not checked."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return (f"a {type(value).__module__.split('.')[0]} {type(value).__name__}, passed through unchanged; the JAX "
+                "backend checks JAX and NumPy arrays: pass jnp.asarray(...) to check it")
+    what = "a dataclass" if dataclasses.is_dataclass(value) else "a type"
+    return (f"inside {type(value).__name__}, {what} that JAX's pytree registry does not know, so it is passed "
+            "through unchanged: register it (jax.tree_util.register_dataclass, flax.struct.dataclass, "
+            "jax.tree_util.register_pytree_with_keys) to check its fields")
+
+
+def _registered_node(value: Any) -> Optional[Tuple[List[str], List[Any], Callable[[List[Any]], Any]]]:
+    """One level of a node of JAX's pytree registry (for backend detection): path suffixes, children, rebuild;
+    None for a leaf."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda v: v is not value)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+        return None
+    return ([jax.tree_util.keystr(path) for path, _ in pairs], [child for _, child in pairs],
+            lambda children: jax.tree_util.tree_unflatten(treedef, children))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1258,6 +1281,9 @@ class JaxAdapter:
     module_name = "jax"
     install_hint = 'pip install "gradbridge[jax]"'
 
+    #: JAX's registered pytree nodes, for backend detection (arguments are flattened by JAX's own registry)
+    pytree_node = staticmethod(_registered_node)
+
     def owns(self, value: Any) -> bool:
         """JAX arrays (PRNG keys included), ``custom_vjp``/``custom_jvp`` functions and ``jax.jit`` functions."""
         if isinstance(value, (jax.Array, jax.custom_vjp, jax.custom_jvp)):
@@ -1292,6 +1318,7 @@ class JaxAdapter:
         arguments: List[_Argument] = []
         values: List[Any] = []
         candidates: List[Candidate] = []
+        unchecked: List[Unchecked] = []
         positions: List[int] = []
         for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
             pairs, treedef = jax.tree_util.tree_flatten_with_path(arg)
@@ -1300,10 +1327,12 @@ class JaxAdapter:
                 if isinstance(value, _Tracer):
                     raise _tracer_error("args", name + jax.tree_util.keystr(path))
                 if _is_array(value):
-                    checkable = _floating(value) or _complex(value)
                     candidates.append(Candidate(name + jax.tree_util.keystr(path), value, tuple(np.shape(value)),
-                                                _dtype_name(value), checkable, "input", index))
+                                                _dtype_name(value), _floating(value), "input", index,
+                                                unchecked_reason=COMPLEX_REASON if _complex(value) else ""))
                     positions.append(len(values))
+                else:  # arrays JAX's registry does not reach are passed through: say so
+                    unchecked.extend(hidden_arrays(value, name + jax.tree_util.keystr(path), _hidden_reason(value)))
                 values.append(value)
         for key, value in spec.kwargs.items():
             if _holds_tracer(value):
@@ -1313,13 +1342,12 @@ class JaxAdapter:
             raise _tracer_error("fn", f"a value fn reads ({leaked[0][0]})")
         if _staging():
             raise _tracer_error("fn", None)
-        leaves, chosen = layout_leaves(candidates, spec.wrt)
-        for leaf, i in zip(leaves, chosen):
-            if _complex(candidates[i].value):
-                raise InvalidArgumentError(f"args: {leaf.name} is complex; gradbridge checks real arrays")
+        leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
         problem = JaxProblem(spec, arguments, values, candidates, positions, leaves, chosen)
         x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).reshape(-1) for i in chosen])
-        return JaxPrepared(problem, lambda *parts: problem.call(parts), x0, compiled=problem.compiled)
+        prepared = JaxPrepared(problem, lambda *parts: problem.call(parts), x0, compiled=problem.compiled)
+        prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
+        return prepared
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
+from gradbridge._layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
@@ -221,11 +221,15 @@ class NumpyAdapter:
                 "torch, JAX or TensorFlow, pass that framework's arrays (or backend='...')")
         if spec.params is not None:
             raise InvalidArgumentError("params: the NumPy backend has no modules; pass parameters as arguments")
+        unchecked: List[Unchecked] = []
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_array,
-            lambda v: (np.shape(v), str(np.asarray(v).dtype), _floating(v)))
-        leaves, chosen = layout_leaves(candidates, spec.wrt)
-        return NumpyPrepared(spec, candidates, leaves, chosen, rebuild_args)
+            lambda v: (np.shape(v), str(np.asarray(v).dtype), _floating(v)), unchecked=unchecked,
+            native="the NumPy backend checks NumPy arrays: pass np.asarray(...) to check it")
+        leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
+        prepared = NumpyPrepared(spec, candidates, leaves, chosen, rebuild_args)
+        prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
+        return prepared
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---
 

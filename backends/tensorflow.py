@@ -74,10 +74,10 @@ from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, Mo
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, VALUE_TYPES, Fingerprinter, Uncacheable,
                                    WeakFunctionCache, digest)
 from gradbridge._precision import DTYPE_EPS
-from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
+from gradbridge._layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
-from gradbridge._tree import flatten
+from gradbridge._tree import flatten, is_walked_node
 
 from ._handwritten import HandWrittenGradient, floating_candidates
 from ._lowprec import own_precision
@@ -199,6 +199,24 @@ def _dedupe(variables: Sequence[Any]) -> List[Any]:
             seen.add(id(v))
             unique.append(v)
     return unique
+
+
+def _frozen_weights(model: Optional[Any]) -> List[Unchecked]:
+    """The weights of a Keras model's layers set ``trainable=False`` (frozen): held fixed, so listed as not
+    checked. A layer's own non-trainable state (BatchNorm statistics) is not a weight and is not listed."""
+    if model is None:
+        return []
+    trainable = {id(v) for v in model.trainable_variables}
+    found: List[Unchecked] = []
+    seen = set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for v in getattr(layer, "_trainable_variables", ()):  # the weights created trainable (Keras 3)
+            if id(v) in trainable or id(v) in seen or not _floating(v):
+                continue
+            seen.add(id(v))
+            found.append(Unchecked(v.path, _dtype(v).name, f"layer {layer.name!r} has trainable=False (frozen), so "
+                                                           "its weights are held fixed"))
+    return found
 
 
 def _unique(named: Sequence[Tuple[str, Any]]) -> List[_Param]:
@@ -780,6 +798,8 @@ class _Keyer(Fingerprinter):
                                                      for k, v in node.items()))
         if isinstance(node, (list, tuple)):
             return (self.identity(type(node)), tuple(self.tree(v, leaf, depth + 1) for v in node))
+        if is_walked_node(node):  # a dataclass or registered node: its leaves are candidates this walk skips
+            raise Uncacheable(f"a {type(node).__name__} among the arguments")
         return self.constant(node)
 
     def adapter_object(self, value: Any, depth: int) -> Any:
@@ -1432,14 +1452,18 @@ class TensorFlowAdapter:
         return ok, "" if ok else f"GradientTape gave {None if gradient is None else gradient.dtype}"
 
     def prepare(self, spec: CheckSpec) -> Any:  # TensorFlowPrepared, or HandWrittenGradient with grad=
+        unchecked: List[Unchecked] = []
         candidates, rebuild_args = argument_candidates(
-            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)))
+            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)),
+            unchecked=unchecked,
+            native="the TensorFlow backend checks tf.Tensor and tf.Variable values: pass tf.constant(...) to check it")
         model, params = _parameters(spec)
         for p in params:
             v = p.variable
             candidates.append(Candidate(p.name, v, tuple(int(d) for d in v.shape), _dtype(v).name, _floating(v),
                                         "param"))
-        leaves, chosen = layout_leaves(candidates, _expand_slash_prefixes(spec.wrt, candidates))
+        unchecked.extend(_frozen_weights(model))
+        leaves, chosen = layout_leaves(candidates, _expand_slash_prefixes(spec.wrt, candidates), unchecked)
         x0 = np.concatenate([_numpy(candidates[i].value).reshape(-1) for i in chosen])
 
         environment = _environment(spec.fn)  # before _probe runs fn: the state the check starts from
@@ -1458,6 +1482,7 @@ class TensorFlowAdapter:
             if _probe(problem, x0) is None:
                 notes.append(f"fn cannot run in float64 ({failure}), so it runs in the dtypes it was given")
         notes.extend(_notes(problem, model))
+        notes.extend(unchecked_notes(candidates, chosen, unchecked))
         prepared = TensorFlowPrepared(problem, problem.call, x0, notes=notes)
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never the tape
             return HandWrittenGradient(prepared, "TensorFlow", _hand_written_call(problem, prepared), _to_array,

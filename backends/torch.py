@@ -78,7 +78,8 @@ from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBindin
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
                                      holds_ints)
-from gradbridge._layout import Candidate, argument_candidates, layout_leaves, promotion_notes
+from gradbridge._layout import (COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves,
+                                promotion_notes, unchecked_notes)
 from gradbridge._outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._precision import FLOAT64_EPS, eps_of
 from gradbridge._rng import SharedRandomState
@@ -497,6 +498,25 @@ def _floating(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point()
 
 
+def _registered_node(value: Any) -> Optional[Tuple[List[str], List[Any], Callable[[List[Any]], Any]]]:
+    """One level of a node of torch's pytree registry (``torch.utils._pytree.register_dataclass``,
+    ``register_pytree_node``): the children's path suffixes (from its keys, else ``[i]``), the children, and
+    how to rebuild it; None for other values (dicts, lists, tuples and named tuples are walked by the core)."""
+    from torch.utils import _pytree
+
+    node = _pytree.SUPPORTED_NODES.get(type(value))
+    if node is None or isinstance(value, (dict, list, tuple)):
+        return None
+    children, context = node.flatten_fn(value)
+    children = list(children)
+    suffixes = [f"[{i}]" for i in range(len(children))]
+    if node.flatten_with_keys_fn is not None:
+        keyed, _ = node.flatten_with_keys_fn(value)
+        if len(keyed) == len(children):
+            suffixes = [_pytree.keystr((key,)) for key, _ in keyed]
+    return suffixes, children, lambda new: node.unflatten_fn(new, context)
+
+
 def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).replace("torch.", "")
 
@@ -781,6 +801,7 @@ def _argument_slots(spec: CheckSpec, candidates: List[Candidate], chosen: List[i
     leaf_of = {i: k for k, i in enumerate(chosen)}
     copy_of = {i: (tensor, dtype) for i, tensor, dtype in copies}
     fill = []
+    walked = {c.arg_index for c in candidates if c.kind == "input"}  # arguments holding tensors (dataclasses too)
     index = 0  # candidates are listed argument by argument, one per tensor argument
     for position, arg in enumerate(spec.args[:count]):
         if _is_tensor(arg):
@@ -793,7 +814,7 @@ def _argument_slots(spec: CheckSpec, candidates: List[Candidate], chosen: List[i
             else:
                 return None
             index += 1
-        elif isinstance(arg, (dict, list, tuple)):
+        elif isinstance(arg, (dict, list, tuple)) or position in walked:
             return None
     return list(spec.args[:count]), fill
 
@@ -1563,6 +1584,9 @@ class TorchAdapter:
     module_name = "torch"
     install_hint = 'pip install "gradbridge[torch]"'
 
+    #: torch's registered pytree nodes, for backend detection (arguments are walked with it too)
+    pytree_node = staticmethod(_registered_node)
+
     def owns(self, value: Any) -> bool:
         return isinstance(value, (torch.Tensor, torch.nn.Module))
 
@@ -1581,18 +1605,19 @@ class TorchAdapter:
             return self._prepare(spec)
 
     def _prepare(self, spec: CheckSpec) -> Union[TorchPrepared, HandWrittenGradient]:
+        unchecked: List[Unchecked] = []
         candidates, rebuild_args = argument_candidates(
-            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _checkable(t)))
+            spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _floating(t)),
+            node_of=_registered_node, unchecked=unchecked,
+            native="the torch backend checks torch tensors: pass torch.as_tensor(...) to check it")
         module, param_tensors = _parameters(spec)
         for name, tensor in param_tensors:
             frozen = _checkable(tensor) and not tensor.requires_grad and module is not None
             candidates.append(Candidate(name, tensor, tuple(tensor.shape), _dtype_name(tensor),
-                                        _checkable(tensor) and not frozen, "param",
-                                        unchecked_reason="requires_grad=False" if frozen else ""))
-        leaves, chosen = layout_leaves(candidates, spec.wrt)
-        for leaf, i in zip(leaves, chosen):
-            if candidates[i].value.is_complex():
-                raise InvalidArgumentError(f"args: {leaf.name} is complex; gradbridge checks real tensors")
+                                        _floating(tensor) and not frozen, "param",
+                                        unchecked_reason="requires_grad=False" if frozen else
+                                        COMPLEX_REASON if tensor.is_complex() else ""))
+        leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
         module_state = None
         data_swap = None
         if module is not None:
@@ -1618,6 +1643,7 @@ class TorchAdapter:
                                module, module_state, data_swap, device)
         x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
         prepared = TorchPrepared(problem, problem.forward, x0)
+        prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
             return HandWrittenGradient(prepared, "PyTorch", _hand_written_call(problem, prepared), _to_array,
                                        floating_candidates(candidates), chosen)
