@@ -28,6 +28,7 @@ from ._directions import Directions, LeafDirections
 from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from ._evaluate import Evaluator
 from ._finite_diff import relative_step, step_description
+from ._grading import ZERO, block_grade, explain_grade
 from ._localize import bisection_row
 from ._numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts, StepLadder
 from ._options import Options
@@ -114,6 +115,8 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             _spread_notes(context, report.rows)
             if options.order == 2:
                 report.rows.extend(_second_order(evaluator, context, counts))
+            for row in report.rows:
+                explain_grade(row, tolerance.user_given)
             report.notes.extend(n for n in context.notes if n not in report.notes)
             report.strategy = [f"{name}: {how}" for name, how in context.strategy.items()]
             report.problem = _transient_faults(counts)
@@ -665,7 +668,7 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
     candidates = bad if bad.any() else ~at_kink
     ranked = np.where(candidates, ratio, -1.0)
     smooth = ~at_kink
-    rel = relative_error(a[smooth], n[smooth]) if smooth.any() else 0.0
+    rel, graded = block_grade(a, n, allowed, bad, smooth)
     steps = verdicts.steps[entry.slice]
     refined = int(np.count_nonzero(verdicts.levels[entry.slice]))
     one_sided = int(np.count_nonzero(((method == FORWARD) | (method == BACKWARD)) & ~at_kink))
@@ -674,13 +677,12 @@ def _block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ve
                     status="fail" if (bad & ~noise).any() else "nondeterministic" if bad.any()
                     else "unresolved" if unresolved.any() else "pass",
                     max_abs_error=float(np.max(np.where(smooth, difference, 0.0))) if difference.size else 0.0,
-                    rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong",
-                    mismatches=int(bad.sum()), compared=int(a.size),
+                    rel_error=rel, grade=graded, mismatches=int(bad.sum()), compared=int(a.size),
                     kinks=int((at_kink & ~at_jump & ~unresolved).sum()), jumps=int((at_jump | unresolved).sum()),
                     unresolved=int(unresolved.sum()), one_sided=one_sided, refined=refined)
     if verdicts.resolution is not None:
         resolution = verdicts.resolution[where]
-        if np.isfinite(resolution).any():
+        if np.isfinite(resolution).any() and graded != ZERO:  # no relative resolution of a zero derivative
             row.resolution = float(np.nanmax(resolution))
     if entry.compressed:
         row.method = (f"full, compressed: {leaf.size} columns in {entry.count} group(s), every entry compared")
@@ -909,17 +911,17 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             allowed = tolerance.scalar_bound(numeric, magnitude, fd_error)
             largest_allowed = max(largest_allowed, allowed) if np.isfinite(allowed) else largest_allowed
             difference = abs(analytic[i] - numeric)
-            pairs.append((analytic[i], numeric))
             is_bad = not (difference <= allowed) or not np.isfinite(allowed)
+            pairs.append((analytic[i], numeric, allowed, is_bad))
             failed += int(is_bad)
             candidate = WorstElement((), (), float(analytic[i]), numeric, float(difference), float(allowed), step,
                                      fd_error=fd_error, method="central difference along a random direction")
             if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
                 worst = candidate
                 probes[leaf.name] = (v, gradients[p] if gradients is not None else None)
-        a_values = np.array([d[0] for d in pairs])
-        n_values = np.array([d[1] for d in pairs])
-        rel = relative_error(a_values, n_values)
+        a_values, n_values, allowed_values, bad_values = (np.array(column) for column in zip(*pairs))
+        rel, graded = block_grade(a_values, n_values, allowed_values, bad_values.astype(bool),
+                                  np.ones(len(pairs), dtype=bool))
         detectable = largest_allowed / quantile
         power = (f"{options.probes} random probes: an error confined to a single Jacobian entry d out_i / d "
                  f"{leaf.name}[j] is caught with probability >= {FAST_CONFIDENCE:.1%} when it exceeds "
@@ -928,8 +930,7 @@ def _fast_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
             method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
             status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
-            rel_error=rel, grade=grade(rel) if np.isfinite(rel) else "wrong", mismatches=failed,
-            compared=options.probes, worst=worst,
+            rel_error=rel, grade=graded, mismatches=failed, compared=options.probes, worst=worst,
             message=(f"{failed} of {options.probes} probes outside tolerance" if failed else power))
         if leaf.name in undefined:
             _mark_undefined(row, undefined[leaf.name])

@@ -23,7 +23,7 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 th { background: #f3f3f3; }
 .pass { color: #1a7f37; font-weight: 600; } .fail { color: #cf222e; font-weight: 600; }
 .na { color: #777; } .grade-correct { color: #1a7f37; } .grade-acceptable { color: #0969da; }
-.grade-suspicious { color: #9a6700; } .grade-wrong { color: #cf222e; font-weight: 600; }
+.grade-zero { color: #1a7f37; } .grade-suspicious { color: #9a6700; } .grade-wrong { color: #cf222e; font-weight: 600; }
 .meta { color: #555; font-size: 0.9em; } .note { color: #555; font-size: 0.85em; margin: 0.1em 0; }
 .pictures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .pictures figure { margin: 0; } figcaption { font-size: 0.8em; color: #555; max-width: 560px; }

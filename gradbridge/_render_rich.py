@@ -12,7 +12,7 @@ from rich.text import Text
 from ._render import ROW_HEADER, detail_lines, header_lines, row_cells
 from ._report import Report
 
-GRADE_STYLES = {"correct": "green", "acceptable": "cyan", "suspicious": "yellow", "wrong": "bold red"}
+GRADE_STYLES = {"correct": "green", "zero": "green", "acceptable": "cyan", "suspicious": "yellow", "wrong": "bold red"}
 VERDICT_STYLES = {"ok": "bold green", "FAIL": "bold red", "ERROR": "bold red", "NONE": "bold red",
                   "none": "green", "n/a": "dim", "UNRESOLVED": "bold red", "NONDET": "bold red", "jump": "bold yellow"}
 
