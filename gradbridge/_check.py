@@ -268,6 +268,27 @@ def _second_order(first: Evaluator, context: _Context, counts: _Counts) -> List[
 
 
 def _check_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order: int) -> List[RowResult]:
+    return _broken_forward_rules(evaluator, context, _compare_order(evaluator, context, f0, order), order)
+
+
+def _broken_forward_rules(evaluator: Evaluator, context: _Context, rows: List[RowResult],
+                          order: int) -> List[RowResult]:
+    """Under ``analytic='auto'`` forward mode is checked because fn defines its own forward rule: when
+    that mode cannot run, the user's rule is broken (it raised, returned None or the wrong shape), an
+    error, not an unsupported mode the user never asked for."""
+    rule = getattr(evaluator.prepared, "forward_rule", None)
+    if not context.automatic or order != 1 or not rule:
+        return rows
+    for row in rows:
+        if row.analytic_mode == "fwd" and row.status == "unsupported":
+            row.status = "error"
+            row.message = (f"your forward-mode rule ({rule}) could not run, so it was not checked: {row.message.rstrip('.')}. "
+                           "analytic='auto' checks every rule fn defines: fix it, or pass analytic='rev' to check "
+                           "the backward only")
+    return rows
+
+
+def _compare_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, order: int) -> List[RowResult]:
     options = context.options
     leaves = list(evaluator.prepared.leaves)
     modes = ("rev", "fwd") if options.analytic == "both" else (options.analytic,)

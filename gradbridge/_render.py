@@ -28,7 +28,7 @@ def row_cells(row: RowResult) -> List[str]:
     name = row.input if row.order == 1 else f"{row.input} (order {row.order})"
     verdict = {"pass": "jump" if row.jumps else "ok", "fail": "FAIL", "unsupported": "n/a", "error": "ERROR",
                "unresolved": "UNRESOLVED", "nondeterministic": "NONDET", "no-gradient": "none" if row.passed else "NONE"}[row.status]
-    if row.status == "unsupported":
+    if row.status in ("unsupported", "error"):
         return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, "-", "-", "-", "-"]
     worst = "-"
     if row.method.startswith("consistency"):
@@ -87,8 +87,8 @@ def detail_lines(report: Report) -> List[str]:
                             else ""))
         if row.message:
             lines.append(f"    {row.message}")
-    for row in report.rows:  # passing rows with something to say (unsupported, no gradient, refined)
-        if row.message and row.passed:
+    for row in report.rows:  # rows with something to say and no worst element (unsupported, errors, refined)
+        if row.message and (row.passed or row.worst is None):
             lines.append(f"  {row.input} -> {row.output}: {row.message}")
     lines.extend(_kink_lines(report))
     return lines

@@ -231,7 +231,8 @@ class Report:
         if not failed:
             return f"passed: {len(self.rows)} block(s) checked"
         parts = []
-        for statuses, what in ((("fail", "error", "no-gradient"), "wrong"),
+        for statuses, what in ((("fail", "no-gradient"), "wrong"),
+                               (("error",), "could not be checked ({reason})"),
                                (("nondeterministic",), "differ only within the spread of a non-deterministic {side}"),
                                (("unresolved",), "could not be resolved (fn jumps at the point and a one-sided "
                                                  "derivative could not be measured)")):
@@ -239,7 +240,9 @@ class Report:
             if rows:
                 names = ", ".join(sorted({f.input + ("" if f.order == 1 else f" (order {f.order})") for f in rows}))
                 side = "backward" if all(f.analytic_mode == "rev" for f in rows) else "analytic side"
-                parts.append(f"{len(rows)} of {len(self.rows)} block(s) {what.format(side=side)}: {names}")
+                reason = rows[0].message.split(":")[0]
+                parts.append(f"{len(rows)} of {len(self.rows)} block(s) {what.format(side=side, reason=reason)}: "
+                             f"{names}")
         return "FAILED: " + "; ".join(parts)
 
     def __str__(self) -> str:

@@ -225,3 +225,20 @@ def test_a_jvp_torch_cannot_run_is_a_clean_unsupported_row(function: type, words
         assert word in by_mode["fwd"].message, by_mode["fwd"].message
     if analytic == "both":
         assert by_mode["rev"].status == "pass", str(report)
+
+
+@pytest.mark.parametrize("function, rule", [
+    (SavedForBackwardOnly, "SavedForBackwardOnly.jvp"),
+    (JvpReturnsNone, "JvpReturnsNone.jvp"),
+    (JvpWrongShape, "JvpWrongShape.jvp"),
+], ids=["saved_for_backward_only", "returns_none", "wrong_shape"])
+def test_a_broken_jvp_fails_the_default_check(function: type, rule: str) -> None:
+    """By default (analytic='auto') every rule fn defines is checked: a jvp that cannot run is a broken
+    rule the user wrote, an ERROR row naming it, never an n/a row next to a passing check."""
+    report = gb.check(function.apply, _x())
+    assert not report.passed, str(report)
+    by_mode = {row.analytic_mode: row for row in report.rows}
+    assert by_mode["rev"].status == "pass", str(report)
+    assert by_mode["fwd"].status == "error", str(report)
+    assert rule in by_mode["fwd"].message and "analytic='rev'" in by_mode["fwd"].message, by_mode["fwd"].message
+    assert "ERROR" in str(report) and rule in report.summary(), report.summary()
