@@ -58,6 +58,8 @@ CATEGORIES = {
     "jump": "fn itself jumps exactly at the input (a sampler's branch switch, a tax bracket, floor): judged "
             "against the derivative on each side",
     "adaptive": "internal adaptivity: bisection to a tolerance (a staircase), an adaptive RK45 with its adjoint",
+    "nondeterministic": "backwards that differ from call to call: a scatter-add summed in a new order each call "
+                        "(atomics), call-to-call noise below the tolerance",
 }
 
 
@@ -549,6 +551,52 @@ case("adaptive RK45 adjoint", "adaptive",
      [np.array([1.0, 0.8]), np.array([1.1, 0.6, 0.9, 0.5])], ("y0", "theta"),
      lambda g, y0, theta: adaptive.odeint_rk45_adjoint(g, y0, theta, rtol=1e-10, atol=1e-12, bug="relative"), "theta",
      "1e-4 relative error in the parameters' adjoint")
+
+
+# ------------------------------------------------------------------------------------ nondeterministic
+_CALLS = [0]
+
+
+def _next_call() -> np.random.Generator:
+    """A generator that differs on every call, like a GPU's scheduling: no seed the check sets pins it."""
+    _CALLS[0] += 1
+    return np.random.default_rng(7919 * _CALLS[0])
+
+
+_GATHER = np.array([0, 2, 2, 5, 1, 2, 5, 0, 3, 4, 2, 5])
+
+
+def _scatter_add(g, size, drop=None):
+    """The gather's VJP: g added into its source positions one term at a time, in a new order each call
+    (how atomic adds land), so the float64 sums differ in their last bits from call to call."""
+    out = np.zeros(size)
+    for k in _next_call().permutation(len(_GATHER)):
+        if k != drop:
+            out[_GATHER[k]] += g[k]
+    return out
+
+
+r = _rng("nondeterministic")
+case("gather, atomic scatter-add backward", "nondeterministic", lambda x, w: x[_GATHER] * w,
+     lambda g, x, w: (_scatter_add(g * w, x.size), g * x[_GATHER]),
+     [r.normal(size=6) * 1e3, r.normal(size=12)], ("x", "w"),
+     lambda g, x, w: (_scatter_add(g * w, x.size, drop=5), g * x[_GATHER]), "x",
+     "one of the duplicate indices' contributions dropped in the scatter-add", worst_index=(2,))
+_NOISY_A = r.normal(size=(3, 4))
+
+
+def _noisy_tanh_vjp(g, x, bug=0.0):
+    """tanh(A x)'s VJP with call-to-call relative noise of 1e-12 (below the tolerance); ``bug`` scales
+    element 1."""
+    grad = _NOISY_A.T @ (g * (1.0 - np.tanh(_NOISY_A @ x) ** 2))
+    grad = grad * (1.0 + 1e-12 * _next_call().uniform(-1.0, 1.0, grad.shape))
+    grad[1] *= 1.0 + bug
+    return (grad,)
+
+
+case("tanh(Ax), noisy backward", "nondeterministic", lambda x: np.tanh(_NOISY_A @ x), _noisy_tanh_vjp,
+     [r.normal(size=4)], "x", lambda g, x: _noisy_tanh_vjp(g, x, bug=1e-4), "x",
+     "1e-4 relative error on one element under call-to-call noise", worst_index=(1,))
 
 
 # ------------------------------------------------------------------------------------------- variants
