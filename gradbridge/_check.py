@@ -282,7 +282,8 @@ def _broken_forward_rules(evaluator: Evaluator, context: _Context, rows: List[Ro
     for row in rows:
         if row.analytic_mode == "fwd" and row.status == "unsupported":
             row.status = "error"
-            row.message = (f"your forward-mode rule ({rule}) could not run, so it was not checked: {row.message.rstrip('.')}. "
+            reason = row.message.rstrip(".")
+            row.message = (f"your forward-mode rule ({rule}) could not run, so it was not checked: {reason}. "
                            "analytic='auto' checks every rule fn defines: fix it, or pass analytic='rev' to check "
                            "the backward only")
     return rows
