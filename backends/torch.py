@@ -8,8 +8,12 @@ How a check stays off the user's objects:
   so a ``fn`` that closes over the module sees the copies; the module itself is never written to.
 * Plain tensors passed as ``params=`` have their ``.data`` swapped for a float64 view during each call
   and restored afterwards (their storage is never written to).
-* The session puts modules in eval mode (unless ``train=True``), sets the default dtype to float64,
-  re-seeds the CPU (and, if initialised, CUDA) generators before each evaluation, and restores all of it.
+* Process-wide state changes only around each call into the user's code (an evaluation of a chunk, a
+  VJP or JVP, ``grad=``), under the lock of :mod:`gradbridge._process`: the default dtype is float64, the
+  module is in eval mode (unless ``train=True``), the CPU (and, if initialised, CUDA) generators are
+  re-seeded before each evaluation, and all of it is put back when the call returns or raises. Between
+  those calls, and to other threads then, everything is as the user left it. The session itself only
+  leaves the caller's inference mode and restores the grad mode, both per thread.
 
 With ``promote=False`` nothing is promoted: checked leaves are cut from the flat vector and cast to their
 own dtype (float32, float16, bfloat16; exact, the core has rounded the points), unchecked tensors,
@@ -74,6 +78,7 @@ except ImportError:  # pragma: no cover - older or newer torch
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode, has_torch_function
 
+from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
@@ -626,6 +631,8 @@ class TorchProblem:
         # the generator state torch.default_generator.manual_seed(seed) leaves, put back by set_state
         # (the same state, normal-sample caches included, about 7 times cheaper than re-seeding)
         self._seeded_cpu_state: Optional[Tuple[int, torch.Tensor]] = None
+        # around every call into the user's code: the check's process-wide state, under the one lock
+        self.window = _process.Window(self._changed)
 
     def reseed(self) -> None:
         self.rng.reseed()
@@ -641,15 +648,33 @@ class TorchProblem:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
+        """The whole check: only this thread's modes (grad, inference) change here. Process-wide state (the
+        default dtype, the generators, the module's modes) changes in :meth:`window` only."""
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            # out of the caller's inference mode for the whole check (see _outside_inference_mode)
+            with _outside_inference_mode():
+                yield
+        finally:
+            if self.data_swap is not None:
+                with _process.LOCK:
+                    self.data_swap.restore()
+            if torch.is_grad_enabled() != grad_enabled:  # fn called torch.set_grad_enabled(...) and left it
+                torch.set_grad_enabled(grad_enabled)
+
+    @contextlib.contextmanager
+    def _changed(self) -> Iterator[None]:
+        """The check's process-wide state for one window (see :mod:`gradbridge._process`): float64 as the
+        default dtype (unless ``promote=False``: fn then runs as it would for the user), the module in eval
+        mode (unless ``train=True``), generators re-seeded by :meth:`reseed`; what was there before is put
+        back on exit, also when fn raises (and modes fn switched itself)."""
         cpu_state = torch.default_generator.get_state()  # what torch.get_rng_state returns
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         default_dtype = torch.get_default_dtype()
-        grad_enabled = torch.is_grad_enabled()
         modes = [(m, m.training) for m in self.module.modules()] if self.module is not None else []
         try:
-            # out of the caller's inference mode for the whole check (see _outside_inference_mode)
-            with _outside_inference_mode(), self.rng.preserved():
-                if self.promote:  # promote=False: fn runs as it would for the user, default dtype included
+            with self.rng.preserved():
+                if self.promote and default_dtype != torch.float64:
                     torch.set_default_dtype(torch.float64)
                 if self.module is not None and not self.spec.train:
                     self.module.eval()
@@ -657,14 +682,11 @@ class TorchProblem:
         finally:
             for submodule, training in modes:
                 submodule.training = training
-            torch.set_default_dtype(default_dtype)
-            torch.set_rng_state(cpu_state)
+            if torch.get_default_dtype() != default_dtype:
+                torch.set_default_dtype(default_dtype)
+            torch.default_generator.set_state(cpu_state)
             if cuda_states is not None:
                 torch.cuda.set_rng_state_all(cuda_states)
-            if self.data_swap is not None:
-                self.data_swap.restore()
-            if torch.is_grad_enabled() != grad_enabled:  # fn called torch.set_grad_enabled(...) and left it
-                torch.set_grad_enabled(grad_enabled)
 
     def leaf_values(self, x: torch.Tensor) -> List[torch.Tensor]:
         """One tensor per checked leaf, cut from the flat float64 ``x`` (views) and, with ``promote=False``,
@@ -1062,9 +1084,11 @@ class TorchPrepared(ProblemBackedFunction):
         """The problem's session; the key of the batching decision is taken on entering it, and on leaving it
         normally the decision follows the counters fn bumped (as the JAX and TensorFlow caches do)."""
         with self.problem.session():
-            self._batches_start = self._batches_key() if self.batching and not self.needs_grad else None
+            with _process.LOCK:  # fn's state as the user left it, not inside another check's window
+                self._batches_start = self._batches_key() if self.batching and not self.needs_grad else None
             yield
-            self._keep_batches_after_run()
+            with _process.LOCK:
+                self._keep_batches_after_run()
 
     def _keep_batches_after_run(self) -> None:
         """Keep a decision made under the state this check started from also under the state fn left behind,
@@ -1078,6 +1102,7 @@ class TorchPrepared(ProblemBackedFunction):
 
     # --- evaluation: batched under torch.func.vmap, or point by point ---
 
+    @_process.runs_user_code
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         if (self.needs_grad or not self.batching or self._batched_evaluate is False
                 or len(points) < (2 if self._batched_evaluate else _FIRST_BATCH)):
@@ -1093,6 +1118,7 @@ class TorchPrepared(ProblemBackedFunction):
                               "the check's precision is limited by that")
         return result
 
+    @_process.runs_user_code
     def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``; once fn
         runs batched, the batch is built as a tensor (no NumPy points to write and convert)."""
@@ -1297,6 +1323,7 @@ class TorchPrepared(ProblemBackedFunction):
 
     # --- reverse mode ---
 
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         try:
             return self._vjp(cotangents)
@@ -1392,6 +1419,7 @@ class TorchPrepared(ProblemBackedFunction):
 
     # --- transposed reverse mode: J t by differentiating u -> J^T u with respect to u ---
 
+    @_process.runs_user_code
     def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
         """``J t`` for each row of the (k, n) ``tangents``: (k, m), with ``J`` exactly the Jacobian :meth:`vjp`
         implements (the user's backward passes included), never forward-mode rules: ``J^T u`` is built at a
@@ -1528,6 +1556,7 @@ class TorchPrepared(ProblemBackedFunction):
         self._decide("vjp_transposed", True, "", len(t))
         return batched
 
+    @_process.runs_user_code
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         if self.problem.data_swap is not None:
             raise ModeUnsupportedError("forward mode is not available for params given as plain tensors; "
@@ -1601,7 +1630,9 @@ class TorchAdapter:
         return ok, "" if ok else f"autograd gave {None if x.grad is None else x.grad.dtype}"
 
     def prepare(self, spec: CheckSpec) -> Union[TorchPrepared, HandWrittenGradient]:
-        with _outside_inference_mode():  # the copies made here (module constants) must not be inference tensors
+        # the copies made here (module constants) must not be inference tensors; and the user's tensors and
+        # modules are read as the user left them, never inside another check's window (swapped parameters)
+        with _outside_inference_mode(), _process.LOCK:
             return self._prepare(spec)
 
     def _prepare(self, spec: CheckSpec) -> Union[TorchPrepared, HandWrittenGradient]:
@@ -1677,7 +1708,8 @@ class TorchAdapter:
         if isinstance(fn, torch.nn.Module):
             if params is None:
                 return ParamBinding(fn=fn, signature=fn.forward)
-            loaded = _float64_copy_with(fn, params)
+            with _process.LOCK:  # the module as the user left it, not inside another check's window
+                loaded = _float64_copy_with(fn, params)
             return ParamBinding(fn=loaded, signature=loaded.forward,
                                 note=f"torch module {type(fn).__name__}: params loaded by state_dict name into a "
                                      "float64 copy (the module itself is untouched)")
@@ -1704,7 +1736,7 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
 
     def output_structure() -> Tuple[Callable[[Sequence[Any]], Any], List[Tuple[bool, torch.Tensor]]]:
         if not structure:
-            with torch.no_grad():
+            with torch.no_grad(), problem.window():
                 result = problem.call_with_arguments(problem.spec.fn, (), problem.to_tensor(prepared.x0))
             leaves, rebuild = flatten(result, "out", _is_tensor)
             structure.append((rebuild, [(leaf.value.is_floating_point(), leaf.value.detach()) for leaf in leaves]))
@@ -1718,7 +1750,8 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
             leading = (rebuild([torch.as_tensor(np.ascontiguousarray(next(supply)), dtype=like.dtype,
                                                 device=like.device) if floating else torch.zeros_like(like)
                                 for floating, like in outputs]),)
-        with torch.enable_grad():  # the grad mode user code is written for (its inputs do not require grad)
+        # the grad mode user code is written for (its inputs do not require grad), in the check's window as fn
+        with torch.enable_grad(), problem.window():
             return problem.call_with_arguments(problem.spec.grad, leading, problem.to_tensor(prepared.x0))
 
     return call

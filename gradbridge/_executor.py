@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import pickle
-import threading
 import traceback
 import uuid
 from collections import OrderedDict
@@ -30,13 +29,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from . import _process
 from ._adapter import CheckSpec, PreparedFunction
 from ._errors import GradbridgeError, InvalidArgumentError
 
 #: Serialises evaluations inside one process: frameworks keep RNG seeds, default dtypes and module modes
 #: per process, so two prepared functions of one process must not evaluate at the same time (a thread
-#: pool, a Dask worker with several threads, this process's own check).
-LOCK = threading.RLock()
+#: pool, a Dask worker with several threads, this process's own check). The same lock as the adapters'
+#: windows around the user's code (:mod:`gradbridge._process`).
+LOCK = _process.LOCK
 #: Prepared functions a worker process keeps, newest last (a pool serves check after check).
 _CACHE: "OrderedDict[str, PreparedFunction]" = OrderedDict()
 _CACHE_SIZE = 4

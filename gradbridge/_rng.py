@@ -1,8 +1,9 @@
 """Pin and restore the random number generators every backend shares: Python's and NumPy's global ones.
 
-User code of any framework may draw from ``random`` or ``numpy.random`` (a NumPy dropout, say). During a
-check both are re-seeded identically before every evaluation, and afterwards the user's generator
-states are put back exactly as they were.
+User code of any framework may draw from ``random`` or ``numpy.random`` (a NumPy dropout, say). Both are
+re-seeded identically before every evaluation, and the states they had are put back exactly as they were
+when the adapter's window around the user's code closes (see :mod:`gradbridge._process`): between
+evaluations, and after the check, they are the user's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class SharedRandomState:
     @contextlib.contextmanager
     def preserved(self) -> Iterator["SharedRandomState"]:
         python_state = random.getstate()
-        numpy_state = np.random.get_state()
+        numpy_state = np.random.get_state(legacy=False)  # the same state, about twice as fast to save and load
         try:
             yield self
         finally:

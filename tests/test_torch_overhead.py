@@ -75,14 +75,17 @@ def test_every_evaluation_sees_the_freshly_seeded_generators() -> None:
         torch.set_default_dtype(default)
     torch.manual_seed(123)  # the user's state, to be put back
     user_state = torch.get_rng_state()
+    torch.randn(7)
+    after_user_draws = torch.get_rng_state()  # the user's state once the draws below came from it
+    torch.set_rng_state(user_state)
     prepared = _prepare(_draws, x)
     with prepared.session():
         first = prepared.evaluate(np.stack([prepared.x0] * 3))
-        torch.randn(7)  # draws between evaluations (inside the session) change nothing
-        random.random()
+        torch.randn(7)  # draws between evaluations (inside the session) change nothing, and come from the
+        random.random()  # user's own generators: each evaluation puts back the state it found
         again = prepared.evaluate(prepared.x0[None])
         pulled = prepared.vjp(np.ones((1, first.shape[1])))  # the forward of a VJP is re-seeded too
-    assert torch.equal(torch.get_rng_state(), user_state)
+    assert torch.equal(torch.get_rng_state(), after_user_draws)
     np.testing.assert_array_equal(first, np.stack([expected] * 3))
     np.testing.assert_array_equal(again[0], expected)
     np.testing.assert_array_equal(pulled[0], np.ones(4))
