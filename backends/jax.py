@@ -11,11 +11,13 @@ What is checked, and how the user's state stays untouched:
   every evaluation (keys are not floating, so they are never perturbed) and draws the same dropout
   mask each time; the finite differences then see one fixed function. Python's and NumPy's global
   generators (used, say, inside a ``pure_callback``) are re-seeded before each batch of evaluations
-  and restored afterwards.
+  and put back when that call into fn returns (under the lock of :mod:`gradbridge._process`).
 * Float64: everything runs inside JAX's thread-local 64-bit scope (``jax.enable_x64(True)``, a context
-  manager), so the user's global ``jax_enable_x64`` setting is exactly as it was afterwards, also
-  when ``fn`` raises. Checked leaves created as float32 (or bfloat16, float16) are promoted on
-  float64 copies; unchecked floating leaves are promoted too, so ``fn`` computes in one precision.
+  manager), so the user's global ``jax_enable_x64`` setting is never written: no other thread sees the
+  check's mode, and the flag is exactly as it was afterwards, also when ``fn`` raises. Host callbacks
+  XLA runs on threads of its own are registered wrapped in the mode they were traced in. Checked leaves
+  created as float32 (or bfloat16, float16) are promoted on float64 copies; unchecked floating leaves are
+  promoted too, so ``fn`` computes in one precision.
 * ``promote=False``: every floating leaf keeps its own dtype; the checked ones are cut from the flat
   vector and cast to it inside ``fn``'s trace (exact: the core has rounded the points to those dtypes),
   so the derivatives JAX computes run in those dtypes (cotangents reach the outputs cast to their
@@ -68,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, StateSnapshot, StateWalker, Uncacheable,
@@ -103,15 +106,11 @@ LinearMap = Tuple[List[int], Callable[..., Any]]  # (indices of the leaves it ta
 
 @contextmanager
 def enable_float64() -> Iterator[None]:
-    """JAX's 64-bit mode for the duration of the check, for this thread and for the threads XLA runs
-    host callbacks on (``pure_callback``/``io_callback`` on large arrays run on another thread, where a
-    thread-local override alone is not seen and a float64 result would be refused as float32).
-
-    Since jax 0.8 ``jax.enable_x64`` is the ``jax_enable_x64`` config state: the thread-local override
-    (``swap_local``) and the global value (``set_global``) are both set here and both put back on
-    exit, also when the check raises, so the user's flag is exactly as it was afterwards. Older
-    releases fall back to ``jax.experimental.enable_x64()`` (thread-local only).
-    """
+    """JAX's 64-bit mode for the duration of the check, in this thread only: the thread-local override of
+    ``jax_enable_x64`` (``jax.enable_x64.swap_local``, since jax 0.8; ``jax.experimental.enable_x64()``
+    before), put back on exit, also when the check raises. The global flag is never written, so no other
+    thread sees the check's mode. Host callbacks XLA runs on threads of its own get the mode they were
+    traced in (see :func:`_follow_traced_x64`)."""
     state = getattr(jax, "enable_x64", None)
     if state is None or not hasattr(state, "swap_local"):  # pragma: no cover - jax < 0.8
         from jax.experimental import enable_x64
@@ -119,14 +118,53 @@ def enable_float64() -> Iterator[None]:
         with enable_x64(True):
             yield
         return
-    previous_global = state.get_global()
     previous_local = state.swap_local(True)
-    state.set_global(True)
     try:
         yield
     finally:
-        state.set_global(previous_global)
         state.set_local(previous_local)
+
+
+def _in_x64(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` run in JAX's 64-bit mode (thread-local, put back when it returns) on whatever thread
+    XLA calls it."""
+
+    @functools.wraps(callback)
+    def run(*args: Any) -> Any:
+        with enable_float64():
+            return callback(*args)
+
+    return run
+
+
+def _follow_traced_x64() -> bool:
+    """Make the host callbacks (``pure_callback``, ``io_callback``, ``jax.debug.callback``) lowered while a
+    check's 64-bit scope is open in this thread run in 64-bit mode too. XLA runs a callback on a thread of
+    its own when its arrays are large, and a thread-local mode is not seen there: the callback's float64
+    arguments would arrive as float32 and its float64 results be refused. Each such callback is registered
+    wrapped in the mode (:func:`_in_x64`); JAX keys its compiled code on the mode, so the wrapped callbacks
+    run only where the mode was on anyway. Returns False where JAX's internals differ (then a check sets the
+    global flag while it runs fn, see :meth:`JaxProblem._changed`)."""
+    try:
+        from jax._src.interpreters import mlir
+    except ImportError:  # pragma: no cover - another jax layout
+        return False
+    context = getattr(mlir, "ModuleContext", None)
+    original = getattr(context, "add_host_callback", None)
+    if original is None:  # pragma: no cover - another jax layout
+        return False
+    if getattr(original, "gradbridge_follows_x64", False):
+        return True
+
+    @functools.wraps(original)
+    def add_host_callback(self: Any, host_callback: Any) -> None:
+        if _ACTIVE.problems and callable(host_callback) and bool(jax.config.jax_enable_x64):
+            host_callback = _in_x64(host_callback)
+        return original(self, host_callback)
+
+    add_host_callback.gradbridge_follows_x64 = True  # type: ignore[attr-defined]
+    context.add_host_callback = add_host_callback
+    return True
 
 
 def plumbing_dtype() -> Any:
@@ -360,6 +398,8 @@ class _Active(threading.local):
 
 
 _ACTIVE = _Active()
+#: Whether host callbacks lowered inside a check run in its 64-bit mode on XLA's threads (see _follow_traced_x64).
+_CALLBACKS_FOLLOW_X64 = _follow_traced_x64()
 
 
 def _call_fn(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Mapping[str, Any], traced: bool) -> Any:
@@ -661,11 +701,31 @@ class JaxProblem:
         # where fn can keep state: fn itself and the non-array values it is passed (the same objects every run)
         self.roots: List[Tuple[str, Any]] = [("fn", spec.fn)] + _passed_objects(spec)
         self.eager_reason: Optional[str] = None  # why fn is evaluated and differentiated eagerly (see _State)
+        # around every call into the user's code: Python's and NumPy's generators (host callbacks, eager
+        # NumPy code may draw from them) re-seeded inside and put back, under the one lock
+        self.window = _process.Window(self._changed)
+
+    @contextlib.contextmanager
+    def _changed(self) -> Iterator[None]:
+        """The check's process-wide state for one window (see :mod:`gradbridge._process`)."""
+        with self.rng.preserved():
+            if _CALLBACKS_FOLLOW_X64 or not self.needs_x64:
+                yield
+                return
+            state = jax.enable_x64  # pragma: no cover - a jax whose host callbacks cannot be wrapped
+            previous = state.get_global()
+            state.set_global(True)
+            try:
+                yield
+            finally:
+                state.set_global(previous)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
+        """The whole check, in this thread: JAX's thread-local 64-bit scope (where needed) and fn's state put
+        back at the end. Python's and NumPy's generators change only in :meth:`window`."""
         scope = enable_float64() if self.needs_x64 else contextlib.nullcontext()
-        with self.rng.preserved(), scope:
+        with scope:
             start = StateSnapshot(_State(self.roots))  # what fn's state holds now: put back on the way out
             _ACTIVE.problems.append(self)
             try:
@@ -904,6 +964,7 @@ class JaxPrepared(ProblemBackedFunction):
             return True
         return False
 
+    @_process.runs_user_code
     @_eager_on_leak
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         x = jnp.asarray(points, dtype=plumbing_dtype())
@@ -957,6 +1018,7 @@ class JaxPrepared(ProblemBackedFunction):
                        "the check's precision is limited by that")
         return result
 
+    @_process.runs_user_code
     @_eager_on_leak
     def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``; once the
@@ -1109,6 +1171,7 @@ class JaxPrepared(ProblemBackedFunction):
             self._mark_symbolic_zeros(self._pullbacks, self._zero_cotangent, "rev")
         return self._pullbacks
 
+    @_process.runs_user_code
     @_eager_on_leak
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         self._last_mode = "rev"
@@ -1128,6 +1191,7 @@ class JaxPrepared(ProblemBackedFunction):
 
     # --- transposed reverse mode: J t by transposing the VJP u -> J^T u ---
 
+    @_process.runs_user_code
     @_eager_on_leak
     def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
         """``J t`` for each row of the (k, n) ``tangents``: (k, m), with ``J`` exactly the Jacobian :meth:`vjp`
@@ -1202,6 +1266,7 @@ class JaxPrepared(ProblemBackedFunction):
             maps.append((indices, transposed))
         return _TransposedPlan(maps)
 
+    @_process.runs_user_code
     @_eager_on_leak
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         def zero_tangents(indices: List[int]) -> Sequence[jax.Array]:
@@ -1228,6 +1293,7 @@ class JaxPrepared(ProblemBackedFunction):
                                  dtype=np.float64).reshape(len(u), -1)
         return pushed
 
+    @_process.runs_user_code
     @_eager_on_leak
     def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
         v = jnp.asarray(cotangent, dtype=plumbing_dtype())
