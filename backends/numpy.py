@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 
 import numpy as np
 
+from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
@@ -65,6 +66,9 @@ class NumpyPrepared:
         self.rebuild_args = rebuild_args
         self.x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).ravel() for i in chosen])
         self.rng = SharedRandomState(spec.seed)
+        # around every call into the user's code: NumPy's and Python's generators re-seeded inside and put
+        # back on the way out, under the one lock (gradbridge._process)
+        self.window = _process.Window(self.rng.preserved)
         self._outputs: Optional[List[LeafSpec]] = None
         self._output_dtypes: List[np.dtype] = []
         self._output_rebuild = None
@@ -88,8 +92,8 @@ class NumpyPrepared:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        with self.rng.preserved():
-            yield
+        """The whole check: nothing process-wide changes here, only in :attr:`window`."""
+        yield
 
     def _arguments(self, x: np.ndarray) -> tuple:
         """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest."""
@@ -136,6 +140,7 @@ class NumpyPrepared:
             self._output_rebuild = rebuild_cotangent
         return np.concatenate([a.ravel() for a in arrays])
 
+    @_process.runs_user_code
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         first = self._outputs is None
         result = np.stack([self._call(x) for x in points])
@@ -167,6 +172,7 @@ class NumpyPrepared:
             flat.append(gradient.ravel())
         return np.concatenate(flat)
 
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         outputs = self.output_specs
         scalar = len(outputs) == 1 and outputs[0].size == 1

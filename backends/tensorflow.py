@@ -18,9 +18,11 @@ How a check stays off the user's objects:
 * A ``tf.function`` ``fn`` is checked through a fresh ``tf.function`` of the same Python function and
   options, so the user's trace cache never holds traces made with the check's float64 inputs or shadow
   variables.
-* The session pins TensorFlow's randomness for every evaluation (global seed, operation seeds, the global
-  ``tf.random.Generator``; TensorFlow's kernel cache too, only for functions that draw from stateful random
-  ops) and Python/NumPy's, and restores the user's seed, operation-seed sequence and generators afterwards.
+* Each call into the user's code (an evaluation of a chunk, a VJP or JVP, ``grad=``) pins TensorFlow's
+  randomness for every evaluation (global seed, operation seeds, the global ``tf.random.Generator``;
+  TensorFlow's kernel cache too, only for functions that draw from stateful random ops) and Python/NumPy's,
+  and restores the user's seed, operation-seed sequence and generators when it returns, under the lock of
+  :mod:`gradbridge._process`: between those calls other threads see their own seeds and generators.
 
 Precision: the check first tries float64 (inputs promoted, Keras models computing in float64). When ``fn``
 cannot run that way (it mixes its inputs with float32 constants, has a float32 ``input_signature``...) or
@@ -69,6 +71,7 @@ from tensorflow.python.eager import context as _tf_context
 from tensorflow.python.ops import custom_gradient as _tf_custom_gradient
 from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 
+from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, VALUE_TYPES, Fingerprinter, Uncacheable,
@@ -475,6 +478,8 @@ class TensorFlowProblem:
         self.promote_model = promote and model is not None and _promotable(model)
         self.rng = SharedRandomState(spec.seed)
         self.tf_rng = _TensorFlowRandomState(spec.seed)
+        # around every call into the user's code: the seeds and generators pinned, under the one lock
+        self.window = _process.Window(self._changed)
         self.outputs: Optional[List[LeafSpec]] = None
         self.output_dtypes: List[tf.DType] = []
         self.feed = [self._feed_dtype(candidates[i]) for i in chosen]
@@ -529,6 +534,13 @@ class TensorFlowProblem:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
+        """The whole check: nothing process-wide changes here, only in :meth:`window`."""
+        yield
+
+    @contextlib.contextmanager
+    def _changed(self) -> Iterator[None]:
+        """The check's process-wide state for one window (see :mod:`gradbridge._process`): TensorFlow's global
+        seed and generator, Python's and NumPy's generators, all re-seeded by :meth:`reseed` and put back."""
         with self.rng.preserved(), self.tf_rng.preserved():
             yield
 
@@ -993,6 +1005,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
 
     # --- evaluation: one vectorized graph per chunk, or one eager call per point ---
 
+    @_process.runs_user_code
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
         if self._worth_batching("evaluate", len(points)):
@@ -1001,6 +1014,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 return batched
         return self._evaluate_loop(points)
 
+    @_process.runs_user_code
     def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``evaluate`` of the copies of ``x0`` with element ``positions[k]`` set to ``values[k]``. Once the
         points run batched, the vectorized graph builds them from ``x0`` itself, next to the computation."""
@@ -1228,6 +1242,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
 
     # --- reverse mode: VJPs ---
 
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         cotangents = np.asarray(cotangents, dtype=np.float64)
         if self._worth_batching("vjp", len(cotangents)):
@@ -1281,6 +1296,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
 
     # --- the transposed VJP: J t from differentiating u -> J^T u ---
 
+    @_process.runs_user_code
     def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
         """``J t`` per row of ``tangents`` (k, n) -> (k, m), for the very ``J`` :meth:`vjp` implements (with the
         user's ``tf.custom_gradient`` rules): the VJP ``g = J^T u`` for a fixed random cotangent ``u`` is
@@ -1367,6 +1383,7 @@ class TensorFlowPrepared(ProblemBackedFunction):
                 del tape
         return self._links
 
+    @_process.runs_user_code
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
         if self.order != 1:
             raise ModeUnsupportedError("forward mode is checked for first derivatives only")
@@ -1452,6 +1469,10 @@ class TensorFlowAdapter:
         return ok, "" if ok else f"GradientTape gave {None if gradient is None else gradient.dtype}"
 
     def prepare(self, spec: CheckSpec) -> Any:  # TensorFlowPrepared, or HandWrittenGradient with grad=
+        with _process.LOCK:  # variables read as the user left them, never inside another check's window
+            return self._prepare(spec)
+
+    def _prepare(self, spec: CheckSpec) -> Any:
         unchecked: List[Unchecked] = []
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)),
@@ -1557,7 +1578,7 @@ def _hand_written_call(problem: TensorFlowProblem, prepared: TensorFlowPrepared
     structure: List[Any] = []
 
     def call(blocks: Optional[List[np.ndarray]]) -> Any:
-        with problem.applied(prepared.x0) as sources:
+        with problem.window(), problem.applied(prepared.x0) as sources:
             args = problem.arguments(sources)
             leading: tuple = ()
             if blocks is not None:
@@ -1602,7 +1623,7 @@ def _probe(problem: TensorFlowProblem, x0: np.ndarray) -> Optional[str]:
     """
     problem.tf_rng.clear_kernel_cache = False
     try:
-        with problem.session(), problem.applied(x0) as sources:
+        with problem.session(), problem.window(), problem.applied(x0) as sources:
             first = _flat(problem.call(sources)).numpy()
             second = _flat(problem.call(sources)).numpy()
     except Exception as exc:  # the user's code: the core reports it properly when it runs fn again
