@@ -25,7 +25,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
           probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
           kinks: str = "allow", promote: bool = True,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
-          progress: Optional[bool] = None, executor: Any = None) -> Report:
+          progress: Optional[bool] = None, executor: Any = None, memory: Union[None, int, str] = None) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -88,6 +88,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             and run by its workers; analytic VJPs/JVPs stay in this process. Each worker prepares the check
             from a pickled copy of ``fn`` and the arguments, so with process pools ``fn`` must be picklable
             (a module-level function); Dask pickles lambdas and closures too.
+        memory: the most memory the check may allocate, in bytes or as a size (``"4GiB"``); None (the
+            default) is half of what this process can still get (available memory, and the room under
+            an address-space limit). A full comparison above it is not started: ``mode="auto"`` takes
+            random projections (a failing leaf localised by bisection), ``mode="full"`` raises.
 
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
@@ -102,7 +106,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                                    f"got {type(fn).__name__}")
     options = validate_options(mode=mode, order=order, eps=eps, atol=atol, rtol=rtol, seed=seed, probes=probes,
                                analytic=analytic, train=train, chunk_size=chunk_size, budget=budget, kinks=kinks,
-                               promote=promote, progress=progress)
+                               promote=promote, progress=progress, memory=memory)
     structures = validate_structure(structure)
     executor = validate_executor(executor)
     call_kwargs = validate_kwargs(kwargs)

@@ -30,6 +30,7 @@ from ._evaluate import Evaluator
 from ._finite_diff import relative_step, step_description
 from ._grading import ZERO, block_grade, explain_grade
 from ._localize import bisection_row
+from ._memory import budget_bytes, full_check_bytes, size_text
 from ._numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts, StepLadder
 from ._options import Options
 from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
@@ -41,8 +42,6 @@ from ._verified_groups import ColumnAnalytic, analytic_by_columns
 
 #: Most non-differentiable points listed per row (the count is always complete).
 KINKS_LISTED = 10
-#: Largest dense Jacobian (entries) a full check builds: 2 GiB of float64.
-MAX_DENSE_ENTRIES = 2 ** 28
 #: Probability with which ``fast`` mode's stated detectable error is caught.
 FAST_CONFIDENCE = 0.999
 
@@ -76,6 +75,7 @@ class _Context:
         self.automatic = False  # analytic='auto': fall back to forward mode where reverse mode is unsupported
         self.spreads: Dict[str, Spread] = {}  # analytic mode -> spread of two calls, where not deterministic
         self.options = options
+        self.memory = budget_bytes(options.memory)  # bytes the comparison may allocate
         self.tolerance = tolerance
         self.structures = structures
         self.mode = mode
@@ -103,9 +103,10 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             if problem:
                 report.problem = problem
                 return report
+            memory = budget_bytes(options.memory)
             diagonal = _verified_diagonal(evaluator, options, structures or {}, precision)
-            columns = _columns_for_auto(evaluator, options, structures or {}, diagonal is not None)
-            mode = _choose_mode(prepared, options, structures or {}, report, diagonal is not None, columns)
+            columns = _columns_for_auto(evaluator, options, structures or {}, diagonal is not None, memory)
+            mode = _choose_mode(prepared, options, structures or {}, report, diagonal is not None, columns, memory)
             progress.expect(options.order * _planned_cost(prepared, options, mode))
             context = _Context(options, tolerance, structures or {}, mode, progress)
             context.automatic = automatic
@@ -218,9 +219,11 @@ def _verified_diagonal(evaluator: Evaluator, options: Options, structures: Mappi
 
 
 def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mapping[str, Structure],
-                 report: Report, diagonal: bool = False, columns: Optional[ColumnAnalytic] = None) -> str:
-    """``full`` or ``fast``: ``auto`` compares the cost of a full check with ``options.budget``; a verified
-    diagonal Jacobian makes a full check cost a handful of evaluations."""
+                 report: Report, diagonal: bool = False, columns: Optional[ColumnAnalytic] = None,
+                 memory: Optional[int] = None) -> str:
+    """``full`` or ``fast``: ``auto`` compares the cost of a full check with ``options.budget`` and its
+    memory with ``memory`` (bytes); a verified diagonal Jacobian makes a full check cost a handful of
+    evaluations."""
     if options.mode != "auto":
         report.mode = options.mode
         return options.mode
@@ -235,6 +238,16 @@ def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mappi
         cost = 2 * sum(columns.plans[leaf.name].count if leaf.name in columns.plans else leaf.size
                        for leaf in prepared.leaves)
     mode = "full" if cost <= options.budget else "fast"
+    needed = _full_bytes(prepared, diagonal, columns)
+    if mode == "full" and memory is not None and needed > memory:
+        mode = "fast"
+        report.mode = mode
+        report.notes.append(
+            f"mode='auto' chose fast: a full check would need about {size_text(needed)} of memory for its "
+            f"{m:,} x {directions:,} comparison, above memory={size_text(memory)}. Random projections check every "
+            "leaf; a failing leaf is localised by bisection. Pass memory= (or check fewer inputs with wrt=) for a "
+            "full check.")
+        return mode
     if mode == "full" and columns is not None:
         report.notes.append(f"mode='auto' chose full: the dense check would cost {2 * directions + analytic_calls:,} "
                             f"evaluations and analytic calls, above budget={options.budget:,}, but verified column "
@@ -247,6 +260,18 @@ def _choose_mode(prepared: PreparedFunction, options: Options, structures: Mappi
             f"budget={options.budget:,}. Random projections check every leaf; a failing leaf is re-checked "
             "element by element. Pass mode='full' (or a larger budget) to compare every element.")
     return mode
+
+
+def _full_bytes(prepared: PreparedFunction, diagonal: bool, columns: Optional[ColumnAnalytic]) -> int:
+    """Estimated memory of a full first-order check along the path it would take."""
+    m = sum(spec.size for spec in prepared.output_specs)
+    n = len(prepared.x0)
+    if diagonal:
+        return full_check_bytes(m, len(prepared.leaves))
+    if columns is not None:
+        return full_check_bytes(m, sum(columns.plans[leaf.name].count if leaf.name in columns.plans else leaf.size
+                                       for leaf in prepared.leaves))
+    return full_check_bytes(m, sum(leaf.size for leaf in prepared.leaves), n, dense=True)
 
 
 def _second_order(first: Evaluator, context: _Context, counts: _Counts) -> List[RowResult]:
@@ -312,7 +337,8 @@ def _compare_order(evaluator: Evaluator, context: _Context, f0: np.ndarray, orde
                 rows.append(row)
                 continue
             full_cost = 2 * leaf.size + (m if analytic_mode == "rev" else leaf.size)
-            if full_cost > options.budget and leaf.name not in context.structures:
+            too_large = full_check_bytes(m, leaf.size, len(evaluator.prepared.x0), dense=True) > context.memory
+            if (full_cost > options.budget or too_large) and leaf.name not in context.structures:
                 precision = working_eps(evaluator.prepared, options)
                 v, gradient = probes[leaf.name]
                 rows.append(bisection_row(evaluator, leaf, row, v, gradient, relative_step(options.eps, precision),
@@ -379,18 +405,30 @@ def _spread_notes(context: _Context, rows: Sequence[RowResult]) -> None:
         context.notes.append(f"{spread.describe()}; {effect}")
 
 
-def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str) -> np.ndarray:
-    """The whole Jacobian (m, n) from unit cotangents (rev) or unit tangents (fwd)."""
+def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str, memory: int, directions: int) -> np.ndarray:
+    """The whole Jacobian (m, n) from unit cotangents (rev) or unit tangents (fwd), chunk by chunk (no
+    identity matrix, no second copy); refused before anything is allocated when the full comparison of
+    ``directions`` directions would not fit in ``memory`` bytes."""
     m = sum(spec.size for spec in evaluator.prepared.output_specs)
     n = len(evaluator.prepared.x0)
-    if m * n > MAX_DENSE_ENTRIES:
+    needed = full_check_bytes(m, directions, n, dense=True)
+    if needed > memory:
         raise InvalidArgumentError(
-            f"mode: a full check compares the whole {m:,} x {n:,} Jacobian, {8 * m * n / 2 ** 30:.1f} GiB in "
-            f"float64, more than this check allows ({8 * MAX_DENSE_ENTRIES / 2 ** 30:.0f} GiB); use mode='auto' "
-            "or 'fast' (random projections, a failing leaf localised by bisection), or check fewer inputs (wrt=)")
-    if analytic_mode == "rev":
-        return evaluator.vjp(np.eye(m))
-    return evaluator.jvp(np.eye(n)).T
+            f"memory: a full check compares the whole {m:,} x {n:,} Jacobian and needs about {size_text(needed)}, "
+            f"above memory={size_text(memory)}; use mode='auto' or 'fast' (random projections, a failing leaf "
+            "localised by bisection), check fewer inputs (wrt=), or pass a larger memory=")
+    size = m if analytic_mode == "rev" else n
+    jacobian = np.empty((m, n))
+    step = evaluator.chunk_size
+    for start in range(0, size, step):
+        count = min(step, size - start)
+        units = np.zeros((count, size))
+        units[np.arange(count), start + np.arange(count)] = 1.0
+        if analytic_mode == "rev":
+            jacobian[start:start + count] = evaluator.vjp(units)
+        else:
+            jacobian[:, start:start + count] = evaluator.jvp(units).T
+    return jacobian
 
 
 def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpec], f0: np.ndarray,
@@ -412,7 +450,7 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
         columns = context.columns if same else _analytic_by_columns(evaluator, options, leaves)
     if columns is None and jacobian is None:
         try:
-            jacobian = _analytic_jacobian(evaluator, analytic_mode)
+            jacobian = _analytic_jacobian(evaluator, analytic_mode, context.memory, sum(l.size for l in leaves))
         except ModeUnsupportedError as exc:
             return _unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
     if columns is not None:
@@ -474,10 +512,12 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
             if entry.compressed and not all(_clean(row) or _named(row, entry, verdicts, columns, prepared)
                                             for row in rows[entry.leaf.name])]
     m = sum(spec.size for spec in prepared.output_specs)
-    if redo and columns is not None and m * len(prepared.x0) > MAX_DENSE_ENTRIES:
+    needed = full_check_bytes(m, sum(leaf.size for leaf in redo), len(prepared.x0), dense=jacobian is None)
+    if redo and needed > context.memory:
         context.notes.append(f"{', '.join(leaf.name for leaf in redo)}: re-checking element by element would need "
-                             f"the dense {m:,} x {len(prepared.x0):,} Jacobian; the failing groups are reported "
-                             "as they are (check fewer inputs with wrt= to name each element)")
+                             f"about {size_text(needed)} (the dense {m:,} x {len(prepared.x0):,} comparison), above "
+                             f"memory={size_text(context.memory)}; the failing groups are reported as they are "
+                             "(check fewer inputs with wrt=, or pass a larger memory=, to name each element)")
         redo = []
     if redo:
         for leaf in redo:
@@ -500,15 +540,16 @@ def _strategy(context: _Context, leaf: LeafSpec, order: int, analytic_mode: str,
 
 
 def _columns_for_auto(evaluator: Evaluator, options: Options, structures: Mapping[str, Structure],
-                      diagonal: bool) -> Optional[ColumnAnalytic]:
-    """For ``mode='auto'`` when the dense full check is over budget: the verified column groups, whose
-    cheaper full check may fit (found once, reused by the full check)."""
+                      diagonal: bool, memory: Optional[int] = None) -> Optional[ColumnAnalytic]:
+    """For ``mode='auto'`` when the dense full check is over budget (evaluations, or ``memory`` bytes):
+    the verified column groups, whose cheaper full check may fit (found once, reused by the full check)."""
     prepared = evaluator.prepared
     if options.mode != "auto" or diagonal or options.analytic != "rev" or not options.promote or structures \
             or options.order != 1:
         return None
     m = sum(spec.size for spec in prepared.output_specs)
-    if 2 * sum(leaf.size for leaf in prepared.leaves) + m <= options.budget:
+    if 2 * sum(leaf.size for leaf in prepared.leaves) + m <= options.budget and \
+            (memory is None or _full_bytes(prepared, False, None) <= memory):
         return None
     return _analytic_by_columns(evaluator, options, prepared.leaves, limit=options.budget)
 
@@ -553,8 +594,9 @@ def _diagonal_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[Lea
         for output in prepared.output_specs:
             row, worst_at = _block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order,
                                        _spread_value(context, analytic_mode, order))
+            m = sum(s.size for s in prepared.output_specs)
             if not _clean(row) and (row.kinks or row.jumps or row.one_sided) and \
-                    sum(s.size for s in prepared.output_specs) * len(prepared.x0) <= MAX_DENSE_ENTRIES:
+                    full_check_bytes(m, len(prepared.x0), len(prepared.x0), dense=True) <= context.memory:
                 return _full_rows(evaluator, context, leaves, f0, analytic_mode, order, compress=False)
             owners = np.full((1, len(f0)), -1)
             owners[0, output.slice] = np.arange(output.offset, output.offset + output.size)  # output i is element i

@@ -37,7 +37,8 @@ GLOBAL_SCALE = 1e-4
 #: Most elements outside the tolerance listed per pair (the count is always complete).
 OUTSIDE_LISTED = 20
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
-CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_size", "budget", "kinks", "progress")
+CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_size", "budget", "kinks", "progress",
+                 "memory")
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             a wrong backward pass from a wrong forward pass).
         name: what to call the function in the report (default: the first implementation's name).
         **check_options: options of the own checks: ``mode``, ``order``, ``eps``, ``probes``,
-            ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress`` (see :func:`check`).
+            ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress``, ``memory`` (see
+            :func:`check`).
 
     Returns:
         A :class:`Comparison`; ``comparison.passed`` is the verdict, ``print(comparison)`` explains it.
@@ -715,7 +717,7 @@ def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:
             f"{unknown[0]}: not an option of gb.compare; the own checks take {', '.join(CHECK_OPTIONS)}"
             + (" (rtol/atol are the pairwise tolerance)" if unknown[0] in ("check_rtol", "check_atol") else ""))
     merged = dict(mode="auto", order=1, eps=None, probes=3, analytic="auto", train=False, chunk_size=256,
-                  budget=DEFAULT_BUDGET, kinks="allow", progress=None)
+                  budget=DEFAULT_BUDGET, kinks="allow", progress=None, memory=None)
     merged.update(check_options)
     return validate_options(atol=None, rtol=None, seed=seed, promote=True, **merged)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
 from ._errors import InvalidArgumentError
+from ._memory import parse_memory
 
 MODES = ("auto", "full", "fast")
 ANALYTIC = ("auto", "rev", "fwd", "both")
@@ -33,6 +34,7 @@ class Options:
     kinks: str = "allow"
     promote: bool = True
     progress: Optional[bool] = None
+    memory: Optional[int] = None  # bytes a check may allocate; None: half of what is available
 
 
 def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
@@ -64,7 +66,8 @@ def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
 
 def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, seed: Any, probes: Any,
                      analytic: Any, train: Any, chunk_size: Any, budget: Any = DEFAULT_BUDGET,
-                     kinks: Any = "allow", promote: Any = True, progress: Any = None) -> Options:
+                     kinks: Any = "allow", promote: Any = True, progress: Any = None,
+                     memory: Any = None) -> Options:
     """Check every option's type and range; raise :class:`InvalidArgumentError` naming the first bad one."""
     if order not in (1, 2) or isinstance(order, bool):
         raise InvalidArgumentError(f"order: expected 1 (gradients) or 2 (gradients of gradients), got {order!r}")
@@ -91,6 +94,7 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
         kinks=_choice("kinks", kinks, KINKS),
         promote=promote,
         progress=progress,
+        memory=parse_memory(memory),
     )
 
 

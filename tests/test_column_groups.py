@@ -113,9 +113,9 @@ def _numpy_op(bug: str) -> Tuple[Callable, tuple, dict]:
 MAKERS = {"torch": _torch_op, "jax": _jax_op, "tensorflow": _tensorflow_op, "numpy": _numpy_op}
 
 
-def _check(backend: str, bug: str = "") -> gb.Report:
+def _check(backend: str, bug: str = "", **extra) -> gb.Report:
     fn, args, options = MAKERS[backend](bug)
-    return gb.check(fn, *args, mode="full", backend=backend, **options)
+    return gb.check(fn, *args, mode="full", backend=backend, **options, **extra)
 
 
 def test_a_correct_matmul_passes_with_verified_column_groups(backend):
@@ -170,26 +170,24 @@ def test_seeded_backward_bugs_are_caught_and_named(backend, bug, leaf, element):
 
 
 @pytest.mark.parametrize("bug", ["sign of one x element", "dropped term on a few x elements"])
-def test_a_jacobian_too_large_to_build_is_still_checked_in_full(backend, bug, monkeypatch):
-    """With the dense Jacobian over the size limit (lowered here to stand for a 65536-input op), a full
-    check still compares every entry through the verified groups: a wrong entry is named at once; rows
-    that no element of the analytic pattern owns (a dropped term) fail as a group, with a note."""
-    import gradbridge._check as check_module
-
-    monkeypatch.setattr(check_module, "MAX_DENSE_ENTRIES", 1024 * 1024)
+def test_a_jacobian_too_large_to_build_is_still_checked_in_full(backend, bug):
+    """With the dense comparison (~370 MB) over the memory budget (64 MiB here, standing for a 65536-input
+    op on a real machine), a full check still compares every entry through the verified groups (~8 MB):
+    a wrong entry is named at once; rows that no element of the analytic pattern owns (a dropped term)
+    fail as a group, with a note."""
     if backend not in TRANSPOSABLE:  # NumPy's grad= cannot be transposed: a full check needs the dense Jacobian
-        with pytest.raises(gb.InvalidArgumentError, match="use mode='auto'"):
-            _check(backend, bug)
+        with pytest.raises(gb.InvalidArgumentError, match="memory: .*use mode='auto'"):
+            _check(backend, bug, memory="64MiB")
         return
-    assert _check(backend).passed
-    report = _check(backend, bug)
+    assert _check(backend, memory="64MiB").passed
+    report = _check(backend, bug, memory="64MiB")
     assert not report.passed and {row.input for row in report.failures} == {"x"}, str(report)
     row = report.failures[0]
     if bug == "sign of one x element":
         assert row.worst.input_index == (3, 5) and row.mismatches == 16, str(report)
     else:
         assert row.method.startswith("full, 16 verified column groups"), str(report)
-        assert any("re-checking element by element would need the dense" in note for note in report.notes)
+        assert any("re-checking element by element would need about" in note for note in report.notes)
 
 
 def test_auto_mode_runs_in_full_when_the_verified_groups_fit_the_budget(backend):

@@ -133,6 +133,7 @@ def test_unavailable_backend_says_how_to_install(monkeypatch):
 def test_a_full_check_too_large_to_hold_its_jacobian_says_what_to_do_instead():
     import numpy as np
 
-    with pytest.raises(gb.InvalidArgumentError, match=r"mode: a full check compares the whole 20,000 x 20,000 "
-                                                      r"Jacobian.*use mode='auto' or 'fast'"):
+    with pytest.raises(gb.InvalidArgumentError, match=r"memory: a full check compares the whole 20,000 x 20,000 "
+                                                      r"Jacobian and needs about .* GiB, above memory=.*use "
+                                                      r"mode='auto' or 'fast'"):
         gb.check(np.cumsum, np.ones(20000), grad=lambda g, x: (np.cumsum(g[::-1])[::-1],), mode="full")
