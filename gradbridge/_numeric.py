@@ -227,6 +227,9 @@ class StepLadder:
                  "tq2": np.full(count, np.nan)}
         base = self._rebase_at_domain_edges(base, c, prev)
         clear_fail = np.zeros((m, count), dtype=bool)  # failed on an estimate that converged far from analytic
+        # central differences at two steps equal but for the rounding of the steps: fn's output is quantised (a staircase, a bisection
+        # whose bracket moves with x), and an estimate that "converges" that way has not converged at all
+        frozen = np.zeros((m, count), dtype=bool)
         best_error = np.full((m, count), np.inf)
         kink_before = np.zeros((m, count), dtype=bool)
         ever_kink = suspect_kink.copy()  # near a kink, a stalling estimate is not evidence of a bug
@@ -243,6 +246,7 @@ class StepLadder:
             with np.errstate(invalid="ignore", over="ignore"):
                 # candidate estimates: Richardson on central, else on the defined one-sided difference
                 d = np.abs(c - prev["c"][:, columns])
+                frozen[:, columns] |= (d <= 2.0 * cr) & (c != 0.0)
                 est = (4.0 * c - prev["c"][:, columns]) / 3.0
                 # the error of an extrapolation: its change from the previous one (from the third level
                 # on), else the change of the plain central differences (a generous bound)
@@ -312,7 +316,7 @@ class StepLadder:
             best_mismatch = np.abs(a - result.numeric[:, columns])
             stalled_pass = stalled & (best_mismatch <= current)
             status = np.where(fail_now, FAIL, status)
-            clear_fail[:, columns] |= fail_now
+            clear_fail[:, columns] |= fail_now & ~frozen[:, columns]
             status = np.where(pass_now, PASS, status)
             status = np.where(stalled & stalled_pass, PASS, status)
             status = np.where(stalled & ~stalled_pass, FAIL, status)

@@ -68,8 +68,10 @@ def test_a_kink_is_not_a_jump():
 KEPLER = (np.array([0.3, 1.2, 2.5, 4.0]), np.array([0.1, 0.5, 0.7, 0.3]))
 
 
-@pytest.mark.parametrize("xtol", [1e-9, 1e-11, 1e-12])
+@pytest.mark.parametrize("xtol", [1e-8, 1e-9, 1e-10, 1e-11, 1e-12])
 def test_a_staircase_passes_when_right_and_fails_on_a_1e4_bug(xtol):
+    """At xtol 1e-10 the central differences at h and h/2 are bit-identical (the bracket moves with M,
+    so the output is quantised) and 1e-6 off: an estimate that only looks converged."""
     fn = lambda m, e: adaptive.kepler_bisection(m, e, xtol)
     right = gb.check(fn, *KEPLER, grad=lambda g, m, e: adaptive.kepler_vjp(g, m, e, xtol))
     assert right.passed, str(right)
