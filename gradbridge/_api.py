@@ -6,11 +6,15 @@ import inspect
 import types
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from . import _executor, _hooks, _registry
 from ._adapter import CheckSpec
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
-from ._options import DEFAULT_BUDGET, normalize_wrt, validate_executor, validate_kwargs, validate_options
+from ._options import (DEFAULT_BUDGET, Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
+                       validate_step)
+from ._precision import DTYPE_EPS, FLOAT64_EPS, dtype_name, eps_of
 from ._structure import validate_structure
 from ._report import Report
 from ._tree import terminal_values
@@ -123,6 +127,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                      seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)),
                      promote=options.promote)
     prepared = adapter.prepare(spec)
+    _validate_point(prepared, options)
     report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
@@ -142,6 +147,34 @@ def assert_check(fn: Callable[..., Any], *args: Any, **options: Any) -> Report:
     if not report.passed:
         raise GradientCheckError(report)
     return report
+
+
+def _validate_point(prepared: Any, options: Options) -> None:
+    """What only the prepared check knows: the point must be finite (a NaN there is the input's fault, not fn's),
+    and ``eps`` must not be below the precision the checked leaves are perturbed in."""
+    x0 = np.asarray(prepared.x0)
+    bad = np.flatnonzero(~np.isfinite(x0))
+    if bad.size:
+        k = int(bad[0])
+        leaf = next(leaf for leaf in prepared.leaves if leaf.offset <= k < leaf.offset + leaf.size)
+        element = f"{leaf.name}{list(leaf.unravel(k - leaf.offset))}" if leaf.shape else leaf.name
+        others = f" (and {bad.size - 1} more element(s))" if bad.size > 1 else ""
+        raise InvalidArgumentError(
+            f"{'params' if leaf.kind == 'param' else 'args'}: {element} is {x0[k]}{others}; gradients cannot be "
+            "checked at a point that is not finite: pass finite values, or leave the array out of the check with wrt=")
+    if options.eps is None:
+        return
+    if options.promote:
+        working = getattr(prepared, "working_eps", None)  # an adapter that could not promote (TensorFlow)
+        if working is not None and working > FLOAT64_EPS:
+            validate_step(options.eps, float(working), _precision_of(float(working)))
+        return
+    coarsest = max(prepared.leaves, key=lambda leaf: eps_of(leaf.dtype))
+    validate_step(options.eps, eps_of(coarsest.dtype), f"{dtype_name(coarsest.dtype)} ({coarsest.name})")
+
+
+def _precision_of(working: float) -> str:
+    return next((name for name, eps in DTYPE_EPS.items() if eps == working), f"machine epsilon {working:.3g}")
 
 
 def _values_of(args: Tuple[Any, ...], params: Any, fn: Any) -> Iterable[Any]:

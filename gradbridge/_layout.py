@@ -14,6 +14,9 @@ from ._adapter import LeafSpec
 from ._errors import InvalidArgumentError
 from ._tree import NodeOf, array_kind, flatten_pytree, library_of
 
+#: Why a floating array without elements is not checked (every adapter says the same).
+EMPTY_REASON = "it has no elements, so there is nothing to perturb (it is passed to fn unchanged)"
+
 #: Why a complex array is not checked (every adapter says the same).
 COMPLEX_REASON = ("complex arrays are not checked (gradbridge checks real floating-point arrays); pass the real "
                   "and imaginary parts as separate real arrays to check them")
@@ -52,6 +55,7 @@ class Unchecked:
     name: str
     dtype: str
     reason: str
+    kind: str = "input"  # or "param": a model's frozen weight
 
 
 def _matches(entry: Any, candidate: Candidate) -> bool:
@@ -77,7 +81,7 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]],
     Raises:
         InvalidArgumentError: a ``wrt`` entry matches nothing floating, or nothing is left to check.
     """
-    floating = [i for i, c in enumerate(candidates) if c.floating]
+    floating = [i for i, c in enumerate(candidates) if c.floating and not _empty(c)]
     if wrt is None:
         chosen = floating
     else:
@@ -88,6 +92,7 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]],
                 described = entry if isinstance(entry, (int, str)) else f"an object of type {type(entry).__name__}"
                 named = [candidates[i] for i in range(len(candidates)) if _matches(entry, candidates[i])]
                 why = [f"{c.name}, which " + (f"is held fixed ({c.unchecked_reason})" if c.unchecked_reason
+                                              else f"has shape {c.shape}: no elements" if _empty(c)
                                               else "is not floating-point") for c in named]
                 if isinstance(entry, str):
                     why += [f"{u.name}, which is not checked ({u.reason})" for u in unchecked
@@ -99,13 +104,17 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]],
             chosen.extend(i for i in hits if i not in chosen)
         chosen.sort()
     if not chosen:
-        plain = [f"{c.name} ({c.dtype})" for c in candidates if not c.unchecked_reason]
+        plain = [f"{c.name} ({c.dtype})" for c in candidates if not c.unchecked_reason and not _empty(c)]
         found = [", ".join(plain)] if plain else []
         found += [note[len("not checked: "):] for note in unchecked_notes(candidates, (), unchecked)]
+        # the parameters are at fault when they are all there is (a module whose parameters are all frozen)
+        kinds = {c.kind for c in candidates} | {u.kind for u in unchecked}
+        params = kinds == {"param"}
         raise InvalidArgumentError(
-            "args: no floating-point input to check. gradbridge checks real floating arrays "
-            f"(float16/32/64, bfloat16) among the arguments and params; found {'; '.join(found) or 'no arrays at all'}. "
-            "Python numbers pass through unchanged: pass them as arrays to check them.")
+            f"{'params' if params else 'args'}: no floating-point input to check. gradbridge checks real floating "
+            "arrays (float16/32/64, bfloat16) with at least one element among the arguments and params; found "
+            f"{'; '.join(found) or 'no arrays at all'}. Python numbers pass through unchanged: pass them as arrays "
+            "to check them.")
     leaves: List[LeafSpec] = []
     offset = 0
     for i in chosen:
@@ -126,9 +135,11 @@ def unchecked_notes(candidates: Sequence[Candidate], chosen: Sequence[int],
     for i, c in enumerate(candidates):
         if i in picked:
             continue
-        reason = c.unchecked_reason or ("not selected by wrt=" if c.floating else "")
+        empty = c.floating and _empty(c)
+        reason = c.unchecked_reason or (EMPTY_REASON if empty else "not selected by wrt=" if c.floating else "")
         if reason:
-            by_reason.setdefault(reason, []).append(f"{c.name} ({c.dtype})")
+            by_reason.setdefault(reason, []).append(f"{c.name} ({c.dtype}, shape {c.shape})" if empty
+                                                    else f"{c.name} ({c.dtype})")
     for u in unchecked:
         by_reason.setdefault(u.reason, []).append(f"{u.name} ({u.dtype})")
     notes = []
@@ -136,6 +147,11 @@ def unchecked_notes(candidates: Sequence[Candidate], chosen: Sequence[int],
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
         notes.append(f"not checked: {shown}: {reason}")
     return notes
+
+
+def _empty(candidate: Candidate) -> bool:
+    """A leaf without elements (a dimension of size 0): nothing to perturb, nothing to check."""
+    return any(int(d) == 0 for d in candidate.shape)
 
 
 def _names(candidates: Sequence[Candidate], indices: Sequence[int]) -> str:
@@ -155,7 +171,8 @@ def promotion_notes(leaves: Sequence[LeafSpec]) -> List[str]:
 def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array: Callable[[Any], bool],
                         describe: Callable[[Any], Tuple[Tuple[int, ...], str, bool]],
                         node_of: Optional[NodeOf] = None, unchecked: Optional[List[Unchecked]] = None,
-                        native: str = "") -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
+                        native: str = "", not_checkable: Optional[Callable[[Any], str]] = None
+                        ) -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
     """The array leaves of the positional arguments as candidates, and a function rebuilding the arguments.
 
     The arguments are walked by :func:`gradbridge._tree.flatten_pytree` (dicts, lists, tuples, named tuples
@@ -168,6 +185,10 @@ def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array:
     Floating and complex arrays that cannot be candidates are appended to ``unchecked`` (when given): another
     framework's arrays (``native`` says what this adapter checks and how to convert, e.g. "the torch backend
     checks torch tensors: pass torch.as_tensor(...)") and fields of dataclasses that cannot be rebuilt.
+
+    ``not_checkable(value)`` (optional) says why an array of this framework cannot be checked though its dtype
+    is floating (a sparse tensor), or returns ""; such a leaf is a candidate that is not floating, with that
+    reason, and an array-like that is no leaf gets that reason instead of the generic one.
     """
     candidates: List[Candidate] = []
     rebuilds = []
@@ -177,12 +198,17 @@ def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array:
         for leaf in flat.leaves:
             shape, dtype, floating = describe(leaf.value)
             reason = COMPLEX_REASON if not floating and dtype.startswith("complex") else ""
+            special = not_checkable(leaf.value) if not_checkable is not None else ""
+            if special:
+                floating, reason = False, special
             candidates.append(Candidate(leaf.path, leaf.value, tuple(int(d) for d in shape), dtype, floating,
                                         "input", index, unchecked_reason=reason))
         if unchecked is not None:
             for other in flat.others:
                 dtype, kind = array_kind(other.value)
-                reason = f"a {library_of(other.value)}, passed through unchanged" + (f"; {native}" if native else "")
+                special = not_checkable(other.value) if not_checkable is not None else ""
+                reason = special or (f"a {library_of(other.value)}, passed through unchanged"
+                                     + (f"; {native}" if native else ""))
                 unchecked.append(Unchecked(other.path, dtype, reason))
             unchecked.extend(Unchecked(u.path, u.dtype, u.reason) for u in flat.unwalked)
         rebuilds.append((flat.rebuild, base, len(flat.leaves)))

@@ -48,6 +48,33 @@ def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
     return value
 
 
+#: The smallest relative step ``eps`` accepted: float64's machine epsilon. A step below it leaves ``x + h`` equal
+#: to ``x`` for elements of magnitude about 1, so the finite differences would measure nothing and read every
+#: gradient as wrong. (The check's own precision may need more: see :func:`validate_step`.)
+MIN_EPS = 2.0 ** -52
+
+
+def _step(value: Any) -> Optional[float]:
+    """``eps``: None, or a finite relative step of at least :data:`MIN_EPS`."""
+    eps = _number("eps", value, positive=True)
+    if eps is not None and eps < MIN_EPS:
+        raise InvalidArgumentError(
+            f"eps: {eps!r} is below float64's machine epsilon ({MIN_EPS:.3g}): a relative step that small leaves "
+            "x + h equal to x, so the finite differences would measure nothing. Pass eps >= 2.2e-16, or None for "
+            "the default cbrt(eps), about 6e-6")
+    return eps
+
+
+def validate_step(eps: Optional[float], working_eps: Optional[float], precision: str) -> None:
+    """``eps`` against the machine epsilon of the precision the checked leaves are perturbed in (float32, say,
+    with ``promote=False``): a smaller relative step rounds the perturbed points back to ``x``."""
+    if eps is not None and working_eps is not None and eps < working_eps:
+        raise InvalidArgumentError(
+            f"eps: {eps!r} is below the machine epsilon of {precision} ({working_eps:.3g}), the precision the check "
+            f"perturbs its inputs in: a relative step that small rounds x + h back to x. Pass eps >= "
+            f"{working_eps:.3g}, or None for the default")
+
+
 def _integer(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
     if type(value) is int and value >= low and (high is None or value <= high):
         return value  # the common case, without the (slow) abstract-base-class check below
@@ -82,7 +109,7 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
     return Options(
         mode=_choice("mode", mode, MODES),
         order=int(order),
-        eps=_number("eps", eps, positive=True),
+        eps=_step(eps),
         atol=_number("atol", atol, positive=False),
         rtol=_number("rtol", rtol, positive=False),
         seed=_integer("seed", seed, 0, 2**32 - 3),  # every framework's seed fits 32 bits

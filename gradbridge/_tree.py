@@ -86,24 +86,33 @@ def flatten(tree: Any, root: str, is_leaf: Callable[[Any], bool]) -> Tuple[List[
     walked into; everything else is kept as a constant of the structure.
     """
     leaves: List[TreeLeaf] = []
+    walking: Set[int] = set()  # the containers on the current path: one that contains itself is walked once
 
     def walk(node: Any, path: str) -> Callable[[Sequence[Any]], Any]:
         if is_leaf(node):
             index = len(leaves)
             leaves.append(TreeLeaf(path, node))
             return lambda new: new[index]
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in walking:
+                return lambda new: node
+            walking.add(id(node))
+            try:
+                return container(node, path)
+            finally:
+                walking.discard(id(node))
+        return lambda new: node
+
+    def container(node: Any, path: str) -> Callable[[Sequence[Any]], Any]:
         if isinstance(node, dict):
             builders = {key: walk(value, f"{path}[{key!r}]") for key, value in node.items()}
             kind = type(node)
             return lambda new: _rebuild_dict(kind, {key: build(new) for key, build in builders.items()})
-        if isinstance(node, (list, tuple)):
-            items = [walk(value, f"{path}[{i}]") for i, value in enumerate(node)]
-            if isinstance(node, tuple) and hasattr(node, "_fields"):
-                kind = type(node)
-                return lambda new: kind(*(build(new) for build in items))
-            kind = type(node)
-            return lambda new: kind(build(new) for build in items)
-        return lambda new: node
+        items = [walk(value, f"{path}[{i}]") for i, value in enumerate(node)]
+        kind = type(node)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return lambda new: kind(*(build(new) for build in items))
+        return lambda new: kind(build(new) for build in items)
 
     rebuild = walk(tree, root)
     return leaves, rebuild
@@ -223,6 +232,31 @@ def flatten_pytree(tree: Any, root: str, is_leaf: Callable[[Any], bool], node_of
     walk = _Walk(is_leaf, node_of)
     leaves, build = walk.walk(tree, root)
     return Flat(leaves, lambda values: build(iter(values)), walk.others, walk.unwalked)
+
+
+def self_reference(tree: Any, root: str) -> Optional[Tuple[str, str]]:
+    """``(path, outer path)`` of the first dict, list or tuple inside ``tree`` that is one of its own enclosing
+    containers (``xs[1]`` is ``xs``), or None. For frameworks whose own flattening cannot walk such a structure."""
+    open_paths: dict = {}
+
+    def walk(node: Any, path: str) -> Optional[Tuple[str, str]]:
+        if not isinstance(node, (dict, list, tuple)):
+            return None
+        if id(node) in open_paths:
+            return path, open_paths[id(node)]
+        open_paths[id(node)] = path
+        try:
+            pairs = ([(f"{path}[{key!r}]", value) for key, value in node.items()] if isinstance(node, dict)
+                     else [(f"{path}[{i}]", value) for i, value in enumerate(node)])
+            for child_path, child in pairs:
+                found = walk(child, child_path)
+                if found is not None:
+                    return found
+            return None
+        finally:
+            del open_paths[id(node)]
+
+    return walk(tree, root)
 
 
 def is_walked_node(node: Any) -> bool:
