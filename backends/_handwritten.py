@@ -17,12 +17,14 @@ zero gradient (the ``autograd.Function.backward`` convention).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from gradbridge._adapter import LeafSpec
-from gradbridge._errors import FunctionEvaluationError, ModeUnsupportedError
+from gradbridge._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
+from gradbridge._tree import array_kind
 
 #: ``call(cotangent_blocks)``: the user's grad at x0; ``None`` for a scalar fn (``grad(*args)``), else the
 #: flat cotangent cut per floating output (``grad(cotangent, *args)``). Returns what grad returned.
@@ -85,13 +87,15 @@ class HandWrittenGradient:
 
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         outputs = self.output_specs
-        if len(outputs) == 1 and outputs[0].size == 1:  # scalar fn: grad(*args), scaled by the cotangent
-            gradient = self._gradients(self._call(None))
+        spec = getattr(getattr(self.inner, "problem", None), "spec", None)
+        if scalar_form(outputs, getattr(spec, "grad", None), len(getattr(spec, "args", ())),
+                       getattr(spec, "kwargs", {})):  # grad(*args), scaled by the cotangent
+            gradient = self._gradients(call_grad(lambda: self._call(None), "grad(*args)"))
             return cotangents[:, :1] * gradient[None, :]
         rows = []
         for cotangent in cotangents:
             blocks = [cotangent[spec.slice].reshape(spec.shape) for spec in outputs]
-            rows.append(self._gradients(self._call(blocks)))
+            rows.append(self._gradients(call_grad(lambda: self._call(blocks), "grad(cotangent, *args)")))
         return np.stack(rows) if rows else np.zeros((0, len(self.x0)))
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:
@@ -128,6 +132,7 @@ class HandWrittenGradient:
             if item is None:
                 flat.append(np.zeros(leaf.size))
                 continue
+            refuse_complex(item, leaf)
             try:
                 gradient = self._to_array(item)
             except Exception as exc:
@@ -137,8 +142,75 @@ class HandWrittenGradient:
                 raise FunctionEvaluationError(
                     f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
                     "(the shape of the argument)")
+            refuse_nonfinite(gradient, leaf)
             flat.append(gradient.reshape(-1))
         return np.concatenate(flat) if flat else np.zeros(0)
+
+
+def scalar_form(outputs: Sequence[LeafSpec], grad: Any, nargs: int, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``grad`` is called as ``grad(*args)`` (a scalar fn) rather than ``grad(cotangent, *args)``.
+
+    Outputs of more than one element take the VJP form. One element takes the scalar form, unless ``grad``'s
+    signature rejects ``nargs`` positional arguments and accepts one more (``grad(cotangent, x)`` for a fn of
+    ``x`` returning an array of shape (1,)): an output of one element is a scalar and a 1-vector at once."""
+    if not (len(outputs) == 1 and outputs[0].size == 1):
+        return False
+    try:
+        signature = inspect.signature(grad)
+    except (TypeError, ValueError):
+        return True
+    placeholders = [None] * (nargs + 1)
+    try:
+        signature.bind(*placeholders[:nargs], **kwargs)
+        return True
+    except TypeError:
+        pass
+    try:
+        signature.bind(*placeholders, **kwargs)
+        return False
+    except TypeError:
+        return True  # neither fits: the call raises, reported as grad's error
+
+
+def call_grad(call: Callable[[], Any], form: str) -> Any:
+    """Run the user's ``grad`` (through ``call``); what it raises is reported as grad's, not fn's."""
+    try:
+        return call()
+    except GradbridgeError:
+        raise
+    except Exception as exc:
+        raise FunctionEvaluationError(f"grad raised {type(exc).__name__} (called as {form} at the checked point): "
+                                      f"{exc}") from exc
+
+
+def refuse_complex(item: Any, leaf: LeafSpec) -> None:
+    """A complex gradient would lose its imaginary part in the float64 comparison: refuse it."""
+    kind = array_kind(item)
+    if isinstance(item, complex) or (kind is not None and kind[1] == "complex"):
+        dtype = kind[0] if kind is not None else "complex"
+        raise FunctionEvaluationError(
+            f"grad: the gradient for {leaf.name} is complex ({dtype}); gradbridge checks the real gradients of real "
+            "inputs and would drop the imaginary part: return a real array (for a real function of real inputs "
+            "the imaginary part is zero)")
+    if isinstance(item, (list, tuple)):
+        try:
+            is_complex = np.iscomplexobj(np.asarray(item))
+        except Exception:  # noqa: BLE001 - not array-like: the conversion below reports it
+            return
+        if is_complex:
+            refuse_complex(np.asarray(item), leaf)
+
+
+def refuse_nonfinite(gradient: np.ndarray, leaf: LeafSpec) -> None:
+    """A NaN or Inf from ``grad`` at the checked point (where fn is finite) is grad's fault: say which element."""
+    bad = ~np.isfinite(gradient)
+    if bad.any():
+        k = int(np.flatnonzero(bad.reshape(-1))[0])
+        element = f"{leaf.name}{list(leaf.unravel(k))}" if gradient.size == leaf.size else leaf.name
+        raise FunctionEvaluationError(
+            f"grad: returned {gradient.reshape(-1)[k]} for {element} at the checked point, where fn is finite; the "
+            "hand-written gradient must be finite to be checked (a nan is often 0*inf or 0/0: a sqrt, log or "
+            "division at 0)")
 
 
 def floating_candidates(candidates: Sequence[Any]) -> List[int]:

@@ -19,11 +19,13 @@ import numpy as np
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
+from gradbridge._evaluate import mark_failed_point
 from gradbridge._layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
 from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
+from ._handwritten import call_grad, refuse_complex, refuse_nonfinite, scalar_form
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 
@@ -143,7 +145,14 @@ class NumpyPrepared:
     @_process.runs_user_code
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         first = self._outputs is None
-        result = np.stack([self._call(x) for x in points])
+        rows = []
+        for k, x in enumerate(points):
+            try:
+                rows.append(self._call(x))
+            except Exception as exc:
+                mark_failed_point(exc, k)  # the error names this very evaluation
+                raise
+        result = np.stack(rows)
         if first and not self.spec.promote:  # the outputs' dtypes are known now
             refresh_note(self.notes, self.leaves, self._outputs)
         return result
@@ -164,21 +173,27 @@ class NumpyPrepared:
         by_candidate = dict(zip(mapping, items))
         flat = []
         for leaf, i in zip(self.leaves, self.chosen):
-            gradient = np.asarray(by_candidate[i], dtype=np.float64)
+            refuse_complex(by_candidate[i], leaf)
+            try:
+                gradient = np.asarray(by_candidate[i], dtype=np.float64)
+            except Exception as exc:
+                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(by_candidate[i]).__name__}"
+                                              f", not an array ({type(exc).__name__}: {exc})") from exc
             if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
                 raise FunctionEvaluationError(
                     f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
                     "(the shape of the argument)")
+            refuse_nonfinite(gradient, leaf)
             flat.append(gradient.ravel())
         return np.concatenate(flat)
 
     @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         outputs = self.output_specs
-        scalar = len(outputs) == 1 and outputs[0].size == 1
-        if scalar:
+        if scalar_form(outputs, self.spec.grad, len(self.spec.args), self.spec.kwargs):
             self.rng.reseed()
-            gradient = self._gradients(self.spec.grad(*self._arguments(self.x0), **self.spec.kwargs))
+            gradient = self._gradients(call_grad(lambda: self.spec.grad(*self._arguments(self.x0), **self.spec.kwargs),
+                                                 "grad(*args)"))
             return cotangents[:, :1] * gradient[None, :]
         rows = []
         for cotangent in cotangents:
@@ -187,7 +202,9 @@ class NumpyPrepared:
                 blocks = [b.astype(d) if d != np.float64 else b for b, d in zip(blocks, self._output_dtypes)]
             structured = self._output_rebuild(blocks)
             self.rng.reseed()
-            rows.append(self._gradients(self.spec.grad(structured, *self._arguments(self.x0), **self.spec.kwargs)))
+            result = call_grad(lambda: self.spec.grad(structured, *self._arguments(self.x0), **self.spec.kwargs),
+                               "grad(cotangent, *args)")
+            rows.append(self._gradients(result))
         return np.stack(rows)
 
     def jvp(self, tangents: np.ndarray) -> np.ndarray:

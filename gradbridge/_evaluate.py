@@ -55,9 +55,9 @@ class Evaluator:
             chunk = points[start:start + self.chunk_size]
             first = self.evaluations + 1
             try:
-                result = self._call(self.prepared.evaluate, chunk, f"evaluation {first}")
-            except FunctionEvaluationError:
-                self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None)
+                result = self._call(self.prepared.evaluate, chunk, _evaluations(first, len(chunk)))
+            except FunctionEvaluationError as error:
+                self._locate_failure(chunk, first, describe[start:start + len(chunk)] if describe else None, error)
                 raise
             outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
         result = np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
@@ -78,10 +78,10 @@ class Evaluator:
             at, to = positions[start:start + self.chunk_size], values[start:start + self.chunk_size]
             first = self.evaluations + 1
             try:
-                result = self._call(lambda pair: method(*pair), (at, to), f"evaluation {first}")
-            except FunctionEvaluationError:
+                result = self._call(lambda pair: method(*pair), (at, to), _evaluations(first, len(at)))
+            except FunctionEvaluationError as error:
                 self._locate_failure(self._edited(at, to), first,
-                                     describe[start:start + len(at)] if describe else None)
+                                     describe[start:start + len(at)] if describe else None, error)
                 raise
             outputs.append(self._accept(result, start, first, describe, allow_nonfinite))
         result = np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0))
@@ -209,10 +209,31 @@ class Evaluator:
                 "file or a device)")
         self.remote.verified = True
 
-    def _locate_failure(self, chunk: np.ndarray, first: int, describe: Optional[Sequence[str]]) -> None:
-        """A batch raised: evaluate its points one by one so the error names the point that fails.
+    def _locate_failure(self, chunk: np.ndarray, first: int, describe: Optional[Sequence[str]],
+                        error: Optional[FunctionEvaluationError] = None) -> None:
+        """A batch raised: name the point that failed, numbered as the evaluations are counted (evaluation 1 is
+        the first call of fn).
 
-        Returns without raising only when no single point fails (the batch itself was the problem)."""
+        An adapter that runs a batch point by point marks the exception with the point that raised (see
+        :func:`mark_failed_point`); that point is evaluated once more to tell a reproducible failure from an
+        intermittent one. Otherwise the points are evaluated one by one, and the first that raises is named.
+        Returns without raising only when the batch's error came from gradbridge itself and no single point
+        fails (the caller re-raises it)."""
+        cause = error.__cause__ if error is not None else None
+        marked = getattr(cause, "gradbridge_point", None) if isinstance(cause, Exception) else None
+        if isinstance(marked, int) and 0 <= marked < len(chunk):
+            where = f" at {describe[marked]}" if describe else ""
+            said = f"{self.what} raised {type(cause).__name__} during evaluation {first + marked}{where}: {cause}"
+            try:
+                self.prepared.evaluate(chunk[marked:marked + 1])
+            except GradbridgeError:
+                raise
+            except Exception:
+                raise FunctionEvaluationError(said) from cause
+            raise FunctionEvaluationError(
+                f"{said}. Evaluated again, the same point did not raise: {self.what} fails intermittently (it "
+                "depends on how often it was called, or on state or randomness the check does not pin), so "
+                "finite differences of it cannot be trusted") from cause
         for k in range(len(chunk)):
             try:
                 self.prepared.evaluate(chunk[k:k + 1])
@@ -222,10 +243,36 @@ class Evaluator:
                 where = f" at {describe[k]}" if describe else ""
                 raise FunctionEvaluationError(
                     f"{self.what} raised {type(exc).__name__} during evaluation {first + k}{where}: {exc}") from exc
+        if isinstance(cause, Exception) and not isinstance(cause, GradbridgeError) and len(chunk) > 1:
+            raise FunctionEvaluationError(
+                f"{self.what} raised {type(cause).__name__} during {_evaluations(first, len(chunk))} (one batch): "
+                f"{cause}. Evaluated again one point at a time, none of them raised: {self.what} fails "
+                "intermittently (it depends on how often it was called, or on state or randomness the check does "
+                "not pin), or only when these points are evaluated together") from cause
 
     def _advance(self, count: int) -> None:
         if self.progress is not None:
             self.progress.advance(count)
+
+    def _finite(self, result: np.ndarray, what: str, first: int, name: Callable[[int], str]) -> np.ndarray:
+        """The analytic side's results must be finite where fn is: a NaN or Inf there is a broken derivative
+        rule (0*inf, 0/0), not a wrong gradient to compare with finite differences."""
+        bad = ~np.isfinite(result)
+        if not bad.any():
+            return result
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        short = what.rsplit("(", 1)[-1].rstrip(")")
+        raise FunctionEvaluationError(
+            f"{self.what}: the {what} returned {result[row, col]} for {name(col)} ({short} {first + row}) at the "
+            "checked point, where fn is finite; the analytic derivative must be finite to be checked (a nan in a "
+            "derivative rule is often 0*inf or 0/0: a sqrt, log or division at 0, the norm of a zero vector)")
+
+    def input_name(self, flat_index: int) -> str:
+        """``x[1, 0]``: the checked element at position ``flat_index`` of the flat input vector."""
+        for leaf in self.prepared.leaves:
+            if leaf.offset <= flat_index < leaf.offset + leaf.size:
+                return f"{leaf.name}{list(leaf.unravel(flat_index - leaf.offset))}"
+        return f"element {flat_index}"
 
     def output_name(self, flat_index: int) -> str:
         for spec in self.prepared.output_specs:
@@ -237,7 +284,8 @@ class Evaluator:
         parts = []
         for start in range(0, len(cotangents), self.chunk_size):
             chunk = cotangents[start:start + self.chunk_size]
-            parts.append(self._call(self.prepared.vjp, chunk, "the reverse-mode (VJP) computation"))
+            parts.append(self._finite(self._call(self.prepared.vjp, chunk, "the reverse-mode (VJP) computation"),
+                                      "reverse-mode derivative (VJP)", self.vjps + 1, self.input_name))
             self.vjps += len(chunk)
             self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
@@ -251,7 +299,10 @@ class Evaluator:
         parts = []
         for start in range(0, len(tangents), self.chunk_size):
             chunk = tangents[start:start + self.chunk_size]
-            parts.append(self._call(method, chunk, "the transposed reverse-mode (J t from the VJP) computation"))
+            parts.append(self._finite(self._call(method, chunk, "the transposed reverse-mode (J t from the VJP) "
+                                                                "computation"),
+                                      "transposed reverse-mode derivative (J t from the VJP)", self.vjps + 1,
+                                      self.output_name))
             self.vjps += len(chunk)
             self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
@@ -260,10 +311,25 @@ class Evaluator:
         parts = []
         for start in range(0, len(tangents), self.chunk_size):
             chunk = tangents[start:start + self.chunk_size]
-            parts.append(self._call(self.prepared.jvp, chunk, "the forward-mode (JVP) computation"))
+            parts.append(self._finite(self._call(self.prepared.jvp, chunk, "the forward-mode (JVP) computation"),
+                                      "forward-mode derivative (JVP)", self.jvps + 1, self.output_name))
             self.jvps += len(chunk)
             self._advance(len(chunk))
         return np.concatenate(parts, axis=0)
+
+
+def _evaluations(first: int, count: int) -> str:
+    """``evaluation 3``, or ``evaluations 3 to 62`` for a batch."""
+    return f"evaluation {first}" if count <= 1 else f"evaluations {first} to {first + count - 1}"
+
+
+def mark_failed_point(exc: BaseException, index: int) -> None:
+    """For adapters that evaluate a batch point by point: mark the exception fn raised with the point (row of the
+    batch) that raised it, so the error names that evaluation (see :meth:`Evaluator._locate_failure`)."""
+    try:
+        exc.gradbridge_point = index  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an exception type without attributes: the batch is searched instead
+        pass
 
 
 def describe_perturbation(leaves: Sequence[LeafSpec], column: int, sign: str) -> str:
