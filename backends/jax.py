@@ -79,6 +79,7 @@ from gradbridge._layout import (COMPLEX_REASON, Candidate, Unchecked, hidden_arr
                                 unchecked_notes)
 from gradbridge._outputs import gradient_output_specs, output_specs
 from gradbridge._rng import SharedRandomState
+from gradbridge._tree import self_reference
 
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
@@ -1387,6 +1388,11 @@ class JaxAdapter:
         unchecked: List[Unchecked] = []
         positions: List[int] = []
         for index, (name, arg) in enumerate(zip(spec.arg_names, spec.args)):
+            cycle = self_reference(arg, name)
+            if cycle is not None:  # JAX's flattening would recurse without end
+                raise InvalidArgumentError(
+                    f"args: {cycle[0]} is {cycle[1]} itself (a structure that contains itself), which JAX's pytree "
+                    "flattening cannot walk; pass the arrays in a structure without cycles")
             pairs, treedef = jax.tree_util.tree_flatten_with_path(arg)
             arguments.append(_Argument(treedef, len(values), len(pairs)))
             for path, value in pairs:

@@ -117,6 +117,21 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable)) or _is_keras_variable(value)
 
 
+#: TensorFlow's composite tensors: detected as TensorFlow's, never perturbed (see :func:`_not_checkable`).
+_COMPOSITE = (tf.SparseTensor, tf.RaggedTensor)
+
+
+def _not_checkable(value: Any) -> str:
+    """Why a composite tensor among the arguments is not checked ("" for anything else)."""
+    if isinstance(value, tf.SparseTensor):
+        return ("a tf.SparseTensor: gradbridge perturbs dense tensors element by element; pass tf.sparse.to_dense(x) "
+                "(and tf.sparse.from_dense inside fn) to check its values. It is passed to fn unchanged")
+    if isinstance(value, tf.RaggedTensor):
+        return ("a tf.RaggedTensor: gradbridge perturbs dense tensors element by element; pass its flat_values (or "
+                "x.to_tensor()) and rebuild it inside fn to check its values. It is passed to fn unchanged")
+    return ""
+
+
 def _dtype(value: Any) -> tf.DType:
     return tf.as_dtype(value.dtype)
 
@@ -218,7 +233,7 @@ def _frozen_weights(model: Optional[Any]) -> List[Unchecked]:
                 continue
             seen.add(id(v))
             found.append(Unchecked(v.path, _dtype(v).name, f"layer {layer.name!r} has trainable=False (frozen), so "
-                                                           "its weights are held fixed"))
+                                                           "its weights are held fixed", kind="param"))
     return found
 
 
@@ -506,6 +521,8 @@ class TensorFlowProblem:
         self.eager_at: Optional[Tuple[np.ndarray, np.ndarray]] = None
         # what fn reads besides its arguments, as it was before the check first ran fn (see _cache_key)
         self.environment: Optional[Tuple[Any, List[Any]]] = None
+        # a trial run of fn that failed once before the check (see _probe), for the report
+        self.trial_fault: Optional[str] = None
 
     def _feed_dtype(self, candidate: Candidate) -> tf.DType:
         """The dtype a checked leaf takes while ``fn`` runs."""
@@ -651,7 +668,14 @@ class TensorFlowProblem:
         return self._outputs(self.fn(*args, **self.spec.kwargs))
 
     def _outputs(self, result: Any) -> List[tf.Tensor]:
-        leaves = [leaf for leaf in output_leaves(result, _is_tensor) if _floating(leaf.value)]
+        all_leaves = output_leaves(result, _is_tensor)
+        leaves = [leaf for leaf in all_leaves if _floating(leaf.value)]
+        complex_leaves = [leaf for leaf in all_leaves if _dtype(leaf.value).is_complex]
+        if not leaves and complex_leaves:
+            raise FunctionEvaluationError(
+                f"fn: returned {complex_leaves[0].path} as a complex tensor ({_dtype(complex_leaves[0].value).name}); "
+                "gradbridge checks real-valued outputs: return its real and imaginary parts (tf.math.real, "
+                "tf.math.imag) as two real outputs, or a real function of it (tf.abs)")
         if not leaves:
             container = isinstance(result, (tuple, list, dict))
             raise FunctionEvaluationError(
@@ -780,6 +804,10 @@ class _Keyer(Fingerprinter):
     #: Packages whose functions and objects are keyed by identity only, not followed inside.
     libraries = BASE_LIBRARIES | {"tensorflow", "keras", "tf_keras", "absl", "google"}
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._walking: set = set()  # ids of the argument containers on the current path of :meth:`tree`
+
     def constant(self, value: Any) -> Any:
         """A value a trace bakes in (an argument that is not a graph input): by value, or a variable by identity."""
         if isinstance(value, (tf.Variable,)) or _is_keras_variable(value):
@@ -805,11 +833,18 @@ class _Keyer(Fingerprinter):
             raise Uncacheable("argument nested too deep")
         if _is_tensor(node):
             return leaf(node)
-        if isinstance(node, dict):
-            return (self.identity(type(node)), tuple((self.constant(k), self.tree(v, leaf, depth + 1))
-                                                     for k, v in node.items()))
-        if isinstance(node, (list, tuple)):
-            return (self.identity(type(node)), tuple(self.tree(v, leaf, depth + 1) for v in node))
+        if isinstance(node, (dict, list, tuple)):
+            walking = self._walking
+            if id(node) in walking:  # a structure that contains itself (the check passes the inner one through)
+                raise Uncacheable("an argument that contains itself")
+            walking.add(id(node))
+            try:
+                if isinstance(node, dict):
+                    return (self.identity(type(node)), tuple((self.constant(k), self.tree(v, leaf, depth + 1))
+                                                             for k, v in node.items()))
+                return (self.identity(type(node)), tuple(self.tree(v, leaf, depth + 1) for v in node))
+            finally:
+                walking.discard(id(node))
         if is_walked_node(node):  # a dataclass or registered node: its leaves are candidates this walk skips
             raise Uncacheable(f"a {type(node).__name__} among the arguments")
         return self.constant(node)
@@ -1453,7 +1488,7 @@ class TensorFlowAdapter:
 
     def owns(self, value: Any) -> bool:
         return (_is_tensor(value) or isinstance(value, tf.Module) or _is_keras_layer(value)
-                or _is_tf_function(value))
+                or _is_tf_function(value) or isinstance(value, _COMPOSITE))
 
     def version(self) -> str:
         return tf.__version__
@@ -1477,7 +1512,8 @@ class TensorFlowAdapter:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype(t).name, _floating(t)),
             unchecked=unchecked,
-            native="the TensorFlow backend checks tf.Tensor and tf.Variable values: pass tf.constant(...) to check it")
+            native="the TensorFlow backend checks tf.Tensor and tf.Variable values: pass tf.constant(...) to check it",
+            not_checkable=_not_checkable)
         model, params = _parameters(spec)
         for p in params:
             v = p.variable
@@ -1615,25 +1651,42 @@ def _keras_names(model: Any) -> Dict[str, str]:
 
 
 def _probe(problem: TensorFlowProblem, x0: np.ndarray) -> Optional[str]:
-    """Run ``fn`` twice at ``x0`` (in a session of its own) before the check; returns why it failed, or None.
+    """Run ``fn`` at ``x0`` (in a session of its own) before the check; returns why it failed, or None.
 
     This fixes the output dtypes, hence the precision the check can claim, before the core picks steps and
     tolerances; and it finds out whether ``fn`` draws from stateful random kernels: if two runs with the
     seeds reset but TensorFlow's kernel cache kept differ, every evaluation has to clear the cache.
+
+    A run that fails once is not taken for fn's nature: when the first try raises, fn is tried once more (a
+    fn that raised only once still runs in float64); when one of two runs is not finite and the other is, a
+    third run decides (a transient NaN is no randomness). Either is recorded in ``problem.trial_fault`` for
+    the report.
     """
     problem.tf_rng.clear_kernel_cache = False
-    try:
-        with problem.session(), problem.window(), problem.applied(x0) as sources:
-            first = _flat(problem.call(sources)).numpy()
-            second = _flat(problem.call(sources)).numpy()
-    except Exception as exc:  # the user's code: the core reports it properly when it runs fn again
-        problem.tf_rng.clear_kernel_cache = True
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {message}"[:300]
-    problem.tf_rng.clear_kernel_cache = not np.array_equal(first, second, equal_nan=True)
-    if not problem.tf_rng.clear_kernel_cache:  # deterministic: what the eager loop gives at x0, kept
-        problem.eager_at = (x0.copy(), first)
-    return None
+    failure: Optional[str] = None
+    for attempt in range(2):
+        try:
+            with problem.session(), problem.window(), problem.applied(x0) as sources:
+                first = _flat(problem.call(sources)).numpy()
+                second = _flat(problem.call(sources)).numpy()
+                if np.isfinite(first).all() != np.isfinite(second).all():  # one run's NaN: a fault, not randomness
+                    fault = first if not np.isfinite(first).all() else second
+                    problem.trial_fault = (f"a trial call of fn at the checked point, before the check, returned "
+                                           f"{fault[~np.isfinite(fault)][0]}; called again it returned finite values")
+                    first, second = second, _flat(problem.call(sources)).numpy()
+        except Exception as exc:  # the user's code: the core reports it properly when it runs fn again
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failure = f"{type(exc).__name__}: {message}"[:300]
+            continue
+        if failure is not None:
+            problem.trial_fault = (f"a trial call of fn at the checked point, before the check, raised {failure}; "
+                                   "called again it did not")
+        problem.tf_rng.clear_kernel_cache = not np.array_equal(first, second, equal_nan=True)
+        if not problem.tf_rng.clear_kernel_cache:  # deterministic: what the eager loop gives at x0, kept
+            problem.eager_at = (x0.copy(), first)
+        return None
+    problem.tf_rng.clear_kernel_cache = True
+    return failure
 
 
 def _notes(problem: TensorFlowProblem, model: Optional[Any]) -> List[str]:
@@ -1673,6 +1726,8 @@ def _notes(problem: TensorFlowProblem, model: Optional[Any]) -> List[str]:
     if problem.fn is not problem.spec.fn:
         notes.append("fn is a tf.function: checked through a fresh tf.function of the same Python function, so "
                      "its own trace cache is untouched")
+    if problem.trial_fault is not None:
+        notes.append(f"{problem.trial_fault}: fn is not deterministic (the check itself saw no such failure)")
     if problem.tf_rng.clear_kernel_cache:
         notes.append("fn draws from stateful random ops: tf.random.set_seed before each evaluation pins them (it "
                      "also clears TensorFlow's kernel cache, so ops with an explicit op seed restart their sequence)")

@@ -503,6 +503,26 @@ def _floating(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point()
 
 
+def _not_checkable(tensor: Any) -> str:
+    """Why a floating tensor among the arguments cannot be perturbed ("" when it can): a sparse layout."""
+    if isinstance(tensor, torch.Tensor) and tensor.layout != torch.strided and _floating(tensor):
+        layout = str(tensor.layout).replace("torch.", "")
+        return (f"a sparse tensor ({layout}): gradbridge perturbs dense tensors element by element; pass x.to_dense() "
+                "(and make it sparse inside fn) to check its values. It is passed to fn unchanged")
+    return ""
+
+
+def _refuse_meta(candidates: Sequence[Candidate], param_tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """A tensor on the meta device has a shape and no values: fn cannot be evaluated on it."""
+    named = [("args", c.name, c.value) for c in candidates] + [("params", name, t) for name, t in param_tensors]
+    for argument, name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise InvalidArgumentError(
+                f"{argument}: {name} is a tensor on the meta device (a shape without values), so fn cannot be "
+                "evaluated on it; create it on a real device (device='cpu'), or materialize the module "
+                "(module.to_empty(device='cpu'), then initialize its parameters)")
+
+
 def _registered_node(value: Any) -> Optional[Tuple[List[str], List[Any], Callable[[List[Any]], Any]]]:
     """One level of a node of torch's pytree registry (``torch.utils._pytree.register_dataclass``,
     ``register_pytree_node``): the children's path suffixes (from its keys, else ``[i]``), the children, and
@@ -623,7 +643,7 @@ class TorchProblem:
         self._cast = any(dtype != torch.float64 for dtype in self.leaf_dtypes)
         chosen_set = set(chosen)
         self._inputs = [(k, i) for k, i in enumerate(chosen) if candidates[i].kind == "input"]
-        self._copies = [(i, c.value, torch.float64 if c.floating and spec.promote else c.value.dtype)
+        self._copies = [(i, c.value, torch.float64 if _floating(c.value) and spec.promote else c.value.dtype)
                         for i, c in enumerate(candidates)
                         if c.kind == "input" and i not in chosen_set and _is_tensor(c.value)]
         self._values = [c.value for c in candidates]
@@ -1640,8 +1660,10 @@ class TorchAdapter:
         candidates, rebuild_args = argument_candidates(
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _floating(t)),
             node_of=_registered_node, unchecked=unchecked,
-            native="the torch backend checks torch tensors: pass torch.as_tensor(...) to check it")
+            native="the torch backend checks torch tensors: pass torch.as_tensor(...) to check it",
+            not_checkable=_not_checkable)
         module, param_tensors = _parameters(spec)
+        _refuse_meta(candidates, param_tensors)
         for name, tensor in param_tensors:
             frozen = _checkable(tensor) and not tensor.requires_grad and module is not None
             candidates.append(Candidate(name, tensor, tuple(tensor.shape), _dtype_name(tensor),
