@@ -173,12 +173,13 @@ class NumpyPrepared:
         by_candidate = dict(zip(mapping, items))
         flat = []
         for leaf, i in zip(self.leaves, self.chosen):
-            refuse_complex(by_candidate[i], leaf)
+            item = by_candidate[i]
+            refuse_complex(item, leaf)
             try:
-                gradient = np.asarray(by_candidate[i], dtype=np.float64)
+                gradient = np.asarray(item, dtype=np.float64)
             except Exception as exc:
-                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(by_candidate[i]).__name__}"
-                                              f", not an array ({type(exc).__name__}: {exc})") from exc
+                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
+                                              f"an array ({type(exc).__name__}: {exc})") from exc
             if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
                 raise FunctionEvaluationError(
                     f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
