@@ -230,6 +230,11 @@ class StepLadder:
         # central differences at two steps equal but for the rounding of the steps: fn's output is quantised (a staircase, a bisection
         # whose bracket moves with x), and an estimate that "converges" that way has not converged at all
         frozen = np.zeros((m, count), dtype=bool)
+        # a central difference that is exactly zero at a small step where the first pass measured a clear
+        # slope: fn is flat below some scale, its output quantised (large terms cancelling inside, a lookup
+        # table); ``quantum`` is the smallest nonzero change of fn seen, the size of its steps
+        quantized = np.zeros((m, count), dtype=bool)
+        quantum = np.full((m, count), np.inf)
         best_error = np.full((m, count), np.inf)
         kink_before = np.zeros((m, count), dtype=bool)
         ever_kink = suspect_kink.copy()  # near a kink, a stalling estimate is not evidence of a bug
@@ -239,6 +244,11 @@ class StepLadder:
                 break
             steps = base[columns] / 2.0 ** level
             c, cr, p, pr, q, qr = self._level(columns, steps)
+            t_plus, t_minus = self.last_spans
+            with np.errstate(invalid="ignore", over="ignore"):
+                for increment in (np.abs(p * t_plus), np.abs(q * t_minus)):
+                    quantum[:, columns] = np.fmin(quantum[:, columns], np.where(increment > 0, increment, np.inf))
+                quantized[:, columns] |= (c == 0.0) & (np.abs(first_central[:, columns]) > 4.0 * first_error[:, columns])
             result.steps[columns] = steps
             result.levels[columns] = level
             a = analytic[:, columns]
@@ -316,7 +326,7 @@ class StepLadder:
             best_mismatch = np.abs(a - result.numeric[:, columns])
             stalled_pass = stalled & (best_mismatch <= current)
             status = np.where(fail_now, FAIL, status)
-            clear_fail[:, columns] |= fail_now & ~frozen[:, columns]
+            clear_fail[:, columns] |= fail_now & ~frozen[:, columns] & ~quantized[:, columns]
             status = np.where(pass_now, PASS, status)
             status = np.where(stalled & stalled_pass, PASS, status)
             status = np.where(stalled & ~stalled_pass, FAIL, status)
@@ -340,7 +350,8 @@ class StepLadder:
             prev["ip"][:, columns], prev["iq"][:, columns] = p * h_plus, q * h_minus
             spans["tp2"][columns], spans["tq2"][columns] = spans["tp"][columns], spans["tq"][columns]
             spans["tp"][columns], spans["tq"][columns] = h_plus, h_minus
-        self._coarse_steps(result, analytic, scale, first_central, first_error, clear_fail, noisy_pass)
+        self._coarse_steps(result, analytic, scale, first_central, first_error, clear_fail, noisy_pass,
+                           np.where(quantized, quantum, np.nan), frozen)
         self._rescale_after_jumps(result, analytic)
         return result
 
@@ -429,7 +440,8 @@ class StepLadder:
 
     def _coarse_steps(self, result: ElementVerdicts, analytic: np.ndarray, scale: np.ndarray,
                       first_central: np.ndarray, first_error: np.ndarray, clear_fail: np.ndarray,
-                      noisy_pass: np.ndarray) -> None:
+                      noisy_pass: np.ndarray, quantum: Optional[np.ndarray] = None,
+                      frozen: Optional[np.ndarray] = None) -> None:
         """Failed elements whose estimates never converged near the analytic value, re-measured at steps
         above ``h`` (numdifftools' and FiniteDifferences.jl's answer to noisy functions).
 
@@ -446,12 +458,24 @@ class StepLadder:
         check of this function cannot see. A clear bug (the analytic value far from every estimate) is
         not re-measured. Elements that passed only because fn's measured noise widened their tolerance
         are re-measured too: a coarser step may resolve a bug that noise hid at ``h``. An element keeps
-        its first verdict where the coarse steps measure no better than it was measured."""
+        its first verdict where the coarse steps measure no better than it was measured.
+
+        ``quantum`` (NaN elsewhere) marks elements whose output is quantised: flat below some scale, so
+        the ladder's small steps measured zero. Their small-step estimates are discarded, whatever the
+        mismatch, and every coarse estimate carries the quantisation error ``quantum / step``. Elements
+        whose estimate stopped moving between two steps (``frozen``: equal to round-off) are re-measured
+        whatever their mismatch too: a quantised fn's estimate can freeze far from its derivative."""
         with np.errstate(invalid="ignore", over="ignore"):
             mismatch = np.abs(analytic - result.numeric)
             size = np.fmax(np.abs(analytic), np.abs(result.numeric))
             failed = (result.status == FAIL) & ~clear_fail & np.isfinite(result.numeric) & (mismatch <= CLEAR_BUG * size)
-            candidates = failed | (noisy_pass & (result.status == PASS))
+            quantized = np.isfinite(quantum) if quantum is not None else np.zeros_like(failed)
+            # a pass whose estimate never settled (its error is a sizeable part of the block's scale) says little
+            # (not where points are rounded to a low-precision dtype: there every estimate is that loose)
+            loose_pass = (result.status == PASS) & (SAFETY * result.error > CLEAR_BUG * scale) & \
+                (not getattr(self.rounder, "slices", None))
+            candidates = failed | ((noisy_pass | loose_pass) & (result.status == PASS)) | \
+                (quantized & (result.status == FAIL))
         columns = np.nonzero(candidates.any(axis=0))[0]
         if len(columns) == 0:
             return
@@ -459,6 +483,8 @@ class StepLadder:
         base = self.directions.steps[columns]
         wanted = candidates[:, columns]
         a, sc = analytic[:, columns], scale[:, columns]
+        steps_of_quanta = np.where(quantized[:, columns], quantum[:, columns], 0.0) if quantum is not None \
+            else np.zeros(a.shape)
         previous_c, previous_r = first_central[:, columns], None
         best = np.full(a.shape, np.inf)
         best_value = np.full(a.shape, np.nan)
@@ -470,7 +496,7 @@ class StepLadder:
             with np.errstate(invalid="ignore", over="ignore"):
                 r = (4.0 * previous_c - c) / 3.0
                 change = np.abs(c - previous_c) if previous_r is None else np.abs(r - previous_r)
-                err = change + 1.5 * cr
+                err = change + 1.5 * cr + steps_of_quanta / steps[None, :]
                 better = wanted & np.isfinite(r) & np.isfinite(err) & (err < best)
             best = np.where(better, err, best)
             best_value = np.where(better, r, best_value)
@@ -481,6 +507,7 @@ class StepLadder:
             previous_c, previous_r = c, r
         with np.errstate(invalid="ignore", over="ignore"):
             fine, fine_error = result.numeric[:, columns], result.error[:, columns]
+            fine_error = np.where(quantized[:, columns], np.inf, fine_error)  # a quantised fn's small steps measured 0
             # estimates at the default step and at coarser ones that disagree beyond both their errors:
             # fn's derivative depends on the scale it is measured at, by that much (its resolution)
             disagreement = np.abs(best_value - fine)
@@ -490,7 +517,7 @@ class StepLadder:
             lim = tol.allowed(best_value, best, sc)
             passed = found & (np.abs(a - best_value) <= lim)
             failed = found & ~passed
-            resolution = best / np.fmax(np.abs(best_value), 1e-300)
+            resolution = best / np.fmax(np.fmax(np.abs(best_value), sc), 1e-300)  # relative to the block near zero
         status = result.status[:, columns]
         result.status[:, columns] = np.where(passed, PASS, np.where(failed, FAIL, status))
         self._record(result, columns, found, best_value, best, lim, COARSE)

@@ -92,3 +92,17 @@ def test_the_resolution_of_a_staircase_is_reported():
 def test_a_smooth_function_reports_no_resolution():
     report = gb.check(lambda x: np.sum(np.sin(x) * x), X, grad=lambda x: np.cos(x) * x + np.sin(x))
     assert report.passed and all(row.resolution is None for row in report.rows), str(report)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_a_sign_flip_in_a_quantised_function_is_never_hidden_by_its_noise(seed):
+    """(x + 1e10) - 1e10 rounds x to steps of 2e-6: at the default step the finite differences are off
+    by tens of percent, and an estimate that never settles has a large error bound. A pass may not rest
+    on such a bound: the element is re-measured at coarser steps, where one entry's sign flip shows."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.normal(size=5), rng.normal(size=5)
+    flipped = w.copy()
+    flipped[2] = -flipped[2]
+    report = gb.check(lambda x: np.sum(w * ((x + 1e10) - 1e10)), x, grad=lambda x: flipped)
+    assert not report.passed, str(report)
+    assert report.row("x").outside_map[2], str(report)  # the flipped entry is among those named
