@@ -132,19 +132,25 @@ class HandWrittenGradient:
             if item is None:
                 flat.append(np.zeros(leaf.size))
                 continue
-            refuse_complex(item, leaf)
-            try:
-                gradient = self._to_array(item)
-            except Exception as exc:
-                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
-                                              f"a tensor or array ({type(exc).__name__}: {exc})") from exc
-            if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
-                raise FunctionEvaluationError(
-                    f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
-                    "(the shape of the argument)")
-            refuse_nonfinite(gradient, leaf)
-            flat.append(gradient.reshape(-1))
+            flat.append(flat_gradient(item, leaf, self._to_array, "a tensor or array"))
         return np.concatenate(flat) if flat else np.zeros(0)
+
+
+def flat_gradient(item: Any, leaf: LeafSpec, to_array: Callable[[Any], np.ndarray], kind: str) -> np.ndarray:
+    """One leaf's gradient returned by ``grad=``, as a flat float64 vector: refused (naming ``grad``) when
+    it is complex, not convertible (``kind`` says what was expected), of the wrong shape or not finite."""
+    refuse_complex(item, leaf)
+    try:
+        gradient = to_array(item)
+    except Exception as exc:
+        raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
+                                      f"{kind} ({type(exc).__name__}: {exc})") from exc
+    if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
+        raise FunctionEvaluationError(
+            f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
+            "(the shape of the argument)")
+    refuse_nonfinite(gradient, leaf)
+    return gradient.reshape(-1)
 
 
 def scalar_form(outputs: Sequence[LeafSpec], grad: Any, nargs: int, kwargs: Mapping[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from gradbridge._outputs import output_leaves, output_specs
 from gradbridge._rng import SharedRandomState
 from gradbridge._tree import flatten
 
-from ._handwritten import call_grad, refuse_complex, refuse_nonfinite, scalar_form
+from ._handwritten import call_grad, flat_gradient, scalar_form
 from ._lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 
@@ -173,19 +173,8 @@ class NumpyPrepared:
         by_candidate = dict(zip(mapping, items))
         flat = []
         for leaf, i in zip(self.leaves, self.chosen):
-            item = by_candidate[i]
-            refuse_complex(item, leaf)
-            try:
-                gradient = np.asarray(item, dtype=np.float64)
-            except Exception as exc:
-                raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
-                                              f"an array ({type(exc).__name__}: {exc})") from exc
-            if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
-                raise FunctionEvaluationError(
-                    f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "
-                    "(the shape of the argument)")
-            refuse_nonfinite(gradient, leaf)
-            flat.append(gradient.ravel())
+            flat.append(flat_gradient(by_candidate[i], leaf, lambda item: np.asarray(item, dtype=np.float64),
+                                      "an array"))
         return np.concatenate(flat)
 
     @_process.runs_user_code

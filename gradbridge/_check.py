@@ -396,8 +396,8 @@ def _spread_notes(context: _Context, rows: Sequence[RowResult]) -> None:
         wrong = [r for r in rows if r.status == "fail" and r.analytic_mode in (mode, "rev vs fwd")]
         if named:
             effect = (f"above the tolerance: {len(named)} block(s) differ from finite differences only within that "
-                      "spread and read NONDET, not wrong. Make it deterministic (torch.use_deterministic_algorithms"
-                      "(True), no atomic scatter-adds or races) or pass an atol above the spread")
+                      "spread and read NONDET, not wrong. Make it deterministic (the framework's deterministic "
+                      "algorithms, no atomic scatter-adds or races) or pass an atol above the spread")
         elif wrong:
             effect = "the failing blocks differ by more than that spread: wrong values, not noise"
         else:

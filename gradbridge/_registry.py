@@ -22,6 +22,14 @@ KNOWN_BACKENDS: Dict[str, tuple] = {
 }
 
 _ALIASES = {"pytorch": "torch", "tf": "tensorflow", "np": "numpy"}
+#: How messages name the library an array's top-level module belongs to.
+_DISPLAY_NAMES = {"numpy": "NumPy", "torch": "torch", "jax": "JAX", "jaxlib": "JAX", "tensorflow": "TensorFlow",
+                  "keras": "Keras"}
+
+
+def library_display_name(module: str) -> str:
+    """``NumPy`` for ``numpy``, ``JAX`` for ``jaxlib``: the library a top-level module name belongs to."""
+    return _DISPLAY_NAMES.get(module, module)
 _loaded: Dict[str, Adapter] = {}
 
 

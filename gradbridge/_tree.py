@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
+from ._registry import library_display_name
+
 #: The optree namespace searched for registered node types (optree's global one is always searched).
 OPTREE_NAMESPACE = "gradbridge"
 
@@ -295,7 +297,7 @@ def array_kind(value: Any) -> Optional[Tuple[str, str]]:
         return None
     name = getattr(dtype, "name", None)
     name = name if isinstance(name, str) else str(dtype)
-    name = name.replace("torch.", "")
+    name = name.rsplit(".", 1)[-1]  # a qualified dtype name ("<library>.float32")
     if name.startswith("complex") or name in ("cfloat", "cdouble", "chalf"):
         return name, "complex"
     if name.startswith(("float", "bfloat")) or name in ("half", "double"):
@@ -306,9 +308,7 @@ def array_kind(value: Any) -> Optional[Tuple[str, str]]:
 def library_of(value: Any) -> str:
     """The library an array comes from, for messages: ``NumPy ndarray``, ``torch Tensor``."""
     module = type(value).__module__.split(".")[0]
-    names = {"numpy": "NumPy", "torch": "torch", "jax": "JAX", "jaxlib": "JAX", "tensorflow": "TensorFlow",
-             "keras": "Keras"}
-    return f"{names.get(module, module)} {type(value).__name__}"
+    return f"{library_display_name(module)} {type(value).__name__}"
 
 
 def _optree_node(node: Any) -> Optional[Node]:
