@@ -1,6 +1,6 @@
 """Score gradbridge and the frameworks' own gradient checkers on the verdict corpus, in one run.
 
-The corpus is ``tests/corpus.py``: functions given once as a NumPy forward and a NumPy VJP, each with
+The corpus is ``tests/support/corpus.py``: functions given once as a NumPy forward and a NumPy VJP, each with
 its correct backward and a buggy one, turned into each framework's own custom-gradient op by the test
 kits (``torch.autograd.Function``, ``jax.custom_vjp``, ``tf.custom_gradient``; NumPy ``grad=``), plus a
 few cases written natively in one framework. Every checker is given the SAME native op at the SAME
@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -154,7 +154,7 @@ def _print_report(result: Any) -> None:
 
 
 @main.command()
-@click.option("--backend", "backends", multiple=True, type=click.Choice(list(_registry.KNOWN_BACKENDS)),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(_registry.builtin_names()),
               help="Only this backend (repeatable). Default: every installed one.")
 @_json_option
 @_html_option
@@ -173,7 +173,7 @@ def demo(ctx: click.Context, backends: Tuple[str, ...], json_path: Optional[Path
             raise CommandError(_not_available(name))
     if not chosen:
         chosen = available
-        for name in _registry.KNOWN_BACKENDS:
+        for name in _registry.names():
             if name not in available:
                 _out(f"(skipping {name}: {_not_available(name)})", dim=True)
     entries: List[_Entry] = []
@@ -201,7 +201,7 @@ def demo(ctx: click.Context, backends: Tuple[str, ...], json_path: Optional[Path
 
 def _not_available(name: str) -> str:
     if not _registry.framework_installed(name):
-        return f"{_registry.KNOWN_BACKENDS[name][1]} is not installed ({_registry.install_hint(name)})"
+        return f"{_registry.entry(name).framework_module} is not installed ({_registry.install_hint(name)})"
     return "this version of gradbridge has no adapter for it"
 
 
@@ -213,7 +213,7 @@ def backend_rows() -> List[Dict[str, Any]]:
     import importlib
 
     rows = []
-    for name, (_, module_name, _) in _registry.KNOWN_BACKENDS.items():
+    for name, module_name in ((e.name, e.framework_module) for e in _registry.entries()):
         row: Dict[str, Any] = {"backend": name, "module": module_name,
                                "installed": _registry.framework_installed(name),
                                "adapter": _registry.adapter_exists(name), "version": None, "float64": None,

@@ -288,8 +288,7 @@ class _Entry:
 def _backend_key(label: str) -> Optional[str]:
     """The backend a label names (``"torch"``, ``"tf"``...), or None."""
     key = label.lower()
-    key = _registry._ALIASES.get(key, key)
-    return key if key in _registry.KNOWN_BACKENDS else None
+    return _registry.resolve_name(key)
 
 
 def _resolve(implementations: Any) -> List[_Entry]:
@@ -352,7 +351,7 @@ def _adapter_for(where: str, fn: Any, backend: Optional[str], label: str) -> Any
     if len(owners) == 1:
         return owners[0]
     raise InvalidArgumentError(
-        f"{where}: {label!r} is not a backend name ({', '.join(sorted(_registry.KNOWN_BACKENDS))}), and which "
+        f"{where}: {label!r} is not a backend name ({', '.join(sorted(_registry.names()))}), and which "
         f"framework runs this {type(fn).__name__} cannot be told from it; use gb.Implementation(fn, backend='...')")
 
 

@@ -23,7 +23,7 @@ import pytest
 from . import _registry
 
 #: Every backend gradbridge knows, in the order tests are parametrized.
-BACKENDS = tuple(_registry.KNOWN_BACKENDS)
+BACKENDS = tuple(_registry.builtin_names())
 
 #: The marker every backend parameter carries: ``gradbridge_backend(name="torch")``. The plugin reads it to
 #: fail instead of skip when all backends are required; ``-m "gradbridge_backend(name='torch')"`` selects
@@ -41,8 +41,8 @@ def backend_name(name: str) -> str:
     """
     if not isinstance(name, str):
         raise ValueError(f"backend names are strings, got {name!r}")
-    key = _registry._ALIASES.get(name.lower(), name.lower())
-    if key not in _registry.KNOWN_BACKENDS:
+    key = _registry.resolve_name(name)
+    if key is None:
         raise ValueError(f"unknown backend {name!r}; gradbridge knows {', '.join(BACKENDS)}")
     return key
 
@@ -51,7 +51,7 @@ def missing_reason(name: str) -> Optional[str]:
     """Why backend ``name`` cannot run here, or None when it can. Imports no framework."""
     key = backend_name(name)
     if not _registry.framework_installed(key):
-        return f"{_registry.KNOWN_BACKENDS[key][1]} is not installed: {_registry.install_hint(key)}"
+        return f"{_registry.entry(key).framework_module} is not installed: {_registry.install_hint(key)}"
     if not _registry.adapter_exists(key):
         return f"gradbridge {_version()} has no {key} adapter"
     return None

@@ -5,7 +5,7 @@ twice at the same cotangent and its spread reported: below the tolerance the ver
 above it the row reads "non-deterministic", not "wrong gradient", and a real bug next to the noise still
 fails as a bug. A forward that returns NaN at one perturbed point once, and finite values when the same
 point is evaluated again, is a transient fault, never a domain edge. Each op is written once in NumPy and
-turned into every framework's custom-gradient mechanism by the kits (tests/kits.py).
+turned into every framework's custom-gradient mechanism by the kits (tests/support/kits.py).
 """
 
 from __future__ import annotations

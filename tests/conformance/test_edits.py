@@ -20,7 +20,7 @@ from gradbridge._evaluate import Evaluator
 from gradbridge._registry import get_adapter
 from kits import make_op
 
-from conftest import require_backend
+from backend_matrix import require_backend
 
 EDITING_BACKENDS = ("torch", "jax", "tensorflow")
 

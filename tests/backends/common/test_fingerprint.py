@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, Tuple
 import numpy as np
 import pytest
 
-from gradbridge._fingerprint import (BASE_LIBRARIES, UNHANDLED, Fingerprinter, Uncacheable, WeakFunctionCache,
-                                     digest, owners, same_but_ints, weak_callable)
+from gradbridge.backends.common.cache import WeakFunctionCache
+from gradbridge.backends.common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, digest, owners, same_but_ints, weak_callable
 
 
 def _function(source: str, **namespace: Any) -> Callable[..., Any]:
@@ -392,12 +392,12 @@ def test_weak_callable_does_not_keep_fn_alive() -> None:
 
 def test_the_core_imports_and_names_no_framework(tmp_path: Path) -> None:
     frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras", "flax", "tf_keras")
-    code = ("import sys, json, gradbridge._fingerprint; "
+    code = ("import sys, json, gradbridge.backends.common.fingerprint; "
             f"print(json.dumps([m for m in {frameworks!r} if m in sys.modules]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                             check=True)
     assert json.loads(result.stdout) == []
-    import gradbridge._fingerprint as core
+    import gradbridge.backends.common.fingerprint as core
 
     source = Path(core.__file__).read_text().lower()
     assert not [name for name in frameworks if name in source]
@@ -405,7 +405,7 @@ def test_the_core_imports_and_names_no_framework(tmp_path: Path) -> None:
 
 
 def test_holds_ints_finds_an_int_anywhere_and_nothing_else() -> None:
-    from gradbridge._fingerprint import holds_ints
+    from gradbridge.backends.common.fingerprint import holds_ints
 
     counter = [0]
     scale = 2.0
@@ -670,7 +670,7 @@ def test_a_large_container_is_uncacheable_without_walking_its_items() -> None:
 
 _DEADLOCK_SCRIPT = """
 import gc, sys
-from gradbridge._fingerprint import WeakFunctionCache
+from gradbridge.backends.common.cache import WeakFunctionCache
 
 def make():
     def f(x):
@@ -699,7 +699,7 @@ def test_a_collection_inside_the_cache_lock_does_not_deadlock(tmp_path: Path) ->
     must not wait for that lock. Run in a subprocess: a regression hangs there, not here."""
     script = tmp_path / "deadlock.py"
     script.write_text(_DEADLOCK_SCRIPT)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[3])
     try:
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                                 env={**__import__("os").environ, "PYTHONPATH": root})

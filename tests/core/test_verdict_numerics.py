@@ -487,7 +487,7 @@ def test_fast_mode_tolerates_errors_below_the_floor_of_the_projected_magnitude()
 # == the same numerics through torch ==================================================================
 @pytest.mark.torch
 def test_torch_refined_estimate_and_bisection():
-    from conftest import require_backend
+    from backend_matrix import require_backend
 
     require_backend("torch")
     import torch

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from conftest import ALL_BACKENDS, require_backend
+from backend_matrix import ALL_BACKENDS, require_backend
 from kits import make_op
 
 Run = Callable[[types.SimpleNamespace], Any]

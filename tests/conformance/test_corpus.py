@@ -1,4 +1,4 @@
-"""The verdict corpus (``tests/corpus.py``) on every backend: zero false alarms, every bug caught.
+"""The verdict corpus (``tests/support/corpus.py``) on every backend: zero false alarms, every bug caught.
 
 Correct backwards must pass with ``gb.check``'s defaults plus the case's options; buggy backwards must
 fail, on exactly the input the bug breaks (and on the element, where the bug sits on one element).
@@ -68,7 +68,7 @@ NATIVE = [pytest.param(n, marks=getattr(pytest.mark, n.backend), id=n.id) for n 
 
 @pytest.mark.parametrize("case", NATIVE)
 def test_native_case(case):
-    from conftest import require_backend
+    from backend_matrix import require_backend
 
     require_backend(case.backend)
     fn, args, options = corpus.build_native(case)

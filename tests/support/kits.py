@@ -6,7 +6,7 @@ returning one gradient per input). ``make_op(backend, forward, backward)`` retur
 ``grad=``, a ``torch.autograd.Function``, a ``jax.custom_vjp``, a ``tf.custom_gradient``), ``to_native``
 converts a NumPy input to the framework's array, and ``options`` go to ``gb.check``. The seeded bug
 lives in the backward, so the same bug is checked the same way on every backend. Each backend's kit is
-the ``make`` function of ``tests/kit_<backend>.py``.
+the ``make`` function of ``tests/support/kit_<backend>.py``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import gradbridge as gb
 from gradbridge._cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # A file of real cases: a hand-written NumPy gradient and a custom torch autograd.Function, both right.
 GOOD = '''

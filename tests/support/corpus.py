@@ -20,7 +20,7 @@ What the verdict must be (issue "Verdicts you can trust"):
 a ``jax.custom_jvp``, a ``tf.custom_gradient``, plain autodiff at a kink, a NumPy scalar loss with
 ``grad=``); they run on that backend only.
 
-Used by ``tests/test_corpus.py`` and ``benchmarks/verdict_corpus.py`` (which also runs the
+Used by ``tests/conformance/test_corpus.py`` and ``benchmarks/verdict_corpus.py`` (which also runs the
 frameworks' own checkers on the same ops).
 """
 

@@ -29,7 +29,7 @@ import pytest
 import gradbridge as gb
 from gradbridge._adapter import CheckSpec
 
-from conftest import require_backend
+from backend_matrix import require_backend
 
 #: Reached only when a test hangs: no assertion depends on time.
 TIMEOUT = 60.0

@@ -1,4 +1,4 @@
-"""Module-level functions for tests/test_executor.py: worker processes import them by name (pickle)."""
+"""Module-level functions for tests/core/test_executor.py: worker processes import them by name (pickle)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from ._adapter import LeafSpec
-from ._errors import InvalidArgumentError
-from ._tree import NodeOf, array_kind, flatten_pytree, library_of
+from gradbridge._adapter import LeafSpec
+from gradbridge._errors import InvalidArgumentError
+from gradbridge._tree import NodeOf, array_kind, flatten_pytree, library_of
 
 #: Why a floating array without elements is not checked (every adapter says the same).
 EMPTY_REASON = "it has no elements, so there is nothing to perturb (it is passed to fn unchanged)"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Sequence, Tuple
 
-from ._adapter import LeafSpec
-from ._tree import TreeLeaf, flatten
+from gradbridge._adapter import LeafSpec
+from gradbridge._tree import TreeLeaf, flatten
 
 
 def output_leaves(value: Any, is_array: Callable[[Any], bool]) -> List[TreeLeaf]:

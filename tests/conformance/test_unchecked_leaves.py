@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from conftest import require_backend
+from backend_matrix import require_backend
 from kits import make_op
 
 X0 = np.array([0.3, -0.7, 1.1])

@@ -11,7 +11,7 @@ of 1e-3 on one element is an absolute error of at least 1e-3:
 * the same code with a seeded 1e-3 bug on one element of one leaf fails, on exactly that leaf.
 
 NumPy checks the hand-written gradient (``grad=``); PyTorch, JAX and TensorFlow check the op as each
-framework's own custom-gradient rule (``tests/kits.py``). The runs are derandomized (the same examples in
+framework's own custom-gradient rule (``tests/support/kits.py``). The runs are derandomized (the same examples in
 every CI run) and sized to take a few seconds per backend.
 """
 
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import gradbridge as gb
-from conftest import require_backend
+from backend_matrix import require_backend
 from kits import make_op
 
 #: Examples per backend: NumPy is cheap; the frameworks trace or compile per structure.
@@ -110,7 +110,7 @@ def _native(backend: str) -> Callable[[np.ndarray], Any]:
 
 
 def _check(backend: str, tree: Any, bug_in: int) -> gb.Report:
-    """``gb.check`` of the sum over the floating leaves of ``tree`` with the op of ``tests/kits.py``.
+    """``gb.check`` of the sum over the floating leaves of ``tree`` with the op of ``tests/support/kits.py``.
 
     fn finds the floating leaves by name: JAX rebuilds dicts with their keys sorted."""
     floating = [name for name, leaf in _leaves(tree) if _is_float(leaf)]

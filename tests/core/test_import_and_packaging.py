@@ -39,7 +39,7 @@ def test_backends_are_installed_under_gradbridge_not_top_level(tmp_path):
 
 
 def test_pyproject_maps_the_backends_folder():
-    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"gradbridge.backends" = "backends"' in text
 
 
@@ -52,7 +52,7 @@ def test_import_gradbridge_leaves_the_cli_and_plotting_libraries_unimported(tmp_
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     readme = root.joinpath("README.md").read_text().splitlines()
     command = readme[readme.index("# the tests") + 1].strip()
     ci_lines = [line.strip() for line in root.joinpath(".ci", "run").read_text().splitlines()]

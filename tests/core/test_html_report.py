@@ -15,7 +15,7 @@ import pytest
 import gradbridge as gb
 from gradbridge._diagnostics import SWEEP_EXPONENTS
 from gradbridge._export import write_html, write_json
-from conftest import require_backend
+from backend_matrix import require_backend
 
 RNG = np.random.default_rng(7)
 W = RNG.normal(size=(6, 8))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from conftest import require_backend
+from backend_matrix import require_backend
 from kit_lowprec import KernelDtypeError, make_kernel
 
 RNG = np.random.default_rng(20260)

@@ -11,7 +11,7 @@ import pytest
 
 import executor_cases as cases
 import gradbridge as gb
-from conftest import _require_all, require_backend
+from backend_matrix import _require_all, require_backend
 from gradbridge import FunctionEvaluationError, InvalidArgumentError
 
 MLP_WRT = ["W1", "b1", "W2"]

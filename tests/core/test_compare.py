@@ -26,7 +26,7 @@ import pytest
 import gradbridge as gb
 from gradbridge import _hooks
 
-from conftest import require_backend
+from backend_matrix import require_backend
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
