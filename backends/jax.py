@@ -1352,6 +1352,13 @@ class JaxAdapter:
     #: JAX's registered pytree nodes, for backend detection (arguments are flattened by JAX's own registry)
     pytree_node = staticmethod(_registered_node)
 
+    def clear_cache(self) -> None:
+        """Drop the traces, compiled functions and batching decisions kept across checks."""
+        clear_cache()
+
+    def cache_size(self) -> int:
+        return cache_size()
+
     def owns(self, value: Any) -> bool:
         """JAX arrays (PRNG keys included), ``custom_vjp``/``custom_jvp`` functions and ``jax.jit`` functions."""
         if isinstance(value, (jax.Array, jax.custom_vjp, jax.custom_jvp)):

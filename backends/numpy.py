@@ -211,6 +211,12 @@ class NumpyAdapter:
     module_name = "numpy"
     install_hint = "pip install numpy"
 
+    def clear_cache(self) -> None:
+        """NumPy keeps nothing across checks."""
+
+    def cache_size(self) -> int:
+        return 0
+
     def owns(self, value: Any) -> bool:
         return _is_array(value)
 

@@ -1486,6 +1486,13 @@ class TensorFlowAdapter:
     module_name = "tensorflow"
     install_hint = 'pip install "gradbridge[tensorflow]"'
 
+    def clear_cache(self) -> None:
+        """Drop the traces, compiled functions and batching decisions kept across checks."""
+        clear_cache()
+
+    def cache_size(self) -> int:
+        return cache_size()
+
     def owns(self, value: Any) -> bool:
         return (_is_tensor(value) or isinstance(value, tf.Module) or _is_keras_layer(value)
                 or _is_tf_function(value) or isinstance(value, _COMPOSITE))

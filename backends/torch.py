@@ -1636,6 +1636,13 @@ class TorchAdapter:
     #: torch's registered pytree nodes, for backend detection (arguments are walked with it too)
     pytree_node = staticmethod(_registered_node)
 
+    def clear_cache(self) -> None:
+        """Drop the traces, compiled functions and batching decisions kept across checks."""
+        clear_cache()
+
+    def cache_size(self) -> int:
+        return cache_size()
+
     def owns(self, value: Any) -> bool:
         return isinstance(value, (torch.Tensor, torch.nn.Module))
 

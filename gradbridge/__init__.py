@@ -8,7 +8,7 @@ The core imports only the standard library and NumPy; framework adapters (``grad
 are imported only when a check needs them.
 """
 
-from ._api import assert_check, check
+from ._api import assert_check, check, clear_cache
 from ._cases import case
 from ._compare import Comparison, Implementation, PairDifference, compare
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
@@ -20,7 +20,7 @@ from ._terminal import print_report
 __version__ = "0.1.0"
 
 __all__ = [
-    "check", "assert_check", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
+    "check", "assert_check", "clear_cache", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
     "StepSweep", "__version__", "case", "compare", "Comparison", "Implementation", "PairDifference",
     "print_report", "write_json", "write_html",

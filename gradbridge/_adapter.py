@@ -131,12 +131,16 @@ class PreparedFunction(Protocol):
         raises ModeUnsupportedError where the backend cannot differentiate twice."""
 
 
+@runtime_checkable
 class Adapter(Protocol):
-    """One framework: detection without imports, and preparation of checks."""
+    """One framework: detection without imports, preparation of checks, and its caches.
+
+    Names, install hints and the framework module an adapter needs are the registry's
+    (:class:`gradbridge._registry.BackendEntry`); ``name`` and ``module_name`` repeat them for messages.
+    """
 
     name: str
     module_name: str
-    install_hint: str
 
     def owns(self, value: Any) -> bool:
         """True when ``value`` is one of this framework's arrays, modules or variables."""
@@ -148,6 +152,76 @@ class Adapter(Protocol):
         ``gradbridge backends`` (imports the framework)."""
 
     def prepare(self, spec: CheckSpec) -> PreparedFunction: ...
+
+    def clear_cache(self) -> None:
+        """Drop everything kept across checks (traces, compiled functions, batching decisions)."""
+
+    def cache_size(self) -> int:
+        """How many functions have entries kept across checks."""
+
+
+# --- optional capabilities: what a prepared function or an adapter may offer beyond the protocol above ---
+#
+# The core asks with ``isinstance(prepared, TransposedProducts)`` and so on; an adapter offers a capability by
+# defining the member (subclassing the protocol documents it). The meaning of each member is in the docstring of
+# :class:`PreparedFunction`; the conformance suite (``tests/conformance``) checks every offered one.
+
+
+@runtime_checkable
+class WorkingPrecision(Protocol):
+    """``working_eps``: machine epsilon of the precision ``fn`` really runs in, or None for float64."""
+
+    working_eps: Optional[float]
+
+
+@runtime_checkable
+class UndefinedGradients(Protocol):
+    """``undefined_gradients``: ``{leaf name: reason}`` for leaves the framework defines no gradient for."""
+
+    undefined_gradients: Dict[str, str]
+
+
+@runtime_checkable
+class TransposedProducts(Protocol):
+    """``vjp_transposed``: (k, n) tangents to (k, m) products ``J t`` through the reverse-mode VJP."""
+
+    def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class EditedEvaluation(Protocol):
+    """``evaluate_edits``: outputs at copies of ``x0`` with one element each set, built in the framework."""
+
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ForwardRules(Protocol):
+    """``forward_rule``: the user-written forward-mode rules ``fn`` runs, or None."""
+
+    forward_rule: Optional[str]
+
+
+@runtime_checkable
+class PytreeNodes(Protocol):
+    """An adapter whose framework registers container types (pytrees): ``pytree_node(value)`` gives
+    ``(keys, children, rebuild)`` for such a container, None otherwise."""
+
+    def pytree_node(self, value: Any) -> Optional[Tuple[List[str], List[Any], Callable[[List[Any]], Any]]]: ...
+
+
+CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
+                                  ForwardRules)
+
+
+def offered(prepared: Any, capability: type, member: str) -> Any:
+    """``prepared``'s ``member`` when it offers ``capability``, else None."""
+    return getattr(prepared, member) if isinstance(prepared, capability) else None
+
+
+def capabilities(prepared: Any) -> List[str]:
+    """The names of the optional capabilities ``prepared`` offers (for reports and the conformance table)."""
+    return [cap.__name__ for cap in CAPABILITIES if isinstance(prepared, cap)]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, 
 import numpy as np
 
 from . import _executor, _hooks, _registry
-from ._adapter import CheckSpec
+from ._adapter import CheckSpec, PytreeNodes, WorkingPrecision, offered
 from ._check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
 from ._options import (DEFAULT_BUDGET, Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
@@ -165,7 +165,7 @@ def _validate_point(prepared: Any, options: Options) -> None:
     if options.eps is None:
         return
     if options.promote:
-        working = getattr(prepared, "working_eps", None)  # an adapter that could not promote (TensorFlow)
+        working = offered(prepared, WorkingPrecision, "working_eps")  # an adapter that could not promote (TensorFlow)
         if working is not None and working > FLOAT64_EPS:
             validate_step(options.eps, float(working), _precision_of(float(working)))
         return
@@ -181,7 +181,7 @@ def _values_of(args: Tuple[Any, ...], params: Any, fn: Any) -> Iterable[Any]:
     """What decides the backend: every value inside the arguments and params (walked as the adapters walk
     them: containers, dataclasses, optree nodes, and the pytree nodes of the frameworks already imported),
     and ``fn``."""
-    hooks = [hook for hook in (getattr(a, "pytree_node", None) for a in _registry.loaded_adapters()) if hook]
+    hooks = [a.pytree_node for a in _registry.loaded_adapters() if isinstance(a, PytreeNodes)]
 
     def node_of(value: Any) -> Any:
         for hook in hooks:
@@ -228,3 +228,12 @@ def argument_names(fn: Any, count: int) -> Tuple[str, ...]:
             break
     names = names[:count]
     return tuple(names) + tuple(f"arg{i}" for i in range(len(names), count))
+
+
+def clear_cache() -> None:
+    """Drop everything gradbridge keeps across checks: each framework's traces, compiled functions and batching
+    decisions (kept per function, held weakly, so they go with the function anyway). Useful between tests that
+    measure memory, or after monkeypatching what a checked function reads in a way its fingerprint cannot see."""
+    for adapter in _registry.imported_adapters():
+        adapter.clear_cache()
+

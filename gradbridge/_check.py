@@ -20,7 +20,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._adapter import LeafSpec, PreparedFunction
+from ._adapter import (ForwardRules, LeafSpec, PreparedFunction, TransposedProducts, UndefinedGradients, WorkingPrecision,
+                       offered)
 from ._compress import MIN_COLUMNS, diagonal_jacobian, diagonal_plan, plan as compression_plan
 from ._determinism import SPREAD_EXPLAINS, Spread, measure_spread
 from ._diagnostics import SWEEP_ROWS, element_map, step_sweep
@@ -134,7 +135,7 @@ def _analytic_modes(prepared: PreparedFunction, options: Options, report: Report
     own (the adapter's ``forward_rule``: a torch ``Function.jvp`` reverse mode never calls)."""
     if options.analytic != "auto":
         return options.analytic
-    rule = getattr(prepared, "forward_rule", None)
+    rule = offered(prepared, ForwardRules, "forward_rule")
     if rule:
         report.notes.append(f"fn has its own forward-mode rule ({rule}): checked in both modes (analytic='auto'), "
                             "since reverse mode never calls it")
@@ -155,7 +156,7 @@ def working_eps(prepared: PreparedFunction, options: Optional[Options] = None) -
     (``working_eps``), the dtypes of the outputs (a function that casts to float32 inside is only as
     accurate as float32, whatever its inputs were) and, without promotion, the checked leaves' dtypes.
     Known after the first evaluation."""
-    coarsest = float(getattr(prepared, "working_eps", None) or FLOAT64_EPS)
+    coarsest = float(offered(prepared, WorkingPrecision, "working_eps") or FLOAT64_EPS)
     try:
         outputs = prepared.output_specs
     except RuntimeError:  # not evaluated yet
@@ -301,7 +302,7 @@ def _broken_forward_rules(evaluator: Evaluator, context: _Context, rows: List[Ro
     """Under ``analytic='auto'`` forward mode is checked because fn defines its own forward rule: when
     that mode cannot run, the user's rule is broken (it raised, returned None or the wrong shape), an
     error, not an unsupported mode the user never asked for."""
-    rule = getattr(evaluator.prepared, "forward_rule", None)
+    rule = offered(evaluator.prepared, ForwardRules, "forward_rule")
     if not context.automatic or order != 1 or not rule:
         return rows
     for row in rows:
@@ -560,7 +561,7 @@ def _analytic_by_columns(evaluator: Evaluator, options: Options, leaves: Sequenc
     when that costs less than the dense Jacobian's VJPs; None to build the dense Jacobian instead."""
     prepared = evaluator.prepared
     m = sum(spec.size for spec in prepared.output_specs)
-    if m < MIN_COLUMNS or getattr(prepared, "vjp_transposed", None) is None:
+    if m < MIN_COLUMNS or not isinstance(prepared, TransposedProducts):
         return None
     try:
         # a transposed VJP costs about two VJPs: worth it below half the dense Jacobian's m VJPs
@@ -827,7 +828,7 @@ def _row_message(row: RowResult, kinks: str, outside: int) -> str:
 
 def undefined_gradients(prepared: PreparedFunction) -> dict:
     """Leaf name -> reason, for leaves whose framework defines no gradient (filled by the adapter)."""
-    return dict(getattr(prepared, "undefined_gradients", None) or {})
+    return dict(offered(prepared, UndefinedGradients, "undefined_gradients") or {})
 
 
 def _mark_undefined(row: RowResult, reason: str) -> None:

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from ._adapter import LeafSpec, PreparedFunction
+from ._adapter import EditedEvaluation, LeafSpec, PreparedFunction, TransposedProducts, WorkingPrecision, offered
 from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ._executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
 from ._progress import CheckProgress
@@ -70,7 +70,7 @@ class Evaluator:
         The same as :meth:`evaluate` of those points, which is what runs when the prepared function has no
         ``evaluate_edits`` or an executor evaluates; otherwise the adapter builds the points itself (a
         scalar loss at 4096 inputs needs 8192 such points: 268 MB the core need not write and convert)."""
-        method = getattr(self.prepared, "evaluate_edits", None)
+        method = offered(self.prepared, EditedEvaluation, "evaluate_edits")
         if method is None or self.remote is not None:
             return self.evaluate(self._edited(positions, values), describe, allow_nonfinite)
         outputs = []
@@ -193,7 +193,7 @@ class Evaluator:
             except FunctionEvaluationError:
                 self._locate_failure(chunk[:1], first, describe)
                 raise
-        eps = max(float(getattr(self.prepared, "working_eps", None) or 0.0), float(np.finfo(np.float64).eps))
+        eps = max(float(offered(self.prepared, WorkingPrecision, "working_eps") or 0.0), float(np.finfo(np.float64).eps))
         where = describe[0] if describe else "the checked input"
         if result.ndim != 2 or len(result) != len(chunk) or result.shape[1:] != local.shape[1:]:
             raise FunctionEvaluationError(
@@ -293,7 +293,7 @@ class Evaluator:
     def vjp_transposed(self, tangents: np.ndarray) -> np.ndarray:
         """``J t`` per row of ``tangents`` from the transposed VJP (counted as VJPs: the same rules run);
         raises ModeUnsupportedError when the adapter cannot transpose it."""
-        method = getattr(self.prepared, "vjp_transposed", None)
+        method = offered(self.prepared, TransposedProducts, "vjp_transposed")
         if method is None:
             raise ModeUnsupportedError("this backend cannot transpose its VJP")
         parts = []
