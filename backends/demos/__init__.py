@@ -25,7 +25,10 @@ class DemoCase:
 
 
 def cases_for(backend: str) -> List[DemoCase]:
-    module = importlib.import_module(f"gradbridge.backends.demos.{backend}_cases")
+    try:
+        module = importlib.import_module(f"{_registry.entry(backend).adapter_module}.demo")
+    except ModuleNotFoundError:
+        module = importlib.import_module(f"gradbridge.backends.demos.{backend}_cases")
     return module.cases()
 
 
