@@ -19,7 +19,7 @@ import numpy as np
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from gradbridge._evaluate import mark_failed_point
+from gradbridge._checking.evaluate import mark_failed_point
 from .common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
 from .common.outputs import output_leaves, output_specs
 from .common.rng import SharedRandomState

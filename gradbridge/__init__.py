@@ -9,13 +9,13 @@ are imported only when a check needs them.
 """
 
 from ._api import assert_check, check, clear_cache
-from ._cases import case
-from ._compare import Comparison, Implementation, PairDifference, compare
+from ._cli.cases import case
+from ._comparing.compare import Comparison, Implementation, PairDifference, compare
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
-from ._export import write_html, write_json
-from ._report import Report, RowResult, StepSweep, WorstElement
-from ._terminal import print_report
+from ._reporting.export import write_html, write_json
+from ._reporting.report import Report, RowResult, StepSweep, WorstElement
+from ._reporting.terminal import print_report
 
 __version__ = "0.1.0"
 

@@ -8,15 +8,16 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, 
 
 import numpy as np
 
-from . import _executor, _hooks, _registry
+from . import _hooks, _registry
+from ._checking import executor as _executor
 from ._adapter import CheckSpec, PytreeNodes, WorkingPrecision, offered
-from ._check import run_check
+from ._checking.check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
 from ._options import (DEFAULT_BUDGET, Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
                        validate_step)
 from ._precision import DTYPE_EPS, FLOAT64_EPS, dtype_name, eps_of
-from ._structure import validate_structure
-from ._report import Report
+from ._checking.structure import validate_structure
+from ._reporting.report import Report
 from ._tree import terminal_values
 
 Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]

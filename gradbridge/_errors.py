@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._report import Report
+    from ._reporting.report import Report
 
 
 class GradbridgeError(Exception):

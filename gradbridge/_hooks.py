@@ -1,6 +1,6 @@
 """Listeners told about every finished check, e.g. the pytest plugin collecting a session's reports.
 
-A listener is a callable taking the finished :class:`~gradbridge._report.Report` (or a comparison).
+A listener is a callable taking the finished :class:`~gradbridge._reporting.report.Report` (or a comparison).
 Listeners must not raise; one that does is dropped from the call, never from the user's check.
 """
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
 from ._errors import InvalidArgumentError
-from ._memory import parse_memory
+from ._checking.memory import parse_memory
 
 MODES = ("auto", "full", "fast")
 ANALYTIC = ("auto", "rev", "fwd", "both")

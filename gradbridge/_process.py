@@ -23,7 +23,7 @@ import threading
 from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 #: Held by every window in which a check has changed process-wide state (see the module docstring); also
-#: held by in-process executor workers around their evaluations (``gradbridge._executor``).
+#: held by in-process executor workers around their evaluations (``gradbridge._checking.executor``).
 LOCK = threading.RLock()
 
 Method = TypeVar("Method", bound=Callable[..., Any])

@@ -235,7 +235,7 @@ class _ReportCollector:
                 self.problems.append(f"could not send this worker's checks to the controller: {exc}")
             self.config.workeroutput[_WORKER_KEY] = payload
             return
-        from . import _export
+        from ._reporting import export as _export
 
         try:
             self.written.append(_export.write_json(self.json_path, self.results, self.labels))

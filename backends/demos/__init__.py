@@ -92,7 +92,7 @@ def run_demo(backends: Optional[Sequence[str]] = None) -> int:
 
     Returns 0 when every correct case passed and every seeded bug was caught, else 1.
     """
-    from gradbridge._terminal import print_report
+    from gradbridge._reporting.terminal import print_report
 
     names = list(backends) if backends else _registry.available_backends()
     surprises = []

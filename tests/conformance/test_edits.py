@@ -16,7 +16,7 @@ import pytest
 
 import gradbridge as gb
 from gradbridge._adapter import CheckSpec
-from gradbridge._evaluate import Evaluator
+from gradbridge._checking.evaluate import Evaluator
 from gradbridge._registry import get_adapter
 from kits import make_op
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import gradbridge as gb
-from gradbridge._cli import main
+from gradbridge._cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

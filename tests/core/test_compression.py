@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from gradbridge._compress import MIN_COLUMNS, colour_columns
+from gradbridge._checking.compress import MIN_COLUMNS, colour_columns
 from kits import make_op
 
 RNG = np.random.default_rng(99)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from gradbridge._diagnostics import SWEEP_EXPONENTS
-from gradbridge._export import write_html, write_json
+from gradbridge._checking.diagnostics import SWEEP_EXPONENTS
+from gradbridge._reporting.export import write_html, write_json
 from backend_matrix import require_backend
 
 RNG = np.random.default_rng(7)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from gradbridge._memory import available_bytes, parse_memory
+from gradbridge._checking.memory import available_bytes, parse_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 
@@ -146,7 +146,7 @@ def test_memory_option_rejects_what_is_not_a_size(bad):
 
 def test_the_default_budget_sees_the_address_space_limit():
     script = """
-    from gradbridge._memory import available_bytes
+    from gradbridge._checking.memory import available_bytes
     print(available_bytes())
     """
     result = run_capped(script, 1.0)

@@ -53,15 +53,15 @@ def test_to_dict_is_json_serialisable_and_complete():
     # 2 (determinism) + 2 per element, + the noise estimate (only because something disagreed), + 2 for
     # the one disagreeing column re-evaluated at h/2, where the bug is far beyond the estimated error,
     # + the step-size sweep of the failing row's worst element (for the report's step-size plot)
-    from gradbridge._diagnostics import SWEEP_EXPONENTS
-    from gradbridge._numeric import NOISE_DIRECTIONS, NOISE_POINTS
+    from gradbridge._checking.diagnostics import SWEEP_EXPONENTS
+    from gradbridge._checking.numeric import NOISE_DIRECTIONS, NOISE_POINTS
 
     assert data["evaluations"] == 2 + 2 * 24 + NOISE_DIRECTIONS * 2 * NOISE_POINTS + 2 + 2 * len(SWEEP_EXPONENTS)
     assert "step ladder" in rows["w"]["method"] and "step ladder" not in rows["x"]["method"]
 
 
 def test_grades_follow_the_documented_bounds():
-    from gradbridge._tolerance import grade
+    from gradbridge._checking.tolerance import grade
 
     errors = (0.0, 5e-8, 5e-5, 5e-3, 0.5)
     assert [grade(e) for e in errors] == ["correct", "correct", "acceptable", "suspicious", "wrong"]

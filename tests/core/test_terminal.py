@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from gradbridge._terminal import print_report
+from gradbridge._reporting.terminal import print_report
 
 ANSI = "\x1b["
 
@@ -43,7 +43,7 @@ def test_colour_shows_the_same_content_with_verdicts_in_colour():
 
 
 def test_no_color_environment_turns_colours_off(monkeypatch):
-    from gradbridge._terminal import wants_color
+    from gradbridge._reporting.terminal import wants_color
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -58,7 +58,7 @@ def test_no_color_environment_turns_colours_off(monkeypatch):
 
 SLOW_CHECK = textwrap.dedent("""
     import time, numpy as np, gradbridge as gb
-    from gradbridge._terminal import print_report
+    from gradbridge._reporting.terminal import print_report
     def f(x):
         time.sleep(0.0005)  # a slow function: the check takes about two seconds
         return float(np.sum(np.tanh(x)))

@@ -2,13 +2,13 @@
 
 Each test measures a number the verdict depends on against a value derived independently: an analytic
 derivative (exp, sin, polynomials, log near its domain edge), the documented tolerance formula
-(``gradbridge._tolerance``), the documented grade bounds, or the element a seeded bug was put in. They
+(``gradbridge._checking.tolerance``), the documented grade bounds, or the element a seeded bug was put in. They
 are meant to fail when the numerics drift (Richardson extrapolation dropped, a floor lost or scaled
 wrongly, a threshold moved, bisection off by one); ``tools/mutations.py`` applies such slips one at a
 time and reports which of them these tests catch.
 
 Most tests use NumPy functions with ``grad=`` (the core algorithm without a framework); a few drive
-:class:`gradbridge._numeric.StepLadder` directly on a minimal prepared function, to read the per-element
+:class:`gradbridge._checking.numeric.StepLadder` directly on a minimal prepared function, to read the per-element
 evidence (estimate, error estimate, method, levels) that a report only shows for the worst element.
 """
 
@@ -21,12 +21,12 @@ import pytest
 
 import gradbridge as gb
 from gradbridge._adapter import LeafSpec
-from gradbridge._directions import Directions
-from gradbridge._evaluate import Evaluator
-from gradbridge._finite_diff import relative_step
-from gradbridge._numeric import BACKWARD, FAIL, FORWARD, KINK, PASS, RICHARDSON, StepLadder
+from gradbridge._checking.directions import Directions
+from gradbridge._checking.evaluate import Evaluator
+from gradbridge._checking.finite_diff import relative_step
+from gradbridge._checking.numeric import BACKWARD, FAIL, FORWARD, KINK, PASS, RICHARDSON, StepLadder
 from gradbridge._precision import PointRounder
-from gradbridge._tolerance import TINY, Tolerance, grade, relative_error
+from gradbridge._checking.tolerance import TINY, Tolerance, grade, relative_error
 
 pytestmark = pytest.mark.numpy
 

@@ -1,4 +1,4 @@
-"""The verified column groups of gradbridge._verified_groups on explicit Jacobians.
+"""The verified column groups of gradbridge._checking.verified_groups on explicit Jacobians.
 
 ``products`` and ``vjp`` here are exact linear maps of a known matrix, so each test states the
 pattern it builds and the grouping (or refusal) that must follow from it."""
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradbridge._adapter import LeafSpec
-from gradbridge._verified_groups import analytic_by_columns, dot_test, groupings, single_entry_rows
+from gradbridge._checking.verified_groups import analytic_by_columns, dot_test, groupings, single_entry_rows
 
 EPS = np.finfo(np.float64).eps
 

@@ -11,14 +11,14 @@ analytic calls in all, and the report names the element like a full check would.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ._adapter import LeafSpec
-from ._evaluate import Evaluator
-from ._report import RowResult, WorstElement
-from ._tolerance import Tolerance, grade, relative_error
+from .._adapter import LeafSpec
+from .evaluate import Evaluator
+from .._reporting.report import RowResult, WorstElement
+from .tolerance import Tolerance, grade, relative_error
 
 #: Random projections per half: an error escapes one projection with small probability, rarely two.
 TRIALS = 2

@@ -11,14 +11,14 @@ same question.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._adapter import LeafSpec
-from ._compress import CompressedLeaf
-from ._errors import InvalidArgumentError
-from ._structure import Structure
+from .._adapter import LeafSpec
+from .compress import CompressedLeaf
+from .._errors import InvalidArgumentError
+from .structure import Structure
 
 
 @dataclass

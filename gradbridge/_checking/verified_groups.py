@@ -21,7 +21,7 @@ than read off the dense Jacobian:
   fails it), and every accepted grouping is re-verified this way.
 
 Nothing here trusts the pattern for the numeric side: a nonzero the analytic side misses, or a wrong
-entry, still shows as a mismatch in its output row (see :mod:`gradbridge._compress`).
+entry, still shows as a mismatch in its output row (see :mod:`gradbridge._checking.compress`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._adapter import LeafSpec
-from ._compress import MAX_GROUP_FRACTION, MIN_COLUMNS, CompressedLeaf, column_scales
+from .._adapter import LeafSpec
+from .compress import MAX_GROUP_FRACTION, MIN_COLUMNS, CompressedLeaf, column_scales
 
 #: Relative agreement of a row's ratio with its column's ratio (far above rounding, far below chance).
 RATIO_TOLERANCE = 1e-9

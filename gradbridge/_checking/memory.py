@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Optional
 
-from ._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError
 
 #: float64 bytes per compared entry of a full check's ``(m, D)`` block, temporaries included.
 BYTES_PER_ENTRY = 8 * 32

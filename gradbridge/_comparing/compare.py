@@ -19,14 +19,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from . import _hooks, _registry
-from ._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, PreparedFunction
-from ._api import argument_names, function_name
-from ._check import run_check
-from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError
-from ._options import DEFAULT_BUDGET, Options, validate_kwargs, validate_options
-from ._report import Report
-from ._tree import flatten
+from .. import _hooks, _registry
+from .._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, PreparedFunction
+from .._api import argument_names, function_name
+from .._checking.check import run_check
+from .._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError
+from .._options import DEFAULT_BUDGET, Options, validate_kwargs, validate_options
+from .._reporting.report import Report
+from .._tree import flatten
 
 #: Default relative tolerance of the pairwise comparison (float64 ports of the same math agree to ~1e-13).
 DEFAULT_RTOL = 1e-7

@@ -36,13 +36,13 @@ function's own evaluations measured, not to a tuned constant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._directions import Directions
-from ._evaluate import Evaluator
-from ._tolerance import SAFETY, Tolerance
+from .directions import Directions
+from .evaluate import Evaluator
+from .tolerance import SAFETY, Tolerance
 
 PENDING, PASS, FAIL, KINK, JUMP, UNRESOLVED = 0, 1, 2, 3, 4, 5
 CENTRAL, RICHARDSON, FORWARD, BACKWARD, COARSE, SIDES = 0, 1, 2, 3, 4, 5

@@ -1,6 +1,6 @@
 """Write reports to files: JSON for machines, a self-contained HTML page for people.
 
-Both take a sequence of results (a :class:`~gradbridge._report.Report` or a comparison: anything with
+Both take a sequence of results (a :class:`~gradbridge._reporting.report.Report` or a comparison: anything with
 ``to_dict()`` and ``passed``) and optional labels (a pytest node id, a case name) shown with each.
 """
 
@@ -73,7 +73,7 @@ def write_html(path: PathLike, results: Sequence[Any], labels: Optional[Sequence
     when matplotlib is installed (``pip install "gradbridge[plot]"``); without it the page has the
     tables only and says so.
     """
-    from ._html import render_html
+    from .html import render_html
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from . import __version__, _registry
-from ._cases import (Case, CaseFileError, CaseOutcome, load_cases, missing_modules, parse_target, run_case,
+from .. import __version__, _registry
+from .cases import (Case, CaseFileError, CaseOutcome, load_cases, missing_modules, parse_target, run_case,
                      select_case)
 
 #: Exit codes.
@@ -92,9 +92,9 @@ def _case_counts(entries: Sequence[_Entry]) -> Dict[str, int]:
 
 
 def _write_json(path: Path, entries: Sequence[_Entry]) -> None:
-    """gradbridge's JSON report document (``gradbridge._export``) with the case layer added: per entry
+    """gradbridge's JSON report document (``gradbridge._reporting.export``) with the case layer added: per entry
     ``expect`` and ``outcome`` (``passed`` there is the check's own verdict), and ``cases`` counts."""
-    from ._export import json_safe, to_json_document
+    from .._reporting.export import json_safe, to_json_document
 
     reported = [e for e in entries if e.result is not None]
     document = to_json_document([e.result for e in reported], [e.label for e in reported])
@@ -113,7 +113,7 @@ def _write_json(path: Path, entries: Sequence[_Entry]) -> None:
 
 def _write_html(path: Path, entries: Sequence[_Entry], title: str) -> None:
     """The HTML page of every entry that has a report (errors and skips have none: the title counts them)."""
-    from ._export import write_html
+    from .._reporting.export import write_html
 
     reported = [e for e in entries if e.result is not None]
     labels = []
@@ -144,7 +144,7 @@ _html_option = click.option("--html", "html_path", type=click.Path(dir_okay=Fals
 
 
 def _print_report(result: Any) -> None:
-    from ._terminal import print_report
+    from .._reporting.terminal import print_report
 
     sys.stdout.flush()
     print_report(result)
@@ -164,7 +164,7 @@ def demo(ctx: click.Context, backends: Tuple[str, ...], json_path: Optional[Path
 
     Exits 0 only when every correct example passes and every seeded bug is caught.
     """
-    from .backends.demos import demo_results, describe_expectation, describe_outcome
+    from ..backends.demos import demo_results, describe_expectation, describe_outcome
 
     available = _registry.available_backends()
     chosen = list(dict.fromkeys(backends))

@@ -42,7 +42,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ._errors import GradbridgeError, InvalidArgumentError
+from .._errors import GradbridgeError, InvalidArgumentError
 
 #: The attribute ``@case`` sets on a function (a :class:`CaseSpec`).
 CASE_ATTRIBUTE = "__gradbridge_case__"

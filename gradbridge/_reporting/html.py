@@ -12,7 +12,7 @@ import base64
 import html
 from typing import Any, List, Optional, Sequence
 
-from ._report import Report, RowResult
+from .report import Report, RowResult
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em; color: #222; }
@@ -101,7 +101,7 @@ def _worst_table(row: RowResult) -> str:
 def _pictures(row: RowResult, plots: bool) -> str:
     if not plots:
         return ""
-    from ._plots import heatmap_png, step_plot_png
+    from .plots import heatmap_png, step_plot_png
 
     figures = []
     if row.error_map is not None:
@@ -192,7 +192,7 @@ def render_comparison(comparison: Any, label: Optional[str], plots: bool, anchor
 
 def render_html(results: Sequence[Any], labels: Sequence[Optional[str]], title: str = "gradbridge report") -> str:
     """The whole page: a summary table linking to one section per result."""
-    from ._plots import matplotlib_available
+    from .plots import matplotlib_available
 
     plots = matplotlib_available()
     failed = sum(1 for r in results if not r.passed)

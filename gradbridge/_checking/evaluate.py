@@ -10,10 +10,10 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from ._adapter import EditedEvaluation, LeafSpec, PreparedFunction, TransposedProducts, WorkingPrecision, offered
-from ._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
-from ._executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
-from ._progress import CheckProgress
+from .._adapter import EditedEvaluation, LeafSpec, PreparedFunction, TransposedProducts, WorkingPrecision, offered
+from .._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
+from .executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
+from .._reporting.progress import CheckProgress
 
 
 class Evaluator:
@@ -30,7 +30,7 @@ class Evaluator:
         self.jvps = 0
         # points where fn was not finite once and finite when evaluated again: a fault, not a domain edge
         self.transients: List[str] = []
-        # executor=: the chunks of evaluate go to other processes (see gradbridge._executor)
+        # executor=: the chunks of evaluate go to other processes (see gradbridge._checking.executor)
         self.remote = remote_for(prepared)
 
     def _call(self, method, data: np.ndarray, label: str) -> np.ndarray:

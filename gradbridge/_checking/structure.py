@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError
 
 Basis = Tuple[np.ndarray, List[str]]  # (k, size) directions on the flattened leaf, and one label each
 

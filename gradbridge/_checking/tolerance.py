@@ -6,7 +6,7 @@ The default rule is error-estimated, applied per element and never scaled with a
 
 ``fd_error`` is the numerical error of the finite difference, estimated from the function's own
 evaluations (round-off ``eps*|f|/h``; where the step ladder refines an element, the truncation error
-seen between consecutive steps too: see :mod:`gradbridge._numeric`). The two precision terms are the
+seen between consecutive steps too: see :mod:`gradbridge._checking.numeric`). The two precision terms are the
 floor below which no finite difference in that precision can tell two derivatives apart: half the
 digits of the working precision relative to the entry (1.5e-8 in float64, 3.5e-4 in float32; the
 analytic side's own round-off lives there), and ``eps^(2/3)`` of the block's largest entry for entries

@@ -16,10 +16,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ._directions import Directions
-from ._evaluate import Evaluator
-from ._precision import PointRounder
-from ._report import StepSweep
+from .directions import Directions
+from .evaluate import Evaluator
+from .._precision import PointRounder
+from .._reporting.report import StepSweep
 
 #: Largest input leaf (elements) whose element map is kept in the report.
 MAP_LIMIT = 65536

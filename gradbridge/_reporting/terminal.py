@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional, TextIO
 
-from ._report import Report
+from .report import Report
 
 
 def wants_color(stream: TextIO) -> bool:
@@ -38,7 +38,7 @@ def print_report(result: Any, file: Optional[TextIO] = None, color: Optional[boo
         return
     from rich.console import Console
 
-    from ._render_rich import report_renderable
+    from .render_rich import report_renderable
 
     Console(file=stream, force_terminal=True, no_color=False, color_system="standard", highlight=False,
             soft_wrap=False).print(report_renderable(result))

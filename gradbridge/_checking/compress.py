@@ -21,7 +21,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._adapter import LeafSpec
+from .._adapter import LeafSpec
 
 #: Leaves smaller than this are checked column by column (the saving is small, the report plainer).
 MIN_COLUMNS = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._precision import DTYPE_EPS, FLOAT64_EPS
+from .._precision import DTYPE_EPS, FLOAT64_EPS
 
 
 

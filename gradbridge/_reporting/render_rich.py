@@ -9,8 +9,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ._render import ROW_HEADER, detail_lines, header_lines, row_cells
-from ._report import Report
+from .render import ROW_HEADER, detail_lines, header_lines, row_cells
+from .report import Report
 
 GRADE_STYLES = {"correct": "green", "zero": "green", "acceptable": "cyan", "suspicious": "yellow", "wrong": "bold red"}
 VERDICT_STYLES = {"ok": "bold green", "FAIL": "bold red", "ERROR": "bold red", "NONE": "bold red",

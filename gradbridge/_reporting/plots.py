@@ -12,7 +12,7 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from ._report import RowResult, StepSweep
+from .report import RowResult, StepSweep
 
 #: Widest grid drawn for a 1-D input before it is wrapped into rows.
 STRIP_LIMIT = 64

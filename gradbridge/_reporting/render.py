@@ -1,10 +1,10 @@
-"""Plain-text rendering of a :class:`~gradbridge._report.Report` (terminal and CI logs)."""
+"""Plain-text rendering of a :class:`~gradbridge._reporting.report.Report` (terminal and CI logs)."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
-from ._report import Report, RowResult
+from .report import Report, RowResult
 
 
 def _fmt(value: float) -> str:

@@ -1,7 +1,7 @@
 """The grade of a row: how large its relative error is, computed where that means something.
 
 The verdict (pass/FAIL) says whether the analytic side differs from finite differences by more than
-their error allows; the grade names the size of the difference (:func:`gradbridge._tolerance.grade`).
+their error allows; the grade names the size of the difference (:func:`gradbridge._checking.tolerance.grade`).
 They must tell one story:
 
 - a block that is zero on both sides up to the tolerance (a bias before a BatchNorm) has no relative
@@ -20,8 +20,8 @@ from typing import Tuple
 
 import numpy as np
 
-from ._report import RowResult
-from ._tolerance import grade, relative_error
+from .._reporting.report import RowResult
+from .tolerance import grade, relative_error
 
 ZERO = "zero"
 PASSING_GRADES = ("correct", "acceptable", ZERO)

@@ -3,7 +3,7 @@
 ``full`` mode compares every directional derivative ``J d`` (one direction per input element, or per
 tangent direction of a structured input) both ways: the analytic side from unit VJPs (one per output
 element) or JVPs, the numeric side from central differences refined by the step ladder of
-:mod:`gradbridge._numeric` where the first pass is not conclusive (kinks, domain edges, curvature).
+:mod:`gradbridge._checking.numeric` where the first pass is not conclusive (kinks, domain edges, curvature).
 ``fast`` mode compares random projections ``v . (J u)`` (numeric) with ``(J^T v) . u`` (analytic) for
 several Gaussian probes per leaf and re-runs ``full`` on any leaf that fails so the report still names
 the element; ``auto`` (the default) runs ``full`` unless its cost is above the budget. ``order=2``
@@ -20,26 +20,26 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._adapter import (ForwardRules, LeafSpec, PreparedFunction, TransposedProducts, UndefinedGradients, WorkingPrecision,
+from .._adapter import (ForwardRules, LeafSpec, PreparedFunction, TransposedProducts, UndefinedGradients, WorkingPrecision,
                        offered)
-from ._compress import MIN_COLUMNS, diagonal_jacobian, diagonal_plan, plan as compression_plan
-from ._determinism import SPREAD_EXPLAINS, Spread, measure_spread
-from ._diagnostics import SWEEP_ROWS, element_map, step_sweep
-from ._directions import Directions, LeafDirections
-from ._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from ._evaluate import Evaluator
-from ._finite_diff import relative_step, step_description
-from ._grading import ZERO, block_grade, explain_grade
-from ._localize import bisection_row
-from ._memory import budget_bytes, full_check_bytes, size_text
-from ._numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts, StepLadder
-from ._options import Options
-from ._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
-from ._progress import CheckProgress
-from ._report import KinkPoint, Report, RowResult, StepSweep, WorstElement
-from ._structure import Structure
-from ._tolerance import Tolerance, grade, relative_error
-from ._verified_groups import ColumnAnalytic, analytic_by_columns
+from .compress import MIN_COLUMNS, diagonal_jacobian, diagonal_plan, plan as compression_plan
+from .determinism import SPREAD_EXPLAINS, Spread, measure_spread
+from .diagnostics import SWEEP_ROWS, element_map, step_sweep
+from .directions import Directions, LeafDirections
+from .._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
+from .evaluate import Evaluator
+from .finite_diff import relative_step, step_description
+from .grading import ZERO, block_grade, explain_grade
+from .localize import bisection_row
+from .memory import budget_bytes, full_check_bytes, size_text
+from .numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts, StepLadder
+from .._options import Options
+from .._precision import DTYPE_EPS, FLOAT64_EPS, PointRounder
+from .._reporting.progress import CheckProgress
+from .._reporting.report import KinkPoint, Report, RowResult, StepSweep, WorstElement
+from .structure import Structure
+from .tolerance import Tolerance, grade, relative_error
+from .verified_groups import ColumnAnalytic, analytic_by_columns
 
 #: Most non-differentiable points listed per row (the count is always complete).
 KINKS_LISTED = 10
@@ -381,7 +381,7 @@ def _forward_instead(evaluator: Evaluator, context: _Context, leaves: Sequence[L
 
 def _measure_spreads(evaluator: Evaluator, context: _Context, modes: Sequence[str]) -> None:
     """Run the analytic side twice per mode at one probe (first order only; see
-    :mod:`gradbridge._determinism`) and keep the spread of each mode that is not deterministic."""
+    :mod:`gradbridge._checking.determinism`) and keep the spread of each mode that is not deterministic."""
     precision = working_eps(evaluator.prepared, context.options)
     for mode in modes:
         if mode not in context.spreads:
@@ -436,7 +436,7 @@ def _full_rows(evaluator: Evaluator, context: _Context, leaves: Sequence[LeafSpe
                analytic_mode: str, order: int, jacobian: Optional[np.ndarray] = None,
                compress: bool = True) -> List[RowResult]:
     """Every Jacobian entry of ``leaves``, compared. Leaves whose analytic sparsity allows it are
-    checked with compressed finite differences (:mod:`gradbridge._compress`); one that is not cleanly
+    checked with compressed finite differences (:mod:`gradbridge._checking.compress`); one that is not cleanly
     right that way is re-checked element by element, so a failure always names its element."""
     if compress and order == 1 and jacobian is None and context.diagonal is not None:
         return _diagonal_rows(evaluator, context, leaves, f0, analytic_mode, order)
@@ -557,7 +557,7 @@ def _columns_for_auto(evaluator: Evaluator, options: Options, structures: Mappin
 
 def _analytic_by_columns(evaluator: Evaluator, options: Options, leaves: Sequence[LeafSpec],
                          limit: Optional[int] = None) -> Optional[ColumnAnalytic]:
-    """The analytic side by column groups from transposed VJPs (:mod:`gradbridge._verified_groups`),
+    """The analytic side by column groups from transposed VJPs (:mod:`gradbridge._checking.verified_groups`),
     when that costs less than the dense Jacobian's VJPs; None to build the dense Jacobian instead."""
     prepared = evaluator.prepared
     m = sum(spec.size for spec in prepared.output_specs)

@@ -29,9 +29,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import _process
-from ._adapter import CheckSpec, PreparedFunction
-from ._errors import GradbridgeError, InvalidArgumentError
+from .. import _process
+from .._adapter import CheckSpec, PreparedFunction
+from .._errors import InvalidArgumentError
 
 #: Serialises evaluations inside one process: frameworks keep RNG seeds, default dtypes and module modes
 #: per process, so two prepared functions of one process must not evaluate at the same time (a thread
@@ -72,7 +72,7 @@ def _prepared(recipe: Recipe) -> PreparedFunction:
     if prepared is not None:
         _CACHE.move_to_end(recipe.key)
         return prepared
-    from . import _registry
+    from .. import _registry
 
     spec = pickle.loads(recipe.payload) if isinstance(recipe.payload, bytes) else recipe.payload
     prepared = _registry.get_adapter(recipe.backend).prepare(spec)
@@ -239,7 +239,7 @@ class RemoteEvaluation:
 
     def result(self, future: Any, first: int, count: int) -> np.ndarray:
         """The outputs of one chunk; raises :class:`RemoteFailure` when fn raised in the worker."""
-        from ._errors import FunctionEvaluationError
+        from .._errors import FunctionEvaluationError
 
         try:
             outcome = future.result()

@@ -246,6 +246,6 @@ class Report:
         return "FAILED: " + "; ".join(parts)
 
     def __str__(self) -> str:
-        from ._render import render_text
+        from .render import render_text
 
         return render_text(self)

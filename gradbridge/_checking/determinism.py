@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from ._errors import ModeUnsupportedError
-from ._evaluate import Evaluator
+from .._errors import ModeUnsupportedError
+from .evaluate import Evaluator
 
 #: Spreads below this many ulps of the largest entry are round-off, not non-determinism.
 SPREAD_NOTED = 16.0
