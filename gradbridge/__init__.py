@@ -10,7 +10,7 @@ are imported only when a check needs them.
 
 from ._api import assert_check, check, clear_cache
 from ._cli.cases import case
-from ._comparing.compare import Comparison, Implementation, PairDifference, compare
+from ._comparing import Comparison, Implementation, PairDifference, compare
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
 from ._reporting.export import write_html, write_json

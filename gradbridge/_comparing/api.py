@@ -1,0 +1,158 @@
+"""The entry point :func:`compare`: one set of inputs through several implementations of the same function.
+
+Cross-framework comparison runs one set of inputs through several implementations of the same function
+(torch, JAX, TensorFlow, NumPy, or several of one framework) in float64 and reports, pairwise, how far their
+values and gradients are apart, plus each one's own finite-difference check, so that someone porting a model
+learns which side is wrong.
+
+Invariant: everything framework-specific (array conversion, loading parameters into a module) sits behind the
+adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this package never names a framework.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional, Set
+
+
+from .. import _hooks
+from .._api import function_name
+from .._errors import InvalidArgumentError
+from .._options import DEFAULT_BUDGET, Options, validate_kwargs, validate_options
+from .differences import _conversion_notes, _coverage_notes, _describe_tolerance, _pairs, _select, _tolerances
+from .implementations import _Inputs, _bind, _common_argument_names, _params_to_numpy, _resolve, _validate_params
+from .result import Comparison
+from .runs import _cotangents, _evaluate, _gradient, _own_check, _start
+from .verdicts import _verdicts
+
+#: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
+CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_size", "budget", "kinks", "progress",
+                 "memory")
+
+# --- the entry point ---
+
+def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Mapping[str, Any]] = None,
+            kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = 0,
+            rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
+            name: Optional[str] = None, **check_options: Any) -> Comparison:
+    """Run the same inputs through several implementations of one function and say which side is wrong.
+
+    ``gb.compare({"torch": model, "jax": f_jax, "tensorflow": keras_model, "numpy": (f_np, grad_np)}, x,
+    params=weights)`` converts ``args`` (NumPy arrays, or the arrays of any one framework, nested in
+    lists, tuples and dicts too) to float64 NumPy once and then to each implementation's own arrays,
+    evaluates every implementation in float64 at that one point, and compares pairwise, by name:
+
+    * the output values (every floating output, by its name: ``out``, ``out[0]``, ``out['loss']``);
+    * the gradients of every input and parameter leaf: the gradient itself for a scalar output, else one
+      vector-Jacobian product with a random cotangent (seeded by ``seed``) shared by all implementations;
+    * and, unless ``own_check=False``, runs each implementation's own :func:`gradbridge.check` at the
+      same point, which tells a wrong backward pass (its own finite differences disagree) from a wrong
+      forward pass (its values disagree with the others, its gradient matches its own forward).
+
+    Implementations: keys are labels. A key that is a backend name (``"numpy"``, ``"torch"``, ``"jax"``,
+    ``"tensorflow"`` or an alias: ``"np"``, ``"pytorch"``, ``"tf"``) says the framework; other labels
+    take a :class:`Implementation` (``gb.Implementation(fn, backend="torch")``) or a module/model whose
+    framework is evident. A ``(fn, grad)`` tuple is the NumPy form (``grad`` as in :func:`check`).
+
+    Parameters (``params``): one flat mapping ``{dotted name: array}``, the same names and shapes for
+    every implementation (arrays of any framework, or NumPy; nested dicts are flattened with dots). Each
+    implementation gets them in its own way, always as float64 and never by writing to your objects:
+
+    * a torch ``nn.Module`` by ``state_dict`` name (``fc1.weight``, ``fc1.bias``; buffers such as
+      ``bn.running_mean`` may be given too), loaded into a float64 deep copy;
+    * a Keras model or layer by variable path relative to the model with "/" written as "." (a
+      Sequential's ``sequential/dense/kernel`` is ``dense.kernel``; a subclassed model's ``fc1/weight`` is
+      ``fc1.weight``), read through the check's float64 shadow variables; trainable variables only;
+    * a plain function of any framework receives them as its FIRST positional argument, a flat dict
+      ``{name: native float64 array}`` (for JAX that dict is the parameter pytree): ``f(params, *args)``.
+      A NumPy ``grad(params, *args)`` (or ``grad(cotangent, params, *args)``) returns
+      ``(dict of parameter gradients, gradient of each floating argument...)``.
+
+    A module or model must receive exactly its parameters: missing names, unexpected names and shape
+    mismatches raise :class:`InvalidArgumentError` naming the implementation and the parameter. A plain
+    function that looks up a name not in ``params`` raises one too.
+
+    Tolerance of the pairwise comparison, per element, with ``s_leaf`` the largest ``|a|, |b|`` of the
+    leaf and ``s_all`` of all leaves of the same quantity (values or gradients) of the pair::
+
+        |a - b| <= atol + rtol * (max(|a|, |b|) + 1e-2 * s_leaf + 1e-4 * s_all)
+
+    ``rtol`` defaults to 1e-7 and ``atol`` to 0: float64 implementations of the same math differ by
+    rounding (around 1e-13 relative), a porting bug by far more; the block terms keep entries that are
+    zero up to rounding from failing.
+
+    Args:
+        implementations: label -> implementation (at least two), as above.
+        *args: the inputs, given once; floating leaves are compared as float64, integers and booleans
+            pass through (converted to each framework's arrays), other values unchanged.
+        params: the parameters, as above; None when the implementations hold their own.
+        kwargs: keyword arguments for every implementation (arrays converted, never differentiated).
+        wrt: narrow the compared gradients: argument positions (int), names or name prefixes of inputs
+            and parameters (``"x"``, ``"fc1"``), or a list of these.
+        seed: seeds the cotangent and every random generator the checks pin.
+        rtol, atol: the pairwise tolerance above.
+        own_check: run each implementation's own finite-difference check (the default; it is what tells
+            a wrong backward pass from a wrong forward pass).
+        name: what to call the function in the report (default: the first implementation's name).
+        **check_options: options of the own checks: ``mode``, ``order``, ``eps``, ``probes``,
+            ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress``, ``memory`` (see
+            :func:`check`).
+
+    Returns:
+        A :class:`Comparison`; ``comparison.passed`` is the verdict, ``print(comparison)`` explains it.
+
+    Raises:
+        InvalidArgumentError: a bad implementation, parameter mapping or option (the message names it).
+        BackendNotAvailableError: the framework of an implementation is not installed.
+        FunctionEvaluationError: an implementation raised or returned no floating output.
+    """
+    started = time.perf_counter()
+    entries = _resolve(implementations)
+    rtol_value, atol_value = _tolerances(rtol, atol)
+    if not isinstance(own_check, bool):
+        raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"name: expected a string or None, got {type(name).__name__}")
+    options = _own_check_options(check_options, seed)
+    source: Set[str] = set()
+    inputs = _Inputs(args, validate_kwargs(kwargs), source)
+    numpy_params = _params_to_numpy(params, source)
+    for entry in entries:
+        _validate_params(entry, numpy_params)
+    bindings = [_bind(entry, numpy_params) for entry in entries]
+    arg_names = _common_argument_names(bindings, len(args))
+    runs = [_start(entry, binding, inputs, arg_names, options, seed, numpy_params)
+            for entry, binding in zip(entries, bindings)]
+    selected = _select(wrt, runs, arg_names)
+    notes = _conversion_notes(source, numpy_params)
+    for run in runs:
+        _evaluate(run, numpy_params)
+    cotangents, output_notes, mismatches = _cotangents(runs, seed)
+    notes.extend(output_notes)
+    for run in runs:
+        _gradient(run, cotangents[run.entry.label], numpy_params)
+    pairs = _pairs(runs, selected, rtol_value, atol_value)
+    notes.extend(_coverage_notes(runs, selected))
+    notes.extend(b.note for b in bindings if b.note)
+    checks = {run.entry.label: _own_check(run, options, selected, numpy_params) for run in runs} if own_check else {}
+    comparison = Comparison(
+        function=name if name is not None else function_name(entries[0].fn),
+        implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
+        seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
+        tolerance=_describe_tolerance(rtol_value, atol_value), mismatches=mismatches)
+    comparison.verdicts = _verdicts(comparison, runs)
+    comparison.seconds = time.perf_counter() - started
+    _hooks.notify(comparison)
+    return comparison
+
+
+def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:
+    unknown = [k for k in check_options if k not in CHECK_OPTIONS]
+    if unknown:
+        raise InvalidArgumentError(
+            f"{unknown[0]}: not an option of gb.compare; the own checks take {', '.join(CHECK_OPTIONS)}"
+            + (" (rtol/atol are the pairwise tolerance)" if unknown[0] in ("check_rtol", "check_atol") else ""))
+    merged = dict(mode="auto", order=1, eps=None, probes=3, analytic="auto", train=False, chunk_size=256,
+                  budget=DEFAULT_BUDGET, kinks="allow", progress=None, memory=None)
+    merged.update(check_options)
+    return validate_options(atol=None, rtol=None, seed=seed, promote=True, **merged)

@@ -1,0 +1,98 @@
+"""The plain-text rendering of a :class:`~gradbridge._comparing.result.Comparison`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+from .._reporting.report import Report
+
+if TYPE_CHECKING:
+    from .result import Comparison
+
+# --- text ---
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if not np.isfinite(value):
+        return str(value)
+    return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def render_comparison(comparison: Comparison) -> str:
+    """Plain text: header, pairwise table, verdicts, each own check's summary and failing details, notes."""
+    verdict = "PASSED" if comparison.passed else "FAILED"
+    lines = [f"gradbridge compare of {comparison.function}: {verdict}  ({comparison.summary().split(': ', 1)[-1]})",
+             "  implementations: " + ", ".join(f"{label} ({comparison.backends.get(label, '?')})"
+                                               for label in comparison.implementations)
+             + f" | {comparison.seconds:.3f} s",
+             f"  tolerance: {comparison.tolerance}", ""]
+    rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf, _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
+             "ok" if p.passed else "DIFFER",
+             "" if p.passed else f"{_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
+             + (f" ({p.mismatches} of {int(np.prod(p.shape, dtype=np.int64))} outside)" if p.shape else "")]
+            for p in comparison.pairs]
+    lines.extend(_table(("pair", "quantity", "leaf", "max |a-b|", "rel diff", "verdict", "worst element"), rows))
+    if comparison.verdicts:
+        lines.append("")
+        lines.append("Verdicts:")
+        lines.extend(f"  - {sentence}" for sentence in comparison.verdicts)
+    if comparison.checks:
+        lines.append("")
+        lines.append("Own finite-difference checks:")
+        width = max(len(label) for label in comparison.checks)
+        for label, report in comparison.checks.items():
+            lines.append(f"  {label.ljust(width)}  {report.summary()}")
+            lines.extend(_failure_lines(report))
+    lines.append("")
+    lines.extend(f"  note: {note}" for note in comparison.notes)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _failure_lines(report: Report) -> List[str]:
+    lines = []
+    for row in report.failures:
+        text = f"      {row.input} -> {row.output}: {row.status}"
+        if row.worst is not None:
+            w = row.worst
+            index = list(w.input_index) if w.input_index else ""
+            text += (f", {row.mismatches} of {row.compared} entries outside tolerance; worst {row.input}{index}: "
+                     f"analytic {w.analytic:.10g} vs numeric {w.numeric:.10g}")
+        elif row.message:
+            text += f": {row.message}"
+        lines.append(text)
+    return lines
+
+
+def _at(leaf: str, index: Sequence[int]) -> str:
+    """``leaf[i, j]`` (just ``leaf`` for a scalar)."""
+    return f"{leaf}[{', '.join(str(i) for i in index)}]" if index else leaf
+
+
+def _and(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return _and([f"'{n}'" for n in names])
+
+
+def _failed_rows(report: Report) -> List[str]:
+    return list(dict.fromkeys(row.input for row in report.rows if not row.passed))

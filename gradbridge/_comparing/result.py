@@ -1,0 +1,127 @@
+"""What :func:`gradbridge.compare` returns: per pair of implementations, how far values and gradients are apart
+(:class:`PairDifference`), and the whole comparison (:class:`Comparison`).
+
+Invariant: a :class:`Comparison` passes exactly when every pair agrees within the pairwise rule and every
+implementation's own check that ran passed; its text is rendered by :mod:`.render`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+
+from .._reporting.report import Report
+from .render import render_comparison
+from .render import _failed_rows
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation for :func:`compare` under a label that is not a backend name.
+
+    ``{"torch-fused": gb.Implementation(fused_fn, backend="torch")}``; ``grad`` is the NumPy gradient
+    (``backend="numpy"``); ``backend=None`` detects a module, model or compiled function's framework.
+    """
+
+    fn: Callable[..., Any]
+    grad: Optional[Callable[..., Any]] = None
+    backend: Optional[str] = None
+
+
+@dataclass
+class PairDifference:
+    """How far two implementations are apart on one output value or one leaf's gradient.
+
+    ``max_rel_diff`` is the largest ``|a - b|`` relative to the scale the tolerance uses (so, with
+    ``atol=0``, the pair passes when it is at most ``rtol``); ``worst_index`` is the element furthest outside
+    its tolerance (or closest to it), where ``first_value``/``second_value`` are read; ``allowed`` is the
+    tolerance there. ``mismatches`` counts the elements outside the tolerance, ``outside`` lists the first
+    :data:`OUTSIDE_LISTED` of them.
+    """
+
+    first: str
+    second: str
+    quantity: str
+    leaf: str
+    max_abs_diff: float
+    max_rel_diff: float
+    allowed: float
+    passed: bool
+    worst_index: Tuple[int, ...]
+    first_value: float
+    second_value: float
+    shape: Tuple[int, ...] = ()
+    mismatches: int = 0
+    outside: List[Tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    """Outcome of :func:`gradbridge.compare`. ``passed`` is the verdict; ``verdicts`` say who is wrong.
+
+    Attributes:
+        function: a readable name of what was compared.
+        implementations: the labels, in the order given.
+        checks: each implementation's own finite-difference check (empty with ``own_check=False``).
+        pairs: one entry per pair of implementations and output value or gradient leaf.
+        verdicts: plain sentences naming the side that is wrong and what to look at (empty on a pass).
+        notes: how the comparison was made (cotangent, conversions, leaves not common to all).
+        seconds: wall time.
+        backends: label -> backend and its version.
+        tolerance: the pairwise rule in force.
+        mismatches: structural differences (outputs missing or shaped differently); each fails.
+    """
+
+    function: str
+    implementations: List[str]
+    checks: Dict[str, Report]
+    pairs: List[PairDifference]
+    verdicts: List[str]
+    notes: List[str]
+    seconds: float
+    backends: Dict[str, str] = field(default_factory=dict)
+    tolerance: str = ""
+    mismatches: List[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every pair agrees, every own check passes and the outputs have the same structure."""
+        return (not self.mismatches and all(p.passed for p in self.pairs)
+                and all(r.passed for r in self.checks.values()))
+
+    @property
+    def failures(self) -> List[PairDifference]:
+        return [p for p in self.pairs if not p.passed]
+
+    def summary(self) -> str:
+        """One line: the verdict and what disagrees."""
+        values = {p.leaf for p in self.pairs if p.quantity == "value"}
+        grads = {p.leaf for p in self.pairs if p.quantity == "gradient"}
+        if self.passed:
+            own = "; own checks pass" if self.checks else ""
+            return (f"passed: {len(self.implementations)} implementations agree on {len(values)} output(s) and the "
+                    f"gradients of {len(grads)} leaf/leaves{own}")
+        parts = []
+        if self.mismatches:
+            parts.append(f"{len(self.mismatches)} structural mismatch(es)")
+        failed = self.failures
+        if failed:
+            parts.append(f"{len(failed)} of {len(self.pairs)} pairwise comparisons differ")
+        own = [f"{label} ({', '.join(_failed_rows(report)) or 'no verdict'})"
+               for label, report in self.checks.items() if not report.passed]
+        if own:
+            parts.append("own check fails: " + "; ".join(own))
+        return "FAILED: " + ", ".join(parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict of the whole comparison (own checks through :meth:`Report.to_dict`)."""
+        data: Dict[str, Any] = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                                if f.name not in ("checks", "pairs")}
+        data["checks"] = {label: report.to_dict() for label, report in self.checks.items()}
+        data["pairs"] = [asdict(p) for p in self.pairs]
+        data["passed"] = self.passed
+        return data
+
+    def __str__(self) -> str:
+        return render_comparison(self)

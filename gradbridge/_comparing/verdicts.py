@@ -1,0 +1,267 @@
+"""The sentences of a comparison: which implementation is wrong, from the pairwise differences and each
+implementation's own finite-difference check (the third opinion).
+
+Invariant: a sentence blames an implementation only where the numbers show it (a majority, or an own check
+that failed); otherwise it says what disagrees without guessing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+
+from .._reporting.report import Report
+from .differences import leaf_order
+from .result import Comparison, PairDifference
+from .render import _and, _at, _quoted
+from .runs import _Run
+
+# --- verdicts ---
+
+def _agreeing_groups(labels: Sequence[str], disagree: Set[frozenset]) -> List[Tuple[str, ...]]:
+    """The largest sets of implementations that all agree with each other, largest first."""
+    best: List[Tuple[str, ...]] = []
+    for size in range(len(labels), 0, -1):
+        for group in itertools.combinations(labels, size):
+            if all(frozenset(p) not in disagree for p in itertools.combinations(group, 2)):
+                best.append(group)
+        if best:
+            return best
+    return best
+
+
+def _majority(labels: Sequence[str], disagree: Set[frozenset]) -> Optional[Tuple[str, ...]]:
+    """The one largest group of at least two agreeing implementations, when it is unique and not everyone."""
+    groups = _agreeing_groups(labels, disagree)
+    if len(groups) == 1 and 2 <= len(groups[0]) < len(labels):
+        return groups[0]
+    return None
+
+
+class _Facts:
+    """What the verdicts are drawn from: disagreements per (quantity, leaf), own-check failures per leaf."""
+
+    def __init__(self, comparison: Comparison, runs: Sequence[_Run]) -> None:
+        self.labels = comparison.implementations
+        self.runs = {r.entry.label: r for r in runs}
+        self.disagree: Dict[Tuple[str, str], Set[frozenset]] = {}
+        self.worst: Dict[Tuple[str, str], PairDifference] = {}
+        for p in comparison.pairs:
+            key = (p.quantity, p.leaf)
+            self.disagree.setdefault(key, set())
+            if not p.passed:
+                self.disagree[key].add(frozenset((p.first, p.second)))
+                if key not in self.worst or p.max_rel_diff > self.worst[key].max_rel_diff:
+                    self.worst[key] = p
+        self.own_failed: Dict[str, Set[str]] = {}
+        self.checked = bool(comparison.checks)
+        self.kinks = _kink_indices(comparison.checks)
+        self.kink_pairs: Dict[str, List[PairDifference]] = {}  # leaf -> pairs differing at kinks only
+        self.kink_own: Dict[str, List[str]] = {}  # leaf -> labels whose own check fails at kinks only
+        for p in comparison.pairs:
+            if not p.passed and p.quantity == "gradient" and self._at_kinks_only(p):
+                self.kink_pairs.setdefault(p.leaf, []).append(p)
+                self.disagree[(p.quantity, p.leaf)].discard(frozenset((p.first, p.second)))
+        for label, report in comparison.checks.items():
+            failed: Dict[str, List[Any]] = {}
+            for row in report.failures:
+                failed.setdefault(row.input, []).append(row)
+            self.own_failed[label] = set()
+            for leaf, rows in failed.items():
+                if all(self._kink_row(row) for row in rows):
+                    self.kink_own.setdefault(leaf, []).append(label)
+                else:
+                    self.own_failed[label].add(leaf)
+
+    def _at_kinks_only(self, pair: PairDifference) -> bool:
+        """Whether every element of the pair outside the tolerance is a non-differentiable point."""
+        kinks = self.kinks.get(pair.leaf, set())
+        return bool(pair.outside) and pair.mismatches == len(pair.outside) and set(pair.outside) <= kinks
+
+    def _kink_row(self, row: Any) -> bool:
+        """Whether an own-check row fails only at non-differentiable points (``kinks='fail'``/``'subgradient'``)."""
+        kinks = self.kinks.get(row.input, set())
+        return (row.status == "fail" and 0 < row.mismatches <= row.kinks
+                and (row.worst is None or tuple(row.worst.input_index) in kinks))
+
+    def having(self, quantity: str, leaf: str) -> List[str]:
+        side = "values" if quantity == "value" else "gradients"
+        return [label for label in self.labels if leaf in getattr(self.runs[label], side)]
+
+    def partners(self, label: str, quantity: str, leaf: str) -> List[str]:
+        """The implementations ``label`` disagrees with on this quantity."""
+        found = []
+        for pair in self.disagree.get((quantity, leaf), set()):
+            if label in pair:
+                found.extend(x for x in pair if x != label)
+        return [x for x in self.labels if x in found]
+
+
+def _kink_indices(checks: Mapping[str, Report]) -> Dict[str, Set[Tuple[int, ...]]]:
+    """Leaf -> the elements any own check found at a non-differentiable point (the same point for all)."""
+    kinks: Dict[str, Set[Tuple[int, ...]]] = {}
+    for report in checks.values():
+        for row in report.rows:
+            if row.order == 1:
+                kinks.setdefault(row.input, set()).update(tuple(k.input_index) for k in row.nondifferentiable)
+    return kinks
+
+
+def _kink_sentence(facts: "_Facts", leaf: str) -> str:
+    """Differences at non-differentiable points: subgradient conventions, not wrong gradients."""
+    points = sorted(facts.kinks.get(leaf, set()))
+    shown = ", ".join(_at(leaf, index) for index in points[:3]) + (", ..." if len(points) > 3 else "")
+    parts = [f"'{leaf}' sits at a non-differentiable point here ({shown}: the one-sided derivatives differ)"]
+    for p in facts.kink_pairs.get(leaf, []):
+        parts.append(f"{p.first} and {p.second} return different subgradients there ({_at(leaf, p.worst_index)}: "
+                     f"{p.first_value!r} vs {p.second_value!r})")
+    own = facts.kink_own.get(leaf, [])
+    if own:
+        parts.append(f"the own check of {_and(own)} fails only there (kinks= asks for it)")
+    return ("; ".join(parts) + ": a convention at a kink, not a wrong gradient; compare at a point away from it, or "
+            "align the conventions if they matter to you")
+
+
+def _verdicts(comparison: Comparison, runs: Sequence[_Run]) -> List[str]:
+    """Plain sentences: which side is wrong, on what, and where to look."""
+    facts = _Facts(comparison, runs)
+    sentences = list(comparison.mismatches)
+    forward_suspects, value_sentences = _value_verdicts(facts)
+    sentences.extend(value_sentences)
+    sentences.extend(_gradient_verdicts(facts, forward_suspects))
+    for label, report in comparison.checks.items():
+        if report.problem:
+            sentences.append(f"{label}: its own finite-difference check could not judge the gradients: "
+                             f"{report.problem}; see its report")
+    return sentences
+
+
+def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
+    """Who computes different values: the odd ones out by majority, or an honest 'cannot tell'."""
+    suspects: Set[str] = set()
+    odd: Dict[Tuple[str, Tuple[str, ...]], List[str]] = {}
+    sentences = []
+    for (quantity, leaf), disagree in facts.disagree.items():
+        if quantity != "value" or not disagree:
+            continue
+        having = facts.having("value", leaf)
+        majority = _majority(having, disagree)
+        worst = facts.worst[(quantity, leaf)]
+        if majority is not None:
+            for label in having:
+                if label not in majority:
+                    odd.setdefault((label, majority), []).append(leaf)
+                    suspects.add(label)
+            continue
+        involved = [x for x in having if any(x in p for p in disagree)]
+        suspects.update(involved)
+        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(leaf, worst.worst_index)}: "
+                 f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
+        if len(having) == 2:
+            sentences.append(
+                f"{_and(involved)} compute different values of '{leaf}' ({where}): at least one forward pass is "
+                "wrong, and with only two implementations gradbridge cannot tell which; compare both forwards line "
+                "by line (weight layouts and transposes, biases, axes, epsilons) or add a third implementation, "
+                "e.g. a NumPy reference, to get a majority. Finite-difference checks cannot find a wrong forward pass")
+        else:
+            groups = _agreeing_groups(having, disagree)
+            split = " / ".join("{" + ", ".join(g) + "}" for g in groups)
+            sentences.append(
+                f"the implementations disagree on the value of '{leaf}' with no single majority (agreeing groups: "
+                f"{split}; {where}): look at the forward passes of {_and(involved)}; finite-difference checks cannot "
+                "find a wrong forward pass")
+    for (label, majority), leaves in odd.items():
+        worst = max((facts.worst[("value", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
+        grads = [leaf for (q, leaf), d in facts.disagree.items()
+                 if q == "gradient" and any(label in p for p in d) and leaf not in facts.own_failed.get(label, set())]
+        consequence = (f" Its gradients of {_quoted(grads)} differ too, consistently with its own forward"
+                       + (" (its own finite-difference check passes on them)" if facts.checked else "")
+                       + ": fix the forward first." if grads else "")
+        sentences.append(
+            f"{label}: value of {_quoted(leaves)} disagrees with {_and(majority)}, which agree with each other "
+            f"(largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}): "
+            f"{label}'s forward pass is wrong; look at how it computes {_quoted(leaves)} (weight layout or transpose, "
+            f"a missing bias or term, an axis, an epsilon, a different convention).{consequence}")
+    return suspects, sentences
+
+
+def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
+    """Wrong backward passes (own finite differences disagree), unreliable checks, unexplained differences."""
+    backward: Dict[str, Dict[str, List[str]]] = {}  # label -> leaf -> implementations it disagrees with
+    grouped: Dict[Tuple[str, Tuple[str, ...], Tuple[str, ...]], List[str]] = {}
+    sentences = []
+    for leaf in leaf_order(list(facts.runs.values())):
+        key = ("gradient", leaf)
+        if key not in facts.disagree:
+            continue  # not compared (wrt)
+        if leaf in facts.kink_pairs or leaf in facts.kink_own:
+            sentences.append(_kink_sentence(facts, leaf))
+        having = facts.having("gradient", leaf)
+        disagree = facts.disagree[key]
+        failing = [x for x in having if leaf in facts.own_failed.get(x, set())]
+        if failing and not disagree and len(failing) == len(having) and len(having) > 1:
+            sentences.append(
+                f"every implementation's own finite-difference check fails on '{leaf}' while their gradients agree "
+                "with each other: the finite differences are what is unreliable there (a non-differentiable point, "
+                "noise in the function, a step too large); see the reports' details before suspecting the gradients")
+            continue
+        for label in failing:
+            partners = facts.partners(label, "gradient", leaf)
+            if partners:
+                backward.setdefault(label, {})[leaf] = partners
+            else:
+                sentences.append(
+                    f"{label}: its own finite-difference check fails on '{leaf}', although its gradient agrees with "
+                    f"{_and([x for x in having if x != label])}: the finite differences, not the gradient, look "
+                    f"unreliable there (a non-differentiable point or noise); see {label}'s report")
+        unexplained = {p for p in disagree if not (p & set(failing)) and not (p & forward_suspects)}
+        if unexplained:
+            key, name = _unexplained(facts, leaf, having, failing, unexplained)
+            grouped.setdefault(key, []).append(name)
+    for label, by_leaf in backward.items():
+        names = list(by_leaf)
+        partners = list(dict.fromkeys(x for leaf in names for x in by_leaf[leaf]))
+        analytic = getattr(facts.runs[label].prepared, "analytic_source", "its gradient code")
+        sentences.append(
+            f"{label}: gradient of {_quoted(names)} disagrees with {_and(partners)}, and {label}'s own "
+            f"finite-difference check fails on {_quoted(names)}: {label}'s backward pass is wrong; look at the "
+            f"gradient code behind {_quoted(names)} ({analytic})")
+    for (kind, who, majority), names in grouped.items():
+        sentences.append(_unexplained_sentence(facts, kind, who, majority, names))
+    return sentences
+
+
+def _unexplained(facts: _Facts, leaf: str, having: Sequence[str], failing: Sequence[str],
+                 disagree: Set[frozenset]) -> Tuple[Tuple[str, Tuple[str, ...], Tuple[str, ...]], str]:
+    """Gradients differ where no own check fails and the values agree: (kind, who, majority), the leaf."""
+    candidates = [x for x in having if x not in failing]
+    majority = _majority(candidates, disagree)
+    if majority is not None:
+        return ("odd", tuple(x for x in candidates if x not in majority), majority), leaf
+    involved = tuple(sorted({x for p in disagree for x in p}, key=list(facts.labels).index))
+    return ("split", involved, ()), leaf
+
+
+def _unexplained_sentence(facts: _Facts, kind: str, who: Tuple[str, ...], majority: Tuple[str, ...],
+                          leaves: Sequence[str]) -> str:
+    worst = max((facts.worst[("gradient", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
+    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}: "
+             f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
+    names = _quoted(leaves)
+    if not facts.checked:
+        if kind == "odd":
+            return (f"{_and(who)}: gradient of {names} disagrees with {_and(majority)}, which agree with each other "
+                    f"({where}): {_and(who)}'s backward pass is likely wrong; run with own_check=True to confirm it "
+                    "with its own finite differences")
+        return (f"{_and(who)} compute different gradients of {names} ({where}) and there is no majority to tell "
+                "which is wrong; run with own_check=True: each implementation's own finite-difference check tells "
+                "which backward pass is wrong")
+    if kind == "odd":
+        return (f"{_and(who)}: gradient of {names} disagrees with {_and(majority)} ({where}), although the values "
+                "agree and every own finite-difference check passes on it: the implementations compute different "
+                f"functions near this point (a term that vanishes here, another branch); look at {_and(who)}'s "
+                "forward pass, or rerun with mode='full' if the own checks ran in fast mode")
+    return (f"{_and(who)} compute different gradients of {names} ({where}), although the values agree and "
+            "their own finite-difference checks pass: their functions differ near this point (a term that vanishes "
+            "here, another branch), and gradbridge cannot tell which is meant; look at both forward passes")
