@@ -19,10 +19,10 @@ from .. import _hooks
 from .._api import function_name
 from .._errors import InvalidArgumentError
 from .._options import DEFAULT_BUDGET, Options, validate_kwargs, validate_options
-from .differences import _conversion_notes, _coverage_notes, _describe_tolerance, _pairs, _select, _tolerances
-from .implementations import _Inputs, _bind, _common_argument_names, _params_to_numpy, _resolve, _validate_params
+from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
+from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .result import Comparison
-from .runs import _cotangents, _evaluate, _gradient, _own_check, _start
+from .runs import _cotangents, evaluate_run, gradient_run, _own_check, start_run
 from .verdicts import _verdicts
 
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
@@ -107,39 +107,39 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         FunctionEvaluationError: an implementation raised or returned no floating output.
     """
     started = time.perf_counter()
-    entries = _resolve(implementations)
-    rtol_value, atol_value = _tolerances(rtol, atol)
+    entries = resolve(implementations)
+    rtol_value, atol_value = tolerances(rtol, atol)
     if not isinstance(own_check, bool):
         raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(f"name: expected a string or None, got {type(name).__name__}")
     options = _own_check_options(check_options, seed)
     source: Set[str] = set()
-    inputs = _Inputs(args, validate_kwargs(kwargs), source)
-    numpy_params = _params_to_numpy(params, source)
+    inputs = SharedInputs(args, validate_kwargs(kwargs), source)
+    numpy_params = params_to_numpy(params, source)
     for entry in entries:
-        _validate_params(entry, numpy_params)
-    bindings = [_bind(entry, numpy_params) for entry in entries]
-    arg_names = _common_argument_names(bindings, len(args))
-    runs = [_start(entry, binding, inputs, arg_names, options, seed, numpy_params)
+        validate_params(entry, numpy_params)
+    bindings = [bind(entry, numpy_params) for entry in entries]
+    arg_names = common_argument_names(bindings, len(args))
+    runs = [start_run(entry, binding, inputs, arg_names, options, seed, numpy_params)
             for entry, binding in zip(entries, bindings)]
-    selected = _select(wrt, runs, arg_names)
-    notes = _conversion_notes(source, numpy_params)
+    selected = select(wrt, runs, arg_names)
+    notes = conversion_notes(source, numpy_params)
     for run in runs:
-        _evaluate(run, numpy_params)
+        evaluate_run(run, numpy_params)
     cotangents, output_notes, mismatches = _cotangents(runs, seed)
     notes.extend(output_notes)
     for run in runs:
-        _gradient(run, cotangents[run.entry.label], numpy_params)
+        gradient_run(run, cotangents[run.entry.label], numpy_params)
     pairs = _pairs(runs, selected, rtol_value, atol_value)
-    notes.extend(_coverage_notes(runs, selected))
+    notes.extend(coverage_notes(runs, selected))
     notes.extend(b.note for b in bindings if b.note)
     checks = {run.entry.label: _own_check(run, options, selected, numpy_params) for run in runs} if own_check else {}
     comparison = Comparison(
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
-        tolerance=_describe_tolerance(rtol_value, atol_value), mismatches=mismatches)
+        tolerance=describe_tolerance(rtol_value, atol_value), mismatches=mismatches)
     comparison.verdicts = _verdicts(comparison, runs)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)

@@ -16,8 +16,8 @@ import numpy as np
 
 from .._errors import InvalidArgumentError
 from .result import PairDifference
-from .runs import _Run
-from .render import _and
+from .runs import ImplementationRun
+from .render import joined
 
 #: Default relative tolerance of the pairwise comparison (float64 ports of the same math agree to ~1e-13).
 DEFAULT_RTOL = 1e-7
@@ -29,7 +29,7 @@ GLOBAL_SCALE = 1e-4
 OUTSIDE_LISTED = 20
 # --- selection and pairwise differences ---
 
-def _select(wrt: Any, runs: Sequence[_Run], arg_names: Tuple[str, ...]) -> Optional[Set[str]]:
+def select(wrt: Any, runs: Sequence[ImplementationRun], arg_names: Tuple[str, ...]) -> Optional[Set[str]]:
     """The common leaf names ``wrt`` selects (None: all)."""
     if wrt is None:
         return None
@@ -52,7 +52,7 @@ def _select(wrt: Any, runs: Sequence[_Run], arg_names: Tuple[str, ...]) -> Optio
     return chosen
 
 
-def _tolerances(rtol: Any, atol: Any) -> Tuple[float, float]:
+def tolerances(rtol: Any, atol: Any) -> Tuple[float, float]:
     values = []
     for name, value, default in (("rtol", rtol, DEFAULT_RTOL), ("atol", atol, 0.0)):
         if value is None:
@@ -64,7 +64,7 @@ def _tolerances(rtol: Any, atol: Any) -> Tuple[float, float]:
     return values[0], values[1]
 
 
-def _describe_tolerance(rtol: float, atol: float) -> str:
+def describe_tolerance(rtol: float, atol: float) -> str:
     return (f"|a - b| <= atol + rtol * (max(|a|, |b|) + {LEAF_SCALE:g} * max|leaf| + {GLOBAL_SCALE:g} * max|all "
             f"leaves|), rtol = {rtol:g}, atol = {atol:g}")
 
@@ -108,7 +108,7 @@ def _finite_max(arrays: Sequence[np.ndarray]) -> float:
     return best
 
 
-def leaf_order(runs: Sequence[_Run]) -> List[str]:
+def leaf_order(runs: Sequence[ImplementationRun]) -> List[str]:
     """Every gradient leaf's common name, inputs first (in argument order), then parameters in the order the
     first implementation lists them."""
     names = list(dict.fromkeys(n for r in runs for n in r.gradients))
@@ -116,7 +116,7 @@ def leaf_order(runs: Sequence[_Run]) -> List[str]:
     return [n for n in names if n not in params] + [n for n in names if n in params]
 
 
-def _pairs(runs: Sequence[_Run], selected: Optional[Set[str]], rtol: float, atol: float) -> List[PairDifference]:
+def _pairs(runs: Sequence[ImplementationRun], selected: Optional[Set[str]], rtol: float, atol: float) -> List[PairDifference]:
     """Every pair of implementations: their common output values, then their common gradient leaves."""
     pairs = []
     order = leaf_order(runs)
@@ -135,13 +135,13 @@ def _pairs(runs: Sequence[_Run], selected: Optional[Set[str]], rtol: float, atol
     return pairs
 
 
-def _conversion_notes(source: Set[str], params: Optional[Dict[str, np.ndarray]]) -> List[str]:
+def conversion_notes(source: Set[str], params: Optional[Dict[str, np.ndarray]]) -> List[str]:
     given = f"{' and '.join(sorted(source))} arrays" if source else "Python values"
     return [f"every implementation ran in float64 at the same point: inputs{' and params' if params else ''} "
             f"given as {given}, converted to float64 NumPy once, then to each framework's arrays"]
 
 
-def _coverage_notes(runs: Sequence[_Run], selected: Optional[Set[str]]) -> List[str]:
+def coverage_notes(runs: Sequence[ImplementationRun], selected: Optional[Set[str]]) -> List[str]:
     """Leaves that only some implementations differentiate (compared among those only)."""
     notes = []
     for name in leaf_order(runs):
@@ -150,10 +150,10 @@ def _coverage_notes(runs: Sequence[_Run], selected: Optional[Set[str]]) -> List[
         having = [r.entry.label for r in runs if name in r.gradients]
         if len(having) < len(runs):
             lacking = [r.entry.label for r in runs if name not in r.gradients]
-            why = (f"{_and(lacking)} {'holds' if len(lacking) == 1 else 'hold'} it fixed (a buffer, a frozen "
+            why = (f"{joined(lacking)} {'holds' if len(lacking) == 1 else 'hold'} it fixed (a buffer, a frozen "
                    f"parameter, a non-floating value) or {'does' if len(lacking) == 1 else 'do'} not take it")
             if len(having) == 1:
                 notes.append(f"the gradient of {name!r} is not compared: only {having[0]} differentiates it; {why}")
             else:
-                notes.append(f"the gradient of {name!r} is compared among {_and(having)} only: {why}")
+                notes.append(f"the gradient of {name!r} is compared among {joined(having)} only: {why}")
     return notes

@@ -22,7 +22,7 @@ from .result import Implementation
 # --- implementations ---
 
 @dataclass
-class _Entry:
+class ImplementationEntry:
     """One validated implementation: its label, function, NumPy gradient and adapter."""
 
     label: str
@@ -41,7 +41,7 @@ def _backend_key(label: str) -> Optional[str]:
     return _registry.resolve_name(key)
 
 
-def _resolve(implementations: Any) -> List[_Entry]:
+def resolve(implementations: Any) -> List[ImplementationEntry]:
     """Validate the mapping and find each implementation's adapter."""
     if not isinstance(implementations, Mapping):
         raise InvalidArgumentError(f"implementations: expected a mapping of label -> implementation, e.g. "
@@ -52,7 +52,7 @@ def _resolve(implementations: Any) -> List[_Entry]:
     return [_entry(label, value) for label, value in implementations.items()]
 
 
-def _entry(label: Any, value: Any) -> _Entry:
+def _entry(label: Any, value: Any) -> ImplementationEntry:
     if not isinstance(label, str) or not label:
         raise InvalidArgumentError(f"implementations: labels must be non-empty strings, got {label!r}")
     where = f"implementations[{label!r}]"
@@ -87,7 +87,7 @@ def _entry(label: Any, value: Any) -> _Entry:
     if adapter.name != "numpy" and grad is not None:
         raise InvalidArgumentError(f"{where}: grad= is for NumPy implementations only; {adapter.name} computes "
                                    "gradients itself")
-    return _Entry(label, fn, grad, adapter)
+    return ImplementationEntry(label, fn, grad, adapter)
 
 
 def _adapter_for(where: str, fn: Any, backend: Optional[str], label: str) -> Any:
@@ -138,23 +138,23 @@ def _to_numpy_tree(tree: Any, root: str, source: Set[str]) -> Tuple[List[Any], C
     return values, rebuild
 
 
-def _native(entry: _Entry, values: Sequence[Any], rebuild: Callable[[Sequence[Any]], Any]) -> Any:
+def _native(entry: ImplementationEntry, values: Sequence[Any], rebuild: Callable[[Sequence[Any]], Any]) -> Any:
     """The tree rebuilt with each NumPy leaf as a new array of ``entry``'s framework."""
     return rebuild([entry.adapter.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values])
 
 
-class _Inputs:
+class SharedInputs:
     """The positional and keyword arguments, converted to NumPy once, rebuilt per framework on demand."""
 
     def __init__(self, args: Sequence[Any], kwargs: Mapping[str, Any], source: Set[str]) -> None:
         self.args, self._rebuild_args = _to_numpy_tree(tuple(args), "args", source)
         self.kwargs, self._rebuild_kwargs = _to_numpy_tree(dict(kwargs), "kwargs", source)
 
-    def native(self, entry: "_Entry") -> Tuple[tuple, Dict[str, Any]]:
+    def native(self, entry: "ImplementationEntry") -> Tuple[tuple, Dict[str, Any]]:
         return _native(entry, self.args, self._rebuild_args), _native(entry, self.kwargs, self._rebuild_kwargs)
 
 
-def _params_to_numpy(params: Any, source: Set[str]) -> Optional[Dict[str, np.ndarray]]:
+def params_to_numpy(params: Any, source: Set[str]) -> Optional[Dict[str, np.ndarray]]:
     """``params`` as one flat ``{dotted name: float64 array}`` (nested mappings joined with dots)."""
     if params is None:
         return None
@@ -185,7 +185,7 @@ def _params_to_numpy(params: Any, source: Set[str]) -> Optional[Dict[str, np.nda
 
 # --- parameters ---
 
-def _validate_params(entry: _Entry, params: Optional[Dict[str, np.ndarray]]) -> None:
+def validate_params(entry: ImplementationEntry, params: Optional[Dict[str, np.ndarray]]) -> None:
     """Names and shapes of ``params`` against what a module or model owns; one error listing every problem."""
     if params is None:
         return
@@ -224,14 +224,14 @@ def _param_problems(expected: ExpectedParams, params: Dict[str, np.ndarray]) -> 
     return problems
 
 
-def _bind(entry: _Entry, params: Optional[Dict[str, np.ndarray]]) -> ParamBinding:
+def bind(entry: ImplementationEntry, params: Optional[Dict[str, np.ndarray]]) -> ParamBinding:
     try:
         return entry.adapter.bind_params(entry.fn, params, entry.grad)
     except GradbridgeError as exc:
         raise type(exc)(f"{entry.where}: {exc}") from None
 
 
-def _common_argument_names(bindings: Sequence[ParamBinding], count: int) -> Tuple[str, ...]:
+def common_argument_names(bindings: Sequence[ParamBinding], count: int) -> Tuple[str, ...]:
     """Names of the user's positional arguments: from the signatures where all that name them agree
     (a module's ``forward``, a function's parameters after the parameter dict), else ``arg0``, ``arg1``..."""
     defaults = tuple(f"arg{i}" for i in range(count))

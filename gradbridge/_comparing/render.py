@@ -43,7 +43,7 @@ def render_comparison(comparison: Comparison) -> str:
              f"  tolerance: {comparison.tolerance}", ""]
     rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf, _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
              "ok" if p.passed else "DIFFER",
-             "" if p.passed else f"{_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
+             "" if p.passed else f"{element_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
              + (f" ({p.mismatches} of {int(np.prod(p.shape, dtype=np.int64))} outside)" if p.shape else "")]
             for p in comparison.pairs]
     lines.extend(_table(("pair", "quantity", "leaf", "max |a-b|", "rel diff", "verdict", "worst element"), rows))
@@ -78,21 +78,21 @@ def _failure_lines(report: Report) -> List[str]:
     return lines
 
 
-def _at(leaf: str, index: Sequence[int]) -> str:
+def element_at(leaf: str, index: Sequence[int]) -> str:
     """``leaf[i, j]`` (just ``leaf`` for a scalar)."""
     return f"{leaf}[{', '.join(str(i) for i in index)}]" if index else leaf
 
 
-def _and(items: Sequence[str]) -> str:
+def joined(items: Sequence[str]) -> str:
     items = list(items)
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _quoted(names: Sequence[str]) -> str:
-    return _and([f"'{n}'" for n in names])
+def quoted(names: Sequence[str]) -> str:
+    return joined([f"'{n}'" for n in names])
 
 
-def _failed_rows(report: Report) -> List[str]:
+def failed_rows(report: Report) -> List[str]:
     return list(dict.fromkeys(row.input for row in report.rows if not row.passed))

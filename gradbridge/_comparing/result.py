@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._reporting.report import Report
 from .render import render_comparison
-from .render import _failed_rows
+from .render import failed_rows
 
 @dataclass(frozen=True)
 class Implementation:
@@ -108,7 +108,7 @@ class Comparison:
         failed = self.failures
         if failed:
             parts.append(f"{len(failed)} of {len(self.pairs)} pairwise comparisons differ")
-        own = [f"{label} ({', '.join(_failed_rows(report)) or 'no verdict'})"
+        own = [f"{label} ({', '.join(failed_rows(report)) or 'no verdict'})"
                for label, report in self.checks.items() if not report.passed]
         if own:
             parts.append("own check fails: " + "; ".join(own))

@@ -18,15 +18,15 @@ from .._checking.check import run_check
 from .._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError
 from .._options import Options
 from .._reporting.report import Report
-from .implementations import _Entry, _Inputs
+from .implementations import ImplementationEntry, SharedInputs
 
 # --- running each implementation ---
 
 @dataclass
-class _Run:
+class ImplementationRun:
     """One implementation's prepared check, its leaves' common names, values and gradients."""
 
-    entry: _Entry
+    entry: ImplementationEntry
     binding: ParamBinding
     spec: Optional[CheckSpec] = None
     prepared: Any = None
@@ -39,11 +39,11 @@ class _Run:
         return self.binding.names.get(leaf.name, leaf.name)
 
 
-def _start(entry: _Entry, binding: ParamBinding, inputs: _Inputs, arg_names: Tuple[str, ...], options: Options,
-           seed: int, params: Optional[Dict[str, np.ndarray]]) -> _Run:
+def start_run(entry: ImplementationEntry, binding: ParamBinding, inputs: SharedInputs, arg_names: Tuple[str, ...], options: Options,
+           seed: int, params: Optional[Dict[str, np.ndarray]]) -> ImplementationRun:
     """The implementation's check spec (its own arrays, the parameters as it takes them) and prepared function."""
     args, kwargs = inputs.native(entry)
-    run = _Run(entry, binding)
+    run = ImplementationRun(entry, binding)
     run.spec = CheckSpec(fn=binding.fn, args=tuple(binding.leading_args) + tuple(args), kwargs=kwargs,
                          params=binding.params, wrt=None, grad=binding.grad, seed=seed, train=options.train,
                          arg_names=tuple(binding.leading_names) + arg_names, promote=True)
@@ -51,7 +51,7 @@ def _start(entry: _Entry, binding: ParamBinding, inputs: _Inputs, arg_names: Tup
     return run
 
 
-def _prepare(run: _Run, wrt: Optional[Tuple[str, ...]], params: Optional[Dict[str, np.ndarray]]) -> PreparedFunction:
+def _prepare(run: ImplementationRun, wrt: Optional[Tuple[str, ...]], params: Optional[Dict[str, np.ndarray]]) -> PreparedFunction:
     """The adapter's prepared function, with every parameter leaf of ``x0`` set to its given value."""
     spec = run.spec if wrt is None else dataclasses.replace(run.spec, wrt=wrt)
     prepared = _guarded(run, lambda: run.entry.adapter.prepare(spec), params)
@@ -65,7 +65,7 @@ def _prepare(run: _Run, wrt: Optional[Tuple[str, ...]], params: Optional[Dict[st
     return prepared
 
 
-def _guarded(run: _Run, action: Callable[[], Any], params: Optional[Dict[str, np.ndarray]]) -> Any:
+def _guarded(run: ImplementationRun, action: Callable[[], Any], params: Optional[Dict[str, np.ndarray]]) -> Any:
     """Run ``action``; errors name the implementation (and a parameter a plain function looked up in vain)."""
     try:
         return action()
@@ -101,7 +101,7 @@ def _missing_param(exc: BaseException, params: Optional[Dict[str, np.ndarray]]) 
     return None
 
 
-def _evaluate(run: _Run, params: Optional[Dict[str, np.ndarray]]) -> None:
+def evaluate_run(run: ImplementationRun, params: Optional[Dict[str, np.ndarray]]) -> None:
     """The outputs at the common point, by output name."""
     prepared = run.prepared
 
@@ -115,7 +115,7 @@ def _evaluate(run: _Run, params: Optional[Dict[str, np.ndarray]]) -> None:
         run.output_order.append(spec.name)
 
 
-def _gradient(run: _Run, cotangent: np.ndarray, params: Optional[Dict[str, np.ndarray]]) -> None:
+def gradient_run(run: ImplementationRun, cotangent: np.ndarray, params: Optional[Dict[str, np.ndarray]]) -> None:
     """The VJP with the shared cotangent, by common leaf name."""
     prepared = run.prepared
 
@@ -128,7 +128,7 @@ def _gradient(run: _Run, cotangent: np.ndarray, params: Optional[Dict[str, np.nd
         run.gradients[run.common(leaf)] = np.asarray(flat[leaf.slice], dtype=np.float64).reshape(leaf.shape)
 
 
-def _cotangents(runs: Sequence[_Run], seed: int) -> Tuple[Dict[str, np.ndarray], List[str], List[str]]:
+def _cotangents(runs: Sequence[ImplementationRun], seed: int) -> Tuple[Dict[str, np.ndarray], List[str], List[str]]:
     """One cotangent per implementation (laid out as its outputs), shared by output name; notes; mismatches.
 
     Only outputs every implementation returns with the same shape get a non-zero cotangent, so the VJPs
@@ -166,11 +166,11 @@ def _cotangents(runs: Sequence[_Run], seed: int) -> Tuple[Dict[str, np.ndarray],
     return result, notes, mismatches
 
 
-def _describe_outputs(run: _Run) -> str:
+def _describe_outputs(run: ImplementationRun) -> str:
     return ", ".join(f"{n} {tuple(run.values[n].shape)}" for n in run.output_order)
 
 
-def _own_check(run: _Run, options: Options, selected: Optional[Set[str]],
+def _own_check(run: ImplementationRun, options: Options, selected: Optional[Set[str]],
                params: Optional[Dict[str, np.ndarray]]) -> Report:
     """The implementation's own finite-difference check at the common point (as :func:`gradbridge.check`)."""
     prepared = run.prepared

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 from .._reporting.report import Report
 from .differences import leaf_order
 from .result import Comparison, PairDifference
-from .render import _and, _at, _quoted
-from .runs import _Run
+from .render import joined, element_at, quoted
+from .runs import ImplementationRun
 
 # --- verdicts ---
 
@@ -42,7 +42,7 @@ def _majority(labels: Sequence[str], disagree: Set[frozenset]) -> Optional[Tuple
 class _Facts:
     """What the verdicts are drawn from: disagreements per (quantity, leaf), own-check failures per leaf."""
 
-    def __init__(self, comparison: Comparison, runs: Sequence[_Run]) -> None:
+    def __init__(self, comparison: Comparison, runs: Sequence[ImplementationRun]) -> None:
         self.labels = comparison.implementations
         self.runs = {r.entry.label: r for r in runs}
         self.disagree: Dict[Tuple[str, str], Set[frozenset]] = {}
@@ -111,19 +111,19 @@ def _kink_indices(checks: Mapping[str, Report]) -> Dict[str, Set[Tuple[int, ...]
 def _kink_sentence(facts: "_Facts", leaf: str) -> str:
     """Differences at non-differentiable points: subgradient conventions, not wrong gradients."""
     points = sorted(facts.kinks.get(leaf, set()))
-    shown = ", ".join(_at(leaf, index) for index in points[:3]) + (", ..." if len(points) > 3 else "")
+    shown = ", ".join(element_at(leaf, index) for index in points[:3]) + (", ..." if len(points) > 3 else "")
     parts = [f"'{leaf}' sits at a non-differentiable point here ({shown}: the one-sided derivatives differ)"]
     for p in facts.kink_pairs.get(leaf, []):
-        parts.append(f"{p.first} and {p.second} return different subgradients there ({_at(leaf, p.worst_index)}: "
+        parts.append(f"{p.first} and {p.second} return different subgradients there ({element_at(leaf, p.worst_index)}: "
                      f"{p.first_value!r} vs {p.second_value!r})")
     own = facts.kink_own.get(leaf, [])
     if own:
-        parts.append(f"the own check of {_and(own)} fails only there (kinks= asks for it)")
+        parts.append(f"the own check of {joined(own)} fails only there (kinks= asks for it)")
     return ("; ".join(parts) + ": a convention at a kink, not a wrong gradient; compare at a point away from it, or "
             "align the conventions if they matter to you")
 
 
-def _verdicts(comparison: Comparison, runs: Sequence[_Run]) -> List[str]:
+def _verdicts(comparison: Comparison, runs: Sequence[ImplementationRun]) -> List[str]:
     """Plain sentences: which side is wrong, on what, and where to look."""
     facts = _Facts(comparison, runs)
     sentences = list(comparison.mismatches)
@@ -156,11 +156,11 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
             continue
         involved = [x for x in having if any(x in p for p in disagree)]
         suspects.update(involved)
-        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(leaf, worst.worst_index)}: "
+        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(leaf, worst.worst_index)}: "
                  f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
         if len(having) == 2:
             sentences.append(
-                f"{_and(involved)} compute different values of '{leaf}' ({where}): at least one forward pass is "
+                f"{joined(involved)} compute different values of '{leaf}' ({where}): at least one forward pass is "
                 "wrong, and with only two implementations gradbridge cannot tell which; compare both forwards line "
                 "by line (weight layouts and transposes, biases, axes, epsilons) or add a third implementation, "
                 "e.g. a NumPy reference, to get a majority. Finite-difference checks cannot find a wrong forward pass")
@@ -169,19 +169,19 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
             split = " / ".join("{" + ", ".join(g) + "}" for g in groups)
             sentences.append(
                 f"the implementations disagree on the value of '{leaf}' with no single majority (agreeing groups: "
-                f"{split}; {where}): look at the forward passes of {_and(involved)}; finite-difference checks cannot "
+                f"{split}; {where}): look at the forward passes of {joined(involved)}; finite-difference checks cannot "
                 "find a wrong forward pass")
     for (label, majority), leaves in odd.items():
         worst = max((facts.worst[("value", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
         grads = [leaf for (q, leaf), d in facts.disagree.items()
                  if q == "gradient" and any(label in p for p in d) and leaf not in facts.own_failed.get(label, set())]
-        consequence = (f" Its gradients of {_quoted(grads)} differ too, consistently with its own forward"
+        consequence = (f" Its gradients of {quoted(grads)} differ too, consistently with its own forward"
                        + (" (its own finite-difference check passes on them)" if facts.checked else "")
                        + ": fix the forward first." if grads else "")
         sentences.append(
-            f"{label}: value of {_quoted(leaves)} disagrees with {_and(majority)}, which agree with each other "
-            f"(largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}): "
-            f"{label}'s forward pass is wrong; look at how it computes {_quoted(leaves)} (weight layout or transpose, "
+            f"{label}: value of {quoted(leaves)} disagrees with {joined(majority)}, which agree with each other "
+            f"(largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index)}): "
+            f"{label}'s forward pass is wrong; look at how it computes {quoted(leaves)} (weight layout or transpose, "
             f"a missing bias or term, an axis, an epsilon, a different convention).{consequence}")
     return suspects, sentences
 
@@ -213,7 +213,7 @@ def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
             else:
                 sentences.append(
                     f"{label}: its own finite-difference check fails on '{leaf}', although its gradient agrees with "
-                    f"{_and([x for x in having if x != label])}: the finite differences, not the gradient, look "
+                    f"{joined([x for x in having if x != label])}: the finite differences, not the gradient, look "
                     f"unreliable there (a non-differentiable point or noise); see {label}'s report")
         unexplained = {p for p in disagree if not (p & set(failing)) and not (p & forward_suspects)}
         if unexplained:
@@ -224,9 +224,9 @@ def _gradient_verdicts(facts: _Facts, forward_suspects: Set[str]) -> List[str]:
         partners = list(dict.fromkeys(x for leaf in names for x in by_leaf[leaf]))
         analytic = getattr(facts.runs[label].prepared, "analytic_source", "its gradient code")
         sentences.append(
-            f"{label}: gradient of {_quoted(names)} disagrees with {_and(partners)}, and {label}'s own "
-            f"finite-difference check fails on {_quoted(names)}: {label}'s backward pass is wrong; look at the "
-            f"gradient code behind {_quoted(names)} ({analytic})")
+            f"{label}: gradient of {quoted(names)} disagrees with {joined(partners)}, and {label}'s own "
+            f"finite-difference check fails on {quoted(names)}: {label}'s backward pass is wrong; look at the "
+            f"gradient code behind {quoted(names)} ({analytic})")
     for (kind, who, majority), names in grouped.items():
         sentences.append(_unexplained_sentence(facts, kind, who, majority, names))
     return sentences
@@ -246,22 +246,22 @@ def _unexplained(facts: _Facts, leaf: str, having: Sequence[str], failing: Seque
 def _unexplained_sentence(facts: _Facts, kind: str, who: Tuple[str, ...], majority: Tuple[str, ...],
                           leaves: Sequence[str]) -> str:
     worst = max((facts.worst[("gradient", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
-    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {_at(worst.leaf, worst.worst_index)}: "
+    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index)}: "
              f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
-    names = _quoted(leaves)
+    names = quoted(leaves)
     if not facts.checked:
         if kind == "odd":
-            return (f"{_and(who)}: gradient of {names} disagrees with {_and(majority)}, which agree with each other "
-                    f"({where}): {_and(who)}'s backward pass is likely wrong; run with own_check=True to confirm it "
+            return (f"{joined(who)}: gradient of {names} disagrees with {joined(majority)}, which agree with each other "
+                    f"({where}): {joined(who)}'s backward pass is likely wrong; run with own_check=True to confirm it "
                     "with its own finite differences")
-        return (f"{_and(who)} compute different gradients of {names} ({where}) and there is no majority to tell "
+        return (f"{joined(who)} compute different gradients of {names} ({where}) and there is no majority to tell "
                 "which is wrong; run with own_check=True: each implementation's own finite-difference check tells "
                 "which backward pass is wrong")
     if kind == "odd":
-        return (f"{_and(who)}: gradient of {names} disagrees with {_and(majority)} ({where}), although the values "
+        return (f"{joined(who)}: gradient of {names} disagrees with {joined(majority)} ({where}), although the values "
                 "agree and every own finite-difference check passes on it: the implementations compute different "
-                f"functions near this point (a term that vanishes here, another branch); look at {_and(who)}'s "
+                f"functions near this point (a term that vanishes here, another branch); look at {joined(who)}'s "
                 "forward pass, or rerun with mode='full' if the own checks ran in fast mode")
-    return (f"{_and(who)} compute different gradients of {names} ({where}), although the values agree and "
+    return (f"{joined(who)} compute different gradients of {names} ({where}), although the values agree and "
             "their own finite-difference checks pass: their functions differ near this point (a term that vanishes "
             "here, another branch), and gradbridge cannot tell which is meant; look at both forward passes")
