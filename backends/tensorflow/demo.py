@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import List
 
-from .. import tensorflow as _adapter  # noqa: F401  (quiets TensorFlow's logging before it is first imported)
-from . import DemoCase
+import tensorflow as tf  # the package's __init__ has quieted TensorFlow's logging before this first import
 
-import tensorflow as tf  # noqa: E402
+from ..demos import DemoCase
 
 
 @tf.custom_gradient

@@ -74,16 +74,16 @@ from tensorflow.python.ops import stateful_random_ops as _tf_stateful_random
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, InvalidArgumentError, ModeUnsupportedError
-from .common.cache import WeakFunctionCache
-from .common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, VALUE_TYPES, digest
+from ..common.cache import WeakFunctionCache
+from ..common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, VALUE_TYPES, digest
 from gradbridge._precision import DTYPE_EPS
-from .common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
-from .common.outputs import gradient_output_specs, output_leaves, output_specs
-from .common.rng import SharedRandomState
+from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
+from ..common.outputs import gradient_output_specs, output_leaves, output_specs
+from ..common.rng import SharedRandomState
 from gradbridge._tree import flatten, is_walked_node
 
-from .common.handwritten import HandWrittenGradient, floating_candidates
-from .common.lowprec import own_precision
+from ..common.handwritten import HandWrittenGradient, floating_candidates
+from ..common.lowprec import own_precision
 
 #: A source of differentiation: the tensor or variable that stands for one checked leaf during a call.
 Source = Any
