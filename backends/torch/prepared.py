@@ -81,17 +81,17 @@ from torch.overrides import TorchFunctionMode, has_torch_function
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from .common.cache import WeakFunctionCache
-from .common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, holds_ints
-from .common.layout import (COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves,
+from ..common.cache import WeakFunctionCache
+from ..common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, holds_ints
+from ..common.layout import (COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves,
                                 promotion_notes, unchecked_notes)
-from .common.outputs import gradient_output_specs, output_leaves, output_specs
+from ..common.outputs import gradient_output_specs, output_leaves, output_specs
 from gradbridge._precision import FLOAT64_EPS, eps_of
-from .common.rng import SharedRandomState
+from ..common.rng import SharedRandomState
 from gradbridge._tree import flatten
 
-from .common.handwritten import HandWrittenGradient, floating_candidates
-from .common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
+from ..common.handwritten import HandWrittenGradient, floating_candidates
+from ..common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 _FORWARD_AD_HINTS = ("jvp", "forward ad", "forward-mode", "forward mode", "forward grad", "fwad", "dual")
 # words in the errors torch raises when a transform (vmap, batched gradients) cannot run some code, as

@@ -35,57 +35,20 @@ function's own evaluations measured, not to a tuned constant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import numpy as np
 
 from .directions import Directions
 from .evaluate import Evaluator
+from .ladder_codes import BACKWARD, CENTRAL, CONVERGED, ElementVerdicts, FAIL, FAIL_AT_ONCE, FORWARD, KINK, KINK_PERSISTS, KINK_STEADY, MAX_LEVELS, NOISE_AGREE, NOISE_DIRECTIONS, NOISE_DOMINATED, NOISE_POINTS, NOT_IMPROVING, PASS, PENDING, RICHARDSON
+from .coarse import CoarseSteps
+from .jumps import JumpSides
 from .tolerance import SAFETY, Tolerance
 
-PENDING, PASS, FAIL, KINK, JUMP, UNRESOLVED = 0, 1, 2, 3, 4, 5
-CENTRAL, RICHARDSON, FORWARD, BACKWARD, COARSE, SIDES = 0, 1, 2, 3, 4, 5
-METHOD_NAMES = {CENTRAL: "central difference", RICHARDSON: "Richardson-extrapolated central differences",
-                FORWARD: "one-sided (forward) difference", BACKWARD: "one-sided (backward) difference",
-                COARSE: "Richardson-extrapolated central differences at the step with the least measured error "
-                        "(larger than the default: fn is not smooth below it)",
-                SIDES: "one-sided derivatives on each side of a jump, from points on that side only"}
-
-MAX_LEVELS = 8           # smallest step h/256
-FAIL_AT_ONCE = 16.0      # a mismatch this many tolerances away fails without further refinement
-CONVERGED = 1e-2         # an estimate whose error is within 1% of its value (or the floor) is settled
-NOT_IMPROVING = 0.75     # the error estimate shrinks by 4x (central) or 2x (one-sided) while truncation dominates
-NOISE_DOMINATED = 8.0   # an error estimate within 8x its round-off part is noise, not truncation
-NOISE_DIRECTIONS = 2    # random directions of the noise estimate (2 scales x NOISE_POINTS evaluations each)
-NOISE_POINTS = 7        # a 6th difference from points on one side of x0
-NOISE_AGREE = 30.0      # noise is scale-free: its 6th differences at two scales agree within this factor
-KINK_PERSISTS = 0.7      # a smooth function's one-sided gap halves per level; a kink's stays
-KINK_STEADY = 1.5        # ... and does not grow: a gap that doubles per level is noise over t (or a jump)
-JUMP_STEADY = 0.25       # a jump's increment f(x+-t) - f(x) converges to a constant; a smooth one halves
-JUMP_OVER_SLOPE = 4.0    # ... and is far above what the one-sided slopes change fn by over the step
-COARSE_LEVELS = 8        # steps up to 256 h for functions whose own resolution is coarser than h
-CLEAR_BUG = 1e-2         # a mismatch this large relative to the derivative is not a resolution question
 
 
-@dataclass
-class ElementVerdicts:
-    """Per element ``(output i, direction d)`` of the compared Jacobian: the verdict and its evidence."""
-
-    status: np.ndarray     # PENDING/PASS/FAIL/KINK
-    numeric: np.ndarray    # best numeric estimate
-    error: np.ndarray      # its estimated error (truncation + round-off)
-    allowed: np.ndarray    # the tolerance the verdict used
-    method: np.ndarray     # CENTRAL/RICHARDSON/FORWARD/BACKWARD
-    left: np.ndarray       # backward one-sided difference (kinks), NaN elsewhere
-    right: np.ndarray      # forward one-sided difference (kinks), NaN elsewhere
-    steps: np.ndarray      # (D,) the last step used per direction
-    levels: np.ndarray     # (D,) refinement levels used per direction (0: first pass only)
-    jump: Optional[np.ndarray] = None        # size of the jump of fn at a JUMP/UNRESOLVED element, NaN elsewhere
-    resolution: Optional[np.ndarray] = None  # relative error fn could be resolved to, where coarse steps were needed
-
-
-class StepLadder:
+class StepLadder(JumpSides, CoarseSteps):
     """Computes :class:`ElementVerdicts` for an analytic matrix ``(m, D)`` of directional derivatives."""
 
     def __init__(self, evaluator: Evaluator, directions: Directions, f0: np.ndarray, precision: float,
@@ -354,199 +317,6 @@ class StepLadder:
                            np.where(quantized, quantum, np.nan), frozen)
         self._rescale_after_jumps(result, analytic)
         return result
-
-    def _jump_sides(self, columns, ip, iq, tp, tq, prev, spans) -> dict:
-        """Is fn discontinuous at ``x0`` along these directions, and its derivative on each side.
-
-        A continuous function's increments ``f(x+t) - f(x)`` vanish with ``t`` (they halve, or faster, per
-        level); at a jump the increment on one side converges to the jump itself, a constant. A jump is
-        confirmed when that side's increment stayed within ``JUMP_STEADY`` of itself over three levels and
-        is far above the output's noise. A kink's increments vanish, so kinks are never jumps.
-
-        Each side's derivative is then measured from two points on that side (never ``f(x)``, which may
-        belong to the other side): ``D_k = (f(x+t_{k-1}) - f(x+t_k)) / (t_{k-1} - t_k)``, extrapolated
-        linearly in the midpoints of consecutive pairs (its error is first order in t), with the change
-        between the pairs as its error estimate plus the round-off and noise of the differences."""
-        eps = self.precision
-        f0 = np.abs(self.f0)[:, None]
-        noise = 2.0 * self.sigma[:, None]
-        floor = 1e3 * eps * f0 + 10.0 * noise + 1e-300
-        out = {}
-        jump = np.zeros(ip.shape, dtype=bool)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            # the slope on each side, from two points on it: a jump must be far above what a slope this
-            # size changes fn by over the step (a kink at distance d < t from x0 leaves a steady increment
-            # of d * slope < t * slope on its flat side, which is no jump)
-            slope = np.fmax(*[np.abs((prev["i" + side][:, columns] - inc) / (spans["t" + side][columns] - t))
-                              for side, inc, t in (("p", ip, tp), ("q", iq, tq))])
-            slope = np.where(np.isfinite(slope), slope, np.inf)
-            for side, inc, t in (("p", ip, tp), ("q", iq, tq)):
-                inc1, inc2 = prev["i" + side][:, columns], prev["i" + side + "2"][:, columns]
-                t1, t2 = spans["t" + side][columns], spans["t" + side + "2"][columns]
-                steady = ((np.abs(inc - inc1) <= JUMP_STEADY * np.abs(inc))
-                          & (np.abs(inc1 - inc2) <= JUMP_STEADY * np.abs(inc1)) & (np.abs(inc) > floor)
-                          & (np.abs(inc) > JUMP_OVER_SLOPE * t1 * slope))
-                jump |= steady & np.isfinite(inc) & np.isfinite(inc1) & np.isfinite(inc2)
-                d_near = (inc1 - inc) / (t1 - t)       # from f(x +- t_{k-1}) and f(x +- t_k)
-                d_far = (inc2 - inc1) / (t2 - t1)
-                m_near, m_far = (t1 + t) / 2.0, (t2 + t1) / 2.0
-                estimate = d_near - m_near * (d_far - d_near) / (m_far - m_near)
-                round_off = 3.0 * (2.0 * eps * (f0 + np.abs(inc1)) + 2.0 * noise) / (t1 - t)
-                error = np.abs(d_far - d_near) + round_off
-                out[side] = (estimate, error, inc)
-        out["jump"] = jump
-        return out
-
-    def _judge_jump(self, result: ElementVerdicts, columns, where, analytic, sides, last: bool) -> None:
-        """A confirmed jump: JUMP when the analytic value is one of the one-sided derivatives (within
-        their tolerance), FAIL when it is neither (both resolved, or far outside both, or the ladder ended),
-        UNRESOLVED when the ladder ended without a finite derivative on both sides; undecided elements
-        stay pending for a finer level."""
-        if not where.any():
-            return
-        tol = self.tolerance
-        (right, right_err, right_jump), (left, left_err, left_jump) = sides["p"], sides["q"]
-        with np.errstate(invalid="ignore", over="ignore"):
-            local = np.fmax(np.abs(np.where(np.isfinite(right), right, 0.0)), np.abs(np.where(np.isfinite(left), left, 0.0)))
-            ok, resolved, allowed = [], [], []
-            for value, error in ((right, right_err), (left, left_err)):
-                lim = tol.allowed(value, error, local)
-                floor = tol.allowed(value, 0.0, local)
-                finite = np.isfinite(value) & np.isfinite(error)
-                ok.append(finite & (np.abs(analytic - value) <= lim))
-                resolved.append(finite & (error <= CONVERGED * np.abs(value) + floor))
-                allowed.append(lim)
-            matches = ok[0] | ok[1]
-            nearer_right = np.abs(analytic - right) <= np.abs(analytic - left)
-            nearer_right = np.where(np.isfinite(right) & ~np.isfinite(left), True, nearer_right)
-            finite = np.isfinite(right) & np.isfinite(left) & np.isfinite(right_err) & np.isfinite(left_err)
-            far = ((np.abs(analytic - right) > FAIL_AT_ONCE * allowed[0])
-                   & (np.abs(analytic - left) > FAIL_AT_ONCE * allowed[1]))
-            wrong = finite & ~matches & ((resolved[0] & resolved[1]) | far | last)
-        status = result.status[:, columns]
-        decided = where & (matches | wrong | last)
-        new = np.where(matches, JUMP, np.where(wrong, FAIL, UNRESOLVED))
-        status = np.where(decided, new, status)
-        result.status[:, columns] = status
-        use_right = np.where(ok[0], True, np.where(ok[1], False, nearer_right))
-        for field, value in (("numeric", np.where(use_right, right, left)),
-                             ("error", np.where(use_right, right_err, left_err)),
-                             ("allowed", np.where(use_right, allowed[0], allowed[1])),
-                             ("left", left), ("right", right),
-                             ("jump", right_jump + left_jump)):  # f(x+) - f(x-)
-            target = getattr(result, field)
-            target[:, columns] = np.where(decided, value, target[:, columns])
-        result.method[:, columns] = np.where(decided, SIDES, result.method[:, columns])
-
-    def _coarse_steps(self, result: ElementVerdicts, analytic: np.ndarray, scale: np.ndarray,
-                      first_central: np.ndarray, first_error: np.ndarray, clear_fail: np.ndarray,
-                      noisy_pass: np.ndarray, quantum: Optional[np.ndarray] = None,
-                      frozen: Optional[np.ndarray] = None) -> None:
-        """Failed elements whose estimates never converged near the analytic value, re-measured at steps
-        above ``h`` (numdifftools' and FiniteDifferences.jl's answer to noisy functions).
-
-        A function with internal adaptivity (an adaptive ODE solver, an iteration that stops at a
-        tolerance, a bisection) is smooth only down to its own resolution: below some step its output
-        moves in small jumps and every finite difference measures them. Its derivative is best measured
-        at the step where the total error, truncation (growing with the step) plus that noise (shrinking
-        as 1/step), is least. Central differences at ``2h, 4h, ... 2^K h`` are extrapolated pairwise; the
-        change between consecutive extrapolations measures their error, and the element is judged at
-        the step where that measured error is smallest, against a tolerance built from it; where that
-        estimate and the default step's disagree beyond both their errors (a staircase, a solver whose
-        discretisation bends the derivative at small scales), the disagreement is part of the error. The
-        relative error reached is the function's resolution, reported so the user knows which bugs a
-        check of this function cannot see. A clear bug (the analytic value far from every estimate) is
-        not re-measured. Elements that passed only because fn's measured noise widened their tolerance
-        are re-measured too: a coarser step may resolve a bug that noise hid at ``h``. An element keeps
-        its first verdict where the coarse steps measure no better than it was measured.
-
-        ``quantum`` (NaN elsewhere) marks elements whose output is quantised: flat below some scale, so
-        the ladder's small steps measured zero. Their small-step estimates are discarded, whatever the
-        mismatch, and every coarse estimate carries the quantisation error ``quantum / step``. Elements
-        whose estimate stopped moving between two steps (``frozen``: equal to round-off) are re-measured
-        whatever their mismatch too: a quantised fn's estimate can freeze far from its derivative."""
-        with np.errstate(invalid="ignore", over="ignore"):
-            mismatch = np.abs(analytic - result.numeric)
-            size = np.fmax(np.abs(analytic), np.abs(result.numeric))
-            failed = (result.status == FAIL) & ~clear_fail & np.isfinite(result.numeric) & (mismatch <= CLEAR_BUG * size)
-            quantized = np.isfinite(quantum) if quantum is not None else np.zeros_like(failed)
-            # a pass whose estimate never settled (its error is a sizeable part of the block's scale) says little
-            # (not where points are rounded to a low-precision dtype: there every estimate is that loose)
-            loose_pass = (result.status == PASS) & (SAFETY * result.error > CLEAR_BUG * scale) & \
-                (not getattr(self.rounder, "slices", None))
-            candidates = failed | ((noisy_pass | loose_pass) & (result.status == PASS)) | \
-                (quantized & (result.status == FAIL))
-        columns = np.nonzero(candidates.any(axis=0))[0]
-        if len(columns) == 0:
-            return
-        tol = self.tolerance
-        base = self.directions.steps[columns]
-        wanted = candidates[:, columns]
-        a, sc = analytic[:, columns], scale[:, columns]
-        steps_of_quanta = np.where(quantized[:, columns], quantum[:, columns], 0.0) if quantum is not None \
-            else np.zeros(a.shape)
-        previous_c, previous_r = first_central[:, columns], None
-        best = np.full(a.shape, np.inf)
-        best_value = np.full(a.shape, np.nan)
-        best_step = np.full(a.shape, np.nan)
-        stale = 0
-        for level in range(1, COARSE_LEVELS + 1):
-            steps = base * 2.0 ** level
-            c, cr = self._level(columns, steps)[:2]
-            with np.errstate(invalid="ignore", over="ignore"):
-                r = (4.0 * previous_c - c) / 3.0
-                change = np.abs(c - previous_c) if previous_r is None else np.abs(r - previous_r)
-                err = change + 1.5 * cr + steps_of_quanta / steps[None, :]
-                better = wanted & np.isfinite(r) & np.isfinite(err) & (err < best)
-            best = np.where(better, err, best)
-            best_value = np.where(better, r, best_value)
-            best_step = np.where(better, steps[None, :] / 2.0, best_step)
-            stale = 0 if better.any() else stale + 1
-            if stale >= 2:  # truncation dominates now: larger steps only get worse
-                break
-            previous_c, previous_r = c, r
-        with np.errstate(invalid="ignore", over="ignore"):
-            fine, fine_error = result.numeric[:, columns], result.error[:, columns]
-            fine_error = np.where(quantized[:, columns], np.inf, fine_error)  # a quantised fn's small steps measured 0
-            # estimates at the default step and at coarser ones that disagree beyond both their errors:
-            # fn's derivative depends on the scale it is measured at, by that much (its resolution)
-            disagreement = np.abs(best_value - fine)
-            scale_dependent = np.isfinite(fine) & (disagreement > SAFETY * (best + fine_error))
-            found = wanted & np.isfinite(best) & ((best < fine_error) | scale_dependent)
-            best = np.where(scale_dependent, np.fmax(best, disagreement), best)
-            lim = tol.allowed(best_value, best, sc)
-            passed = found & (np.abs(a - best_value) <= lim)
-            failed = found & ~passed
-            resolution = best / np.fmax(np.fmax(np.abs(best_value), sc), 1e-300)  # relative to the block near zero
-        status = result.status[:, columns]
-        result.status[:, columns] = np.where(passed, PASS, np.where(failed, FAIL, status))
-        self._record(result, columns, found, best_value, best, lim, COARSE)
-        # a resolution only worth reporting where it is coarser than any float64 derivative's floor
-        coarse = found & (resolution > tol.relative_floor)
-        result.resolution[:, columns] = np.where(coarse, resolution, np.nan)
-        mismatch_now = np.where(found, np.abs(a - best_value), -1.0)
-        worst = np.argmax(mismatch_now, axis=0)
-        chosen = best_step[worst, np.arange(len(columns))]
-        result.steps[columns] = np.where(np.isfinite(chosen), chosen, result.steps[columns])
-
-    def _rescale_after_jumps(self, result: ElementVerdicts, analytic: np.ndarray) -> None:
-        """The first pass took each block's scale from its central differences, which a jump inflates to
-        about jump/h: the tolerances of the block's other elements are recomputed without it, and a pass
-        that only held under the inflated scale becomes a failure."""
-        jumps = np.isin(result.status, (JUMP, UNRESOLVED)) & np.isfinite(result.jump)
-        if not jumps.any():
-            return
-        magnitude = np.where(jumps, np.fmax(np.abs(np.nan_to_num(result.left)), np.abs(np.nan_to_num(result.right))),
-                             np.abs(np.where(np.isfinite(result.numeric), result.numeric, 0.0)))
-        scale = np.zeros_like(magnitude)
-        for rows, cols in self.blocks:
-            block = magnitude[rows, cols]
-            scale[rows, cols] = float(np.max(block)) if block.size else 0.0
-        with np.errstate(invalid="ignore"):
-            allowed = self.tolerance.allowed(result.numeric, result.error, scale)
-            recheck = (result.status == PASS) & ~(np.abs(analytic - result.numeric) <= allowed)
-        result.status = np.where(recheck, FAIL, result.status)
-        result.allowed = np.where(result.status == PASS, np.minimum(result.allowed, allowed), result.allowed)
 
     def _rebase_at_domain_edges(self, base: np.ndarray, central: np.ndarray, prev: dict) -> np.ndarray:
         """Directions whose first central difference left the domain (``log`` at 1e-7: ``x - h < 0``)

@@ -17,7 +17,7 @@ from .diagnostics import element_map, step_sweep
 from .directions import Directions, LeafDirections
 from .evaluate import Evaluator
 from .grading import ZERO, block_grade
-from .numeric import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts
+from .ladder_codes import BACKWARD, FAIL, FORWARD, JUMP, KINK, METHOD_NAMES, UNRESOLVED, ElementVerdicts
 from .._precision import PointRounder
 from .._reporting.report import KinkPoint, RowResult, StepSweep, WorstElement
 from .verified_groups import ColumnAnalytic

@@ -54,7 +54,7 @@ def test_to_dict_is_json_serialisable_and_complete():
     # the one disagreeing column re-evaluated at h/2, where the bug is far beyond the estimated error,
     # + the step-size sweep of the failing row's worst element (for the report's step-size plot)
     from gradbridge._checking.diagnostics import SWEEP_EXPONENTS
-    from gradbridge._checking.numeric import NOISE_DIRECTIONS, NOISE_POINTS
+    from gradbridge._checking.ladder_codes import NOISE_DIRECTIONS, NOISE_POINTS
 
     assert data["evaluations"] == 2 + 2 * 24 + NOISE_DIRECTIONS * 2 * NOISE_POINTS + 2 + 2 * len(SWEEP_EXPONENTS)
     assert "step ladder" in rows["w"]["method"] and "step ladder" not in rows["x"]["method"]

@@ -24,7 +24,8 @@ from gradbridge._adapter import LeafSpec
 from gradbridge._checking.directions import Directions
 from gradbridge._checking.evaluate import Evaluator
 from gradbridge._checking.finite_diff import relative_step
-from gradbridge._checking.numeric import BACKWARD, FAIL, FORWARD, KINK, PASS, RICHARDSON, StepLadder
+from gradbridge._checking.ladder_codes import BACKWARD, FAIL, FORWARD, KINK, PASS, RICHARDSON
+from gradbridge._checking.numeric import StepLadder
 from gradbridge._precision import PointRounder
 from gradbridge._checking.tolerance import TINY, Tolerance, grade, relative_error
 

@@ -57,7 +57,7 @@ def test_float32_computation_is_judged_at_float32_precision():
 
 def test_refinement_is_reported_and_costs_only_disagreeing_columns():
     x = 1000 + 1000 * RNG.random(8)
-    from gradbridge._checking.numeric import MAX_LEVELS, NOISE_DIRECTIONS
+    from gradbridge._checking.ladder_codes import MAX_LEVELS, NOISE_DIRECTIONS
 
     report = gb.check(np.sin, x, grad=_elementwise_vjp(np.cos))
     refined = report.evaluations - (2 + 2 * 8)
