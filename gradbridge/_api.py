@@ -133,8 +133,8 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
     remote = _executor.plan(executor, adapter.name, spec, prepared) if executor is not None else None
-    with _executor.activated(prepared, remote):
-        report = run_check(prepared, options, report, structures)
+    with _executor.activated(remote):
+        report = run_check(prepared, options, report, structures, remote)
     if remote is not None:
         report.notes.append(remote.note(options.order))
     _hooks.notify(report)

@@ -23,9 +23,11 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._agreement import agreement_bound
 from .._adapter import (ForwardRules, PreparedFunction, offered)
 from .._errors import FunctionEvaluationError, InvalidArgumentError
 from .evaluate import Evaluator
+from .executor import RemoteEvaluation
 from .finite_diff import step_description
 from .grading import explain_grade
 from .memory import budget_bytes
@@ -40,13 +42,15 @@ from .orders import check_order, second_order, spread_notes
 from .strategy import choose_mode, planned_cost, verified_diagonal
 
 def run_check(prepared: PreparedFunction, options: Options, report: Report,
-              structures: Optional[Mapping[str, Structure]] = None) -> Report:
-    """Run the whole check inside the adapter's deterministic session and fill ``report``."""
+              structures: Optional[Mapping[str, Structure]] = None,
+              remote: Optional[RemoteEvaluation] = None) -> Report:
+    """Run the whole check inside the adapter's deterministic session and fill ``report``; ``remote`` (from
+    ``executor=``) evaluates the function's chunks in other processes."""
     started = time.perf_counter()
     counts = EvaluationCounts()
     _check_structure_names(prepared, structures or {})
     progress = CheckProgress(f"checking {report.function}", options.progress)
-    evaluator = counts.add(Evaluator(prepared, options.chunk_size, progress=progress))
+    evaluator = counts.add(Evaluator(prepared, options.chunk_size, progress=progress, remote=remote))
     automatic = options.analytic == "auto"
     options = dataclasses.replace(options, analytic=_analytic_modes(prepared, options, report))
     try:
@@ -116,7 +120,7 @@ def _nondeterminism(evaluator: Evaluator, x0: np.ndarray) -> Tuple[Optional[str]
         raise FunctionEvaluationError("fn: returned no floating-point output to differentiate")
     difference = float(np.max(np.abs(outputs[0] - outputs[1])))
     scale = max(1.0, float(np.max(np.abs(outputs[0]))))
-    if difference > 1e3 * working_eps(evaluator.prepared) * scale:
+    if difference > agreement_bound(working_eps(evaluator.prepared), scale):
         return (f"fn is not deterministic: two evaluations at the same input differ by {difference:.3g} even with "
                 "every random generator re-seeded before each evaluation, so finite differences would measure "
                 "noise, not gradients. Make the randomness depend on a seed or key the check controls "

@@ -21,6 +21,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .._agreement import agreement_bound
 from .._adapter import LeafSpec
 
 #: Leaves smaller than this are checked column by column (the saving is small, the report plainer).
@@ -120,7 +121,7 @@ def diagonal_jacobian(vjp: Callable[[np.ndarray], np.ndarray], leaves: Sequence[
         for leaf in leaves:
             want = diagonal[leaf.slice] * probe
             got = pulled[k, leaf.slice]
-            bound = 1e3 * eps * np.abs(want) + eps * float(np.max(np.abs(want), initial=0.0))
+            bound = agreement_bound(eps, np.abs(want)) + eps * float(np.max(np.abs(want), initial=0.0))
             if not (np.all(np.isfinite(got)) and np.all(np.abs(got - want) <= bound)):
                 return None
     return diagonal

@@ -12,7 +12,7 @@ import numpy as np
 
 from .._adapter import EditedEvaluation, LeafSpec, PreparedFunction, TransposedProducts, WorkingPrecision, offered
 from .._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
-from .executor import LOCK as _EXECUTOR_LOCK, RemoteFailure, RemoteTraceback, agreement, remote_for
+from .executor import LOCK as _EXECUTOR_LOCK, RemoteEvaluation, RemoteFailure, RemoteTraceback, agreement
 from .._reporting.progress import CheckProgress
 
 
@@ -20,7 +20,7 @@ class Evaluator:
     """Wraps a :class:`PreparedFunction`; counts evaluations, VJPs and JVPs."""
 
     def __init__(self, prepared: PreparedFunction, chunk_size: int, what: str = "fn",
-                 progress: Optional[CheckProgress] = None) -> None:
+                 progress: Optional[CheckProgress] = None, remote: Optional[RemoteEvaluation] = None) -> None:
         self.prepared = prepared
         self.progress = progress
         self.chunk_size = chunk_size
@@ -31,7 +31,7 @@ class Evaluator:
         # points where fn was not finite once and finite when evaluated again: a fault, not a domain edge
         self.transients: List[str] = []
         # executor=: the chunks of evaluate go to other processes (see gradbridge._checking.executor)
-        self.remote = remote_for(prepared)
+        self.remote = remote
 
     def _call(self, method, data: np.ndarray, label: str) -> np.ndarray:
         try:

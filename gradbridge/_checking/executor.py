@@ -25,10 +25,11 @@ import traceback
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .._agreement import agreement_bound
 from .. import _process
 from .._adapter import CheckSpec, PreparedFunction
 from .._errors import InvalidArgumentError
@@ -42,7 +43,6 @@ LOCK = _process.LOCK
 _CACHE: "OrderedDict[str, PreparedFunction]" = OrderedDict()
 _CACHE_SIZE = 4
 #: id(local prepared function) -> its remote evaluation, while a check with ``executor=`` runs.
-_ACTIVE: Dict[int, "RemoteEvaluation"] = {}
 
 Layout = Tuple[Any, ...]
 
@@ -300,35 +300,29 @@ def plan(executor: Any, backend: str, spec: CheckSpec, prepared: PreparedFunctio
     return RemoteEvaluation(target, name, recipe)
 
 
-def remote_for(prepared: Any) -> Optional[RemoteEvaluation]:
-    """The remote evaluation registered for ``prepared``, if a check with ``executor=`` runs it."""
-    return _ACTIVE.get(id(prepared))
-
-
 @contextlib.contextmanager
-def activated(prepared: PreparedFunction, remote: Optional[RemoteEvaluation]) -> Iterator[None]:
-    """Route the evaluations of ``prepared`` through ``remote`` for the duration of the block."""
+def activated(remote: Optional[RemoteEvaluation]) -> Iterator[None]:
+    """The lifetime of ``remote`` (handed to the check's evaluator): a recipe made for this check only is
+    dropped from the workers' cache when the block ends."""
     if remote is None:
         yield
         return
-    _ACTIVE[id(prepared)] = remote
     try:
         yield
     finally:
-        _ACTIVE.pop(id(prepared), None)
         if remote.recipe.key.startswith("local-"):
             with LOCK:
                 _CACHE.pop(remote.recipe.key, None)
 
 
 def agreement(remote: np.ndarray, local: np.ndarray, eps: float) -> Optional[Tuple[int, float, float]]:
-    """None when ``remote`` and ``local`` (one row each) agree to about ``1e3 * eps`` relative; else the
+    """None when ``remote`` and ``local`` (one row each) agree under the internal agreement rule (:mod:`gradbridge._agreement`); else the
     first output position that differs, with both values."""
     if remote.shape != local.shape:
         return (-1, float("nan"), float("nan"))
     scale = max(float(np.max(np.abs(local[np.isfinite(local)]), initial=0.0)), np.finfo(np.float64).tiny)
     with np.errstate(invalid="ignore"):
-        close = np.abs(remote - local) <= 1e3 * eps * np.maximum(np.abs(local), scale)
+        close = np.abs(remote - local) <= agreement_bound(eps, np.maximum(np.abs(local), scale))
     same = close | (np.isnan(remote) & np.isnan(local)) | (remote == local)
     if same.all():
         return None
@@ -337,4 +331,4 @@ def agreement(remote: np.ndarray, local: np.ndarray, eps: float) -> Optional[Tup
 
 
 __all__ = ["LOCK", "Recipe", "RemoteEvaluation", "RemoteFailure", "RemoteTraceback", "activated", "agreement",
-           "layout_of", "plan", "remote_for", "resolve", "run_chunk"]
+           "layout_of", "plan", "resolve", "run_chunk"]

@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._agreement import agreement_bound
 from .._adapter import (LeafSpec)
 from .determinism import SPREAD_EXPLAINS, Spread
 from .._errors import ModeUnsupportedError
@@ -42,7 +43,7 @@ def consistency_rows(evaluator: Evaluator, options: Options, order: int,
         return []
     eps = working_eps(prepared, options)
     reverse, forward = float(pulled @ u[0]), float(v[0] @ pushed)
-    allowed = 1e3 * eps * (float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
+    allowed = agreement_bound(eps, float(np.abs(pulled) @ np.abs(u[0])) + float(np.abs(v[0]) @ np.abs(pushed))) + 1e-300
     difference = abs(reverse - forward)
     rel = relative_error(np.array([reverse]), np.array([forward]))
     # a unit-norm probe's spread s shows in <J^T v, u> as about s |v| |u|

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._agreement import agreement_bound
 from .._adapter import LeafSpec
 from .compress import MAX_GROUP_FRACTION, MIN_COLUMNS, CompressedLeaf, column_scales
 
@@ -105,7 +106,7 @@ def dot_test(vjp: Products, tangents: np.ndarray, products: np.ndarray, output_s
     reverse = tangents @ pulled.T
     forward = products @ u.T
     size = np.abs(tangents) @ np.abs(pulled).T + np.abs(products) @ np.abs(u).T
-    return bool(np.all(np.isfinite(reverse)) and np.all(np.abs(reverse - forward) <= 1e3 * eps * size + 1e-300))
+    return bool(np.all(np.isfinite(reverse)) and np.all(np.abs(reverse - forward) <= agreement_bound(eps, size) + 1e-300))
 
 
 def analytic_by_columns(products: Products, vjp: Products, x0: np.ndarray, leaves: Sequence[LeafSpec],
