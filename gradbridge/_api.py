@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, 
 
 import numpy as np
 
-from . import _hooks, _registry
+from . import _defaults, _hooks, _registry
 from ._checking import executor as _executor
 from ._adapter import CheckSpec, PytreeNodes, WorkingPrecision, offered
 from ._checking.check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
-from ._options import (DEFAULT_BUDGET, Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
+from ._options import (Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
                        validate_step)
 from ._precision import DTYPE_EPS, FLOAT64_EPS, dtype_name, eps_of
 from ._checking.structure import validate_structure
@@ -24,11 +24,12 @@ Wrt = Union[int, str, Any, Sequence[Union[int, str, Any]], None]
 
 
 def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]] = None, params: Any = None,
-          wrt: Wrt = None, mode: str = "auto", order: int = 1, eps: Optional[float] = None,
-          atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
-          backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None, analytic: str = "auto",
-          probes: int = 3, train: bool = False, chunk_size: int = 256, budget: int = DEFAULT_BUDGET,
-          kinks: str = "allow", promote: bool = True,
+          wrt: Wrt = None, mode: str = _defaults.MODE, order: int = _defaults.ORDER, eps: Optional[float] = None,
+          atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = _defaults.SEED,
+          backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None,
+          analytic: str = _defaults.ANALYTIC, probes: int = _defaults.PROBES, train: bool = _defaults.TRAIN,
+          chunk_size: int = _defaults.CHUNK_SIZE, budget: int = _defaults.BUDGET, kinks: str = _defaults.KINKS,
+          promote: bool = _defaults.PROMOTE,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
           progress: Optional[bool] = None, executor: Any = None, memory: Union[None, int, str] = None) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.

@@ -6,14 +6,15 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
+from . import _defaults
 from ._errors import InvalidArgumentError
 from ._checking.memory import parse_memory
 
 MODES = ("auto", "full", "fast")
 ANALYTIC = ("auto", "rev", "fwd", "both")
 KINKS = ("allow", "subgradient", "fail")
-#: Default for ``budget``: most evaluations plus analytic calls a full check may take under ``mode="auto"``.
-DEFAULT_BUDGET = 20_000
+#: Default for ``budget`` (kept here for the modules that import it; the value is :mod:`gradbridge._defaults`'s).
+DEFAULT_BUDGET = _defaults.BUDGET
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Options:
     train: bool
     chunk_size: int
     budget: int = DEFAULT_BUDGET
-    kinks: str = "allow"
-    promote: bool = True
+    kinks: str = _defaults.KINKS
+    promote: bool = _defaults.PROMOTE
     progress: Optional[bool] = None
     memory: Optional[int] = None  # bytes a check may allocate; None: half of what is available
 

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Set
 from .. import _hooks
 from .._api import function_name
 from .._errors import InvalidArgumentError
-from .._options import DEFAULT_BUDGET, Options, validate_kwargs, validate_options
+from .._defaults import CHECK_DEFAULTS, SEED
+from .._options import Options, validate_kwargs, validate_options
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .result import Comparison
@@ -32,7 +33,7 @@ CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_s
 # --- the entry point ---
 
 def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Mapping[str, Any]] = None,
-            kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = 0,
+            kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = SEED,
             rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
             name: Optional[str] = None, **check_options: Any) -> Comparison:
     """Run the same inputs through several implementations of one function and say which side is wrong.
@@ -152,7 +153,6 @@ def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:
         raise InvalidArgumentError(
             f"{unknown[0]}: not an option of gb.compare; the own checks take {', '.join(CHECK_OPTIONS)}"
             + (" (rtol/atol are the pairwise tolerance)" if unknown[0] in ("check_rtol", "check_atol") else ""))
-    merged = dict(mode="auto", order=1, eps=None, probes=3, analytic="auto", train=False, chunk_size=256,
-                  budget=DEFAULT_BUDGET, kinks="allow", progress=None, memory=None)
+    merged = {k: v for k, v in CHECK_DEFAULTS.items() if k in CHECK_OPTIONS}
     merged.update(check_options)
     return validate_options(atol=None, rtol=None, seed=seed, promote=True, **merged)

@@ -14,13 +14,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from .._defaults import COMPARE_RTOL
 from .._errors import InvalidArgumentError
 from .result import PairDifference
 from .runs import ImplementationRun
 from .render import joined
 
 #: Default relative tolerance of the pairwise comparison (float64 ports of the same math agree to ~1e-13).
-DEFAULT_RTOL = 1e-7
+DEFAULT_RTOL = COMPARE_RTOL  # from gradbridge._defaults
 #: Share of the largest entry of the same leaf added to each entry's scale (entries near zero by cancellation).
 LEAF_SCALE = 1e-2
 #: Share of the largest entry of all leaves of the same quantity (a leaf that is zero up to round-off).
