@@ -1,0 +1,22 @@
+"""What each registered backend offers beyond the adapter protocol, for the conformance suite.
+
+One row per backend in the registry (a backend missing here fails the suite: a new adapter declares what it
+offers). ``prepared``: the optional capabilities (:data:`gradbridge._adapter.CAPABILITIES`) a prepared custom
+rule offers, as :func:`gradbridge._adapter.capabilities` names them; ``jvp_of_vjp_rule``: forward-mode products of a custom
+rule that defines only its VJP (refused with ModeUnsupportedError where False); ``order2``: the gradient function of ``order=2``; ``compare``: the compare methods
+(:class:`gradbridge._adapter.CompareAdapter`); ``pytree``: the framework registers container types.
+The suite checks every row against what the adapter really does, so the table cannot drift.
+"""
+
+from __future__ import annotations
+
+CAPABILITY_TABLE = {
+    "numpy": dict(prepared={"WorkingPrecision"}, jvp_of_vjp_rule=False, order2=False, compare=True,
+                  pytree=False),
+    "torch": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
+                            "ForwardRules"}, jvp_of_vjp_rule=True, order2=True, compare=True, pytree=True),
+    "jax": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
+                          "ForwardRules"}, jvp_of_vjp_rule=True, order2=True, compare=True, pytree=True),
+    "tensorflow": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
+                                 "ForwardRules"}, jvp_of_vjp_rule=True, order2=True, compare=True, pytree=False),
+}
