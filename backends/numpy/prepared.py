@@ -20,13 +20,13 @@ from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
 from gradbridge._checking.evaluate import mark_failed_point
-from .common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
-from .common.outputs import output_leaves, output_specs
-from .common.rng import SharedRandomState
+from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
+from ..common.outputs import output_leaves, output_specs
+from ..common.rng import SharedRandomState
 from gradbridge._tree import flatten
 
-from .common.handwritten import call_grad, flat_gradient, scalar_form
-from .common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
+from ..common.handwritten import call_grad, flat_gradient, scalar_form
+from ..common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 
 def _is_array(value: Any) -> bool:

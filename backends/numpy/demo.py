@@ -1,4 +1,7 @@
-"""NumPy demo: the classic course exercise, a hand-written softmax-regression gradient."""
+"""NumPy demo: the classic course exercise, a hand-written softmax-regression gradient.
+
+Invariant: the correct gradients pass and the seeded bug fails (``gradbridge demo`` exits 0 only then).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import List
 
 import numpy as np
 
-from . import DemoCase
+from ..demos import DemoCase
 
 
 def softmax_loss(X: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarray) -> float:
