@@ -303,7 +303,7 @@ def test_function_that_behaves_differently_under_vmap_falls_back() -> None:
     points = _points(prepared, 8)
     with prepared.session():
         values = prepared.evaluate(points)
-    assert prepared._batched_evaluate is False
+    assert prepared.paths["evaluate"].looped
     assert "different outputs under torch.func.vmap" in _path_note(prepared), prepared.notes
     # the loop's outputs: one call per point, each with its own counter value
     offsets = values - np.sin(points)
@@ -333,10 +333,10 @@ def test_user_error_after_batching_was_decided_still_raises() -> None:
     prepared = _prepare(_batched_calls_raising(2, Boom), _randn(4))
     with prepared.session():
         prepared.evaluate(_points(prepared, 8))
-        assert prepared._batched_evaluate is True
+        assert prepared.paths["evaluate"].batched
         with pytest.raises(Boom):
             prepared.evaluate(_points(prepared, 5))
-    assert prepared._batched_evaluate is True
+    assert prepared.paths["evaluate"].batched
     # through the check: 12 perturbed points in chunks of 8 and 4; the second (batched) chunk raises
     with pytest.raises(gb.FunctionEvaluationError) as info:
         gb.check(_batched_calls_raising(2, Boom), _randn(6), chunk_size=8, mode="full")
@@ -379,7 +379,7 @@ def test_batched_and_looped_results_agree(name: str) -> None:
 
 def test_elementwise_function_agrees_bit_for_bit() -> None:
     prepared, bv, lv, bg, lg = _both_paths(lambda: _prepare(lambda x: torch.sin(x) * x.exp(), _randn(9)))
-    assert prepared._batched_evaluate is True and prepared._batched_vjp is True
+    assert prepared.paths["evaluate"].batched and prepared.paths["vjp"].batched
     assert np.array_equal(bv, lv) and np.array_equal(bg, lg)
 
 
@@ -387,7 +387,7 @@ def test_nan_outputs_come_back_from_the_batched_path() -> None:
     prepared = _prepare(lambda x: torch.log(x), _randn(4))
     with prepared.session():
         values = prepared.evaluate(_points(prepared, 9))
-    assert prepared._batched_evaluate is True
+    assert prepared.paths["evaluate"].batched
     with np.errstate(invalid="ignore"):
         expected = np.log(_points(prepared, 9))
     assert np.array_equal(np.isnan(values), np.isnan(expected))

@@ -23,7 +23,9 @@ torch = pytest.importorskip("torch")
 
 import gradbridge as gb  # noqa: E402
 from gradbridge._adapter import CheckSpec  # noqa: E402
+from gradbridge._agreement import agree  # noqa: E402
 from gradbridge.backends import torch as torch_backend  # noqa: E402
+from gradbridge.backends.torch import compat, side_effects  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -230,11 +232,11 @@ VJP_CASES = {
 @pytest.mark.parametrize("name", sorted(VJP_CASES))
 def test_vjps_through_the_engine_equal_torch_autograd_grad(name: str, monkeypatch) -> None:
     fn, make_args, options = VJP_CASES[name]
-    assert torch_backend._engine() is not None  # this torch offers the engine call
+    assert compat._engine() is not None  # this torch offers the engine call
     results = []
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(torch_backend, "_run_backward", None)  # torch.autograd.grad throughout
+            monkeypatch.setattr(compat, "_run_backward", None)  # torch.autograd.grad throughout
         prepared = _prepare(fn, *make_args(), **options)
         with prepared.session():
             m = prepared.evaluate(prepared.x0[None]).shape[1]
@@ -310,10 +312,10 @@ def test_the_screen_keeps_instructions_per_code_object_but_judges_each_closure()
     mutable, module = {}, torch.nn.Module()
     first, second, third = _calls_update_on(mutable), _calls_update_on(module), _calls_update_on(mutable)
     assert first.__code__ is second.__code__
-    assert torch_backend._visible_side_effect(first) == "fn calls owner.update(...)"
-    assert torch_backend._visible_side_effect(second) is None
-    assert torch_backend._visible_side_effect(third) == "fn calls owner.update(...)"
-    assert first.__code__ in torch_backend._INSTRUCTIONS
+    assert side_effects._visible_side_effect(first) == "fn calls owner.update(...)"
+    assert side_effects._visible_side_effect(second) is None
+    assert side_effects._visible_side_effect(third) == "fn calls owner.update(...)"
+    assert first.__code__ in side_effects._INSTRUCTIONS
 
 
 def _classic_cube() -> type:
@@ -356,7 +358,7 @@ def test_batched_outputs_are_freed_without_a_garbage_collection(fn) -> None:
         prepared.evaluate(prepared.x0[None])  # outputs known: no names, no tree-walk closures
         gc.disable()
         try:
-            watch = torch_backend._EscapeWatch()
+            watch = side_effects._EscapeWatch()
             prepared._evaluate_vmap(_points(prepared, 8), watch)
             assert watch.refs and all(ref() is None for ref in watch.refs)
         finally:
@@ -365,7 +367,6 @@ def test_batched_outputs_are_freed_without_a_garbage_collection(fn) -> None:
 
 
 def test_agreement_is_unchanged_by_the_exact_shortcut() -> None:
-    agree = torch_backend._agree
     eps = float(np.finfo(np.float64).eps)
     a = np.array([[1.0, np.inf, -np.inf, 0.0]])
     assert agree(a, a.copy(), eps)
