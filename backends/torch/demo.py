@@ -1,4 +1,9 @@
-"""PyTorch demo: a custom linear Function (correct and with a transposed weight gradient) and an MLP."""
+"""PyTorch demo: a custom linear Function (correct and with a transposed weight gradient) and an MLP.
+
+Invariant: each case states the verdict it must get (the correct cases pass, the seeded bug is caught) for
+any values of its inputs and of the MLP's initial parameters, so ``gradbridge demo`` succeeds exactly when the
+check gets every verdict right.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import List
 
 import torch
 
-from . import DemoCase
+from ..demos import DemoCase
 
 
 class LinearFunction(torch.autograd.Function):
