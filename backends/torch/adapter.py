@@ -180,7 +180,7 @@ def _to_array(value: Any) -> np.ndarray:
 
 
 def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callable[[Optional[List[np.ndarray]]], Any]:
-    """The user's ``grad`` at ``x0`` (see :mod:`backends._handwritten`): ``grad(*args)`` for ``None``, else
+    """The user's ``grad`` at ``x0`` (see :mod:`..common.handwritten`): ``grad(*args)`` for ``None``, else
     ``grad(cotangent, *args)`` with the cotangent blocks put in fn's output structure as tensors in the
     outputs' dtypes (zeros for non-floating outputs). The structure comes from one run of fn at ``x0``."""
     structure: List[Any] = []

@@ -323,7 +323,7 @@ def _argument_slots(spec: CheckSpec, candidates: List[Candidate], chosen: List[i
 
 
 def _output_tensors(value: Any, found: List[torch.Tensor]) -> List[torch.Tensor]:
-    """The tensors in fn's output, in the order of :func:`gradbridge._outputs.output_leaves` (dicts by
+    """The tensors in fn's output, in the order of :func:`..common.outputs.output_leaves` (dicts by
     their items, tuples and lists by position, anything else a constant), without building names (and
     without the closures whose reference cycle keeps the tensors alive until a garbage collection)."""
     if isinstance(value, torch.Tensor):
