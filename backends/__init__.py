@@ -1,5 +1,7 @@
-"""Framework adapters, installed as ``gradbridge.backends``: one module per framework.
+"""Framework adapters, installed as ``gradbridge.backends``: one folder per framework, with the same file names in
+each (``adapter.py``, ``problem.py``, ``prepared.py``, ...), built on the adapter kit in ``common/``.
 
-Each module defines ``ADAPTER``, an object implementing :class:`gradbridge._adapter.Adapter`. They are
-imported lazily by :mod:`gradbridge._registry`, never by ``import gradbridge``.
+Each folder's package defines ``ADAPTER``, an object implementing :class:`gradbridge._adapter.Adapter`. They are
+imported lazily by :mod:`gradbridge._registry`, never by ``import gradbridge``. ``docs/architecture.md`` says
+what goes where.
 """

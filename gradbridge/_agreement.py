@@ -50,6 +50,11 @@ def disagreement(a: np.ndarray, b: np.ndarray, eps: float, rows: bool = True) ->
         return "not finite in different places"
     if not finite.any():
         return None
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both sides agree on an infinity
+        return _finite_disagreement(a, b, finite, eps, rows)
+
+
+def _finite_disagreement(a: np.ndarray, b: np.ndarray, finite: np.ndarray, eps: float, rows: bool) -> Optional[str]:
     magnitude = np.where(finite, np.maximum(np.abs(a), np.abs(b)), 0.0)
     if rows and a.ndim == 2:
         scale = np.max(magnitude, axis=1, keepdims=True)
