@@ -1,0 +1,180 @@
+"""Keras 3 on the TensorFlow backend: recognising Keras objects, and the scopes a check runs a model in.
+
+Invariant: a Keras model or variable of the user's is never changed by a check. While ``fn`` runs, Keras
+variables read the check's values through a stateless scope (updates such as BatchNorm statistics and
+Dropout seed generators land in the scope and are dropped), a model promoted to float64 has its layers'
+dtype policies swapped and put back in a ``finally``, and the training flag is Keras' outer call context,
+restored on exit. Nothing here imports Keras: without it in ``sys.modules`` every helper is a no-op or False.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from . import compat
+from ..common.layout import Unchecked
+
+
+def keras_module() -> Any:
+    """The ``keras`` module when the process has imported it, else None."""
+    return compat.loaded_keras()
+
+
+def is_keras_variable(value: Any) -> bool:
+    keras = keras_module()
+    return keras is not None and isinstance(value, getattr(keras, "Variable", ()))
+
+
+def is_keras_layer(value: Any) -> bool:
+    keras = keras_module()
+    layers = getattr(keras, "layers", None) if keras is not None else None
+    return layers is not None and isinstance(value, getattr(layers, "Layer", ()))
+
+
+def floatx() -> Optional[str]:
+    """Keras' default float dtype (part of a traced graph's cache key), None without Keras."""
+    keras = keras_module()
+    return keras.config.floatx() if keras is not None and hasattr(keras, "config") else None
+
+
+# --- scopes a call of fn runs in ---
+
+@contextlib.contextmanager
+def float64_policies(model: Any) -> Iterator[None]:
+    """``model`` computes in float64 while the block runs; everything is put back afterwards.
+
+    Every layer gets a policy computing in float64 with its own variable dtype (the Keras mixed-precision
+    mechanism: variables are cast on read); input layers and the symbolic inputs of functional models
+    (the dtypes Keras casts call inputs to) are switched to float64 too, or the inputs would be rounded to
+    float32 on the way in.
+    """
+    KerasTensor = compat.keras_tensor_type()
+    InputLayer = compat.input_layer_type()
+
+    policies, symbols = [], []
+    try:
+        for layer in compat.all_layers(model):
+            original = compat.layer_policy(layer)
+            policy = compat.float64_policy(original.variable_dtype)
+            policies.append((layer, original))
+            compat.set_layer_policy(layer, policy)
+            if isinstance(layer, InputLayer) and tf.as_dtype(compat.own_dtype(layer)).is_floating:
+                symbols.append((layer, compat.own_dtype(layer)))  # InputLayer's dtype is its own, not the policy's
+                compat.set_own_dtype(layer, "float64")
+            for symbol in compat.symbolic_inputs(layer):
+                if isinstance(symbol, KerasTensor) and tf.as_dtype(symbol.dtype).is_floating:
+                    symbols.append((symbol, compat.own_dtype(symbol)))
+                    compat.set_own_dtype(symbol, "float64")
+        yield
+    finally:
+        for symbol, dtype in reversed(symbols):
+            compat.set_own_dtype(symbol, dtype)
+        for layer, original in reversed(policies):
+            compat.set_layer_policy(layer, original)
+
+
+def promotable(model: Any) -> bool:
+    """Whether every layer has a plain float policy the float64 swap can stand in for."""
+    try:
+        DTypePolicy = compat.dtype_policy_type()
+        layers = compat.all_layers(model)
+    except (ImportError, AttributeError):
+        return False
+    return all(type(compat.layer_policy(l)) is DTypePolicy
+               and tf.as_dtype(compat.layer_policy(l).compute_dtype).is_floating for l in layers)
+
+
+@contextlib.contextmanager
+def stateless(mapping: Sequence[Tuple[Any, Any]]) -> Iterator[None]:
+    """A ``keras.StatelessScope`` in which each Keras variable reads its mapped value (of any dtype: the
+    mapping is set after construction, which would cast it to the variable's dtype) and no Keras
+    variable of the user's is written (updates stay in the scope)."""
+    if keras_module() is None:
+        yield
+        return
+    with compat.stateless_scope(mapping):
+        yield
+
+
+@contextlib.contextmanager
+def keras_training(on: bool) -> Iterator[None]:
+    """Keras layers called without ``training=`` run in training mode (Keras' outer call context)."""
+    state = compat.keras_global_state()
+    if not on or state is None:
+        yield
+        return
+    previous = state.get_global_attribute("current_call_ctx")
+    state.set_global_attribute("current_call_ctx", compat.training_call_context())
+    try:
+        yield
+    finally:
+        state.set_global_attribute("current_call_ctx", previous)
+
+
+# --- a model's weights ---
+
+class Param:
+    """One parameter candidate: its readable name and the user's variable."""
+
+    def __init__(self, name: str, variable: Any) -> None:
+        self.name = name
+        self.variable = variable
+
+
+def dedupe(variables: Sequence[Any]) -> List[Any]:
+    """The variables, each once (by identity), in order."""
+    seen, unique = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            unique.append(v)
+    return unique
+
+
+def unique(named: Sequence[Tuple[str, Any]]) -> List[Param]:
+    """Parameters with distinct names (a repeated path gets ``#2``, ``#3``...)."""
+    counts: Dict[str, int] = {}
+    params = []
+    for name, v in named:
+        counts[name] = counts.get(name, 0) + 1
+        params.append(Param(name if counts[name] == 1 else f"{name}#{counts[name]}", v))
+    return params
+
+
+def keras_params(model: Any) -> List[Param]:
+    """The check's parameters of a Keras model or layer (named by variable path, as ``params=model`` names them)."""
+    return unique([(v.path, v) for v in dedupe(list(model.trainable_variables))])
+
+
+def frozen_weights(model: Optional[Any]) -> List[Unchecked]:
+    """The weights of a Keras model's layers set ``trainable=False`` (frozen): held fixed, so listed as not
+    checked. A layer's own non-trainable state (BatchNorm statistics) is not a weight and is not listed."""
+    if model is None:
+        return []
+    trainable = {id(v) for v in model.trainable_variables}
+    found: List[Unchecked] = []
+    seen = set()
+    for layer in compat.all_layers(model):
+        for v in compat.created_trainable(layer):  # the weights created trainable (Keras 3)
+            dtype = tf.as_dtype(v.dtype)
+            if id(v) in trainable or id(v) in seen or not dtype.is_floating:
+                continue
+            seen.add(id(v))
+            found.append(Unchecked(v.path, dtype.name, f"layer {layer.name!r} has trainable=False (frozen), so "
+                                                       "its weights are held fixed", kind="param"))
+    return found
+
+
+def relative_name(model: Any, path: str) -> str:
+    """A variable path relative to ``model`` (its own name dropped, as Sequential and functional models prefix
+    it) with "/" written as "." (``sequential/dense/kernel`` -> ``dense.kernel``)."""
+    prefix = f"{model.name}/"
+    return (path[len(prefix):] if path.startswith(prefix) else path).replace("/", ".")
+
+
+def keras_names(model: Any) -> Dict[str, str]:
+    """The check's leaf name of each trainable variable -> its common (dotted, relative) name."""
+    return {p.name: relative_name(model, p.name) for p in keras_params(model)}
