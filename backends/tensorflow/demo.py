@@ -1,4 +1,8 @@
-"""TensorFlow demo: a custom-gradient linear layer (correct and with a batch-sum bug) and a Keras MLP."""
+"""TensorFlow demo: a custom-gradient linear layer (correct and with a batch-sum bug) and a Keras MLP.
+
+Invariant: every case is built deterministically (seeded generators) and states its expected outcome: the
+correct gradients pass and the seeded bug fails, so ``gradbridge demo`` succeeds only when both hold.
+"""
 
 from __future__ import annotations
 

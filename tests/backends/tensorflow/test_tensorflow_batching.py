@@ -21,6 +21,7 @@ keras = pytest.importorskip("keras")
 import gradbridge as gb  # noqa: E402
 from gradbridge._adapter import CheckSpec  # noqa: E402
 from gradbridge.backends import tensorflow as tf_backend  # noqa: E402
+from gradbridge.backends.tensorflow import batching as tf_batching  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 
@@ -42,7 +43,7 @@ def _notes(report: Any, prefix: str) -> List[str]:
 def batch_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests check the batched path on small inputs: trace it from the first chunk, whatever its
     size (by default chunks under MIN_BATCH_ROWS run the loop; tested at the end of this file)."""
-    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 1)
+    monkeypatch.setattr(tf_batching, "MIN_BATCH_ROWS", 1)
 
 
 @pytest.fixture
@@ -209,7 +210,8 @@ def test_batched_and_looped_results_agree(name: str, make: Callable[[], Tuple[An
         transposed_batched = prepared.vjp_transposed(tangents)
         transposed_looped = prepared._transposed_loop(tangents)
         jacobian = prepared._vjp_loop(np.eye(m))  # row i: e_i^T J
-    assert prepared._paths == {"evaluate": "batched", "vjp": "batched", "transposed": "batched"}, prepared.notes
+    assert {which: choice.path for which, choice in prepared._paths.items()} == {
+        "evaluate": "batched", "vjp": "batched", "transposed": "batched"}, prepared.notes
     np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-12 * np.abs(looped).max())
     np.testing.assert_allclose(vjp_batched, vjp_looped, rtol=1e-12, atol=1e-12 * np.abs(vjp_looped).max())
     expected = tangents @ jacobian.T
@@ -223,7 +225,7 @@ def test_undefined_gradients_are_kept_by_the_batched_vjp() -> None:
     prepared = _prepared(fn, _normal(3, seed=20), tf.constant([1.5, 2.5], tf.float64))
     with prepared.session():
         rows = prepared.vjp(np.ones((2, 1)))
-    assert prepared._paths["vjp"] == "batched", prepared.notes
+    assert prepared._paths["vjp"].path == "batched", prepared.notes
     assert set(prepared.undefined_gradients) == {"arg1"}
     np.testing.assert_array_equal(rows[:, 3:], 0.0)
     report = gb.check(fn, _normal(3, seed=20), tf.constant([1.5, 2.5], tf.float64))
@@ -320,7 +322,7 @@ def test_speed_sanity(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
 def test_small_checks_skip_the_trace_and_large_ones_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default a check whose chunks are all smaller than MIN_BATCH_ROWS runs the eager loop (tracing
     would cost more than it saves); a larger one traces the vectorized graph."""
-    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 64)
+    monkeypatch.setattr(tf_batching, "MIN_BATCH_ROWS", 64)
     small = gb.check(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), _normal(6, seed=21))
     assert small.passed and not _notes(small, BATCHED_EVAL), small.notes
     large = gb.check(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2), _normal(100, seed=22))
@@ -369,7 +371,7 @@ def test_small_checks_trace_once_the_function_is_checked_again(fresh_cache: None
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """With the default MIN_BATCH_ROWS, a small check runs the eager loop (a one-off check does not pay for a
     trace); the second check of the same function traces, and later ones reuse its graphs."""
-    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 64)
+    monkeypatch.setattr(tf_batching, "MIN_BATCH_ROWS", 64)
     fn, traces = _counted(lambda x: tf.reduce_sum(tf.sin(x) * x ** 2))
     x = _normal(6, seed=32)
     once = gb.check(fn, x)
@@ -420,7 +422,7 @@ def test_a_rebound_closure_tensor_is_a_new_key(fresh_cache: None) -> None:
     prepared = _prepared(fn, x)
     with prepared.session():
         after = prepared.evaluate(prepared.x0[None])
-    assert prepared._paths["evaluate"] == "batched" and tf_backend.cache_size() == 2, prepared.notes
+    assert prepared._paths["evaluate"].path == "batched" and tf_backend.cache_size() == 2, prepared.notes
     np.testing.assert_allclose(after, 2.5 * before, rtol=1e-14)
 
 
@@ -467,7 +469,7 @@ def test_a_keras_model_check_reuses_its_graphs_and_reads_changed_weights(fresh_c
     with prepared.session():
         batched = prepared.evaluate(points)
         looped = prepared._evaluate_loop(points)
-    assert prepared._paths["evaluate"] == "batched" and len(traces) == traced, prepared.notes
+    assert prepared._paths["evaluate"].path == "batched" and len(traces) == traced, prepared.notes
     np.testing.assert_allclose(batched, looped, rtol=1e-12)
 
 
@@ -548,7 +550,7 @@ def test_counters_fn_bumps_keep_the_cache_and_a_rebound_int_factor_does_not(
     """The counters fn bumps while it runs are not what its graphs depend on: checks reuse the graphs traced
     before (with MIN_BATCH_ROWS=64 the first small check runs the loop and the second one traces). The int
     factor is: rebinding it traces afresh and gives the new verdict."""
-    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", min_rows)
+    monkeypatch.setattr(tf_batching, "MIN_BATCH_ROWS", min_rows)
     namespace = {"tf": tf, "CALLS": 0, "TRACES": 0, "SCALE": 2}
     exec(_COUNTED_SQUARE, namespace)
     fn, x = namespace["fn"], _normal(5, seed=47)

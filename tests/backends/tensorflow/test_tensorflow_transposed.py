@@ -20,6 +20,7 @@ keras = pytest.importorskip("keras")
 from gradbridge._adapter import CheckSpec  # noqa: E402
 from gradbridge._errors import ModeUnsupportedError  # noqa: E402
 from gradbridge.backends import tensorflow as tf_backend  # noqa: E402
+from gradbridge.backends.tensorflow import batching as tf_batching  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.tensorflow
 @pytest.fixture(autouse=True)
 def batch_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks take the vectorized graph from the first call (by default they run the eager loop)."""
-    monkeypatch.setattr(tf_backend, "MIN_BATCH_ROWS", 1)
+    monkeypatch.setattr(tf_batching, "MIN_BATCH_ROWS", 1)
 
 
 @pytest.fixture(params=[True, False], ids=["batched", "loop"])
@@ -63,7 +64,7 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def _path(prepared: "tf_backend.TensorFlowPrepared", batching: bool) -> None:
     """The transposed products ran on the path the test asked for."""
-    assert prepared._paths["transposed"] == ("batched" if batching else None), prepared.notes
+    assert prepared._paths["transposed"].path == ("batched" if batching else None), prepared.notes
 
 
 # --- J t equals the Jacobian vjp implements ---
