@@ -20,10 +20,9 @@ from ..common.handwritten import call_grad, flat_gradient, scalar_form
 from .problem import NumpyProblem
 
 
-class NumpyPrepared(ProblemBackedFunction):
-    """A NumPy function (and its ``grad``) over the flat float64 vector of checked leaves."""
-
-    analytic_source = "the grad= function you passed (hand-written)"
+class ArrayPrepared(ProblemBackedFunction):
+    """What every prepared function over a :class:`NumpyProblem` shares (NumPy's, autograd's): the problem's
+    leaves, point, notes and precision, and evaluation point by point."""
 
     def __init__(self, problem: NumpyProblem) -> None:
         self.problem = problem
@@ -56,6 +55,12 @@ class NumpyPrepared(ProblemBackedFunction):
     @_process.runs_user_code
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         return self.problem.evaluate(points)
+
+
+class NumpyPrepared(ArrayPrepared):
+    """A NumPy function (and its ``grad``) over the flat float64 vector of checked leaves."""
+
+    analytic_source = "the grad= function you passed (hand-written)"
 
     def _gradients(self, result: Any) -> np.ndarray:
         """Turn ``grad``'s return value into one flat vector over the checked leaves, checking shapes."""

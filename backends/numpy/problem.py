@@ -15,7 +15,7 @@ shim.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Type
 
 import numpy as np
 
@@ -92,10 +92,14 @@ class NumpyProblem:
         """The whole check: nothing process-wide changes here, only in :attr:`window`."""
         yield
 
-    def arguments(self, x: np.ndarray) -> tuple:
-        """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest."""
+    def arguments(self, x: Any, leaf_value: Optional[Callable[[Any, LeafSpec, np.dtype], Any]] = None) -> tuple:
+        """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest;
+        ``leaf_value(x, leaf, dtype)`` builds a checked leaf instead where given (autograd's traced leaves)."""
         values = [np.array(c.value, copy=True) for c in self.candidates]
         for leaf, i, dtype in zip(self.leaves, self.chosen, self.leaf_dtypes):
+            if leaf_value is not None:
+                values[i] = leaf_value(x, leaf, dtype)
+                continue
             values[i] = x[leaf.slice].reshape(leaf.shape).astype(dtype)  # exact: the core rounded x to dtype
         values = [v if isinstance(c.value, np.ndarray) else (v[()] if isinstance(v, np.ndarray) else v)
                   for v, c in zip(values, self.candidates)]
@@ -153,9 +157,11 @@ class NumpyProblem:
         return result
 
 
-def build_problem(spec: CheckSpec, who: str = "the NumPy backend") -> NumpyProblem:
+def build_problem(spec: CheckSpec, who: str = "the NumPy backend", kind: Type[NumpyProblem] = NumpyProblem
+                  ) -> NumpyProblem:
     """The problem of a check of NumPy code: every NumPy array in the arguments a candidate, ``wrt=`` applied,
-    the unchecked ones noted. ``who`` names the backend in messages (the autograd backend shares this)."""
+    the unchecked ones noted. ``who`` names the backend in messages and ``kind`` is the problem's class (the
+    autograd backend shares this)."""
     if spec.params is not None:
         raise InvalidArgumentError(f"params: {who} has no modules; pass parameters as arguments")
     unchecked: List[Unchecked] = []
@@ -164,6 +170,6 @@ def build_problem(spec: CheckSpec, who: str = "the NumPy backend") -> NumpyProbl
         lambda v: (np.shape(v), str(np.asarray(v).dtype), floating(v)), unchecked=unchecked,
         native=f"{who} checks NumPy arrays: pass np.asarray(...) to check it")
     leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
-    problem = NumpyProblem(spec, candidates, leaves, chosen, rebuild_args)
+    problem = kind(spec, candidates, leaves, chosen, rebuild_args)
     problem.notes.extend(unchecked_notes(candidates, chosen, unchecked))
     return problem
