@@ -67,6 +67,10 @@ BUILTIN: Tuple[BackendEntry, ...] = (
     BackendEntry("jax", "gradbridge.backends.jax", "jax", "jax", "JAX", library_modules=("jaxlib",)),
     BackendEntry("tensorflow", "gradbridge.backends.tensorflow", "tensorflow", "tensorflow", "TensorFlow",
                  aliases=("tf",), library_modules=("keras",)),
+    # detect: autograd's arrays are NumPy's, so its adapter owns only fn itself (an autograd primitive, or code
+    # that uses autograd.numpy/autograd.scipy): see gradbridge.backends.autograd.adapter
+    BackendEntry("autograd", "gradbridge.backends.autograd", "autograd", "autograd", "autograd",
+                 aliases=("hips-autograd",), detect=True),
 )
 
 _entries: Dict[str, BackendEntry] = {entry.name: entry for entry in BUILTIN}
