@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import DemoCase
+from ..demos import DemoCase
 
 
 @jax.custom_vjp

@@ -73,16 +73,16 @@ import numpy as np
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, LeafSpec, ParamBinding, ProblemBackedFunction
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError, ModeUnsupportedError
-from .common.cache import WeakFunctionCache
-from .common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, digest, weak_callable
-from .common.state import StateSnapshot, StateWalker
-from .common.layout import (COMPLEX_REASON, Candidate, Unchecked, hidden_arrays, layout_leaves, promotion_notes,
+from ..common.cache import WeakFunctionCache
+from ..common.fingerprint import BASE_LIBRARIES, Fingerprinter, UNHANDLED, Uncacheable, digest, weak_callable
+from ..common.state import StateSnapshot, StateWalker
+from ..common.layout import (COMPLEX_REASON, Candidate, Unchecked, hidden_arrays, layout_leaves, promotion_notes,
                                 unchecked_notes)
-from .common.outputs import gradient_output_specs, output_specs
-from .common.rng import SharedRandomState
+from ..common.outputs import gradient_output_specs, output_specs
+from ..common.rng import SharedRandomState
 from gradbridge._tree import self_reference
 
-from .common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
+from ..common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
 
 try:  # the public home of jaxpr types since jax 0.4.3x
     from jax.extend.core import Literal
