@@ -210,6 +210,14 @@ class PytreeNodes(Protocol):
     def pytree_node(self, value: Any) -> Optional[Tuple[List[str], List[Any], Callable[[List[Any]], Any]]]: ...
 
 
+@runtime_checkable
+class WrappedFunctions(Protocol):
+    """An adapter whose framework wraps the user's functions in objects of its own (autograd's ``primitive``):
+    ``user_function(fn)`` gives the function the user wrote, so reports and argument names show it, or None."""
+
+    def user_function(self, fn: Any) -> Optional[Callable[..., Any]]: ...
+
+
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
                                   ForwardRules)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _defaults, _hooks, _registry
 from ._checking import executor as _executor
-from ._adapter import CheckSpec, PytreeNodes, WorkingPrecision, offered
+from ._adapter import CheckSpec, PytreeNodes, WorkingPrecision, WrappedFunctions, offered
 from ._checking.check import run_check
 from ._errors import GradientCheckError, InvalidArgumentError
 from ._options import (Options, normalize_wrt, validate_executor, validate_kwargs, validate_options,
@@ -119,18 +119,20 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
     if grad is not None and not callable(grad):
         raise InvalidArgumentError(f"grad: expected a callable returning gradients, got {type(grad).__name__}")
     values = _values_of(args, params, fn)
-    detected = _registry.detect_adapter(values)
+    detected = _registry.detect_adapter(values, hand_written=grad is not None)
     adapter = detected if backend is None else _registry.get_adapter(backend)
     if detected.name != adapter.name and detected.name != "numpy":
         raise InvalidArgumentError(f"backend: {adapter.name!r} was asked for, but the arguments are "
                                    f"{detected.name} arrays; pass them as {adapter.name} arrays or use "
                                    f"backend={detected.name!r}")
+    written = offered(adapter, WrappedFunctions, "user_function")
+    named = (written(fn) if written is not None else None) or fn  # what the user wrote, for names
     spec = CheckSpec(fn=fn, args=tuple(args), kwargs=call_kwargs, params=params, wrt=normalize_wrt(wrt), grad=grad,
-                     seed=options.seed, train=options.train, arg_names=argument_names(fn, len(args)),
+                     seed=options.seed, train=options.train, arg_names=argument_names(named, len(args)),
                      promote=options.promote)
     prepared = adapter.prepare(spec)
     _validate_point(prepared, options)
-    report = Report(function=function_name(fn), backend=adapter.name, backend_version=adapter.version(),
+    report = Report(function=function_name(named), backend=adapter.name, backend_version=adapter.version(),
                     mode=options.mode, order=options.order)
     report.notes.append(f"analytic side: {prepared.analytic_source}")
     remote = _executor.plan(executor, adapter.name, spec, prepared) if executor is not None else None

@@ -40,8 +40,10 @@ class BackendEntry:
         display: how messages name the library (``NumPy``, ``JAX``).
         aliases: other names accepted for ``backend=``.
         library_modules: further top-level modules whose arrays belong to this library (``jaxlib``, ``keras``).
-        detect: whether an argument owned by this backend picks it without ``backend=`` (False where its
-            arrays are another backend's too, as autograd's are NumPy's).
+        detect: whether a value owned by this backend picks it without ``backend=``.
+        by_code: the backend is recognised from ``fn``'s code, not from array types (autograd's arrays are
+            NumPy's): a check with a hand-written ``grad=`` then stays on the NumPy backend, since the
+            framework's differentiation would not be used anyway.
     """
 
     name: str
@@ -52,6 +54,7 @@ class BackendEntry:
     aliases: Tuple[str, ...] = ()
     library_modules: Tuple[str, ...] = ()
     detect: bool = True
+    by_code: bool = False
 
     @property
     def install_hint(self) -> str:
@@ -70,7 +73,7 @@ BUILTIN: Tuple[BackendEntry, ...] = (
     # detect: autograd's arrays are NumPy's, so its adapter owns only fn itself (an autograd primitive, or code
     # that uses autograd.numpy/autograd.scipy): see gradbridge.backends.autograd.adapter
     BackendEntry("autograd", "gradbridge.backends.autograd", "autograd", "autograd", "autograd",
-                 aliases=("hips-autograd",), detect=True),
+                 aliases=("hips-autograd",), by_code=True),
 )
 
 _entries: Dict[str, BackendEntry] = {entry.name: entry for entry in BUILTIN}
@@ -189,11 +192,12 @@ def get_adapter(name: str) -> Adapter:
     return adapter
 
 
-def loaded_adapters() -> List[Adapter]:
+def loaded_adapters(hand_written: bool = False) -> List[Adapter]:
     """Adapters whose framework the user already imported and that detection may pick (numpy last: it is
-    everyone's fallback)."""
+    everyone's fallback); ``hand_written``: a ``grad=`` is given, so backends recognised by code are left out."""
     chosen = [e.name for e in _entries.values()
-              if e.name != "numpy" and e.detect and sys.modules.get(e.framework_module) is not None]
+              if e.name != "numpy" and e.detect and not (hand_written and e.by_code)
+              and sys.modules.get(e.framework_module) is not None]
     return [get_adapter(n) for n in chosen] + [get_adapter("numpy")]
 
 
@@ -202,17 +206,18 @@ def imported_adapters() -> List[Adapter]:
     return list(_loaded.values())
 
 
-def detect_adapter(values: Iterable[Any]) -> Adapter:
+def detect_adapter(values: Iterable[Any], hand_written: bool = False) -> Adapter:
     """The adapter that owns the given values (arguments, parameters, the function itself).
 
     A framework array or module decides; plain NumPy arrays and Python numbers fall back to NumPy.
+    ``hand_written``: the check has a ``grad=`` (see :attr:`BackendEntry.by_code`).
 
     Raises:
         InvalidArgumentError: values of two different frameworks are mixed (pass ``backend=``).
     """
     values = list(values)
     owners = []
-    for adapter in loaded_adapters():
+    for adapter in loaded_adapters(hand_written):
         if adapter.name == "numpy":
             continue
         if any(adapter.owns(v) for v in values):

@@ -26,13 +26,13 @@ code (nothing of the user's is called).
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from gradbridge._adapter import CheckSpec
 
-from ..common.handwritten import GradCall, HandWrittenGradient, floating_candidates
+from ..common.handwritten import GradCall, HandWrittenGradient, floating_candidates, hand_written_gradient
 from ..numpy.adapter import NumpyAdapter
 from .compat import getval
 from .prepared import AutogradPrepared
@@ -59,6 +59,12 @@ class AutogradAdapter(NumpyAdapter):
     def version(self) -> str:
         return importlib.metadata.version("autograd")
 
+    def user_function(self, fn: Any) -> Optional[Callable[..., Any]]:
+        """The function inside an autograd primitive (``@primitive def my_op(x)`` names ``my_op``'s
+        arguments, not ``f_wrapped(*args)``); None for anything else."""
+        inner = getattr(fn, "fun", None) if getattr(fn, "_is_autograd_primitive", False) else None
+        return inner if callable(inner) else None
+
     def probe_float64(self) -> Tuple[bool, str]:
         """Whether autograd differentiates in float64 here (``gradbridge backends``), and a note."""
         import autograd
@@ -73,8 +79,8 @@ class AutogradAdapter(NumpyAdapter):
     def prepare(self, spec: CheckSpec) -> Union[AutogradPrepared, HandWrittenGradient]:
         problem = build_autograd_problem(spec)
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
-            hand_written = HandWrittenGradient(_Evaluated(problem), "autograd", _hand_written_call(problem),
-                                               _to_array, floating_candidates(problem.candidates), problem.chosen)
+            hand_written = hand_written_gradient(AutogradPrepared(problem), "autograd", _hand_written_call(problem),
+                                                 _to_array, floating_candidates(problem.candidates), problem.chosen)
             hand_written.analytic_source = "the grad= function you passed (hand-written); autograd is not used"
             return hand_written
         found = list(reached(spec.fn))
@@ -84,16 +90,6 @@ class AutogradAdapter(NumpyAdapter):
                 primitives.append(rule_name(value))
         rules = forward_rules(spec.fn)
         return AutogradPrepared(problem, ", ".join(rules) or None, primitives)
-
-
-class _Evaluated(AutogradPrepared):
-    """The evaluation side of a ``grad=`` check. :class:`HandWrittenGradient` always offers ``evaluate_edits``
-    and hands it to its inner function, so this one builds the edited points (what the core would build)."""
-
-    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
-        points = np.tile(self.x0, (len(positions), 1))
-        points[np.arange(len(positions)), positions] = values
-        return self.evaluate(points)
 
 
 def _to_array(item: Any) -> np.ndarray:

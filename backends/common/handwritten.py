@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gradbridge._adapter import LeafSpec
+from gradbridge._adapter import EditedEvaluation, LeafSpec, WorkingPrecision, offered
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from gradbridge._tree import array_kind
 
@@ -68,7 +68,7 @@ class HandWrittenGradient:
 
     @property
     def working_eps(self) -> Optional[float]:
-        return getattr(self.inner, "working_eps", None)
+        return offered(self.inner, WorkingPrecision, "working_eps")
 
     @property
     def output_specs(self) -> Sequence[LeafSpec]:
@@ -79,9 +79,6 @@ class HandWrittenGradient:
 
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         return self.inner.evaluate(points)
-
-    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
-        return self.inner.evaluate_edits(positions, values)
 
     # --- the analytic side: the user's grad ---
 
@@ -134,6 +131,21 @@ class HandWrittenGradient:
                 continue
             flat.append(flat_gradient(item, leaf, self._to_array, "a tensor or array"))
         return np.concatenate(flat) if flat else np.zeros(0)
+
+
+class _HandWrittenGradientWithEdits(HandWrittenGradient):
+    """A :class:`HandWrittenGradient` whose framework builds edited points itself (``evaluate_edits``)."""
+
+    def evaluate_edits(self, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return self.inner.evaluate_edits(positions, values)
+
+
+def hand_written_gradient(inner: Any, framework: str, call: GradCall, to_array: Callable[[Any], np.ndarray],
+                          floating_candidates: Sequence[int], chosen: Sequence[int]) -> HandWrittenGradient:
+    """The prepared function of a ``grad=`` check around the framework's ``inner`` one: it offers
+    ``evaluate_edits`` exactly when ``inner`` does (the capability protocols must not promise what is absent)."""
+    cls = _HandWrittenGradientWithEdits if isinstance(inner, EditedEvaluation) else HandWrittenGradient
+    return cls(inner, framework, call, to_array, floating_candidates, chosen)
 
 
 def flat_gradient(item: Any, leaf: LeafSpec, to_array: Callable[[Any], np.ndarray], kind: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from gradbridge._adapter import CheckSpec, ExpectedParams, ParamBinding
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 
-from ..common.handwritten import HandWrittenGradient, floating_candidates
+from ..common.handwritten import floating_candidates, hand_written_gradient
 from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache, environment_of
 from .keras import frozen_weights, is_keras_layer, keras_names, keras_params, relative_name
@@ -98,7 +98,7 @@ class TensorFlowAdapter:
         notes.extend(unchecked_notes(candidates, chosen, unchecked))
         prepared = TensorFlowPrepared(problem, problem.call, x0, notes=notes)
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never the tape
-            return HandWrittenGradient(prepared, "TensorFlow", hand_written_call(problem, prepared), to_array,
+            return hand_written_gradient(prepared, "TensorFlow", hand_written_call(problem, prepared), to_array,
                                        floating_candidates(candidates), chosen)
         return prepared
 

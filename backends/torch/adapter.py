@@ -20,7 +20,7 @@ from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, ParamBinding
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
-from ..common.handwritten import HandWrittenGradient, floating_candidates
+from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from . import cache
 from .compat import pytree_node
@@ -127,7 +127,7 @@ class TorchAdapter:
         prepared = TorchPrepared(problem, problem.forward, x0)
         prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
-            return HandWrittenGradient(prepared, "PyTorch", _hand_written_call(problem, prepared), _to_array,
+            return hand_written_gradient(prepared, "PyTorch", _hand_written_call(problem, prepared), _to_array,
                                        floating_candidates(candidates), chosen)
         return prepared
 

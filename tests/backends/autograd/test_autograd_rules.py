@@ -142,6 +142,27 @@ def test_plain_numpy_code_stays_on_numpy():
     assert not get_adapter("autograd").owns(np.ones(3))
 
 
+def test_autograd_code_with_a_hand_written_grad_stays_on_numpy():
+    """The user's gradient is what a grad= check compares: autograd would not be used, so the report must not
+    say it was."""
+    assert detect_adapter([np.ones(3), _uses_anp], hand_written=True).name == "numpy"
+    report = gb.check(_uses_anp, RNG.normal(size=3), grad=lambda x: 1.0 - np.tanh(x) ** 2)
+    assert report.backend == "numpy" and report.passed, str(report)
+    explicit = gb.check(_uses_anp, RNG.normal(size=3), grad=lambda x: 1.0 - np.tanh(x) ** 2, backend="autograd")
+    assert explicit.backend == "autograd" and explicit.passed, str(explicit)
+
+
+def test_a_primitive_is_named_by_the_function_the_user_wrote():
+    @primitive
+    def scaled_square(values, scale):
+        return values ** 2 * scale
+
+    defvjp(scaled_square, lambda ans, values, scale: lambda g: 2.0 * g * values * scale, None)
+    report = gb.check(scaled_square, RNG.normal(size=3), 3.0)
+    assert report.function == "scaled_square" and report.passed, str(report)
+    assert [row.input for row in report.rows] == ["values"], str(report)
+
+
 # --- the transposed VJP -----------------------------------------------------------------------------------
 
 
