@@ -15,9 +15,9 @@ are plain NumPy arrays, so no argument can tell; :meth:`AutogradAdapter.owns` sa
 is an autograd primitive, or when its code (its globals, closure cells and attribute chains, following the
 functions it names two calls deep: :mod:`.reach`) uses ``autograd.numpy``, ``autograd.scipy``, another autograd
 module or an autograd primitive; never for an array. The registry asks only when ``autograd`` is already in
-``sys.modules`` (detection never imports a framework). Plain NumPy code stays on the NumPy backend. Detection
-sees fn and the arguments, not ``grad=``: a fn that uses autograd, given with ``grad=``, comes here and is
-checked against that ``grad`` (the verdict the NumPy backend would give; the report names autograd).
+``sys.modules`` (detection never imports a framework). Plain NumPy code stays on the NumPy backend, and so does
+autograd code given with ``grad=`` (the registry entry is ``by_code``: autograd would not differentiate anything
+there); ``backend="autograd"`` with ``grad=`` checks the hand-written gradient here.
 
 Invariant: the adapter keeps nothing across checks (its cache is always empty) and deciding ownership only reads
 code (nothing of the user's is called).
