@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from . import compat
 from ..common.layout import Unchecked
+from ..common.params import distinct_names, once_each
 
 
 def keras_module() -> Any:
@@ -124,29 +125,9 @@ class Param:
         self.variable = variable
 
 
-def dedupe(variables: Sequence[Any]) -> List[Any]:
-    """The variables, each once (by identity), in order."""
-    seen, unique = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            unique.append(v)
-    return unique
-
-
-def unique(named: Sequence[Tuple[str, Any]]) -> List[Param]:
-    """Parameters with distinct names (a repeated path gets ``#2``, ``#3``...)."""
-    counts: Dict[str, int] = {}
-    params = []
-    for name, v in named:
-        counts[name] = counts.get(name, 0) + 1
-        params.append(Param(name if counts[name] == 1 else f"{name}#{counts[name]}", v))
-    return params
-
-
 def keras_params(model: Any) -> List[Param]:
     """The check's parameters of a Keras model or layer (named by variable path, as ``params=model`` names them)."""
-    return unique([(v.path, v) for v in dedupe(list(model.trainable_variables))])
+    return [Param(name, v) for name, v in distinct_names([(v.path, v) for v in once_each(list(model.trainable_variables))])]
 
 
 def frozen_weights(model: Optional[Any]) -> List[Unchecked]:

@@ -25,9 +25,10 @@ from . import compat
 from ..common.layout import Candidate, promotion_notes
 from ..common.lowprec import own_precision
 from ..common.outputs import output_leaves, output_specs
+from ..common.params import distinct_names, named_params, once_each
 from ..common.rng import SharedRandomState
-from .keras import (Param, dedupe, float64_policies, is_keras_layer, is_keras_variable, keras_module, keras_training,
-                    promotable, stateless, unique)
+from .keras import (Param, float64_policies, is_keras_layer, is_keras_variable, keras_module, keras_training,
+                    promotable, stateless)
 from .random import TensorFlowRandomState
 from .tensors import EPS, Source, as_float64, dtype_of, eps_of, flat, is_floating, is_tensor, private_copy
 
@@ -46,26 +47,16 @@ def parameters(spec: CheckSpec) -> Tuple[Optional[Any], List[Param]]:
             raise InvalidArgumentError(
                 f"params: the Keras {type(params).__name__} {params.name!r} is not built yet, so it has no weights "
                 "to check; call it once on an input (or build it) before checking")
-        return params, unique([(v.path, v) for v in dedupe(variables)])
+        return params, [Param(n, v) for n, v in distinct_names([(v.path, v) for v in once_each(variables)])]
     if isinstance(params, tf.Module):
         found = compat.module_variables(params, lambda v: isinstance(v, tf.Variable) and v.trainable)
-        return None, unique([("/".join(str(p) for p in path), v) for path, v in found])
-    if isinstance(params, tf.Variable) or is_keras_variable(params):
-        params = [params]
-    if isinstance(params, dict):
-        items = list(params.items())
-    else:
-        try:
-            items = [(f"params[{i}]", v) for i, v in enumerate(params)]
-        except TypeError:
-            raise InvalidArgumentError(f"params: expected a Keras model or layer, a tf.Module, or an iterable of "
-                                       f"tf.Variables, got {type(params).__name__}") from None
-    for name, v in items:
-        if not (isinstance(v, tf.Variable) or is_keras_variable(v)):
-            raise InvalidArgumentError(
-                f"params: {name} has type {type(v).__name__}, expected a tf.Variable (or a Keras variable); "
-                "constant tensors a function closes over cannot be perturbed: pass them as arguments")
-    return None, [Param(str(name), v) for name, v in items]
+        return None, [Param(n, v) for n, v in distinct_names([("/".join(str(p) for p in path), v) for path, v in found])]
+    items = named_params(
+        params, lambda v: isinstance(v, tf.Variable) or is_keras_variable(v),
+        "a Keras model or layer, a tf.Module, or an iterable of tf.Variables",
+        lambda name, v: (f"params: {name} has type {type(v).__name__}, expected a tf.Variable (or a Keras variable); "
+                         "constant tensors a function closes over cannot be perturbed: pass them as arguments"))
+    return None, [Param(name, v) for name, v in items]
 
 
 

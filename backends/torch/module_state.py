@@ -20,6 +20,7 @@ import torch
 
 from gradbridge._adapter import CheckSpec
 from gradbridge._errors import InvalidArgumentError
+from ..common.params import named_params
 from .compat import reparametrize_module
 
 
@@ -118,17 +119,6 @@ def _parameters(spec: CheckSpec) -> Tuple[Optional[torch.nn.Module], List[Tuple[
         return None, []
     if isinstance(params, torch.nn.Module):
         return params, list(params.named_parameters(remove_duplicate=True))
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    if isinstance(params, dict):
-        items = list(params.items())
-    else:
-        try:
-            items = [(f"params[{i}]", t) for i, t in enumerate(params)]
-        except TypeError:
-            raise InvalidArgumentError(f"params: expected an nn.Module or an iterable of tensors, got "
-                                       f"{type(params).__name__}") from None
-    for name, t in items:
-        if not isinstance(t, torch.Tensor):
-            raise InvalidArgumentError(f"params: {name} is a {type(t).__name__}, expected a torch.Tensor")
+    items = named_params(params, lambda t: isinstance(t, torch.Tensor), "an nn.Module or an iterable of tensors",
+                         lambda name, t: f"params: {name} is a {type(t).__name__}, expected a torch.Tensor")
     return None, items
