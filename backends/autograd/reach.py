@@ -12,21 +12,18 @@ entered.
 from __future__ import annotations
 
 import collections
-import dis
 import functools
 import types
 from typing import Any, Callable, Iterator, List
 
 from ..common.fingerprint import BASE_LIBRARIES, STDLIB
+from ..common.reach import MISSING, code_loads, static_attribute
 from .compat import is_primitive, primitive_jvps, raw_function
 
 #: How many levels of code the walk reads: fn's own, the functions it names, and the functions those name.
 DEPTH = 3
 #: The most objects one walk looks at (a large object graph is not searched exhaustively).
 LIMIT = 256
-
-_MISSING = object()
-
 
 @functools.lru_cache(maxsize=1)
 def _libraries() -> frozenset:
@@ -51,37 +48,11 @@ def _library(value: Any) -> bool:
     return top in _libraries() or top in STDLIB
 
 
-@functools.lru_cache(maxsize=2048)
-def _instructions(code: types.CodeType) -> tuple:
-    """``dis.get_instructions(code)``, kept per code object (disassembling costs tens of microseconds)."""
-    return tuple(dis.get_instructions(code))
-
-
-def _static_attribute(value: Any, name: str) -> Any:
-    """``value.name`` where that runs no user code: a module's, a class's (through its MRO) or an
-    instance's own dictionary; :data:`_MISSING` otherwise."""
-    if isinstance(value, types.ModuleType):
-        return value.__dict__.get(name, _MISSING)
-    if isinstance(value, type):
-        for klass in value.__mro__:
-            if name in klass.__dict__:
-                found = klass.__dict__[name]
-                return found.__func__ if isinstance(found, (staticmethod, classmethod)) else found
-        return _MISSING
-    try:
-        own = object.__getattribute__(value, "__dict__")  # never the object's own __getattr__/__getattribute__
-    except (AttributeError, TypeError):
-        own = None
-    if isinstance(own, dict) and name in own:
-        return own[name]
-    return _static_attribute(type(value), name)
-
-
 def reached(fn: Any, depth: int = DEPTH) -> Iterator[Any]:
     """Every object ``fn``'s code loads (globals, closure cells, attributes of those), ``fn`` itself first,
     following the user's functions and methods it names up to ``depth`` calls deep. Each object once."""
     seen: set = set()
-    pending = collections.deque([(fn, depth, _MISSING)])
+    pending = collections.deque([(fn, depth, MISSING)])
     while pending and len(seen) < LIMIT:
         value, left, self_value = pending.popleft()
         if id(value) in seen:
@@ -91,47 +62,16 @@ def reached(fn: Any, depth: int = DEPTH) -> Iterator[Any]:
         if is_primitive(value):
             continue  # a primitive runs its function on plain arrays: nothing inside it is traced
         if isinstance(value, functools.partial):
-            pending.append((value.func, left, _MISSING))
+            pending.append((value.func, left, MISSING))
         elif isinstance(value, types.MethodType):
             pending.append((value.__func__, left, value.__self__))
         elif isinstance(value, types.FunctionType):
             if not _library(value) and left > 0:
-                pending.extend((found, left - 1, _MISSING) for found in _loads(value, self_value))
+                pending.extend((found, left - 1, MISSING) for found in code_loads(value, self_value))
         elif not isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)) and callable(value):
-            call = _static_attribute(type(value), "__call__")  # a callable object of a user class
+            call = static_attribute(type(value), "__call__")  # a callable object of a user class
             if isinstance(call, types.FunctionType) and not _library(call):
-                pending.append((types.MethodType(call, value), left, _MISSING))
-
-
-def _loads(function: types.FunctionType, self_value: Any) -> Iterator[Any]:
-    """The objects ``function``'s code (and the code of the functions and lambdas nested in it) loads."""
-    code = function.__code__
-    namespace = getattr(function, "__globals__", {})
-    cells = dict(zip(code.co_freevars, function.__closure__ or ()))
-    first = code.co_varnames[0] if code.co_argcount and self_value is not _MISSING else None
-    codes = [code]
-    while codes:
-        current: Any = _MISSING
-        for instr in _instructions(codes.pop()):
-            name = instr.opname
-            if name in ("LOAD_GLOBAL", "LOAD_NAME"):
-                current = namespace.get(instr.argval, _MISSING)
-            elif name in ("LOAD_DEREF", "LOAD_CLOSURE") and instr.argval in cells:
-                try:
-                    current = cells[instr.argval].cell_contents
-                except ValueError:  # an empty cell
-                    current = _MISSING
-            elif name == "LOAD_FAST" and first is not None and instr.argval == first:
-                current = self_value
-            elif name in ("LOAD_ATTR", "LOAD_METHOD") and current is not _MISSING:
-                current = _static_attribute(current, instr.argval)
-            else:
-                current = _MISSING
-                if name == "LOAD_CONST" and isinstance(instr.argval, types.CodeType):
-                    codes.append(instr.argval)  # a nested function or lambda: same globals
-                continue
-            if current is not _MISSING:
-                yield current
+                pending.append((types.MethodType(call, value), left, MISSING))
 
 
 def is_autograd(value: Any) -> bool:

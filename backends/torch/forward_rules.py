@@ -16,8 +16,8 @@ from typing import Any, List, Optional
 import torch
 
 from ..common.fingerprint import BASE_LIBRARIES
+from ..common.reach import MISSING, code_loads, static_attribute
 from .compat import submodules
-from .side_effects import _instructions
 
 # words in the errors torch raises when fn (or a rule it runs) has no forward-mode support
 
@@ -57,30 +57,15 @@ def _rule_name(cls: type) -> str:
 
 
 def _static_attribute(value: Any, name: str) -> Any:
-    """``value.name`` where that runs no user code (a module's, a class's or an instance's own dict, a
-    module's submodules): the search below reads code, it never calls properties or ``__getattr__``."""
-    missing = _MISSING
-    if isinstance(value, types.ModuleType):
-        return value.__dict__.get(name, missing)
-    if isinstance(value, type):
-        for klass in value.__mro__:
-            if name in klass.__dict__:
-                found = klass.__dict__[name]
-                if isinstance(found, staticmethod):
-                    return found.__func__
-                if isinstance(found, classmethod):
-                    return types.MethodType(found.__func__, value)
-                return found
-        return missing
-    own = getattr(value, "__dict__", None)
-    if isinstance(own, dict) and name in own:
-        return own[name]
+    """``value.name`` where that runs no user code (:func:`..common.reach.static_attribute`), plus a module's
+    submodules: the search below reads code, it never calls properties or ``__getattr__``."""
+    return static_attribute(value, name, _submodule)
+
+
+def _submodule(value: Any, name: str) -> Any:
     if isinstance(value, torch.nn.Module):
-        return submodules(value).get(name, missing)
-    return missing
-
-
-_MISSING = object()
+        return submodules(value).get(name, MISSING)
+    return MISSING
 
 
 def _forward_rules(fn: Any) -> List[str]:
@@ -96,8 +81,8 @@ def _forward_rules(fn: Any) -> List[str]:
         if _user_jvp(cls) and _rule_name(cls) not in found:
             found.append(_rule_name(cls))
 
-    def visit(value: Any, depth: int, self_value: Any = _MISSING) -> None:
-        if value is _MISSING or id(value) in seen or len(seen) > _RULE_LIMIT:
+    def visit(value: Any, depth: int, self_value: Any = MISSING) -> None:
+        if value is MISSING or id(value) in seen or len(seen) > _RULE_LIMIT:
             return
         seen.add(id(value))
         if isinstance(value, type):
@@ -138,38 +123,11 @@ def _forward_rules(fn: Any) -> List[str]:
             scan(call, depth, value)
 
     def scan(function: types.FunctionType, depth: int, self_value: Any) -> None:
-        code = function.__code__
-        namespace = getattr(function, "__globals__", {})
-        cells = dict(zip(code.co_freevars, function.__closure__ or ()))
-        first = code.co_varnames[0] if code.co_argcount and self_value is not _MISSING else None
-        codes = [code]
-        while codes:
-            current_code = codes.pop()
-            current: Any = _MISSING
-            for instr in _instructions(current_code):
-                name = instr.opname
-                if name in ("LOAD_GLOBAL", "LOAD_NAME"):
-                    current = namespace.get(instr.argval, _MISSING)
-                elif name in ("LOAD_DEREF", "LOAD_CLOSURE") and instr.argval in cells:
-                    try:
-                        current = cells[instr.argval].cell_contents
-                    except ValueError:
-                        current = _MISSING
-                elif name == "LOAD_FAST" and first is not None and instr.argval == first:
-                    current = self_value
-                elif name in ("LOAD_ATTR", "LOAD_METHOD") and current is not _MISSING:
-                    current = _static_attribute(current, instr.argval)
-                else:
-                    current = _MISSING
-                    if name == "LOAD_CONST" and isinstance(instr.argval, types.CodeType):
-                        codes.append(instr.argval)  # a nested function or lambda: same globals
-                    continue
-                if current is _MISSING:
-                    continue
-                if isinstance(current, (type, types.MethodType)) or _function_class(current) is not None:
-                    visit(current, depth)
-                elif isinstance(current, (types.FunctionType, functools.partial, torch.nn.Module)) and depth > 0:
-                    visit(current, depth - 1)
+        for current in code_loads(function, self_value, _static_attribute):
+            if isinstance(current, (type, types.MethodType)) or _function_class(current) is not None:
+                visit(current, depth)
+            elif isinstance(current, (types.FunctionType, functools.partial, torch.nn.Module)) and depth > 0:
+                visit(current, depth - 1)
 
     visit(fn, _RULE_DEPTH)
     return found

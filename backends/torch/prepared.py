@@ -32,7 +32,8 @@ from ..common.lowprec import own_precision, promotion_hint, refresh_note
 from ..common.outputs import gradient_output_specs
 from .batching import _FIRST_BATCH, BatchedPaths
 from .compat import _pull
-from .forward_rules import _FORWARD_AD_HINTS, _MISSING, _forward_rules, _jvp_hint, _raised_in_user_jvp
+from ..common.reach import MISSING as _MISSING
+from .forward_rules import _FORWARD_AD_HINTS, _forward_rules, _jvp_hint, _raised_in_user_jvp
 from .problem import TorchProblem, _combine, _first_line, _vjp_graph
 from .transposed import TransposedVJP
 

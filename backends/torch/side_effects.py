@@ -11,7 +11,6 @@ immutable.
 
 from __future__ import annotations
 
-import dis
 import gc
 import types
 import weakref
@@ -19,23 +18,12 @@ from typing import Any, List, Optional
 
 import torch
 
+from ..common.reach import instructions
 from .compat import TorchFunctionMode, is_batchedtensor
 
 
 _MUTATING_METHODS = frozenset({"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem",
                                "remove", "discard", "clear", "appendleft", "put", "write", "send"})
-
-
-_INSTRUCTIONS: "weakref.WeakKeyDictionary[types.CodeType, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _instructions(code: types.CodeType) -> tuple:
-    """``dis.get_instructions(code)``, kept per code object (immutable; a lambda written in a test or a loop
-    has one code object however often it is created), since disassembling costs tens of microseconds."""
-    found = _INSTRUCTIONS.get(code)
-    if found is None:
-        found = _INSTRUCTIONS[code] = tuple(dis.get_instructions(code))
-    return found
 
 
 def _visible_side_effect(fn: Any) -> Optional[str]:
@@ -63,7 +51,7 @@ def _visible_side_effect(fn: Any) -> Optional[str]:
             return missing
 
     previous = None
-    for instr in _instructions(code):
+    for instr in instructions(code):
         if instr.opname == "STORE_GLOBAL":
             return f"fn assigns the global {instr.argval!r}"
         if instr.opname == "STORE_DEREF" and instr.argval in free:

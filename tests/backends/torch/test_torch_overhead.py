@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradbridge as gb  # noqa: E402
+from gradbridge.backends.common import reach  # noqa: E402
 from gradbridge._adapter import CheckSpec  # noqa: E402
 from gradbridge._agreement import agree  # noqa: E402
 from gradbridge.backends import torch as torch_backend  # noqa: E402
@@ -315,7 +316,7 @@ def test_the_screen_keeps_instructions_per_code_object_but_judges_each_closure()
     assert side_effects._visible_side_effect(first) == "fn calls owner.update(...)"
     assert side_effects._visible_side_effect(second) is None
     assert side_effects._visible_side_effect(third) == "fn calls owner.update(...)"
-    assert first.__code__ in side_effects._INSTRUCTIONS
+    assert first.__code__ in reach._INSTRUCTIONS
 
 
 def _classic_cube() -> type:
