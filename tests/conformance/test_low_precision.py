@@ -92,7 +92,7 @@ def assert_caught_on_first_input(report: gb.Report, element: Optional[Tuple[int,
 
 
 def _supports(backend: str, dtype: str) -> None:
-    if backend == "numpy" and dtype == "bfloat16":
+    if backend in ("numpy", "autograd") and dtype == "bfloat16":  # autograd's arrays are NumPy's
         pytest.importorskip("ml_dtypes", reason="NumPy has bfloat16 only through ml_dtypes")
 
 
@@ -178,6 +178,10 @@ def test_half_precision_kernel_with_a_gross_bug_fails(backend, op, dtype, bug):
 
 def _native(backend: str):
     """(tanh, sin, array-maker) of the framework."""
+    if backend == "autograd":  # autograd.numpy on NumPy arrays (ml_dtypes' bfloat16)
+        import autograd.numpy as anp
+        from kit_lowprec import numpy_dtype
+        return anp.tanh, anp.sin, lambda a, dtype: np.asarray(a).astype(numpy_dtype(dtype))
     if backend == "torch":
         import torch
         return torch.tanh, torch.sin, lambda a, dtype: torch.tensor(a, dtype=getattr(torch, dtype))
@@ -188,7 +192,13 @@ def _native(backend: str):
     return tf.tanh, tf.sin, lambda a, dtype: tf.cast(tf.constant(a), getattr(tf, dtype))
 
 
-NATIVE = ["torch", "jax", "tensorflow"]
+NATIVE = [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("torch", "jax", "tensorflow", "autograd")]
+
+
+def _native_options(framework: str) -> dict:
+    """autograd's arrays are NumPy's: detection sees autograd in fn's code, which ``a @ b`` does not show, so
+    the backend is named."""
+    return {"backend": "autograd"} if framework == "autograd" else {}
 
 
 @pytest.mark.parametrize("analytic", ["rev", "fwd"])
@@ -201,8 +211,9 @@ def test_native_ops_pass_in_their_own_dtype(framework, name, dtype, analytic):
     op = OPS[[o.name for o in OPS].index(name)]
     fn = {"tanh": tanh, "x*sin(x)": lambda x: x * sin(x), "matmul": lambda a, b: a @ b}[name]
     args = [make(a, dtype) for a in op.inputs]
-    report = gb.check(fn, *args, promote=False, analytic=analytic)
+    report = gb.check(fn, *args, promote=False, analytic=analytic, **_native_options(framework))
     assert report.passed, str(report)
+    assert report.backend == framework, str(report)
     assert all(_dtype_name(a) == dtype for a in args)
 
 
@@ -210,8 +221,10 @@ def test_native_ops_pass_in_their_own_dtype(framework, name, dtype, analytic):
 def test_native_float32_second_order_passes(framework):
     require_backend(framework)
     tanh, _, make = _native(framework)
-    report = gb.check(lambda x: tanh(x) * x, make(OPS[0].inputs[0], "float32"), promote=False, order=2)
+    report = gb.check(lambda x: tanh(x) * x, make(OPS[0].inputs[0], "float32"), promote=False, order=2,
+                      **_native_options(framework))
     assert report.passed, str(report)
+    assert report.backend == framework, str(report)
 
 
 def test_float64_leaves_stay_float64_next_to_float32_ones():
@@ -511,7 +524,7 @@ def test_promote_must_be_a_bool():
 
 def test_integer_arrays_have_nothing_to_check_in_their_own_dtype(backend):
     _, _, options = make_kernel(backend, np.tanh, _dtanh, "float32")
-    if backend == "numpy":
+    if backend in ("numpy", "autograd"):  # autograd's arrays are NumPy's
         x = np.arange(3)
     elif backend == "torch":
         import torch

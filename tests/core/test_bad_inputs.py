@@ -88,7 +88,27 @@ def _tensorflow() -> types.SimpleNamespace:
         options={}, list_options={}, other="torch")
 
 
-NATIVE = {"numpy": _numpy, "torch": _torch, "jax": _jax, "tensorflow": _tensorflow}
+def _autograd() -> types.SimpleNamespace:
+    import autograd.numpy as anp
+
+    # autograd's arrays are NumPy's: the checks name the backend (options), as detection goes by fn's code
+    return types.SimpleNamespace(
+        arr=lambda values, dtype=np.float64: np.array(values, dtype=dtype),
+        square=lambda x: anp.sum(x ** 2),
+        sines=lambda x: anp.sin(x),
+        list_square=lambda xs: sum(anp.sum(x ** 2) for x in xs),
+        nan=lambda x: anp.sum(x) * np.nan,
+        complex_out=lambda x: x * 1j,
+        options={"backend": "autograd"}, list_options={"backend": "autograd"}, other="torch")
+
+
+NATIVE = {"numpy": _numpy, "torch": _torch, "jax": _jax, "tensorflow": _tensorflow, "autograd": _autograd}
+
+
+def _chosen(n: types.SimpleNamespace) -> dict:
+    """The ``backend=`` a namespace's checks pass (autograd's), or nothing where the arrays pick it."""
+    return {"backend": n.options["backend"]} if "backend" in n.options else {}
+
 
 X = [0.3, -0.7, 1.1]
 
@@ -202,7 +222,7 @@ def _input_cases(backend: str) -> List[Case]:
              lambda n: gb.check(n.square, n.arr(X, np.float32), promote=False, eps=1e-10, **n.options),
              gb.InvalidArgumentError, "eps", r"float32"),
     ]
-    if backend != "numpy":  # NumPy arrays go to any backend asked for
+    if backend not in ("numpy", "autograd"):  # NumPy arrays (autograd's too) go to any backend asked for
         cases.append(Case(backend, "backend-mismatch",
                           lambda n: gb.check(n.square, n.arr(X), backend=n.other, **n.options),
                           gb.InvalidArgumentError, "backend", backend))
@@ -220,7 +240,7 @@ def _grad_raises(x: Any) -> Any:
 
 def _grad_cases(backend: str) -> List[Case]:
     def check(grad: Any, fn: Optional[Callable[..., Any]] = None) -> Run:
-        return lambda n: gb.check(fn or n.square, n.arr(X), grad=grad)
+        return lambda n: gb.check(fn or n.square, n.arr(X), grad=grad, **_chosen(n))
 
     return [
         Case(backend, "grad-not-callable", check(3), gb.InvalidArgumentError, "grad"),
@@ -431,7 +451,7 @@ def test_a_list_containing_itself_is_checked_and_the_inner_reference_passed_thro
     if backend == "jax":
         pytest.skip("JAX cannot flatten a structure that contains itself: an error (see the catalogue)")
     n = NATIVE[backend]()
-    grad = {"grad": lambda xs: 2 * xs[0]} if backend == "numpy" else {}
+    grad = {"grad": lambda xs: 2 * xs[0]} if backend == "numpy" else _chosen(n)
     report = gb.check(lambda xs: n.square(xs[0]), _self_contained(n), **grad)
     assert report.passed, str(report)
     assert [row.input for row in report.rows] == ["xs[0]"]
@@ -439,7 +459,7 @@ def test_a_list_containing_itself_is_checked_and_the_inner_reference_passed_thro
 
 def test_an_empty_leaf_beside_a_checked_one_is_listed_as_not_checked(backend: str) -> None:
     n = NATIVE[backend]()
-    grad = {"grad": lambda xs: [2 * x for x in xs]} if backend == "numpy" else {}
+    grad = {"grad": lambda xs: [2 * x for x in xs]} if backend == "numpy" else _chosen(n)
     report = gb.check(n.list_square, [n.arr(X), n.arr(np.zeros((0, 2)))], **grad)
     assert report.passed, str(report)
     assert [row.input for row in report.rows] == ["xs[0]"]
@@ -474,9 +494,9 @@ def test_a_one_element_output_takes_either_grad_convention(backend: str, style: 
             return lambda cotangent, x: factor * np.asarray(cotangent).reshape(-1)[0] * local(x)
         return lambda x: factor * local(x)
 
-    report = gb.check(fn, x, grad=make(1.0))
+    report = gb.check(fn, x, grad=make(1.0), **_chosen(n))
     assert report.passed, str(report)
-    buggy = gb.check(fn, x, grad=make(1.001))
+    buggy = gb.check(fn, x, grad=make(1.001), **_chosen(n))
     assert not buggy.passed, str(buggy)
 
 

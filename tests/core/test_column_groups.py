@@ -1,7 +1,7 @@
 """Full checks of a custom matmul op whose analytic side comes from verified column groups.
 
 ``x (64, 16) @ w (16, 16)`` has 1024 outputs: the dense analytic Jacobian would take 1024 VJPs.
-Where the adapter can transpose its VJP (torch, JAX, TensorFlow) the check groups x's columns by
+Where the adapter can transpose its VJP (torch, JAX, TensorFlow, autograd) the check groups x's columns by
 feature and w's by row (16 groups each), verifies that grouping, and compares every entry with about
 70 analytic calls; NumPy's hand-written ``grad=`` cannot be transposed and takes the dense path. Each
 backend's op is written with its own custom-gradient mechanism and its own ops, so the backward pass
@@ -21,7 +21,7 @@ import gradbridge as gb
 RNG = np.random.default_rng(2024)
 X = RNG.normal(size=(64, 16))
 W = RNG.normal(size=(16, 16))
-TRANSPOSABLE = ("torch", "jax", "tensorflow")
+TRANSPOSABLE = ("torch", "jax", "tensorflow", "autograd")
 
 
 def _masks(bug: str) -> Dict[str, object]:
@@ -110,7 +110,29 @@ def _numpy_op(bug: str) -> Tuple[Callable, tuple, dict]:
     return (lambda x, w: x @ w), (X.copy(), W.copy()), {"grad": grad}
 
 
-MAKERS = {"torch": _torch_op, "jax": _jax_op, "tensorflow": _tensorflow_op, "numpy": _numpy_op}
+def _autograd_op(bug: str) -> Tuple[Callable, tuple, dict]:
+    pytest.importorskip("autograd")
+    import autograd.numpy as anp
+    from autograd.extend import defvjp, primitive
+
+    spec = _masks(bug)
+
+    @primitive
+    def matmul(x, w):
+        return x @ w
+
+    def x_vjp(ans, x, w):
+        return lambda g: anp.dot(g, w if spec["transposed"] else anp.transpose(w)) * spec["mx"]
+
+    def w_vjp(ans, x, w):
+        return lambda g: anp.dot(anp.transpose(x), g) * spec["mw"]
+
+    defvjp(matmul, x_vjp, w_vjp)
+    return matmul, (X.copy(), W.copy()), {}
+
+
+MAKERS = {"torch": _torch_op, "jax": _jax_op, "tensorflow": _tensorflow_op, "numpy": _numpy_op,
+          "autograd": _autograd_op}
 
 
 def _check(backend: str, bug: str = "", **extra) -> gb.Report:

@@ -1,4 +1,4 @@
-"""gb.compare: one function ported to torch, JAX, TensorFlow/Keras and NumPy, compared in float64.
+"""gb.compare: one function ported to torch, JAX, TensorFlow/Keras, NumPy and autograd, compared in float64.
 
 Every test runs the real frameworks (no mocks). The model is a small MLP with parameters named
 ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` (torch's Linear layout, weight (out, in)):
@@ -9,7 +9,7 @@ Each framework's port is built by a ``*_mlp`` helper, optionally with a seeded b
 
 * ``"backward"``: the activation's hand-written derivative is wrong (``1 - tanh`` instead of ``1 - tanh^2``)
   in a custom backward (torch ``autograd.Function``, ``jax.custom_vjp``, ``tf.custom_gradient``, the
-  NumPy ``grad``), the forward is right;
+  NumPy ``grad``, an autograd ``primitive`` with ``defvjp``), the forward is right;
 * ``"forward"``: the port forgets ``fc1.bias`` (its autodiff gradient is consistent with that wrong forward).
 """
 
@@ -186,8 +186,32 @@ def keras_mlp(vector: bool = False):
     return model
 
 
+# --- autograd port: a function of the parameter dict, the activation an autograd primitive with defvjp ---
+
+def autograd_mlp(bug: Optional[str] = None, vector: bool = False):
+    require_backend("autograd")
+    import autograd.numpy as anp
+    from autograd.extend import defvjp, primitive
+
+    @primitive
+    def act(a):
+        return anp.tanh(a)
+
+    def act_vjp(h, a):
+        return lambda g: g * ((1 - h) if bug == BACKWARD else (1 - h ** 2))
+
+    defvjp(act, act_vjp)
+
+    def mlp_autograd(params, x):
+        pre = anp.dot(x, anp.transpose(params["fc1.weight"])) + (0.0 if bug == FORWARD else params["fc1.bias"])
+        y = anp.dot(act(pre), anp.transpose(params["fc2.weight"])) + params["fc2.bias"]
+        return y if vector else anp.sum(y ** 2)
+
+    return mlp_autograd
+
+
 BUILDERS: Dict[str, Callable[..., Any]] = {"numpy": numpy_mlp, "torch": torch_mlp, "jax": jax_mlp,
-                                           "tensorflow": tf_mlp}
+                                           "tensorflow": tf_mlp, "autograd": autograd_mlp}
 
 
 def references(buggy: str) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gradbridge as gb
-from gradbridge import _hooks, testing
+from gradbridge import _hooks, _registry, testing
 
 try:
     import torch
@@ -227,20 +227,25 @@ def test_default_mode_from_the_command_line_and_the_ini_file(pytester):
 
 # ------------------------------------------------------------------------------------------- backends
 
-BACKEND_TESTS = '''
+#: The backends gradbridge ships, from the registry (the inner tests check against this list).
+BUILTIN = tuple(_registry.builtin_names())
+#: The frameworks those backends import (all but NumPy): a session on NumPy imports none of them.
+FRAMEWORKS = tuple(_registry.entry(name).framework_module for name in BUILTIN if name != "numpy")
+
+BACKEND_TESTS = f'''
     import pytest
     from gradbridge.testing import parametrize_backends
 
     @parametrize_backends()
     def test_all(backend):
-        assert backend in ("numpy", "torch", "jax", "tensorflow")
+        assert backend in {BUILTIN!r}
 
     @parametrize_backends("pytorch", "numpy", "torch", argname="name")
     def test_some(name):
         assert name in ("torch", "numpy")
 
     def test_fixture(gb_backend):
-        assert gb_backend in ("numpy", "torch", "jax", "tensorflow")
+        assert gb_backend in {BUILTIN!r}
 
     @pytest.mark.parametrize("gb_backend", ["numpy"])
     def test_fixture_parametrized_by_the_user(gb_backend):
@@ -251,8 +256,8 @@ BACKEND_TESTS = '''
 def test_backend_parametrization_over_the_installed_backends(pytester):
     pytester.makepyfile(BACKEND_TESTS)
     result = pytester.runpytest("-v")
-    installed = [n for n in ("numpy", "torch", "jax", "tensorflow") if testing.missing_reason(n) is None]
-    result.assert_outcomes(passed=len(installed) * 2 + 2 + 1, skipped=(4 - len(installed)) * 2)
+    installed = [n for n in BUILTIN if testing.missing_reason(n) is None]
+    result.assert_outcomes(passed=len(installed) * 2 + 2 + 1, skipped=(len(BUILTIN) - len(installed)) * 2)
     result.stdout.fnmatch_lines_random([f"*::test_all[[]{n}] PASSED*" for n in installed]
                                        + [f"*::test_fixture[[]{n}] PASSED*" for n in installed]
                                        + ["*::test_some[[]torch] PASSED*", "*::test_some[[]numpy] PASSED*"])
@@ -268,8 +273,7 @@ def test_unknown_backend_name_is_a_collection_error(pytester):
     ''')
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*ValueError: unknown backend 'pytoch'; gradbridge knows numpy, torch, jax, "
-                                 "tensorflow*"])
+    result.stdout.fnmatch_lines([f"*ValueError: unknown backend 'pytoch'; gradbridge knows {', '.join(BUILTIN)}*"])
 
 
 @pytest.fixture
@@ -279,6 +283,11 @@ def jax_not_importable(monkeypatch):
     machine has a backend that is not installed. No framework is faked."""
     monkeypatch.setitem(sys.modules, "jax", None)
     assert testing.missing_reason("jax") == 'jax is not installed: pip install "gradbridge[jax]"'
+
+
+def _installed_besides_jax() -> list:
+    """The backends that run here while jax is made unimportable: every other one where all are installed."""
+    return [n for n in BUILTIN if n != "jax" and testing.missing_reason(n) is None]
 
 
 MISSING_BACKEND_TESTS = '''
@@ -297,7 +306,8 @@ def test_missing_backend_is_a_visible_skip_with_the_install_hint(pytester, jax_n
     monkeypatch.setenv("CI", "true")  # a user's CI must not change what a missing backend means
     pytester.makepyfile(test_missing=MISSING_BACKEND_TESTS)
     result = pytester.runpytest("-v", "-rs")
-    result.assert_outcomes(passed=1 + 3, skipped=2)
+    others = _installed_besides_jax()
+    result.assert_outcomes(passed=1 + len(others), skipped=2 + (len(BUILTIN) - 1 - len(others)))
     result.stdout.fnmatch_lines_random([
         "test_missing.py::test_decorated[[]jax] SKIPPED (jax is not installed*",
         "test_missing.py::test_fixture[[]jax] SKIPPED (jax is not installed*",
@@ -316,7 +326,8 @@ def test_missing_backend_fails_when_every_backend_is_required(pytester, jax_not_
         result = pytester.runpytest()
     else:
         result = pytester.runpytest("--gradbridge-require-backends")
-    result.assert_outcomes(passed=1 + 3, errors=2)
+    others = _installed_besides_jax()
+    result.assert_outcomes(passed=1 + len(others), errors=2 + (len(BUILTIN) - 1 - len(others)))
     result.stdout.fnmatch_lines_random([
         "ERROR test_missing.py::test_decorated[[]jax] - Failed: every backend is*",
         "ERROR test_missing.py::test_fixture[[]jax] - Failed: every backend is*",
@@ -395,7 +406,7 @@ def test_entry_point_loads_the_plugin_without_importing_frameworks(pytester):
     """A fresh interpreter: the plugin comes from the entry point, and a session that uses it on NumPy
     (and parametrizes over every backend) imports no framework."""
     _ops(pytester)
-    pytester.makepyfile('''
+    pytester.makepyfile(f'''
         import sys
         from ops import X, cube, cube_grad
 
@@ -406,11 +417,11 @@ def test_entry_point_loads_the_plugin_without_importing_frameworks(pytester):
             pass
 
         def test_zz_no_framework_imported():
-            assert [m for m in ("torch", "jax", "tensorflow") if m in sys.modules] == []
+            assert [m for m in {FRAMEWORKS!r} if m in sys.modules] == []
     ''')
     result = pytester.runpytest_subprocess("--gradbridge-report=r.json")
     passed_backends = sum(testing.missing_reason(n) is None for n in testing.BACKENDS)
-    result.assert_outcomes(passed=2 + passed_backends, skipped=4 - passed_backends)
+    result.assert_outcomes(passed=2 + passed_backends, skipped=len(testing.BACKENDS) - passed_backends)
     result.stdout.fnmatch_lines([f"plugins:*gradbridge-{gb.__version__}*",
                                  "*gradbridge: 1 check, 0 failed; report written to *r.json and *r.html*"])
 

@@ -19,4 +19,8 @@ CAPABILITY_TABLE = {
                           "ForwardRules"}, jvp_of_vjp_rule=True, order2=True, compare=True, pytree=True),
     "tensorflow": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                                  "ForwardRules"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=False),
+    # no EditedEvaluation (the NumPy backend's point-by-point evaluation); TransposedProducts is offered, and refused
+    # with ModeUnsupportedError where a rule's backward runs plain NumPy (the kit's); no pytree registry
+    "autograd": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "ForwardRules"},
+                     jvp_of_vjp_rule=False, order2=True, compare=True, pytree=False),
 }

@@ -3,9 +3,9 @@
 Each :class:`Case` is a function given by a NumPy forward and a NumPy VJP (``backward(cotangent, *inputs)``
 returning one gradient per input). ``kits.make_op`` turns the pair into each framework's own
 custom-gradient op (NumPy ``grad=``, ``torch.autograd.Function``, ``jax.custom_vjp``,
-``tf.custom_gradient``), so the same correct backward and the same seeded bug are checked the same way
-everywhere. A case holds the correct backward and, next to it, a buggy variant plus the name of the
-input whose gradient the bug breaks.
+``tf.custom_gradient``, an autograd ``primitive``), so the same correct backward and the same seeded bug
+are checked the same way everywhere. A case holds the correct backward and, next to it, a buggy variant
+plus the name of the input whose gradient the bug breaks.
 
 What the verdict must be (issue "Verdicts you can trust"):
 
@@ -17,8 +17,8 @@ What the verdict must be (issue "Verdicts you can trust"):
   where the bug sits on one element).
 
 ``NATIVE_CASES`` adds a few cases written with one framework's own mechanism (a ``torch.autograd.Function``,
-a ``jax.custom_jvp``, a ``tf.custom_gradient``, plain autodiff at a kink, a NumPy scalar loss with
-``grad=``); they run on that backend only.
+a ``jax.custom_jvp``, a ``tf.custom_gradient``, an autograd ``primitive`` with ``defvjp``, plain autodiff at a
+kink, a NumPy scalar loss with ``grad=``); they run on that backend only.
 
 Used by ``tests/conformance/test_corpus.py`` and ``benchmarks/verdict_corpus.py`` (which also runs the
 frameworks' own checkers on the same ops).
@@ -43,7 +43,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the benchmark import
 from kits import make_op  # noqa: E402
 import adaptive  # noqa: E402
 
-BACKENDS = ("numpy", "torch", "jax", "tensorflow")
+BACKENDS = ("numpy", "torch", "jax", "tensorflow", "autograd")
 
 CATEGORIES = {
     "plain": "plain bugs: sign, missing factor, transposed matmul, product/chain rule, wrong axis, wrong input",
@@ -612,7 +612,7 @@ def variants(correct: Optional[bool] = None) -> List[Variant]:
 def native_array(backend: str, array: np.ndarray, requires_grad: bool = False) -> Any:
     """``array`` as ``backend``'s array with the same dtype (JAX float64 arrays are made in 64-bit scope)."""
     array = np.asarray(array)
-    if backend == "numpy":
+    if backend in ("numpy", "autograd"):  # autograd's arrays are NumPy's
         return array.copy()
     if backend == "torch":
         import torch
@@ -770,6 +770,37 @@ def _tf_relu():
     return f, (_KINK_X,)
 
 
+def _autograd_softplus(bug: bool):
+    def make():
+        import autograd.numpy as anp
+        from autograd.extend import defvjp, primitive
+
+        @primitive
+        def softplus(x):
+            return anp.logaddexp(0.0, x)
+
+        def softplus_vjp(ans, x):
+            return lambda g: g * 0.5 * (1.0 + anp.tanh(0.5 * (-x if bug else x)))  # sigmoid
+
+        defvjp(softplus, softplus_vjp)
+
+        def f(x):
+            return softplus(x)
+
+        return f, (_SP_X,)
+
+    return make
+
+
+def _autograd_abs():
+    import autograd.numpy as anp
+
+    def f(x):
+        return anp.abs(x)
+
+    return f, (_KINK_X,)
+
+
 def _numpy_logreg(bug: bool):
     def make():
         _, xs, ys = _LOGREG
@@ -799,6 +830,10 @@ NATIVE_CASES: List[NativeCase] = [
     NativeCase("custom_gradient log1pexp", "tensorflow", False, _tf_log1pexp(True), "x",
                "1/(1+e^x) instead of 1 - 1/(1+e^x)"),
     NativeCase("relu autodiff near 0", "tensorflow", True, _tf_relu),
+    NativeCase("defvjp softplus", "autograd", True, _autograd_softplus(False)),
+    NativeCase("defvjp softplus", "autograd", False, _autograd_softplus(True), "x",
+               "sigmoid(-x) instead of sigmoid(x)"),
+    NativeCase("abs autodiff near 0", "autograd", True, _autograd_abs),
     NativeCase("logistic loss with grad=", "numpy", True, _numpy_logreg(False)),
     NativeCase("logistic loss with grad=", "numpy", False, _numpy_logreg(True), "w", "mean's 1/n missing"),
 ]

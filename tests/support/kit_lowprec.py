@@ -155,4 +155,25 @@ def _tensorflow(forward, backward, dtype: str):
     return kernel, (lambda a: tf.cast(tf.constant(np.asarray(a, dtype=np.float32)), tf_dtype)), {}
 
 
-_MAKERS = {"numpy": _numpy, "torch": _torch, "jax": _jax, "tensorflow": _tensorflow}
+def _autograd(forward, backward, dtype: str):
+    from autograd.extend import defvjp_argnums, primitive
+
+    @primitive
+    def kernel(*inputs):
+        _require(inputs, dtype, "input")
+        return forward(*inputs)
+
+    def kernel_vjp(argnums, ans, inputs, kwargs):
+        def vjp(cotangent):
+            _require(inputs, dtype, "input")
+            _require([cotangent], dtype, "cotangent")
+            grads = backward(cotangent, *inputs)
+            return tuple(grads[k] for k in argnums)
+
+        return vjp
+
+    defvjp_argnums(kernel, kernel_vjp)
+    return kernel, (lambda a: np.asarray(a).astype(numpy_dtype(dtype))), {}
+
+
+_MAKERS = {"numpy": _numpy, "torch": _torch, "jax": _jax, "tensorflow": _tensorflow, "autograd": _autograd}
