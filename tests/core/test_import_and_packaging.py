@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FRAMEWORKS = ("torch", "jax", "tensorflow", "keras", "jaxlib")
+FRAMEWORKS = ("torch", "jax", "tensorflow", "keras", "jaxlib", "autograd")
 
 
 def _run(code: str, cwd: str) -> str:

@@ -30,7 +30,7 @@ from backend_matrix import require_backend
 from kits import make_op
 
 #: Examples per backend: NumPy is cheap; the frameworks trace or compile per structure.
-EXAMPLES = {"numpy": 100, "torch": 40, "jax": 10, "tensorflow": 12}
+EXAMPLES = {"numpy": 100, "torch": 40, "jax": 10, "tensorflow": 12, "autograd": 40}
 BUG = 1e-3
 
 FLOATS = [np.float64, np.float32, np.float16]

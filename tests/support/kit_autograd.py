@@ -2,8 +2,9 @@
 backward once per cotangent.
 
 The primitive's forward and backward receive plain NumPy arrays (autograd unboxes a primitive's arguments), so
-the NumPy functions run as written; such a rule cannot be differentiated again (``order=2``, the transposed
-VJP), which the adapter reports as unsupported. Inputs stay float64 NumPy arrays.
+the NumPy functions run as written. autograd still differentiates such a rule again for ``order=2`` (through the
+forward pass), but cannot transpose its NumPy backward (``vjp_transposed``), which the adapter reports as
+unsupported. Inputs stay float64 NumPy arrays.
 """
 
 from __future__ import annotations
