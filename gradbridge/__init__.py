@@ -1,4 +1,4 @@
-"""gradbridge: is the gradient of your code right? One call, four frameworks.
+"""gradbridge: is the gradient of your code right? One call, in NumPy, PyTorch, JAX, TensorFlow or autograd.
 
 >>> import gradbridge as gb
 >>> report = gb.check(fn, x, w)      # compare autodiff (or your grad) with finite differences

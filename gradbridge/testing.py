@@ -82,7 +82,7 @@ def backends_params(*names: str) -> List["pytest.param"]:
 
 
 def parametrize_backends(*names: str, argname: str = "backend") -> Callable[[_F], _F]:
-    """Decorator: run the test once per backend in ``names`` (default: all four), passing the backend's
+    """Decorator: run the test once per backend in ``names`` (default: every built-in backend), passing the backend's
     name as the argument ``argname`` (``"backend"`` by default). Missing frameworks are visible skips.
 
     >>> @parametrize_backends("torch", "jax")
