@@ -1,4 +1,8 @@
-"""JAX demo: a custom_vjp linear layer (correct and with a seeded bug) and an MLP with key-driven dropout."""
+"""JAX demo: a custom_vjp linear layer (correct and with a seeded bug) and an MLP with key-driven dropout.
+
+Invariant: every case is built deterministically (fixed PRNG keys and seeded generators) and states its expected
+outcome: the correct gradients pass and the seeded bug fails, so ``gradbridge demo`` succeeds only when both hold.
+"""
 
 from __future__ import annotations
 
