@@ -1,10 +1,13 @@
 """One decision per computation: batched, or one point at a time, taken on the first chunk and kept.
 
-Invariant: a batched path (``torch.func.vmap``, ``jax.vmap``, ``tf.vectorized_map``, a batched VJP) replaces
-the point-by-point loop only after it ran on the check's first chunk and agreed with the loop there under the
-internal agreement rule (:mod:`gradbridge._agreement`); once decided, the path is kept for the rest of the check,
-and each decision is said once in the check's notes (updated in place when the path changes or the batch
-grows). A batched path that raises or disagrees never decides a verdict: the loop computes the numbers.
+Invariant: once decided, a path is kept for the rest of the check, and each decision is said once in the check's
+notes (updated in place when the path changes or the batch grows). A batched path that raises or disagrees never
+decides a verdict: the loop computes the numbers. Where batching can change what fn does (``torch.func.vmap``
+and ``tf.vectorized_map`` of arbitrary Python, a batched VJP), the batched path replaces the point-by-point loop
+only after it ran on the check's first chunk and agreed with the loop there under the internal agreement rule
+(:meth:`PathChoice.verify`, :mod:`gradbridge._agreement`). JAX's ``vmap`` of a function its tracing guard found
+pure is the same computation by construction, so the JAX backend decides without that comparison (a stateful
+fn is sent to the eager path instead).
 
 Every adapter uses :class:`PathChoice` for each computation it can batch (``evaluate``, ``vjp``,
 ``transposed``, ...); what differs per framework (how to batch, what to cache) stays in the adapter.

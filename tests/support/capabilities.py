@@ -16,7 +16,7 @@ CAPABILITY_TABLE = {
     "torch": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                             "ForwardRules"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=True),
     "jax": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
-                          "ForwardRules"}, jvp_of_vjp_rule=True, order2=True, compare=True, pytree=True),
+                          "ForwardRules"}, jvp_of_vjp_rule=False, order2=False, compare=True, pytree=True),
     "tensorflow": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                                  "ForwardRules"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=False),
     # no EditedEvaluation (the NumPy backend's point-by-point evaluation); TransposedProducts is offered, and refused
