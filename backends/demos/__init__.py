@@ -25,10 +25,7 @@ class DemoCase:
 
 
 def cases_for(backend: str) -> List[DemoCase]:
-    try:
-        module = importlib.import_module(f"{_registry.entry(backend).adapter_module}.demo")
-    except ModuleNotFoundError:
-        module = importlib.import_module(f"gradbridge.backends.demos.{backend}_cases")
+    module = importlib.import_module(f"{_registry.entry(backend).adapter_module}.demo")
     return module.cases()
 
 
