@@ -29,7 +29,6 @@ from .compiled import Compiled, CompiledPath, Results
 from .derivatives import first_line
 from .eager import EagerPath, eager_on_leak
 from .problem import JaxProblem
-from .transposed import TransposedPlan
 from .x64 import plumbing_dtype
 
 
@@ -80,18 +79,6 @@ class JaxPrepared(ProblemBackedFunction, WorkingPrecision, UndefinedGradients, T
                 self._undefined[mode][name] = reason
             else:
                 self._undefined[mode].setdefault(name, reason)
-
-    # --- read by the conformance suite (tests/conformance/test_edits.py, test_transposed_vjp.py), by these names ---
-
-    @property
-    def _pointwise_evaluation(self) -> bool:
-        """Whether fn is evaluated point by point (:attr:`.eager.EagerPath.looped`)."""
-        return self.eager_path.looped
-
-    @property
-    def _transposes(self) -> Optional[TransposedPlan]:
-        """The eager path's transposed VJPs, once built (:attr:`.eager.EagerPath.transposes`)."""
-        return self.eager_path.transposes
 
     # --- what both paths use ---
 

@@ -67,10 +67,6 @@ _BATCHED_NOTES: Dict[str, Callable[[int], str]] = {
 }
 
 
-def _decided(choice: PathChoice) -> Optional[bool]:
-    return None if choice.undecided else choice.batched
-
-
 def _disagree(choice: PathChoice, batched: np.ndarray, looped: np.ndarray, eps: float) -> bool:
     """Whether the batched rows disagree with the looped ones under the one agreement rule
     (:meth:`PathChoice.verify`), without NumPy's warning for an ``inf - inf`` the rule computes and then
@@ -115,19 +111,6 @@ class BatchedPaths:
         self.paths: Dict[str, PathChoice] = path_choices(self.notes, _BATCHED_NOTES)
         # this check's key in the cache of batching decisions, taken when its session starts (before fn runs)
         self._batches_start: Optional[Tuple[Any, List[Any]]] = None
-
-    # read-only views of the decisions (True batched, False the loop, None undecided)
-    @property
-    def _batched_evaluate(self) -> Optional[bool]:
-        return _decided(self.paths["evaluate"])
-
-    @property
-    def _batched_vjp(self) -> Optional[bool]:
-        return _decided(self.paths["vjp"])
-
-    @property
-    def _batched_transposed(self) -> Optional[bool]:
-        return _decided(self.paths["transposed"])
 
     def _agreement_eps(self) -> float:
         eps = float(self.working_eps or FLOAT64_EPS)

@@ -52,10 +52,10 @@ def _native(backend: str) -> Tuple[Callable[..., Any], Callable[[np.ndarray], An
 def _built_natively(backend: str, prepared: Any) -> bool:
     """Whether the adapter's own way of building the points is in use (not the NumPy points fallback)."""
     if backend == "torch":
-        return prepared._batched_evaluate is True
+        return prepared.paths["evaluate"].batched
     if backend == "jax":
-        return not prepared._pointwise_evaluation and prepared._compiled is not None
-    return prepared._paths["evaluate"] == "batched" and "evaluate" in prepared._graphs
+        return not prepared.eager_path.looped and prepared._compiled is not None
+    return prepared._paths["evaluate"].batched and "evaluate" in prepared._graphs
 
 
 @pytest.mark.parametrize("backend", EDITING_BACKENDS)

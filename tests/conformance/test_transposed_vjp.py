@@ -167,7 +167,7 @@ def test_torch_multi_input_batched_and_looped_agree() -> None:
     args = (_randn(3, 5), _randn(5, 2, seed=1))
     batched = _torch_prepare(fn, *args)
     _, products, _ = _assert_transposes_vjp(batched, count=12)
-    assert batched._batched_transposed is True
+    assert batched.paths["transposed"].batched
     assert any(n.startswith("transposed VJPs (J t) computed in batches of up to 12") for n in batched.notes)
     looped = _torch_prepare(fn, *args)
     looped.batching = False
@@ -416,7 +416,7 @@ def test_jax_per_check_path() -> None:
     prepared = _jax_prepare(_python_branch_on_fixed(lambda x: square(x) + jnp.sin(x)), _array(4), jnp.ones(4),
                             wrt=(0,))
     _assert_transposes_vjp(prepared)
-    assert prepared._transposes is not None  # the compiled path could not run it
+    assert prepared.eager_path.transposes is not None  # the compiled path could not run it
 
 
 @pytest.mark.jax
