@@ -1,4 +1,4 @@
-"""What a user's function reads besides its arguments, as one hashable token, and a cache held weakly per function.
+"""What a user's function reads besides its arguments, as one hashable token (the key of a trace kept across checks).
 
 Adapters that trace or compile ``fn`` keep the result for the next check of the same function. Such an entry
 holds only while ``fn`` reads the same things: the globals it names, its closure cells, its defaults, the state
