@@ -7,7 +7,8 @@ failing element is named.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from .._errors import InvalidArgumentError, ModeUnsupportedError
 from .evaluate import Evaluator
 from .finite_diff import relative_step
 from .memory import full_check_bytes, size_text
+from .ladder_codes import ElementVerdicts
 from .numeric import StepLadder
 from .._options import Options
 from .._precision import PointRounder
@@ -57,41 +59,79 @@ def _analytic_jacobian(evaluator: Evaluator, analytic_mode: str, memory: int, di
 
 
 def full_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[LeafSpec], f0: np.ndarray,
-               analytic_mode: str, order: int, jacobian: Optional[np.ndarray] = None,
-               compress: bool = True) -> List[RowResult]:
+              analytic_mode: str, order: int, jacobian: Optional[np.ndarray] = None,
+              compress: bool = True) -> List[RowResult]:
     """Every Jacobian entry of ``leaves``, compared. Leaves whose analytic sparsity allows it are
     checked with compressed finite differences (:mod:`gradbridge._checking.compress`); one that is not cleanly
     right that way is re-checked element by element, so a failure always names its element."""
     if compress and order == 1 and jacobian is None and context.diagonal is not None:
         return _diagonal_rows(evaluator, context, leaves, f0, analytic_mode, order)
+    try:
+        plan = _FullPlan.make(evaluator, context, leaves, analytic_mode, order, jacobian, compress)
+    except ModeUnsupportedError as exc:
+        return unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
+    prepared = evaluator.prepared
+    rounder = PointRounder(prepared.leaves, context.options.promote)
+    blocks = [(output.slice, entry.slice) for entry in plan.directions.per_leaf for output in prepared.output_specs]
+    ladder = StepLadder(evaluator, plan.directions, f0, plan.precision, rounder, context.tolerance, blocks)
+    verdicts = ladder.run(plan.analytic)
+    rows = _compared_rows(evaluator, context, plan, verdicts, analytic_mode, order)
+    _record_strategy(context, plan, analytic_mode, order)
+    redo = [entry.leaf for entry in plan.directions.per_leaf
+            if entry.compressed and not all(clean(row) or _named(row, entry, verdicts, plan.columns, prepared)
+                                            for row in rows[entry.leaf.name])]
+    _redo_element_by_element(evaluator, context, redo, rows, f0, analytic_mode, order, plan.jacobian)
+    return [row for leaf in leaves for row in rows[leaf.name]]
+
+
+@dataclasses.dataclass
+class _FullPlan:
+    """How a full comparison of some leaves runs: the analytic side (dense Jacobian or verified column groups),
+    the perturbation directions (compressed where the sparsity allows), and the working precision."""
+
+    precision: float
+    jacobian: Optional[np.ndarray]
+    columns: Optional[ColumnAnalytic]
+    plans: Dict[str, Any]
+    directions: Directions
+    analytic: np.ndarray
+
+    @classmethod
+    def make(cls, evaluator: Evaluator, context: CheckContext, leaves: Sequence[LeafSpec], analytic_mode: str,
+             order: int, jacobian: Optional[np.ndarray], compress: bool) -> "_FullPlan":
+        """Raises ModeUnsupportedError when the analytic Jacobian cannot be computed in ``analytic_mode``."""
+        prepared = evaluator.prepared
+        options = context.options
+        precision = working_eps(prepared, options)
+        structures = {name: s for name, s in context.structures.items() if name in {l.name for l in leaves}}
+        columns = None
+        if compress and order == 1 and jacobian is None and analytic_mode == "rev" and options.promote \
+                and not structures:
+            same = context.columns is not None and [l.name for l in leaves] == [l.name for l in prepared.leaves]
+            columns = context.columns if same else _analytic_by_columns(evaluator, options, leaves)
+        if columns is None and jacobian is None:
+            jacobian = _analytic_jacobian(evaluator, analytic_mode, context.memory, sum(l.size for l in leaves))
+        step = relative_step(options.eps, precision)
+        if columns is not None:
+            plans = columns.plans
+            directions = Directions(prepared.x0, leaves, step, {}, plans)
+            analytic = np.concatenate([columns.blocks[entry.leaf.name] for entry in directions.per_leaf], axis=1)
+        else:
+            # rounding to a low-precision dtype would bend a group's direction: compress only float64 checks
+            plans = compression_plan(prepared.x0, leaves, jacobian, options.seed, excluded=list(structures)) \
+                if compress and options.promote else {}
+            directions = Directions(prepared.x0, leaves, step, structures, plans)
+            analytic = directions.project(jacobian)
+        return cls(precision, jacobian, columns, plans, directions, analytic)
+
+
+def _compared_rows(evaluator: Evaluator, context: CheckContext, plan: _FullPlan, verdicts: ElementVerdicts,
+                   analytic_mode: str, order: int) -> Dict[str, List[RowResult]]:
+    """One row per (leaf, output) block from the elements' verdicts, with a step sweep for the first failing
+    rows (at most :data:`SWEEP_ROWS`)."""
     prepared = evaluator.prepared
     options = context.options
-    precision = working_eps(prepared, options)
-    structures = {name: s for name, s in context.structures.items() if name in {l.name for l in leaves}}
-    columns = None
-    if compress and order == 1 and jacobian is None and analytic_mode == "rev" and options.promote \
-            and not structures:
-        same = context.columns is not None and [l.name for l in leaves] == [l.name for l in prepared.leaves]
-        columns = context.columns if same else _analytic_by_columns(evaluator, options, leaves)
-    if columns is None and jacobian is None:
-        try:
-            jacobian = _analytic_jacobian(evaluator, analytic_mode, context.memory, sum(l.size for l in leaves))
-        except ModeUnsupportedError as exc:
-            return unsupported_rows(evaluator, leaves, analytic_mode, order, str(exc))
-    if columns is not None:
-        plans = columns.plans
-        directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), {}, plans)
-        analytic = np.concatenate([columns.blocks[entry.leaf.name] for entry in directions.per_leaf], axis=1)
-    else:
-        # rounding to a low-precision dtype would bend a group's direction: compress only float64 checks
-        plans = compression_plan(prepared.x0, leaves, jacobian, options.seed, excluded=list(structures)) \
-            if compress and options.promote else {}
-        directions = Directions(prepared.x0, leaves, relative_step(options.eps, precision), structures, plans)
-        analytic = directions.project(jacobian)
-    blocks = [(output.slice, entry.slice) for entry in directions.per_leaf for output in prepared.output_specs]
-    ladder = StepLadder(evaluator, directions, f0, precision, PointRounder(prepared.leaves, options.promote),
-                        context.tolerance, blocks)
-    verdicts = ladder.run(analytic)
+    directions, columns, analytic = plan.directions, plan.columns, plan.analytic
     undefined = undefined_gradients(prepared)
     rows: Dict[str, List[RowResult]] = {}
     sweeps = 0
@@ -99,17 +139,17 @@ def full_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Leaf
         rows[entry.leaf.name] = []
         for output in prepared.output_specs:
             row, worst_at = block_row(entry, output, analytic, verdicts, options.kinks, analytic_mode, order,
-                                       spread_value(context, analytic_mode, order))
+                                      spread_value(context, analytic_mode, order))
             owners = columns.owners.get(entry.leaf.name) if columns is not None else None
             if owners is not None:
-                plan = plans[entry.leaf.name]
-                scales = plan.basis[plan.groups, np.arange(entry.leaf.size)]  # each element's scale in its group
+                group = plan.plans[entry.leaf.name]
+                scales = group.basis[group.groups, np.arange(entry.leaf.size)]  # each element's scale in its group
                 as_elements(row, worst_at, entry, output, analytic, verdicts, owners, scales,
-                             f"full, {entry.count} verified column groups: every entry compared, element by element")
+                            f"full, {entry.count} verified column groups: every entry compared, element by element")
                 nameable = not unowned_failure(row, entry, output, verdicts, owners)
                 if row.status == "fail" and worst_at is not None and sweeps < SWEEP_ROWS and nameable:
                     row.step_sweep = element_sweep(evaluator, directions, PointRounder(prepared.leaves, options.promote),
-                                                    entry, output, worst_at, row, owners, scales)
+                                                   entry, output, worst_at, row, owners, scales)
                     sweeps += 1
             if entry.leaf.name in undefined:
                 mark_undefined(row, undefined[entry.leaf.name])
@@ -121,21 +161,32 @@ def full_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Leaf
                                             row.worst.numeric, row.worst.step, row.worst.allowed)
                 sweeps += 1
             rows[entry.leaf.name].append(row)
-    for name, plan in ({} if columns is not None else plans).items():
-        context.notes.append(f"compressed finite differences: {name}'s {plan.groups.size} elements in {plan.count} "
+    return rows
+
+
+def _record_strategy(context: CheckContext, plan: _FullPlan, analytic_mode: str, order: int) -> None:
+    """The notes and strategy lines of a full comparison: how each leaf was compared."""
+    columns = plan.columns
+    for name, group in ({} if columns is not None else plan.plans).items():
+        context.notes.append(f"compressed finite differences: {name}'s {group.groups.size} elements in {group.count} "
                              "group(s) of columns that share no output (colouring of the analytic Jacobian's "
-                             f"sparsity), {2 * plan.count} evaluations instead of {2 * plan.groups.size}")
+                             f"sparsity), {2 * group.count} evaluations instead of {2 * group.groups.size}")
     if columns is not None:
         context.notes.extend(columns.notes)
-    for entry in directions.per_leaf:
+    for entry in plan.directions.per_leaf:
         _strategy(context, entry.leaf, order, analytic_mode,
                   columns.strategy[entry.leaf.name] if columns is not None else
                   f"{entry.count} column groups (colouring of the dense analytic Jacobian)" if entry.compressed else
                   f"along {entry.count} tangent directions ({entry.structure})" if entry.basis is not None else
                   "element by element, dense analytic Jacobian")
-    redo = [entry.leaf for entry in directions.per_leaf
-            if entry.compressed and not all(clean(row) or _named(row, entry, verdicts, columns, prepared)
-                                            for row in rows[entry.leaf.name])]
+
+
+def _redo_element_by_element(evaluator: Evaluator, context: CheckContext, redo: List[LeafSpec],
+                             rows: Dict[str, List[RowResult]], f0: np.ndarray, analytic_mode: str, order: int,
+                             jacobian: Optional[np.ndarray]) -> None:
+    """Leaves not cleanly right when compressed are compared again element by element (their rows replaced),
+    so a failure names its element, unless that dense comparison would exceed the memory budget."""
+    prepared = evaluator.prepared
     m = sum(spec.size for spec in prepared.output_specs)
     needed = full_check_bytes(m, sum(leaf.size for leaf in redo), len(prepared.x0), dense=jacobian is None)
     if redo and needed > context.memory:
@@ -143,17 +194,17 @@ def full_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Leaf
                              f"about {size_text(needed)} (the dense {m:,} x {len(prepared.x0):,} comparison), above "
                              f"memory={size_text(context.memory)}; the failing groups are reported as they are "
                              "(check fewer inputs with wrt=, or pass a larger memory=, to name each element)")
-        redo = []
-    if redo:
-        for leaf in redo:
-            rows[leaf.name] = []
-        for row in full_rows(evaluator, context, redo, f0, analytic_mode, order, jacobian, compress=False):
-            row.method = f"compressed, then element by element: {row.method}"
-            rows[row.input].append(row)
-        for leaf in redo:
-            _strategy(context, leaf, order, analytic_mode, "compressed, then element by element (not cleanly right "
-                                                           "compressed), dense analytic Jacobian")
-    return [row for leaf in leaves for row in rows[leaf.name]]
+        return
+    if not redo:
+        return
+    for leaf in redo:
+        rows[leaf.name] = []
+    for row in full_rows(evaluator, context, redo, f0, analytic_mode, order, jacobian, compress=False):
+        row.method = f"compressed, then element by element: {row.method}"
+        rows[row.input].append(row)
+    for leaf in redo:
+        _strategy(context, leaf, order, analytic_mode, "compressed, then element by element (not cleanly right "
+                                                       "compressed), dense analytic Jacobian")
 
 
 def _strategy(context: CheckContext, leaf: LeafSpec, order: int, analytic_mode: str, how: str) -> None:
