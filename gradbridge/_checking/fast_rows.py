@@ -7,6 +7,7 @@ states the smallest relative error it would have caught with probability :data:`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -99,7 +100,7 @@ def _fast_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Lea
 
     Returns the rows and, per leaf, the cotangent (and analytic ``J^T v``, in rev mode) of its worst
     probe, from which a failing leaf too large for a full check is bisected."""
-    options, tolerance = context.options, context.tolerance
+    options = context.options
     prepared = evaluator.prepared
     x0 = prepared.x0
     rng = np.random.default_rng(options.seed)
@@ -108,24 +109,12 @@ def _fast_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Lea
     step = relative_step(options.eps, precision)
     scale = np.maximum(1.0, np.abs(x0))
     cotangents = rng.standard_normal((options.probes, m))
-    directions = np.zeros((options.probes * len(leaves), len(x0)))
-    bases: Dict[str, np.ndarray] = {}
-    for leaf in leaves:
-        if leaf.name in context.structures:
-            basis, _ = context.structures[leaf.name].basis(leaf.name, x0[leaf.slice].reshape(leaf.shape))
-            bases[leaf.name] = basis * max(1.0, float(np.max(np.abs(x0[leaf.slice]))))
-    for p in range(options.probes):
-        for k, leaf in enumerate(leaves):
-            if leaf.name in bases:
-                basis = bases[leaf.name]
-                direction = rng.standard_normal(len(basis)) @ basis / math.sqrt(len(basis))
-            else:
-                direction = rng.standard_normal(leaf.size) * scale[leaf.slice]
-            directions[p * len(leaves) + k, leaf.slice] = direction
+    directions = _probe_directions(context, leaves, x0, scale, rng)
     rounder = PointRounder(leaves, options.promote)
     plus_points = rounder(x0 + step * directions)
     minus_points = rounder(x0 - step * directions)
     directions = (plus_points - minus_points) / (2.0 * step)  # the directions really taken, after rounding
+    pushed = None
     try:
         if analytic_mode == "rev":
             gradients = evaluator.vjp(cotangents)
@@ -140,51 +129,104 @@ def _fast_rows(evaluator: Evaluator, context: CheckContext, leaves: Sequence[Lea
     outputs = evaluator.evaluate(np.concatenate([plus_points, minus_points]),
                                  [f"x + h*u ({l})" for l in labels] + [f"x - h*u ({l})" for l in labels],
                                  allow_nonfinite=True)
-    f_plus, f_minus = outputs[: len(directions)], outputs[len(directions):]
+    probed = _Probes(cotangents, analytic, outputs[: len(directions)], outputs[len(directions):], gradients, pushed,
+                     scale, step, precision, m)
     undefined = undefined_gradients(prepared)
-    quantile = product_quantile((1.0 - FAST_CONFIDENCE) ** (1.0 / options.probes))
     rows = []
     probes: Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
     for k, leaf in enumerate(leaves):
-        worst: Optional[WorstElement] = None
-        failed = 0
-        pairs = []
-        largest_allowed = 0.0
-        for p in range(options.probes):
-            i = p * len(leaves) + k
-            v = cotangents[p]
-            with np.errstate(invalid="ignore", over="ignore"):
-                numeric = float(v @ (f_plus[i] - f_minus[i])) / (2.0 * step)
-                fd_error = precision * float(np.abs(v) @ (np.abs(f_plus[i]) + np.abs(f_minus[i]))) / (2.0 * step)
-            if gradients is not None:
-                magnitude = float(np.linalg.norm(gradients[p, leaf.slice] * scale[leaf.slice]))
-            else:
-                magnitude = float(np.linalg.norm(v)) * float(np.linalg.norm(pushed[i])) / max(1.0, np.sqrt(m))
-            allowed = tolerance.scalar_bound(numeric, magnitude, fd_error)
-            largest_allowed = max(largest_allowed, allowed) if np.isfinite(allowed) else largest_allowed
-            difference = abs(analytic[i] - numeric)
-            is_bad = not (difference <= allowed) or not np.isfinite(allowed)
-            pairs.append((analytic[i], numeric, allowed, is_bad))
-            failed += int(is_bad)
-            candidate = WorstElement((), (), float(analytic[i]), numeric, float(difference), float(allowed), step,
-                                     fd_error=fd_error, method="central difference along a random direction")
-            if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
-                worst = candidate
-                probes[leaf.name] = (v, gradients[p] if gradients is not None else None)
-        a_values, n_values, allowed_values, bad_values = (np.array(column) for column in zip(*pairs))
-        rel, graded = block_grade(a_values, n_values, allowed_values, bad_values.astype(bool),
-                                  np.ones(len(pairs), dtype=bool))
-        detectable = largest_allowed / quantile
-        power = (f"{options.probes} random probes: an error confined to a single Jacobian entry d out_i / d "
-                 f"{leaf.name}[j] is caught with probability >= {FAST_CONFIDENCE:.1%} when it exceeds "
-                 f"{detectable:.2g} / max(1, |{leaf.name}[j]|)")
-        row = RowResult(
-            input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
-            method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
-            status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
-            rel_error=rel, grade=graded, mismatches=failed, compared=options.probes, worst=worst,
-            message=(f"{failed} of {options.probes} probes outside tolerance" if failed else power))
+        row, probes[leaf.name] = _fast_leaf_row(context, probed, k, leaf, len(leaves), analytic_mode, order)
         if leaf.name in undefined:
             mark_undefined(row, undefined[leaf.name])
         rows.append(row)
     return rows, probes
+
+
+def _probe_directions(context: CheckContext, leaves: Sequence[LeafSpec], x0: np.ndarray, scale: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """One random direction per (probe, leaf): Gaussian, scaled by ``max(1, |x|)``, or in a structured leaf's
+    tangent space."""
+    probes = context.options.probes
+    directions = np.zeros((probes * len(leaves), len(x0)))
+    bases: Dict[str, np.ndarray] = {}
+    for leaf in leaves:
+        if leaf.name in context.structures:
+            basis, _ = context.structures[leaf.name].basis(leaf.name, x0[leaf.slice].reshape(leaf.shape))
+            bases[leaf.name] = basis * max(1.0, float(np.max(np.abs(x0[leaf.slice]))))
+    for p in range(probes):
+        for k, leaf in enumerate(leaves):
+            if leaf.name in bases:
+                basis = bases[leaf.name]
+                direction = rng.standard_normal(len(basis)) @ basis / math.sqrt(len(basis))
+            else:
+                direction = rng.standard_normal(leaf.size) * scale[leaf.slice]
+            directions[p * len(leaves) + k, leaf.slice] = direction
+    return directions
+
+
+@dataclasses.dataclass
+class _Probes:
+    """What the probes measured: cotangents, analytic projections, outputs on both sides, and the analytic
+    products (``J^T v`` in reverse mode, ``J u`` in forward mode) the magnitudes come from."""
+
+    cotangents: np.ndarray
+    analytic: np.ndarray
+    f_plus: np.ndarray
+    f_minus: np.ndarray
+    gradients: Optional[np.ndarray]
+    pushed: Optional[np.ndarray]
+    scale: np.ndarray
+    step: float
+    precision: float
+    outputs: int
+
+
+def _fast_leaf_row(context: CheckContext, probed: _Probes, k: int, leaf: LeafSpec, count: int, analytic_mode: str,
+                   order: int) -> Tuple[RowResult, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """The row of leaf ``k`` (of ``count``) from its probes, and its worst probe's cotangent and gradient."""
+    options, tolerance = context.options, context.tolerance
+    step, precision, gradients = probed.step, probed.precision, probed.gradients
+    quantile = product_quantile((1.0 - FAST_CONFIDENCE) ** (1.0 / options.probes))
+    worst: Optional[WorstElement] = None
+    worst_probe: Tuple[np.ndarray, Optional[np.ndarray]] = (probed.cotangents[0], None)
+    failed = 0
+    pairs = []
+    largest_allowed = 0.0
+    for p in range(options.probes):
+        i = p * count + k
+        v = probed.cotangents[p]
+        with np.errstate(invalid="ignore", over="ignore"):
+            numeric = float(v @ (probed.f_plus[i] - probed.f_minus[i])) / (2.0 * step)
+            fd_error = precision * float(np.abs(v) @ (np.abs(probed.f_plus[i]) + np.abs(probed.f_minus[i]))) / (2.0 * step)
+        if gradients is not None:
+            magnitude = float(np.linalg.norm(gradients[p, leaf.slice] * probed.scale[leaf.slice]))
+        else:
+            magnitude = float(np.linalg.norm(v)) * float(np.linalg.norm(probed.pushed[i])) / max(1.0, np.sqrt(probed.outputs))
+        allowed = tolerance.scalar_bound(numeric, magnitude, fd_error)
+        largest_allowed = max(largest_allowed, allowed) if np.isfinite(allowed) else largest_allowed
+        analytic = probed.analytic[i]
+        difference = abs(analytic - numeric)
+        is_bad = not (difference <= allowed) or not np.isfinite(allowed)
+        pairs.append((analytic, numeric, allowed, is_bad))
+        failed += int(is_bad)
+        candidate = WorstElement((), (), float(analytic), numeric, float(difference), float(allowed), step,
+                                 fd_error=fd_error, method="central difference along a random direction")
+        if worst is None or candidate.ratio > worst.ratio or not np.isfinite(candidate.abs_error):
+            worst = candidate
+            worst_probe = (v, gradients[p] if gradients is not None else None)
+    a_values, n_values, allowed_values, bad_values = (np.array(column) for column in zip(*pairs))
+    rel, graded = block_grade(a_values, n_values, allowed_values, bad_values.astype(bool),
+                              np.ones(len(pairs), dtype=bool))
+    detectable = largest_allowed / quantile
+    power = (f"{options.probes} random probes: an error confined to a single Jacobian entry d out_i / d "
+             f"{leaf.name}[j] is caught with probability >= {FAST_CONFIDENCE:.1%} when it exceeds "
+             f"{detectable:.2g} / max(1, |{leaf.name}[j]|)")
+    row = RowResult(
+        input=leaf.name, output="v.out", shape=leaf.shape, kind=leaf.kind, order=order,
+        method=f"fast ({options.probes} probes)", analytic_mode=analytic_mode,
+        status="fail" if failed else "pass", max_abs_error=float(np.max(np.abs(a_values - n_values))),
+        rel_error=rel, grade=graded, mismatches=failed, compared=options.probes, worst=worst,
+        message=(f"{failed} of {options.probes} probes outside tolerance" if failed else power))
+    return row, worst_probe
+
+
