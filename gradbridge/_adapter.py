@@ -222,9 +222,24 @@ CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, Transpos
                                   ForwardRules)
 
 
+#: (class, capability) pairs known to offer it through a class member: true for every instance of the class.
+_OFFERED_BY_CLASS: Dict[Tuple[type, type], bool] = {}
+
+
 def offered(prepared: Any, capability: type, member: str) -> Any:
-    """``prepared``'s ``member`` when it offers ``capability``, else None."""
-    return getattr(prepared, member) if isinstance(prepared, capability) else None
+    """``prepared``'s ``member`` when it offers ``capability``, else None.
+
+    A protocol ``isinstance`` walks the protocol's members each time (several microseconds); where the class
+    declares the capability (subclasses the protocol) or defines ``member`` itself, the answer holds for every
+    instance and is remembered per class."""
+    key = (type(prepared), capability)
+    if key in _OFFERED_BY_CLASS:
+        return getattr(prepared, member)
+    if not isinstance(prepared, capability):
+        return None
+    if capability in type(prepared).__mro__ or hasattr(type(prepared), member):
+        _OFFERED_BY_CLASS[key] = True
+    return getattr(prepared, member)
 
 
 def capabilities(prepared: Any) -> List[str]:

@@ -185,7 +185,7 @@ def _values_of(args: Tuple[Any, ...], params: Any, fn: Any) -> Iterable[Any]:
     """What decides the backend: every value inside the arguments and params (walked as the adapters walk
     them: containers, dataclasses, optree nodes, and the pytree nodes of the frameworks already imported),
     and ``fn``."""
-    hooks = [a.pytree_node for a in _registry.loaded_adapters() if isinstance(a, PytreeNodes)]
+    hooks = [hook for hook in (offered(a, PytreeNodes, "pytree_node") for a in _registry.loaded_adapters()) if hook]
 
     def node_of(value: Any) -> Any:
         for hook in hooks:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .._adapter import (LeafSpec, TransposedProducts)
+from .._adapter import LeafSpec, TransposedProducts, offered
 from .compress import MIN_COLUMNS, diagonal_plan, plan as compression_plan
 from .diagnostics import SWEEP_ROWS, step_sweep
 from .directions import Directions
@@ -236,7 +236,7 @@ def _analytic_by_columns(evaluator: Evaluator, options: Options, leaves: Sequenc
     when that costs less than the dense Jacobian's VJPs; None to build the dense Jacobian instead."""
     prepared = evaluator.prepared
     m = sum(spec.size for spec in prepared.output_specs)
-    if m < MIN_COLUMNS or not isinstance(prepared, TransposedProducts):
+    if m < MIN_COLUMNS or offered(prepared, TransposedProducts, "vjp_transposed") is None:
         return None
     try:
         # a transposed VJP costs about two VJPs: worth it below half the dense Jacobian's m VJPs
