@@ -72,8 +72,9 @@ _BATCHES: WeakFunctionCache[_Batches] = WeakFunctionCache(per_function=16)
 
 
 def clear_cache() -> None:
-    """Forget every batching decision kept across checks."""
+    """Forget every batching decision and every vmap refusal kept across checks."""
     _BATCHES.clear()
+    _CLASSIC_REFUSALS.clear()
 
 
 def cache_size() -> int:
