@@ -45,6 +45,9 @@ class _Facts:
     def __init__(self, comparison: Comparison, runs: Sequence[ImplementationRun]) -> None:
         self.labels = comparison.implementations
         self.runs = {r.entry.label: r for r in runs}
+        self.pairs = list(comparison.pairs)
+        #: implementations whose own check could not judge (it raised or refused): never "passes"
+        self.unjudged = {label for label, report in comparison.checks.items() if report.problem is not None}
         self.disagree: Dict[Tuple[str, str], Set[frozenset]] = {}
         self.worst: Dict[Tuple[str, str], PairDifference] = {}
         for p in comparison.pairs:
@@ -84,6 +87,22 @@ class _Facts:
         kinks = self.kinks.get(row.input, set())
         return (row.status == "fail" and 0 < row.mismatches <= row.kinks
                 and (row.worst is None or tuple(row.worst.input_index) in kinks))
+
+    def worst_among(self, quantity: str, leaves: Sequence[str], who: Sequence[str],
+                    others: Sequence[str] = ()) -> PairDifference:
+        """The largest failing pair on ``leaves`` between the implementations named (one of ``who``, the other of
+        ``who`` or ``others``): the numbers quoted next to their names are theirs, never a third one's."""
+        named = set(who) | set(others)
+        found = [p for p in self.pairs if p.quantity == quantity and p.leaf in leaves and not p.passed
+                 and {p.first, p.second} <= named and (p.first in who or p.second in who)]
+        if not found:
+            return max((self.worst[(quantity, leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
+        return max(found, key=lambda p: p.max_rel_diff)
+
+    def values_differ(self, who: Sequence[str]) -> List[str]:
+        """The outputs whose values differ in a pair involving one of ``who``."""
+        return [leaf for (quantity, leaf), pairs in self.disagree.items()
+                if quantity == "value" and any(set(p) & set(who) for p in pairs)]
 
     def having(self, quantity: str, leaf: str) -> List[str]:
         side = "values" if quantity == "value" else "gradients"
@@ -172,11 +191,12 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
                 f"{split}; {where}): look at the forward passes of {joined(involved)}; finite-difference checks cannot "
                 "find a wrong forward pass")
     for (label, majority), leaves in odd.items():
-        worst = max((facts.worst[("value", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
+        worst = facts.worst_among("value", leaves, (label,), majority)
         grads = [leaf for (q, leaf), d in facts.disagree.items()
                  if q == "gradient" and any(label in p for p in d) and leaf not in facts.own_failed.get(label, set())]
+        judged = facts.checked and label not in facts.unjudged
         consequence = (f" Its gradients of {quoted(grads)} differ too, consistently with its own forward"
-                       + (" (its own finite-difference check passes on them)" if facts.checked else "")
+                       + (" (its own finite-difference check passes on them)" if judged else "")
                        + ": fix the forward first." if grads else "")
         sentences.append(
             f"{label}: value of {quoted(leaves)} disagrees with {joined(majority)}, which agree with each other "
@@ -245,23 +265,31 @@ def _unexplained(facts: _Facts, leaf: str, having: Sequence[str], failing: Seque
 
 def _unexplained_sentence(facts: _Facts, kind: str, who: Tuple[str, ...], majority: Tuple[str, ...],
                           leaves: Sequence[str]) -> str:
-    worst = max((facts.worst[("gradient", leaf)] for leaf in leaves), key=lambda p: p.max_rel_diff)
+    worst = facts.worst_among("gradient", leaves, who, majority)
     where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index)}: "
              f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
     names = quoted(leaves)
-    if not facts.checked:
+    involved = list(who) + list(majority)
+    unjudged = [label for label in involved if label in facts.unjudged]
+    differing = facts.values_differ(who)
+    values = ("although the values agree" if not differing
+              else f"and their values of {quoted(differing)} differ too (see above)")
+    if not facts.checked or unjudged:
+        missing = (f"; the own check of {joined(unjudged)} could not run, so it cannot say either"
+                   if unjudged else "")
         if kind == "odd":
             return (f"{joined(who)}: gradient of {names} disagrees with {joined(majority)}, which agree with each other "
-                    f"({where}): {joined(who)}'s backward pass is likely wrong; run with own_check=True to confirm it "
-                    "with its own finite differences")
+                    f"({where}): {joined(who)}'s backward pass is likely wrong{missing}"
+                    + ("" if facts.checked else "; run with own_check=True to confirm it with its own finite differences"))
         return (f"{joined(who)} compute different gradients of {names} ({where}) and there is no majority to tell "
-                "which is wrong; run with own_check=True: each implementation's own finite-difference check tells "
-                "which backward pass is wrong")
+                f"which is wrong{missing}"
+                + ("" if facts.checked else "; run with own_check=True: each implementation's own finite-difference "
+                                            "check tells which backward pass is wrong"))
     if kind == "odd":
-        return (f"{joined(who)}: gradient of {names} disagrees with {joined(majority)} ({where}), although the values "
-                "agree and every own finite-difference check passes on it: the implementations compute different "
+        return (f"{joined(who)}: gradient of {names} disagrees with {joined(majority)} ({where}), {values} "
+                "and every own finite-difference check passes on it: the implementations compute different "
                 f"functions near this point (a term that vanishes here, another branch); look at {joined(who)}'s "
                 "forward pass, or rerun with mode='full' if the own checks ran in fast mode")
-    return (f"{joined(who)} compute different gradients of {names} ({where}), although the values agree and "
+    return (f"{joined(who)} compute different gradients of {names} ({where}), {values} and "
             "their own finite-difference checks pass: their functions differ near this point (a term that vanishes "
             "here, another branch), and gradbridge cannot tell which is meant; look at both forward passes")
