@@ -12,6 +12,7 @@ one that changes a number the check reports.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import sys
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -230,3 +231,25 @@ def symbolic_inputs(layer: Any) -> List[Any]:
         inputs = getattr(functional, "_inputs", None) if functional is not None else None
         found.extend(inputs if isinstance(inputs, (list, tuple)) else ())
     return found
+
+
+# pfor (tf.vectorized_map's converter) logs every op it cannot vectorize through the "tensorflow" logger, with
+# the op's whole NodeDef and where it was created (~180 lines per Conv2D of a Keras model) at ERROR level, although the caller gets the
+# exception too and gradbridge then evaluates point by point: while a vectorized graph is traced those records
+# are dropped (the user's own TensorFlow log records pass; the logger is left as it was).
+class _DropPforErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        # pfor's converter (tensorflow/python/ops/parallel_for/pfor.py) logs each failed op in two records
+        return not (record.levelno >= logging.ERROR and record.module == "pfor")
+
+
+@contextlib.contextmanager
+def quiet_pfor_errors() -> Iterator[None]:
+    """Drop pfor's conversion-error records from TensorFlow's logger for the duration of the block."""
+    logger = logging.getLogger("tensorflow")
+    dropped = _DropPforErrors()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)

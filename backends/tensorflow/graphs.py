@@ -66,7 +66,8 @@ def trace(which: str, problem: TensorFlowProblem, forward: Forward, leaves: Sequ
     graph, signature = build[which](problem, forward, leaves, n, m, flags)
     fixed = [tf.TensorSpec(t.shape, t.dtype) for t in problem.fixed_inputs()]
     try:
-        concrete = tf.function(graph, input_signature=signature + fixed, autograph=False).get_concrete_function()
+        with compat.quiet_pfor_errors():
+            concrete = tf.function(graph, input_signature=signature + fixed, autograph=False).get_concrete_function()
     except Exception as exc:  # not vectorizable (an op without a pfor rule), or graph-only trouble in fn
         return None, {}, f"it could not be vectorized ({type(exc).__name__}: {first_line(exc)})"
     unsafe = unsafe_ops(concrete.graph)
