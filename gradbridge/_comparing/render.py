@@ -51,6 +51,10 @@ def render_comparison(comparison: Comparison) -> str:
         lines.append("")
         lines.append("Verdicts:")
         lines.extend(f"  - {sentence}" for sentence in comparison.verdicts)
+    if comparison.patterns:
+        lines.append("")
+        lines.append("Patterns of the differences:")
+        lines.extend(f"  - {sentence}" for sentence in comparison.patterns)
     if comparison.checks:
         lines.append("")
         lines.append("Own finite-difference checks:")

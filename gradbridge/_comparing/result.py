@@ -71,6 +71,8 @@ class Comparison:
         backends: label -> backend and its version.
         tolerance: the pairwise rule in force.
         mismatches: structural differences (outputs missing or shaped differently); each fails.
+        patterns: the shape of a failing pair's difference where it has a simple one (one side transposed, a
+            constant factor or offset, one row, column or element): it usually names the porting bug.
     """
 
     function: str
@@ -83,6 +85,7 @@ class Comparison:
     backends: Dict[str, str] = field(default_factory=dict)
     tolerance: str = ""
     mismatches: List[str] = field(default_factory=list)
+    patterns: List[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 from .._reporting.report import Report
 from .differences import leaf_order
 from .result import Comparison, PairDifference
+from .patterns import describe
 from .render import joined, element_at, quoted
 from .runs import ImplementationRun
 
@@ -143,8 +144,10 @@ def _kink_sentence(facts: "_Facts", leaf: str) -> str:
 
 
 def _verdicts(comparison: Comparison, runs: Sequence[ImplementationRun]) -> List[str]:
-    """Plain sentences: which side is wrong, on what, and where to look."""
+    """Plain sentences: which side is wrong, on what, and where to look. Also fills ``comparison.patterns``
+    (the shapes of the failing pairs' differences), drawn from the same facts."""
     facts = _Facts(comparison, runs)
+    comparison.patterns = _patterns(facts)
     sentences = list(comparison.mismatches)
     forward_suspects, value_sentences = _value_verdicts(facts)
     sentences.extend(value_sentences)
@@ -154,6 +157,29 @@ def _verdicts(comparison: Comparison, runs: Sequence[ImplementationRun]) -> List
             sentences.append(f"{label}: its own finite-difference check could not judge the gradients: "
                              f"{report.problem}; see its report")
     return sentences
+
+
+#: Most pattern sentences per comparison (one per failing pair and leaf, the largest differences first).
+PATTERNS_LISTED = 6
+
+
+def _patterns(facts: _Facts) -> List[str]:
+    """Where a failing pair's difference has a simple shape (a transpose, a constant factor or offset, one row,
+    column or element), say it: it names the porting bug."""
+    found = []
+    for pair in sorted((p for p in facts.pairs if not p.passed), key=lambda p: -p.max_rel_diff):
+        side = "values" if pair.quantity == "value" else "gradients"
+        first = getattr(facts.runs[pair.first], side).get(pair.leaf)
+        second = getattr(facts.runs[pair.second], side).get(pair.leaf)
+        if first is None or second is None:
+            continue
+        what = f"the {'value' if pair.quantity == 'value' else 'gradient'} of '{pair.leaf}'"
+        sentence = describe(first, second, pair.first, pair.second, what)
+        if sentence is not None:
+            found.append(sentence)
+        if len(found) == PATTERNS_LISTED:
+            break
+    return found
 
 
 def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
