@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradbridge._adapter import CheckSpec, ExpectedParams, ParamBinding
+from gradbridge._comparing import mapping
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import self_reference
 
@@ -154,13 +155,68 @@ class JaxAdapter:
 
     def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
                     grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
-        """The flat dict ``{name: float64 array}`` (the parameter pytree) as ``fn``'s first argument."""
+        """The parameter pytree as ``fn``'s first argument: nested dicts of float64 arrays as the user nested
+        them (a :class:`~gradbridge._comparing.mapping.FlatParams` remembers how, or ``params`` is nested
+        itself: a flax ``variables`` tree reaches ``module.apply`` as a tree), else the flat dict
+        ``{name: float64 array}``. Each leaf is named by its dotted name (``params.fc1.kernel``)."""
         if params is None:
             return ParamBinding(fn=fn)
+        if not isinstance(params, mapping.FlatParams) and any(isinstance(v, Mapping) for v in params.values()):
+            params = mapping.flat_params(params)
+        if isinstance(params, mapping.FlatParams) and params.nested:
+            native = params.tree(self.from_numpy)
+            by_path = {params.path(name): name for name in params}
+            pairs, _ = jax.tree_util.tree_flatten_with_path(native)
+            names = {"params" + jax.tree_util.keystr(path): by_path[tuple(str(k.key) for k in path)]
+                     for path, _ in pairs}
+            leaf, name = next(iter(names.items()))
+            return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",), names=names,
+                                note=f"jax: params passed to fn as a nested tree of dicts ({name} is {leaf})")
         native = {name: self.from_numpy(array) for name, array in params.items()}
         pairs, _ = jax.tree_util.tree_flatten_with_path(native)  # dict keys come sorted
         names = {"params" + jax.tree_util.keystr(path): path[0].key for path, _ in pairs}
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",), names=names)
+
+    def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[mapping.Roles]:
+        """The roles of the parameters a JAX function takes, from the leaf names of ``params`` (a template: the
+        flax ``variables`` tree, nested dicts of arrays or shapes; or the flat dotted mapping given): flax's
+        ``kernel`` (2 axes: dense, more: convolution, laid out canonically), ``bias``, ``scale``,
+        ``embedding``, ``batch_stats`` ``mean``/``var``; haiku's ``w``, ``b``, ``offset``, ``embeddings``;
+        Keras' ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``. A ``bias`` next to a ``scale`` is
+        a norm layer's offset. The layer is the path without its collection (``params``, ``batch_stats``)
+        and leaf. None without ``params``, or when no leaf name is known."""
+        if not isinstance(params, Mapping) or not params:
+            return None
+        flat = params if isinstance(params, mapping.FlatParams) else mapping.flat_params(params)
+        leaves = {}
+        for name, value in flat.items():
+            path = flat.path(name)
+            if len(path) == 1:
+                path = tuple(mapping.normalized(name).split("."))
+            layer = path[1:-1] if len(path) > 2 and path[0] in _COLLECTIONS else path[:-1]
+            leaves[name] = (".".join(layer), path[-1], mapping.shape_of(value))
+        siblings: dict = {}
+        for layer, leaf, _ in leaves.values():
+            siblings.setdefault(layer, set()).add(leaf)
+        roles = {}
+        for name, (layer, leaf, shape) in leaves.items():
+            role = _LEAF_ROLES.get(leaf)
+            if leaf in ("kernel", "w"):
+                role = mapping.DENSE_KERNEL if len(shape) == 2 else mapping.CONV_KERNEL if len(shape) > 2 else None
+            elif role == mapping.BIAS and siblings[layer] & {"scale", "gamma"}:
+                role = mapping.NORM_OFFSET
+            roles[name] = mapping.ParamRole(role, None, layer, shape, True, "")
+        return roles if any(r.role is not None for r in roles.values()) else None
+
+
+#: Collections of a flax ``variables`` tree, dropped from a parameter's layer path.
+_COLLECTIONS = ("params", "batch_stats")
+#: Leaf names that say a parameter's role (kernels by their number of axes, see ``parameter_roles``).
+_LEAF_ROLES = {"bias": mapping.BIAS, "b": mapping.BIAS, "scale": mapping.NORM_SCALE, "gamma": mapping.NORM_SCALE,
+               "offset": mapping.NORM_OFFSET, "beta": mapping.NORM_OFFSET, "mean": mapping.NORM_MEAN,
+               "moving_mean": mapping.NORM_MEAN, "var": mapping.NORM_VARIANCE,
+               "moving_variance": mapping.NORM_VARIANCE, "embedding": mapping.EMBEDDING,
+               "embeddings": mapping.EMBEDDING}
 
 
 ADAPTER = JaxAdapter()

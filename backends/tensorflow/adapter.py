@@ -9,7 +9,7 @@ Names and install hints are the registry's (:mod:`gradbridge._registry`), not th
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,7 +22,8 @@ from gradbridge._tree import flatten
 from ..common.handwritten import floating_candidates, hand_written_gradient
 from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache, environment_of
-from .keras import frozen_weights, is_keras_layer, keras_names, keras_params, relative_name
+from .keras import (frozen_weights, is_keras_layer, keras_names, keras_params, keras_roles, loadable_variables,
+                    relative_name, with_values)
 from .prepared import TensorFlowPrepared
 from .problem import TensorFlowProblem, expand_slash_prefixes, notes_for, parameters, probe
 from .tensors import (COMPOSITE, as_float64, dtype_of, is_floating, is_tensor, is_tf_function, not_checkable,
@@ -113,7 +114,8 @@ class TensorFlowAdapter:
         return tf.constant(np.array(array, copy=True))
 
     def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
-        """A Keras model's (or layer's) trainable variables, by path relative to the model with "/" as "."."""
+        """A Keras model's (or layer's) trainable variables (required) and floating non-trainable ones
+        (optional: BatchNorm's moving statistics), by path relative to the model with "/" as "."."""
         if not is_keras_layer(fn):
             if isinstance(fn, tf.Module):
                 raise InvalidArgumentError(
@@ -128,20 +130,29 @@ class TensorFlowAdapter:
         names = keras_names(fn)
         trainable = {id(v) for v in fn.trainable_variables}
         required = {names[p.name]: tuple(int(d) for d in p.variable.shape) for p in keras_params(fn)}
-        unsupported = {relative_name(fn, v.path): "a non-trainable Keras variable: gb.compare loads trainable "
-                       "variables only (the model's own value is used)" for v in fn.variables if id(v) not in trainable}
+        optional = {name: tuple(int(d) for d in v.shape) for name, v in loadable_variables(fn).items()}
+        unsupported = {relative_name(fn, v.path): "a non-trainable Keras variable that is not floating (gb.compare "
+                       "loads trainable and floating variables only; the model's own value is used)"
+                       for v in fn.variables if id(v) not in trainable and relative_name(fn, v.path) not in optional}
         return ExpectedParams(f"Keras {type(fn).__name__} {fn.name!r}", 'variable paths relative to the model, "/" '
-                              'written as "."', required, {}, unsupported)
+                              'written as "."', required, optional, unsupported)
 
     def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
                     grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
         """A Keras model: checked with ``params=model``; its variables are never written (the check reads
-        them through shadow variables, which the core sets to the given values). A plain function: the flat
-        dict of float64 tensors as first argument."""
+        trainable ones through shadow variables, which the core sets to the given values; given non-trainable
+        ones, such as BatchNorm's moving statistics, are read from the check's stateless scope while the model
+        runs). A plain function: the flat dict of float64 tensors as first argument."""
         if is_keras_layer(fn):
             note = "" if params is None else (f"Keras {type(fn).__name__} {fn.name!r}: params loaded by variable "
                                               "path into the check's float64 shadow variables (the model is untouched)")
-            return ParamBinding(fn=fn, params=fn, names=keras_names(fn), signature=getattr(fn, "call", fn), note=note)
+            given = {name: v for name, v in loadable_variables(fn).items() if params is not None and name in params}
+            fixed = [(v, tf.constant(np.asarray(params[name], dtype=np.float64))) for name, v in given.items()]
+            call = with_values(fn, fixed) if fixed else fn
+            if fixed:
+                note += f"; non-trainable {', '.join(given)} read as given"
+            return ParamBinding(fn=call, params=fn, names=keras_names(fn), signature=getattr(fn, "call", fn),
+                                note=note)
         if params is None:
             return ParamBinding(fn=fn)
         if isinstance(fn, tf.Module):
@@ -150,6 +161,15 @@ class TensorFlowAdapter:
         leaves, _ = flatten(native, "params", is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+    def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[Dict[str, Any]]:
+        """A Keras model's (or layer's) variables by role (see :mod:`gradbridge._comparing.mapping`), from the
+        type of the layer owning each: ``Dense``, ``Conv1D/2D/3D``, ``LayerNormalization``,
+        ``GroupNormalization``, ``BatchNormalization`` (moving statistics optional), ``Embedding``; others'
+        have no role (paired by name). None for a plain function."""
+        if not is_keras_layer(fn) or (not fn.built and not fn.variables):
+            return None
+        return keras_roles(fn)
 
 
 

@@ -159,3 +159,99 @@ def relative_name(model: Any, path: str) -> str:
 def keras_names(model: Any) -> Dict[str, str]:
     """The check's leaf name of each trainable variable -> its common (dotted, relative) name."""
     return {p.name: relative_name(model, p.name) for p in keras_params(model)}
+
+
+# --- gb.compare's weight mapping (see gradbridge._comparing.mapping) ---
+
+def _role_tables(keras: Any) -> List[Tuple[tuple, Dict[str, Tuple[str, Optional[Tuple[int, ...]]]]]]:
+    """(layer types, ``{variable name: (role, permutation to the canonical layout)}``). Keras already lays
+    out every kernel canonically: Dense (in, out), Conv*D (*spatial, in, out) whatever the data_format."""
+    from gradbridge._comparing import mapping
+
+    layers = keras.layers
+    norm = {"gamma": (mapping.NORM_SCALE, None), "beta": (mapping.NORM_OFFSET, None)}
+    optional = tuple(getattr(layers, n) for n in ("RMSNormalization",) if hasattr(layers, n))
+    return [
+        ((layers.Dense,), {"kernel": (mapping.DENSE_KERNEL, None), "bias": (mapping.BIAS, None)}),
+        ((layers.Conv1D, layers.Conv2D, layers.Conv3D), {"kernel": (mapping.CONV_KERNEL, None),
+                                                         "bias": (mapping.BIAS, None)}),
+        ((layers.BatchNormalization,), {**norm, "moving_mean": (mapping.NORM_MEAN, None),
+                                         "moving_variance": (mapping.NORM_VARIANCE, None)}),
+        ((layers.LayerNormalization, layers.GroupNormalization), norm),
+        (optional, {"scale": (mapping.NORM_SCALE, None)}),
+        ((layers.Embedding,), {"embeddings": (mapping.EMBEDDING, None)}),
+    ]
+
+
+def loadable_variables(model: Any) -> Dict[str, Any]:
+    """The floating non-trainable variables of a model (BatchNorm's moving statistics, frozen layers' weights)
+    by relative name: ``gb.compare`` may load them (:func:`reading_values`), they are never checked."""
+    trainable = {id(v) for v in model.trainable_variables}
+    return {relative_name(model, v.path): v for v in once_each(list(model.variables))
+            if id(v) not in trainable and tf.as_dtype(v.dtype).is_floating}
+
+
+def keras_roles(model: Any) -> Dict[str, Any]:
+    """Every trainable and loadable variable of a Keras model or layer by role, named as ``gb.compare`` names
+    them (:func:`keras_names`, :func:`loadable_variables`); a variable of another layer type has no role."""
+    from gradbridge._comparing import mapping
+
+    keras = keras_module()
+    role_of: Dict[int, Tuple[str, Optional[Tuple[int, ...]], str]] = {}
+    tables = _role_tables(keras)
+    for layer in compat.all_layers(model):
+        table = next((t for types, t in tables if types and isinstance(layer, types)), None)
+        if table is None:
+            continue
+        for v in layer.weights:
+            short = v.path.rsplit("/", 1)[-1]
+            if short in table and id(v) not in role_of:
+                role, permutation = table[short]
+                role_of[id(v)] = (role, permutation, type(layer).__name__)
+    named = [(relative_name(model, p.name), p.variable, True) for p in keras_params(model)]
+    named += [(name, v, False) for name, v in loadable_variables(model).items()]
+    roles = {}
+    for name, v, required in named:
+        role, permutation, kind = role_of.get(id(v), (None, None, ""))
+        roles[name] = mapping.ParamRole(role, permutation, name.rpartition(".")[0],
+                                        tuple(int(d) for d in v.shape), required, kind)
+    return roles
+
+
+@contextlib.contextmanager
+def reading_values(values: Sequence[Tuple[Any, Any]]) -> Iterator[None]:
+    """Keras variables read the given values while the block runs: inside a check's stateless scope (see
+    :func:`stateless`) by overriding the scope's entries (cast to the dtype the check feeds, and put back
+    afterwards), outside any in a scope of their own."""
+    state = compat.keras_global_state()
+    scope = state.get_global_attribute("stateless_scope") if state is not None else None
+    if scope is None:
+        with stateless([(v, tf.cast(value, v.dtype)) for v, value in values]):
+            yield
+        return
+    missing = object()
+    saved = [(id(v), scope.state_mapping.get(id(v), missing)) for v, _ in values]
+    for v, value in values:
+        current = scope.state_mapping.get(id(v))
+        scope.state_mapping[id(v)] = tf.cast(value, current.dtype if current is not None else v.dtype)
+    try:
+        yield
+    finally:
+        for key, before in saved:
+            if before is missing:
+                scope.state_mapping.pop(key, None)
+            else:
+                scope.state_mapping[key] = before
+
+
+def with_values(model: Any, values: Sequence[Tuple[Any, Any]]) -> Any:
+    """``model`` called with some of its (non-trainable) variables reading the given values; the model itself is
+    never written."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with reading_values(values):
+            return model(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = getattr(model, "name", type(model).__name__)
+    call.__doc__ = f"Keras {type(model).__name__} {getattr(model, 'name', '')!r} with loaded non-trainable variables"
+    return call

@@ -11,13 +11,14 @@ tensors, integers). The backend's name and install hint are the registry's (:mod
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from gradbridge import _process
 from gradbridge._adapter import CheckSpec, ExpectedParams, ParamBinding
+from gradbridge._comparing import mapping
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
@@ -170,6 +171,52 @@ class TorchAdapter:
         leaves, _ = flatten(native, "params", _is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+    def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[mapping.Roles]:
+        """An ``nn.Module``'s ``state_dict`` entries by role (see :mod:`gradbridge._comparing.mapping`), from the
+        type of the submodule owning each: ``Linear``, ``Conv1d/2d/3d``, ``LayerNorm``, ``GroupNorm``,
+        ``RMSNorm``, ``BatchNorm*``/``InstanceNorm*``, ``Embedding``; others' have no role (paired by name).
+        Parameters are required, buffers optional. None for a plain function."""
+        if not isinstance(fn, torch.nn.Module):
+            return None
+        return _module_roles(fn)
+
+
+def _role_table(module: torch.nn.Module) -> Dict[str, Tuple[str, Optional[Callable[[int], Tuple[int, ...]]]]]:
+    """``{local name: (role, permutation to the canonical layout from ndim)}`` for one module's own tensors."""
+    nn = torch.nn
+    norm = {"weight": (mapping.NORM_SCALE, None), "bias": (mapping.NORM_OFFSET, None)}
+    statistics = {**norm, "running_mean": (mapping.NORM_MEAN, None), "running_var": (mapping.NORM_VARIANCE, None)}
+    if isinstance(module, nn.Linear):
+        return {"weight": (mapping.DENSE_KERNEL, lambda ndim: mapping.OUT_IN), "bias": (mapping.BIAS, None)}
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return {"weight": (mapping.CONV_KERNEL, mapping.out_in_spatial), "bias": (mapping.BIAS, None)}
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        return statistics
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())):
+        return norm
+    if isinstance(module, nn.Embedding):
+        return {"weight": (mapping.EMBEDDING, None)}
+    return {}
+
+
+def _module_roles(module: torch.nn.Module) -> mapping.Roles:
+    state = module.state_dict(keep_vars=True)
+    required = {name for name, _ in module.named_parameters(remove_duplicate=True)}
+    roles: mapping.Roles = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        table = _role_table(sub)
+        own = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+        for local, tensor in own:
+            name = f"{prefix}.{local}" if prefix else local
+            if name not in state or name in roles or isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+                continue
+            role, permutation = table.get(local, (None, None)) if _floating(tensor) else (None, None)
+            shape = tuple(int(d) for d in tensor.shape)
+            roles[name] = mapping.ParamRole(role, permutation(len(shape)) if permutation and shape else None, prefix,
+                                            shape, name in required, type(sub).__name__)
+    return roles
 
 
 def _to_array(value: Any) -> np.ndarray:
