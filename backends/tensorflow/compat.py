@@ -141,6 +141,15 @@ def keras_global_state() -> Any:
     return global_state
 
 
+def stateless_values() -> Any:
+    """The variable values of the Keras ``StatelessScope`` in force (its private ``state_mapping``: id of a
+    variable -> the value it reads), or None outside one; ``gb.compare`` overrides entries there to load
+    non-trainable variables without writing the model."""
+    state = keras_global_state()
+    scope = state.get_global_attribute("stateless_scope") if state is not None else None
+    return getattr(scope, "state_mapping", None) if scope is not None else None
+
+
 def training_call_context() -> Any:
     """``keras.src.layers.layer.CallContext`` (private) in training mode: set as Keras' outer call context so
     layers called without ``training=`` run in training mode (``train=True``)."""

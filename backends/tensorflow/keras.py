@@ -223,25 +223,24 @@ def reading_values(values: Sequence[Tuple[Any, Any]]) -> Iterator[None]:
     """Keras variables read the given values while the block runs: inside a check's stateless scope (see
     :func:`stateless`) by overriding the scope's entries (cast to the dtype the check feeds, and put back
     afterwards), outside any in a scope of their own."""
-    state = compat.keras_global_state()
-    scope = state.get_global_attribute("stateless_scope") if state is not None else None
-    if scope is None:
+    mapping = compat.stateless_values()
+    if mapping is None:
         with stateless([(v, tf.cast(value, v.dtype)) for v, value in values]):
             yield
         return
     missing = object()
-    saved = [(id(v), scope.state_mapping.get(id(v), missing)) for v, _ in values]
+    saved = [(id(v), mapping.get(id(v), missing)) for v, _ in values]
     for v, value in values:
-        current = scope.state_mapping.get(id(v))
-        scope.state_mapping[id(v)] = tf.cast(value, current.dtype if current is not None else v.dtype)
+        current = mapping.get(id(v))
+        mapping[id(v)] = tf.cast(value, current.dtype if current is not None else v.dtype)
     try:
         yield
     finally:
         for key, before in saved:
             if before is missing:
-                scope.state_mapping.pop(key, None)
+                mapping.pop(key, None)
             else:
-                scope.state_mapping[key] = before
+                mapping[key] = before
 
 
 def with_values(model: Any, values: Sequence[Tuple[Any, Any]]) -> Any:
