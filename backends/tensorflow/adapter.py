@@ -22,6 +22,7 @@ from gradbridge._tree import flatten
 from ..common.handwritten import floating_candidates, hand_written_gradient
 from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache, environment_of
+from . import layers
 from .keras import (frozen_weights, is_keras_layer, keras_names, keras_params, keras_roles, loadable_variables,
                     relative_name, with_values)
 from .prepared import TensorFlowPrepared
@@ -161,6 +162,10 @@ class TensorFlowAdapter:
         leaves, _ = flatten(native, "params", is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+    def layer_outputs(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
+        """Each layer's output at ``args``, for ``gb.compare(..., layers=True)`` (see :mod:`.layers`)."""
+        return layers.layer_outputs(fn, args)
 
     def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[Dict[str, Any]]:
         """A Keras model's (or layer's) variables by role (see :mod:`gradbridge._comparing.mapping`), from the

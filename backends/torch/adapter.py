@@ -23,7 +23,7 @@ from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
-from . import cache
+from . import cache, layers
 from .compat import pytree_node
 from .module_state import _checkable, _DataSwap, _float64_copy_with, _ModuleState, _parameters
 from .prepared import TorchPrepared
@@ -171,6 +171,10 @@ class TorchAdapter:
         leaves, _ = flatten(native, "params", _is_tensor)
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
+
+    def layer_outputs(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
+        """Each layer's output at ``args``, for ``gb.compare(..., layers=True)`` (see :mod:`.layers`)."""
+        return layers.layer_outputs(fn, args)
 
     def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[mapping.Roles]:
         """An ``nn.Module``'s ``state_dict`` entries by role (see :mod:`gradbridge._comparing.mapping`), from the
