@@ -33,11 +33,14 @@ class Implementation:
 class PairDifference:
     """How far two implementations are apart on one output value or one leaf's gradient.
 
-    ``max_rel_diff`` is the largest ``|a - b|`` relative to the scale the tolerance uses (so, with
-    ``atol=0``, the pair passes when it is at most ``rtol``); ``worst_index`` is the element furthest outside
+    ``max_rel_diff`` is the largest ``|a - b|`` relative to ``max(|a|, |b|)`` plus the near-zero terms of the
+    pairwise rule (so it reads as the entries' relative difference; the tolerance's own scale is larger where an
+    entry's measured magnitude exceeds its size, so a pair may pass above ``rtol`` there, never fail below it);
+    ``worst_index`` is the element furthest outside
     its tolerance (or closest to it), where ``first_value``/``second_value`` are read; ``allowed`` is the
     tolerance there. ``mismatches`` counts the elements outside the tolerance, ``outside`` lists the first
-    :data:`OUTSIDE_LISTED` of them.
+    :data:`OUTSIDE_LISTED` of them. ``rtol`` is the pair's relative tolerance (the user's, or the one the
+    precisions of the two implementations decided; ``Comparison.tolerance`` says which).
     """
 
     first: str
@@ -54,6 +57,7 @@ class PairDifference:
     shape: Tuple[int, ...] = ()
     mismatches: int = 0
     outside: List[Tuple[int, ...]] = field(default_factory=list)
+    rtol: float = 0.0
 
 
 @dataclass
@@ -69,7 +73,7 @@ class Comparison:
         notes: how the comparison was made (cotangent, conversions, leaves not common to all).
         seconds: wall time.
         backends: label -> backend and its version.
-        tolerance: the pairwise rule in force.
+        tolerance: the pairwise rule in force, each pair's rtol and atol and what decided them.
         mismatches: structural differences (outputs missing or shaped differently); each fails.
         patterns: the shape of a failing pair's difference where it has a simple one (one side transposed, a
             constant factor or offset, one row, column or element): it usually names the porting bug.

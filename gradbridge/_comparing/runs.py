@@ -1,7 +1,9 @@
-"""Running each implementation: evaluation, gradients at shared cotangents, and its own finite-difference check.
+"""Running each implementation: evaluation, gradients at shared cotangents, the precision its numbers really have,
+and its own finite-difference check.
 
 Invariant: every implementation runs at exactly the same point and is differentiated with the same
 cotangents; an implementation's failure is reported as that implementation's, never as a disagreement.
+Measuring its precision evaluates it at a few nearby points and always puts its point back.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from .._adapter import CheckSpec, LeafSpec, ParamBinding, PreparedFunction
+from .._agreement import disagreement
 from .._api import function_name
 from .._checking.check import run_check
+from .._checking.context import working_eps
+from .._checking.finite_diff import precision_name
+from .._precision import DTYPE_EPS, FLOAT64_EPS
 from .._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentError
 from .._options import Options
 from .._reporting.report import Report
@@ -34,6 +40,7 @@ class ImplementationRun:
     output_order: List[str] = field(default_factory=list)
     gradients: Dict[str, np.ndarray] = field(default_factory=dict)
     leaf_names: Dict[str, str] = field(default_factory=dict)  # common name -> adapter leaf name
+    precision: Optional["Precision"] = None
 
     def common(self, leaf: LeafSpec) -> str:
         return self.binding.names.get(leaf.name, leaf.name)
@@ -128,19 +135,173 @@ def gradient_run(run: ImplementationRun, cotangent: np.ndarray, params: Optional
         run.gradients[run.common(leaf)] = np.asarray(flat[leaf.slice], dtype=np.float64).reshape(leaf.shape)
 
 
+# --- the precision each implementation really computes in ---
+
+#: Size of the relative moves of every input that measure an implementation's precision, in its own roundings
+#: (eps): far below any step of a finite difference (curvature is invisible), far above one rounding.
+PERTURBATION_ULPS = 16
+#: Random sign patterns of those moves; an entry's response is its largest over them.
+PATTERNS = 2
+#: The float32-sized move that shows a rounding to float32 inside: 4 float32 roundings, relative.
+FLOAT32_MOVE = 4 * DTYPE_EPS["float32"]
+#: An entry whose float64 response to the small move would be at least this many of its own roundings moves for
+#: sure when the implementation computes in float64.
+SURE_ULPS = 8
+
+
+@dataclass
+class Precision:
+    """What one implementation's numbers are worth, measured at the compared point.
+
+    ``eps``: machine epsilon of the precision it really computes in: float64's, or coarser where its adapter says
+    so, its outputs are of a lower precision, or its outputs do not move when every input moves by
+    :data:`PERTURBATION_ULPS` float64 roundings (as a float64 computation's would) but do under float32-sized moves
+    (it rounds to float32 somewhere inside). ``reason`` says which, in words (None for float64).
+
+    ``values`` (by output name) and ``gradients`` (by common leaf name): the magnitude each entry is computed from,
+    measured as how far it moves when every input moves by the relative ``step`` (``PERTURBATION_ULPS * eps``,
+    random signs), divided by ``step``: about ``|sum_j df_i/dx_j x_j s_j|`` plus the entry's round-off noise
+    at those points. It is about ``|f_i|`` for a well-conditioned entry, larger for an ill-conditioned one, and
+    far larger for an entry that is zero only by cancellation. Empty where the measurement could not run
+    (``problem`` says why).
+    """
+
+    eps: float = FLOAT64_EPS
+    reason: Optional[str] = None
+    values: Dict[str, np.ndarray] = field(default_factory=dict)
+    gradients: Dict[str, np.ndarray] = field(default_factory=dict)
+    step: float = 0.0
+    problem: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return precision_name(self.eps)
+
+
+def declared_precision(prepared: PreparedFunction) -> Tuple[float, Optional[str]]:
+    """The precision the adapter and the outputs' dtypes say ``prepared`` computes in, and why (None: float64)."""
+    eps = working_eps(prepared)
+    if eps <= FLOAT64_EPS:
+        return FLOAT64_EPS, None
+    name = precision_name(eps)
+    outputs = [spec.name for spec in prepared.output_specs if DTYPE_EPS.get(spec.dtype) == eps]
+    if not outputs:
+        return eps, f"its framework runs it in {name}"
+    listed = ", ".join(outputs[:3]) + (", ..." if len(outputs) > 3 else "")
+    return eps, f"it computes in {name} inside: its output{'s' if len(outputs) > 1 else ''} {listed} " \
+                f"{'are' if len(outputs) > 1 else 'is'} {name}"
+
+
+class _NotRepeatable(Exception):
+    """Two evaluations at the same point differ by far more than round-off (randomness that is not pinned)."""
+
+
+def measure_precision(run: ImplementationRun, cotangent: np.ndarray, seed: int) -> None:
+    """``run.precision``: the precision the implementation computes in and each entry's measured magnitude.
+
+    Evaluates twice at ``x0`` and at ``x0 * (1 + step * s)`` for :data:`PATTERNS` random sign vectors ``s`` (one
+    batch), plus one float32-sized move when nothing says it runs below float64, and takes the VJP with the shared
+    cotangent at ``x0`` and at the moved points. ``x0`` is put back whatever happens. Where two evaluations at
+    ``x0`` differ by more than round-off, or anything fails, the declared precision stays and no magnitudes are
+    kept (the pairwise rule then uses the entries' own sizes); ``problem`` says why.
+    """
+    prepared = run.prepared
+    eps, reason = declared_precision(prepared)
+    run.precision = precision = Precision(eps, reason)
+    x0 = np.array(prepared.x0, dtype=np.float64, copy=True)
+    if x0.size == 0:
+        return
+    signs = np.random.default_rng([seed, 16]).choice((-1.0, 1.0), size=(PATTERNS, x0.size))
+    try:
+        with prepared.session():
+            values = _moved_values(run, x0, signs, eps)
+            if values is None:  # it rounds to float32 inside: measure again with float32-sized moves
+                precision.eps = eps = DTYPE_EPS["float32"]
+                precision.reason = (f"it rounds to float32 inside: its outputs do not move when every input moves by "
+                                    f"{PERTURBATION_ULPS} float64 roundings, as a float64 computation's would, but do "
+                                    "when the inputs move by a few float32 roundings")
+                values = _moved_values(run, x0, signs, eps)
+            precision.step = PERTURBATION_ULPS * eps
+            precision.values = values or {}
+            precision.gradients = _moved_gradients(run, x0, signs, precision.step, cotangent)
+    except _NotRepeatable as exc:
+        precision.values, precision.gradients = {}, {}
+        precision.problem = f"its round-off was not measured: {exc}"
+    except Exception as exc:  # the measurement is an aid: the comparison runs on without it
+        precision.values, precision.gradients = {}, {}
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        precision.problem = f"its round-off could not be measured ({type(exc).__name__}: {text})"
+    finally:
+        prepared.x0 = x0
+
+
+def _repeatable(first: np.ndarray, second: np.ndarray, eps: float, what: str) -> None:
+    """Raise :class:`_NotRepeatable` unless two results at the same point agree under the internal agreement rule
+    (bit for bit, or up to reordering round-off): other noise would be taken for round-off of a huge magnitude."""
+    why = disagreement(first, second, eps, rows=False)
+    if why is not None:
+        raise _NotRepeatable(f"two calls at the same point give different {what} ({why}: randomness that is not "
+                             "pinned, or state that changes between calls?)")
+
+
+def _moved_values(run: ImplementationRun, x0: np.ndarray, signs: np.ndarray, eps: float
+                  ) -> Optional[Dict[str, np.ndarray]]:
+    """Each output's response to the moves of relative size ``PERTURBATION_ULPS * eps``, divided by that size;
+    None when, at float64, the outputs do not move where a float64 computation's surely would."""
+    prepared = run.prepared
+    step = PERTURBATION_ULPS * eps
+    rows = [x0, x0] + [x0 * (1 + step * s) for s in signs]
+    probe = eps <= FLOAT64_EPS
+    if probe:
+        rows.append(x0 * (1 + FLOAT32_MOVE * signs[0]))
+    out = np.asarray(prepared.evaluate(np.stack(rows)), dtype=np.float64)
+    base = out[0]
+    _repeatable(base, out[1], eps, "outputs")
+    with np.errstate(invalid="ignore", over="ignore"):
+        moved = np.abs(out[1:2 + len(signs)] - base)
+        if probe:
+            predicted = np.abs(out[-1] - base) * (step / FLOAT32_MOVE)
+            sure = np.isfinite(predicted) & np.isfinite(base) & (predicted > SURE_ULPS * np.spacing(np.abs(base)))
+            if sure.any() and not np.any(moved[np.isfinite(moved)]):
+                return None
+    response = np.where(np.isfinite(moved), moved, 0.0).max(axis=0) / step
+    return {spec.name: response[spec.slice].reshape(spec.shape) for spec in prepared.output_specs}
+
+
+def _moved_gradients(run: ImplementationRun, x0: np.ndarray, signs: np.ndarray, step: float,
+                     cotangent: np.ndarray) -> Dict[str, np.ndarray]:
+    """Each gradient leaf's response (the VJP with the shared cotangent) to the moves, divided by ``step``."""
+    prepared = run.prepared
+    base = np.asarray(prepared.vjp(cotangent[None, :])[0], dtype=np.float64)
+    before = np.concatenate([run.gradients[run.common(leaf)].reshape(-1) for leaf in prepared.leaves])
+    _repeatable(base, before, run.precision.eps, "gradients")
+    response = np.where(np.isfinite(base - before), np.abs(base - before), 0.0)
+    for s in signs:
+        prepared.x0 = x0 * (1 + step * s)
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):
+                moved = np.abs(np.asarray(prepared.vjp(cotangent[None, :])[0], dtype=np.float64) - base)
+        finally:
+            prepared.x0 = x0
+        response = np.maximum(response, np.where(np.isfinite(moved), moved, 0.0))
+    response /= step
+    return {run.common(leaf): response[leaf.slice].reshape(leaf.shape) for leaf in prepared.leaves}
+
+
 def _cotangents(runs: Sequence[ImplementationRun], seed: int) -> Tuple[Dict[str, np.ndarray], List[str], List[str]]:
     """One cotangent per implementation (laid out as its outputs), shared by output name; notes; mismatches.
 
-    Only outputs every implementation returns with the same shape get a non-zero cotangent, so the VJPs
-    stay comparable when the structures differ (which is reported as a mismatch).
+    Outputs are matched by name, whatever order each implementation returns them in. Only outputs every
+    implementation returns with the same shape get a non-zero cotangent, so the VJPs stay comparable when the
+    structures differ (which is reported as a mismatch).
     """
     first = runs[0]
     common = [n for n in first.output_order
               if all(n in r.values and r.values[n].shape == first.values[n].shape for r in runs)]
     mismatches = []
-    for run in runs[1:]:
-        if run.output_order != first.output_order or any(run.values[n].shape != first.values[n].shape
-                                                         for n in run.output_order if n in first.values):
+    for run in runs[1:]:  # by name: JAX sorts a dict's keys, torch and TensorFlow keep their insertion order
+        if set(run.output_order) != set(first.output_order) or any(run.values[n].shape != first.values[n].shape
+                                                                   for n in run.output_order if n in first.values):
             mismatches.append(
                 f"{first.entry.label} returns {_describe_outputs(first)} but {run.entry.label} returns "
                 f"{_describe_outputs(run)}: every implementation must return the same outputs (names and shapes); "
