@@ -1,9 +1,9 @@
 """The entry point :func:`compare`: one set of inputs through several implementations of the same function.
 
 Cross-framework comparison runs one set of inputs through several implementations of the same function
-(torch, JAX, TensorFlow, NumPy, or several of one framework) in float64 and reports, pairwise, how far their
-values and gradients are apart, plus each one's own finite-difference check, so that someone porting a model
-learns which side is wrong.
+(torch, JAX, TensorFlow, NumPy, or several of one framework) at one float64 point and reports, pairwise, how far
+their values and gradients are apart (within a tolerance that follows the precision each one really computes
+in), plus each one's own finite-difference check, so that someone porting a model learns which side is wrong.
 
 Invariant: everything framework-specific (array conversion, loading parameters into a module) sits behind the
 adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this package never names a framework.
@@ -23,7 +23,7 @@ from .._options import Options, validate_kwargs, validate_options
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .result import Comparison
-from .runs import _cotangents, evaluate_run, gradient_run, _own_check, start_run
+from .runs import _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
 from .verdicts import _verdicts
 
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
@@ -41,9 +41,11 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     ``gb.compare({"torch": model, "jax": f_jax, "tensorflow": keras_model, "numpy": (f_np, grad_np)}, x,
     params=weights)`` converts ``args`` (NumPy arrays, or the arrays of any one framework, nested in
     lists, tuples and dicts too) to float64 NumPy once and then to each implementation's own arrays,
-    evaluates every implementation in float64 at that one point, and compares pairwise, by name:
+    evaluates every implementation at that one point (in float64 unless it computes in a lower precision
+    inside, which is measured and said), and compares pairwise, by name:
 
-    * the output values (every floating output, by its name: ``out``, ``out[0]``, ``out['loss']``);
+    * the output values (every floating output, by its name: ``out``, ``out[0]``, ``out['loss']``; a dict's
+      entries by key, in whatever order each framework returns them);
     * the gradients of every input and parameter leaf: the gradient itself for a scalar output, else one
       vector-Jacobian product with a random cotangent (seeded by ``seed``) shared by all implementations;
     * and, unless ``own_check=False``, runs each implementation's own :func:`gradbridge.check` at the
@@ -73,14 +75,20 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     mismatches raise :class:`InvalidArgumentError` naming the implementation and the parameter. A plain
     function that looks up a name not in ``params`` raises one too.
 
-    Tolerance of the pairwise comparison, per element, with ``s_leaf`` the largest ``|a|, |b|`` of the
-    leaf and ``s_all`` of all leaves of the same quantity (values or gradients) of the pair::
+    Tolerance of the pairwise comparison, per element, with ``m`` the larger of ``|a|``, ``|b|`` and the
+    magnitude each side computes the entry from (measured: how far the entry moves when every input moves by
+    one rounding of that implementation's precision, over that relative move), ``s_leaf`` the largest ``m``
+    of the leaf and ``s_all`` of all leaves of the same quantity (values or gradients) of the pair::
 
-        |a - b| <= atol + rtol * (max(|a|, |b|) + 1e-2 * s_leaf + 1e-4 * s_all)
+        |a - b| <= atol + rtol * (m + 1e-2 * s_leaf + 1e-4 * s_all)
 
-    ``rtol`` defaults to 1e-7 and ``atol`` to 0: float64 implementations of the same math differ by
-    rounding (around 1e-13 relative), a porting bug by far more; the block terms keep entries that are
-    zero up to rounding from failing.
+    ``rtol`` defaults to ``16 * max(eps_a, eps_b, 1.5e-8)``, with ``eps`` the machine epsilon of the
+    precision each side really computes in (float64's, or float32's for an implementation that casts to
+    float32 inside: its adapter, its outputs' dtypes or its measured response say so), and ``atol`` to 0:
+    2.4e-7 between float64 ports (float64 library functions are not all correctly rounded: TensorFlow's
+    exact GELU is ~5e-9 off), 1.9e-6 with a float32 side; porting bugs show at 1e-4 and more. The
+    measured magnitude keeps entries that are zero up to rounding (KL(p||p), a residual) from failing.
+    Given ``rtol``/``atol`` are used exactly. ``comparison.tolerance`` says which rule decided.
 
     Args:
         implementations: label -> implementation (at least two), as above.
@@ -91,7 +99,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         wrt: narrow the compared gradients: argument positions (int), names or name prefixes of inputs
             and parameters (``"x"``, ``"fc1"``), or a list of these.
         seed: seeds the cotangent and every random generator the checks pin.
-        rtol, atol: the pairwise tolerance above.
+        rtol, atol: the pairwise tolerance above (None: derived per pair, as above).
         own_check: run each implementation's own finite-difference check (the default; it is what tells
             a wrong backward pass from a wrong forward pass).
         name: what to call the function in the report (default: the first implementation's name).
@@ -109,7 +117,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     """
     started = time.perf_counter()
     entries = resolve(implementations)
-    rtol_value, atol_value = tolerances(rtol, atol)
+    rtol_value, atol_value = tolerances(rtol, atol)  # None: derived per pair from the measured precisions
     if not isinstance(own_check, bool):
         raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
     if name is not None and not isinstance(name, str):
@@ -125,14 +133,14 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     runs = [start_run(entry, binding, inputs, arg_names, options, seed, numpy_params)
             for entry, binding in zip(entries, bindings)]
     selected = select(wrt, runs, arg_names)
-    notes = conversion_notes(source, numpy_params)
     for run in runs:
         evaluate_run(run, numpy_params)
     cotangents, output_notes, mismatches = _cotangents(runs, seed)
-    notes.extend(output_notes)
     for run in runs:
         gradient_run(run, cotangents[run.entry.label], numpy_params)
-    pairs = _pairs(runs, selected, rtol_value, atol_value)
+        measure_precision(run, cotangents[run.entry.label], seed)
+    notes = conversion_notes(source, numpy_params, runs) + output_notes
+    pairs, pair_tolerances = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(coverage_notes(runs, selected))
     notes.extend(b.note for b in bindings if b.note)
     checks = {run.entry.label: _own_check(run, options, selected, numpy_params) for run in runs} if own_check else {}
@@ -140,7 +148,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
-        tolerance=describe_tolerance(rtol_value, atol_value), mismatches=mismatches)
+        tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches)
     comparison.verdicts = _verdicts(comparison, runs)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)

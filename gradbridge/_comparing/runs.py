@@ -137,16 +137,26 @@ def gradient_run(run: ImplementationRun, cotangent: np.ndarray, params: Optional
 
 # --- the precision each implementation really computes in ---
 
-#: Size of the relative moves of every input that measure an implementation's precision, in its own roundings
-#: (eps): far below any step of a finite difference (curvature is invisible), far above one rounding.
-PERTURBATION_ULPS = 16
-#: Random sign patterns of those moves; an entry's response is its largest over them.
-PATTERNS = 2
-#: The float32-sized move that shows a rounding to float32 inside: 4 float32 roundings, relative.
-FLOAT32_MOVE = 4 * DTYPE_EPS["float32"]
-#: An entry whose float64 response to the small move would be at least this many of its own roundings moves for
-#: sure when the implementation computes in float64.
+#: Size of the relative moves of every input that measure an implementation's magnitudes, in its own roundings
+#: (eps): one rounding, so an entry's move over the step is its linear response ``|sum_j df_i/dx_j x_j s_j|``
+#: plus its round-off noise over eps, which is the size of the numbers it was computed from.
+PERTURBATION_ULPS = 1
+#: Random sign patterns of those moves for the outputs (one batched evaluation) and for the gradients (one VJP
+#: each); an entry's response is its largest over them.
+PATTERNS = 4
+GRADIENT_PATTERNS = 2
+#: The moves that tell a float64 computation from one that rounds to float32 inside. At ``MID_MOVE`` (2**16
+#: float64 roundings, 1/8192 of a float32 rounding) a float64 computation's outputs move as their moves at
+#: ``HIGH_MOVE`` (256 float32 roundings) and ``HIGH_MOVE / 4`` predict (in proportion, or with the square of the
+#: move at a stationary point), even where they cancel against numbers 1e4 times larger; a rounding to float32
+#: inside either swallows so small a move or jumps by a float32 rounding.
+MID_MOVE = 2.0 ** 16 * FLOAT64_EPS
+HIGH_MOVE = 256 * DTYPE_EPS["float32"]
+#: An entry whose move at ``MID_MOVE`` would be at least this many of its own float64 roundings in float64 is
+#: sure to show whether it moves as predicted.
 SURE_ULPS = 8
+#: Below this share of those entries moving as predicted (within a factor 2), the computation is not float64.
+PROPORTIONAL_SHARE = 0.5
 
 
 @dataclass
@@ -154,16 +164,17 @@ class Precision:
     """What one implementation's numbers are worth, measured at the compared point.
 
     ``eps``: machine epsilon of the precision it really computes in: float64's, or coarser where its adapter says
-    so, its outputs are of a lower precision, or its outputs do not move when every input moves by
-    :data:`PERTURBATION_ULPS` float64 roundings (as a float64 computation's would) but do under float32-sized moves
-    (it rounds to float32 somewhere inside). ``reason`` says which, in words (None for float64).
+    so, its outputs are of a lower precision, or its outputs do not move as a float64 computation's would when
+    every input moves by a small fraction of a float32 rounding (:data:`MID_MOVE`: it rounds to float32 somewhere
+    inside). ``reason`` says which, in words (None for float64).
 
     ``values`` (by output name) and ``gradients`` (by common leaf name): the magnitude each entry is computed from,
     measured as how far it moves when every input moves by the relative ``step`` (``PERTURBATION_ULPS * eps``,
     random signs), divided by ``step``: about ``|sum_j df_i/dx_j x_j s_j|`` plus the entry's round-off noise
-    at those points. It is about ``|f_i|`` for a well-conditioned entry, larger for an ill-conditioned one, and
-    far larger for an entry that is zero only by cancellation. Empty where the measurement could not run
-    (``problem`` says why).
+    over eps. It is about ``|f_i|`` for a well-conditioned entry, larger for an ill-conditioned one, and far
+    larger for an entry that is zero only by cancellation (its noise over eps is the size of what cancelled).
+    Empty where the measurement could not run (``problem`` says why). Where float32 was measured, the larger of
+    the measurements at both steps (a float64 entry's noise shows at the first).
     """
 
     eps: float = FLOAT64_EPS
@@ -188,8 +199,7 @@ def declared_precision(prepared: PreparedFunction) -> Tuple[float, Optional[str]
     if not outputs:
         return eps, f"its framework runs it in {name}"
     listed = ", ".join(outputs[:3]) + (", ..." if len(outputs) > 3 else "")
-    return eps, f"it computes in {name} inside: its output{'s' if len(outputs) > 1 else ''} {listed} " \
-                f"{'are' if len(outputs) > 1 else 'is'} {name}"
+    return eps, f"output{'s' if len(outputs) > 1 else ''} {listed} {'are' if len(outputs) > 1 else 'is'} {name}"
 
 
 class _NotRepeatable(Exception):
@@ -200,10 +210,11 @@ def measure_precision(run: ImplementationRun, cotangent: np.ndarray, seed: int) 
     """``run.precision``: the precision the implementation computes in and each entry's measured magnitude.
 
     Evaluates twice at ``x0`` and at ``x0 * (1 + step * s)`` for :data:`PATTERNS` random sign vectors ``s`` (one
-    batch), plus one float32-sized move when nothing says it runs below float64, and takes the VJP with the shared
-    cotangent at ``x0`` and at the moved points. ``x0`` is put back whatever happens. Where two evaluations at
-    ``x0`` differ by more than round-off, or anything fails, the declared precision stays and no magnitudes are
-    kept (the pairwise rule then uses the entries' own sizes); ``problem`` says why.
+    batch), plus the three moves of :data:`MID_MOVE` when nothing says it runs below float64, and takes the VJP
+    with the shared cotangent at ``x0`` and at :data:`GRADIENT_PATTERNS` moved points. ``x0`` is put back
+    whatever happens. Where two evaluations at ``x0`` differ by more than round-off, or anything fails, the
+    declared precision stays and no magnitudes are kept (the pairwise rule then uses the entries' own sizes);
+    ``problem`` says why.
     """
     prepared = run.prepared
     eps, reason = declared_precision(prepared)
@@ -212,18 +223,23 @@ def measure_precision(run: ImplementationRun, cotangent: np.ndarray, seed: int) 
     if x0.size == 0:
         return
     signs = np.random.default_rng([seed, 16]).choice((-1.0, 1.0), size=(PATTERNS, x0.size))
+    steps = [PERTURBATION_ULPS * eps]
     try:
         with prepared.session():
-            values = _moved_values(run, x0, signs, eps)
-            if values is None:  # it rounds to float32 inside: measure again with float32-sized moves
-                precision.eps = eps = DTYPE_EPS["float32"]
-                precision.reason = (f"it rounds to float32 inside: its outputs do not move when every input moves by "
-                                    f"{PERTURBATION_ULPS} float64 roundings, as a float64 computation's would, but do "
-                                    "when the inputs move by a few float32 roundings")
-                values = _moved_values(run, x0, signs, eps)
-            precision.step = PERTURBATION_ULPS * eps
-            precision.values = values or {}
-            precision.gradients = _moved_gradients(run, x0, signs, precision.step, cotangent)
+            values, proportional = _moved_values(run, x0, signs, eps)
+            if not proportional:  # it rounds to float32 inside: measure again with float32-sized moves
+                precision.eps = DTYPE_EPS["float32"]
+                precision.reason = ("measured: when every input moves by a small fraction of a float32 rounding, "
+                                    "its outputs do not move as a float64 computation's would, they stay put or "
+                                    "jump: a cast to float32 inside, or cancellation against numbers over 1e4 "
+                                    "times larger")
+                steps.append(PERTURBATION_ULPS * precision.eps)
+                values = _larger(values, _moved_values(run, x0, signs, precision.eps)[0])
+            precision.step = steps[-1]
+            precision.values = values
+            for step in steps:  # both steps where float32 was measured: a float64 entry's noise shows at the first
+                precision.gradients = _larger(precision.gradients, _moved_gradients(
+                    run, x0, signs[:GRADIENT_PATTERNS], step, cotangent))
     except _NotRepeatable as exc:
         precision.values, precision.gradients = {}, {}
         precision.problem = f"its round-off was not measured: {exc}"
@@ -233,6 +249,11 @@ def measure_precision(run: ImplementationRun, cotangent: np.ndarray, seed: int) 
         precision.problem = f"its round-off could not be measured ({type(exc).__name__}: {text})"
     finally:
         prepared.x0 = x0
+
+
+def _larger(first: Dict[str, np.ndarray], second: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Entry by entry the larger of two measurements (by name)."""
+    return {name: np.maximum(first[name], array) if name in first else array for name, array in second.items()}
 
 
 def _repeatable(first: np.ndarray, second: np.ndarray, eps: float, what: str) -> None:
@@ -245,27 +266,47 @@ def _repeatable(first: np.ndarray, second: np.ndarray, eps: float, what: str) ->
 
 
 def _moved_values(run: ImplementationRun, x0: np.ndarray, signs: np.ndarray, eps: float
-                  ) -> Optional[Dict[str, np.ndarray]]:
-    """Each output's response to the moves of relative size ``PERTURBATION_ULPS * eps``, divided by that size;
-    None when, at float64, the outputs do not move where a float64 computation's surely would."""
+                  ) -> Tuple[Dict[str, np.ndarray], bool]:
+    """Each output's response to the moves of relative size ``PERTURBATION_ULPS * eps``, divided by that size; and
+    whether, at float64, the outputs move as a float64 computation's do (see :data:`MID_MOVE`)."""
     prepared = run.prepared
     step = PERTURBATION_ULPS * eps
     rows = [x0, x0] + [x0 * (1 + step * s) for s in signs]
     probe = eps <= FLOAT64_EPS
     if probe:
-        rows.append(x0 * (1 + FLOAT32_MOVE * signs[0]))
+        rows += [x0 * (1 + move * signs[0]) for move in (MID_MOVE, HIGH_MOVE / 4, HIGH_MOVE)]
     out = np.asarray(prepared.evaluate(np.stack(rows)), dtype=np.float64)
     base = out[0]
     _repeatable(base, out[1], eps, "outputs")
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         moved = np.abs(out[1:2 + len(signs)] - base)
-        if probe:
-            predicted = np.abs(out[-1] - base) * (step / FLOAT32_MOVE)
-            sure = np.isfinite(predicted) & np.isfinite(base) & (predicted > SURE_ULPS * np.spacing(np.abs(base)))
-            if sure.any() and not np.any(moved[np.isfinite(moved)]):
-                return None
-    response = np.where(np.isfinite(moved), moved, 0.0).max(axis=0) / step
-    return {spec.name: response[spec.slice].reshape(spec.shape) for spec in prepared.output_specs}
+        moved = np.where(np.isfinite(moved), moved, 0.0)
+        proportional = not probe or _moves_as_predicted(base, moved, *(out[-3:] - base))
+    response = moved.max(axis=0) / step
+    return {spec.name: response[spec.slice].reshape(spec.shape) for spec in prepared.output_specs}, proportional
+
+
+def _moves_as_predicted(base: np.ndarray, small: np.ndarray, mid: np.ndarray, quarter: np.ndarray,
+                        high: np.ndarray) -> bool:
+    """Whether the outputs' moves at :data:`MID_MOVE` are what their moves at :data:`HIGH_MOVE` and a quarter of it
+    predict, as in float64: ``high * (MID_MOVE / HIGH_MOVE) ** p`` with ``p`` the power the two large moves show
+    (1 in proportion, 2 at a stationary point such as the minimum of KL(p||q) at q = p).
+
+    Only entries sure to show it count: their predicted move would be :data:`SURE_ULPS` of their own roundings
+    and :data:`SURE_ULPS` times the largest move of any output at the smallest steps (``small``): round-off noise,
+    which is all an output that is zero up to round-off shows. True where no entry is sure: nothing is claimed
+    without evidence.
+    """
+    power = np.clip(np.log(np.abs(high) / np.abs(quarter)) / np.log(4.0), 1.0, 2.0)
+    predicted = high * (MID_MOVE / HIGH_MOVE) ** power
+    noise = float(small.max()) if small.size else 0.0
+    sure = (np.isfinite(predicted) & np.isfinite(base) & (np.abs(predicted) > SURE_ULPS * np.spacing(np.abs(base)))
+            & (np.abs(predicted) > SURE_ULPS * noise))
+    if not sure.any():
+        return True
+    ratio = mid[sure] / predicted[sure]
+    proportional = np.isfinite(ratio) & (ratio >= 0.5) & (ratio <= 2.0)
+    return int(proportional.sum()) >= PROPORTIONAL_SHARE * int(sure.sum())
 
 
 def _moved_gradients(run: ImplementationRun, x0: np.ndarray, signs: np.ndarray, step: float,
