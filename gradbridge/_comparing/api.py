@@ -20,6 +20,7 @@ from .._api import function_name
 from .._errors import InvalidArgumentError
 from .._defaults import CHECK_DEFAULTS, SEED
 from .._options import Options, validate_kwargs, validate_options
+from . import mapping
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .result import Comparison
@@ -35,7 +36,8 @@ CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_s
 def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Mapping[str, Any]] = None,
             kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = SEED,
             rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
-            name: Optional[str] = None, **check_options: Any) -> Comparison:
+            name: Optional[str] = None, param_map: Optional[Mapping[str, Mapping[str, str]]] = None,
+            param_templates: Optional[Mapping[str, Any]] = None, **check_options: Any) -> Comparison:
     """Run the same inputs through several implementations of one function and say which side is wrong.
 
     ``gb.compare({"torch": model, "jax": f_jax, "tensorflow": keras_model, "numpy": (f_np, grad_np)}, x,
@@ -103,6 +105,13 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         own_check: run each implementation's own finite-difference check (the default; it is what tells
             a wrong backward pass from a wrong forward pass).
         name: what to call the function in the report (default: the first implementation's name).
+        param_map: ``{label: {its parameter name: name in params}}``: pairs the automatic weight mapping
+            cannot find. Without it, ``params`` given in one framework's names and layouts (a torch
+            ``state_dict``) reach every implementation in its own: ``fc1.weight`` (out, in) becomes a Keras
+            ``fc1/kernel`` (in, out), conv kernels OIHW <-> HWIO, LayerNorm weight/bias <-> gamma/beta, BatchNorm
+            running statistics <-> moving statistics, paired by layer name, else by layer order and shape.
+        param_templates: ``{label: nested mapping}``: how a plain function (a JAX function of a flax-style
+            parameter tree) takes its parameters, when its names cannot be read from ``params`` itself.
         **check_options: options of the own checks: ``mode``, ``order``, ``eps``, ``probes``,
             ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress``, ``memory`` (see
             :func:`check`).
@@ -125,25 +134,35 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     options = _own_check_options(check_options, seed)
     source: Set[str] = set()
     inputs = SharedInputs(args, validate_kwargs(kwargs), source)
-    numpy_params = params_to_numpy(params, source)
+    numpy_params = mapping.keep_structure(params_to_numpy(params, source), params)
+    # one params= (say a torch state_dict) in each implementation's own names and layouts (mapping/)
+    mapped = mapping.map_params(entries, numpy_params, overrides=param_map, templates=param_templates)
+    own = {e.label: mapped[e.label].params if mapped else numpy_params for e in entries}
+    at = {e.label: mapped[e.label].at_source() if mapped else numpy_params for e in entries}
     for entry in entries:
-        validate_params(entry, numpy_params)
-    bindings = [bind(entry, numpy_params) for entry in entries]
+        validate_params(entry, own[entry.label])
+    bindings = [bind(entry, own[entry.label]) for entry in entries]
+    if mapped:
+        bindings = [mapped[entry.label].rename(binding) for entry, binding in zip(entries, bindings)]
     arg_names = common_argument_names(bindings, len(args))
-    runs = [start_run(entry, binding, inputs, arg_names, options, seed, numpy_params)
+    runs = [start_run(entry, binding, inputs, arg_names, options, seed, at[entry.label])
             for entry, binding in zip(entries, bindings)]
     selected = select(wrt, runs, arg_names)
     for run in runs:
-        evaluate_run(run, numpy_params)
+        evaluate_run(run, at[run.entry.label])
     cotangents, output_notes, mismatches = _cotangents(runs, seed)
     for run in runs:
-        gradient_run(run, cotangents[run.entry.label], numpy_params)
+        gradient_run(run, cotangents[run.entry.label], at[run.entry.label])
+        if mapped:
+            run.gradients = mapped[run.entry.label].gradients_to_source(run.gradients)
         measure_precision(run, cotangents[run.entry.label], seed)
     notes = conversion_notes(source, numpy_params, runs) + output_notes
     pairs, pair_tolerances = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(coverage_notes(runs, selected))
     notes.extend(b.note for b in bindings if b.note)
-    checks = {run.entry.label: _own_check(run, options, selected, numpy_params) for run in runs} if own_check else {}
+    notes.extend(m.note for m in (mapped or {}).values() if m.note)
+    checks = ({run.entry.label: _own_check(run, options, selected, at[run.entry.label]) for run in runs}
+              if own_check else {})
     comparison = Comparison(
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,

@@ -19,6 +19,7 @@ import pytest
 
 from gradbridge import _registry
 from gradbridge._adapter import CheckSpec
+import gradbridge as gb
 from gradbridge._comparing import mapping
 from gradbridge._errors import InvalidArgumentError
 
@@ -445,3 +446,29 @@ def test_the_adapters_offer_the_capability():
         assert isinstance(adapter(name), mapping.ParameterRoles), name
     assert adapter("torch").parameter_roles(lambda x: x) is None
     assert adapter("tensorflow").parameter_roles(lambda x: x) is None
+
+
+# --- through gb.compare: one state_dict, three frameworks ---
+
+def test_gb_compare_takes_one_state_dict_for_torch_keras_and_jax():
+    torch_model, keras_model = torch_mlp(), keras_mlp()
+    f_jax, template = jax_mlp()
+    params = state_dict(torch_model)
+    comparison = gb.compare({"torch": torch_model, "keras": keras_model, "jax": f_jax}, make_x(), params=params,
+                            param_templates={"jax": template})
+    assert comparison.passed, str(comparison)
+    assert any("transposed" in note for note in comparison.notes), comparison.notes
+    assert {p.leaf for p in comparison.pairs if p.quantity == "gradient"} >= {"fc1.weight", "ln.weight", "fc2.bias"}
+
+
+def test_gb_compare_with_the_mapping_still_flags_a_porting_bug():
+    require_backend("tensorflow")
+    import keras
+
+    torch_model = torch_mlp()
+    buggy = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc1"),
+                              keras.layers.LayerNormalization(epsilon=1e-3, name="ln"),  # torch's is 1e-5
+                              keras.layers.Activation("tanh"), keras.layers.Dense(2, name="fc2")], name="mlp")
+    comparison = gb.compare({"torch": torch_model, "keras": buggy}, make_x(), params=state_dict(torch_model))
+    assert not comparison.passed
+    assert any(not p.passed and p.quantity == "value" for p in comparison.pairs), str(comparison)
