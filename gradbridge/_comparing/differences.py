@@ -176,7 +176,7 @@ def difference(first: np.ndarray, second: np.ndarray, rtol: float, atol: float, 
     index = tuple(int(i) for i in np.unravel_index(flat, a.shape)) if a.shape else ()
     bad = np.argwhere(diff > allowed)
     listed = [tuple(int(i) for i in row) for row in bad[:OUTSIDE_LISTED]]
-    return (float(diff.max()), float(np.nan_to_num(relative, nan=np.inf).max()), float(allowed.reshape(-1)[flat]),
+    return (float(diff.max()), float(np.nan_to_num(relative, nan=np.inf, posinf=np.inf).max()), float(allowed.reshape(-1)[flat]),
             len(bad) == 0, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat]), len(bad), listed)
 
 

@@ -82,3 +82,10 @@ def test_the_numbers_quoted_are_those_of_the_implementations_named() -> None:
     assert about_others, comparison.verdicts
     where = about_others[0].split("largest relative difference", 1)[1]
     assert "(jax)" not in where, about_others[0]
+
+
+def test_an_infinite_difference_is_reported_as_infinite() -> None:
+    from gradbridge._comparing.differences import difference
+
+    abs_diff, rel_diff, _, passed = difference(np.array([1.0, np.inf]), np.array([1.0, 2.0]), 1e-7, 0.0, 2.0)[:4]
+    assert not passed and abs_diff == np.inf and rel_diff == np.inf  # not 1.80e+308, the largest float
