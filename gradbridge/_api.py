@@ -64,7 +64,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         atol, rtol: replace the default error-estimated rule (the difference must stay within a few
             times the finite difference's own estimated error) by ``|a - n| <= atol + rtol*|n|``.
         seed: seeds the probes of ``fast`` mode and every RNG re-seeded before each evaluation.
-        backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``; detected from the arguments
+        backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``, ``"autograd"``; detected from the arguments
             when None.
         kwargs: keyword arguments passed to ``fn`` unchanged (never checked).
         analytic: ``"auto"`` (the default) checks every rule the user wrote: reverse mode (VJPs: backward

@@ -2,10 +2,10 @@
 
 Each implementation that can (an adapter offering :class:`LayerOutputs`: a torch module, a Sequential or
 functional Keras model) reports its layers' outputs at the compared point. Layers are paired across
-implementations by name (``fc1``, ``encoder.fc1`` and ``encoder/fc1`` name the same layer; case and separators
-do not matter), otherwise by position among the layers of the same output shape, and compared in order with the
-pairwise rule; the first pair that differs is the first layer where the ports diverge: the bug is in that layer
-or in its weights, not later.
+implementations by name (``encoder.fc1`` and ``Encoder/FC1`` name the same layer:
+:func:`.mapping.names.layer_key`), otherwise by position among the layers of the same output shape, and
+compared in order with the pairwise rule; the first pair that differs is the first layer where the ports
+diverge: the bug is in that layer or in its weights, not later.
 
 Invariant: a divergence is reported only for a pair whose outputs really differ under the comparison's own
 tolerance, and the layers before it are said to agree; layers that cannot be paired are listed, never guessed.
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
+
+from .differences import difference
+from .mapping.names import layer_key
 
 
 @runtime_checkable
@@ -58,24 +61,19 @@ class LayerDivergence:
                 "the bug is in that layer or its weights (layout, a missing term, an epsilon, an axis)")
 
 
-def normalised(name: str) -> str:
-    """``encoder.fc1``, ``encoder/fc1`` and ``Encoder_FC1`` compare equal."""
-    return re.sub(r"[^a-z0-9]+", "", name.lower())
-
-
 def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[str, np.ndarray]]
                 ) -> Tuple[List[Tuple[int, int]], List[str]]:
     """Index pairs of layers named alike (by the last path component too), then the rest by position among
     layers of the same shape; and the names left unpaired."""
     pairs: List[Tuple[int, int]] = []
     used_second: set = set()
-    by_name = {normalised(name): j for j, (name, _) in enumerate(second)}
-    by_last = {normalised(re.split(r"[./]", name)[-1]): j for j, (name, _) in enumerate(second)}
+    by_name = {layer_key(name): j for j, (name, _) in enumerate(second)}
+    by_last = {layer_key(re.split(r"[./]", name)[-1]): j for j, (name, _) in enumerate(second)}
     left = []
     for i, (name, value) in enumerate(first):
-        j = by_name.get(normalised(name))
+        j = by_name.get(layer_key(name))
         if j is None:
-            j = by_last.get(normalised(re.split(r"[./]", name)[-1]))
+            j = by_last.get(layer_key(re.split(r"[./]", name)[-1]))
         if j is not None and j not in used_second and second[j][1].shape == value.shape:
             pairs.append((i, j))
             used_second.add(j)
@@ -96,18 +94,13 @@ def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[
 
 def first_divergence(first_label: str, first: Sequence[Tuple[str, np.ndarray]], second_label: str,
                      second: Sequence[Tuple[str, np.ndarray]], rtol: float, atol: float = 0.0) -> LayerDivergence:
-    """The first paired layer whose outputs differ beyond ``atol + rtol * scale`` (scale: each entry's magnitude
-    plus 1e-2 of the layer's largest, as the pairwise rule judges near-zero entries)."""
+    """The first paired layer whose outputs differ under the pairwise rule (:func:`.differences.difference`)
+    at ``rtol`` and ``atol``."""
     pairs, unpaired = pair_layers(first, second)
     agreeing: List[Tuple[str, str]] = []
     for i, j in pairs:
-        a, b = first[i][1], second[j][1]
-        magnitude = np.maximum(np.abs(a), np.abs(b))
-        scale = magnitude + 1e-2 * float(np.max(magnitude, initial=0.0))
-        diff = np.abs(a - b)
-        if not np.all(diff <= atol + rtol * scale):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rel = float(np.max(np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))))
+        _, rel, _, passed = difference(first[i][1], second[j][1], rtol, atol, 0.0)[:4]
+        if not passed:
             return LayerDivergence(first_label, second_label, agreeing, (first[i][0], second[j][0]), rel, unpaired)
         agreeing.append((first[i][0], second[j][0]))
     return LayerDivergence(first_label, second_label, agreeing, None, 0.0, unpaired)

@@ -214,7 +214,7 @@ def test_caches_clear_through_the_public_call(backend: str) -> None:
     fn, to_native, options = make_op(backend, _forward, _backward)
     x, w = _inputs()
     assert gb.check(fn, to_native(x), to_native(w), backend=backend, **options).passed
-    assert adapter.cache_size() >= 0
+    assert isinstance(adapter.cache_size(), int)
     gb.clear_cache()
     assert adapter.cache_size() == 0
 

@@ -20,7 +20,8 @@ def normalized(name: str) -> str:
     return ".".join(part for part in re.split(r"[./]+", name) if part)
 
 
-def _layer_key(layer: str) -> str:
+def layer_key(layer: str) -> str:
+    """A layer path compared across frameworks: separators alike, case ignored (``Encoder/FC1`` ~ ``encoder.fc1``)."""
     return normalized(layer).lower()
 
 

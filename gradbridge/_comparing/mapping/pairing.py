@@ -10,7 +10,7 @@ from typing import (Dict, List, Mapping, Optional, Tuple)
 
 
 from ..._errors import InvalidArgumentError
-from .names import _layer_key, normalized
+from .names import layer_key, normalized
 from .roles import CANONICAL_LAYOUTS, OVERRIDE_OPTION, ParamRole, ROLES, Roles, _converted_shape
 
 # --- pairing ---
@@ -63,23 +63,23 @@ def pair_params(source: Roles, target: Roles, overrides: Optional[Mapping[str, s
     by_layer: Dict[Tuple[str, str], List[str]] = {}
     for s, r in source.items():
         if r.role is not None:
-            by_layer.setdefault((_layer_key(r.layer), r.role), []).append(s)
+            by_layer.setdefault((layer_key(r.layer), r.role), []).append(s)
     for t, r in target.items():
         if t in pairs or r.role is None:
             continue
-        found = [s for s in by_layer.get((_layer_key(r.layer), r.role), []) if s not in used]
+        found = [s for s in by_layer.get((layer_key(r.layer), r.role), []) if s not in used]
         if len(found) == 1 and compatible(found[0], t):
             pairs[t], how[t] = found[0], "layer"
             used.add(found[0])
 
     # 4. role by role (kernels first): the layer already paired with this one, else the order of those left
     for role in ROLES:
-        layers = {_layer_key(target[t].layer): _layer_key(source[s].layer) for t, s in reversed(list(pairs.items()))
+        layers = {layer_key(target[t].layer): layer_key(source[s].layer) for t, s in reversed(list(pairs.items()))
                   if target[t].role is not None and source[s].role is not None}
         for t, r in target.items():
-            if t in pairs or r.role != role or _layer_key(r.layer) not in layers:
+            if t in pairs or r.role != role or layer_key(r.layer) not in layers:
                 continue
-            found = [s for s in by_layer.get((layers[_layer_key(r.layer)], role), []) if s not in used]
+            found = [s for s in by_layer.get((layers[layer_key(r.layer)], role), []) if s not in used]
             if len(found) == 1 and compatible(found[0], t):
                 pairs[t], how[t] = found[0], "layer"
                 used.add(found[0])
