@@ -16,6 +16,7 @@ from ._errors import (BackendNotAvailableError, FunctionEvaluationError, Gradbri
 from ._reporting.export import write_html, write_json
 from ._reporting.report import Report, RowResult, StepSweep, WorstElement
 from ._reporting.terminal import print_report
+from ._taps import tap
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,5 @@ __all__ = [
     "check", "assert_check", "clear_cache", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
     "StepSweep", "__version__", "case", "compare", "Comparison", "Implementation", "PairDifference",
-    "print_report", "write_json", "write_html",
+    "print_report", "write_json", "write_html", "tap",
 ]

@@ -218,6 +218,22 @@ class WrappedFunctions(Protocol):
     def user_function(self, fn: Any) -> Optional[Callable[..., Any]]: ...
 
 
+@runtime_checkable
+class LayerTaps(Protocol):
+    """An adapter that taps a model's layers itself, for ``gb.compare(..., layers=True)`` (torch modules by
+    forward hooks, Sequential and functional Keras models by running their layers one by one).
+
+    ``with_layer_taps(binding, layered)`` gives the function to check in place of ``binding.fn``, taking
+    ``(layers, *args, **kwargs)`` and returning ``layered(call, layers, *args, **kwargs)``, where ``call(*args,
+    **kwargs)`` runs the model with each layer's output passed through ``gradbridge._taps.active().take(name,
+    output, fused)`` (``fused``: the layer applies its activation inside). It must be checkable as the model is (a
+    torch module stays a module, so it is promoted and pinned alike); None when the model has no layers the
+    adapter can see (the user's own ``gb.tap`` calls are used then).
+    """
+
+    def with_layer_taps(self, binding: "ParamBinding", layered: Callable[..., Any]) -> Optional[Callable[..., Any]]: ...
+
+
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
                                   ForwardRules)
 

@@ -163,9 +163,10 @@ class TensorFlowAdapter:
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
 
-    def layer_outputs(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
-        """Each layer's output at ``args``, for ``gb.compare(..., layers=True)`` (see :mod:`.layers`)."""
-        return layers.layer_outputs(fn, args)
+    def with_layer_taps(self, binding: ParamBinding, layered: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+        """A Sequential or functional Keras model's layers tapped, for ``gb.compare(..., layers=True)`` (see
+        :mod:`.layers`); None otherwise."""
+        return layers.with_layer_taps(binding, layered)
 
     def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[Dict[str, Any]]:
         """A Keras model's (or layer's) variables by role (see :mod:`gradbridge._comparing.mapping`), from the

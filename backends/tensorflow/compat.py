@@ -252,6 +252,27 @@ class _DropPforErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.module == "pfor")
 
 
+def layer_graph(model: Any) -> Optional[Any]:
+    """The functional graph a Keras model runs through: the model itself for a functional model, a Sequential's
+    ``_functional`` (private: built once the Sequential knows its input); None for a subclassed model."""
+    keras = loaded_keras()
+    functional = getattr(getattr(getattr(keras, "src", None), "models", None), "functional", None)
+    graph_type = getattr(functional, "Functional", None)
+    graph = model if graph_type is not None and isinstance(model, graph_type) else getattr(model, "_functional", None)
+    if graph is None or not hasattr(graph, "_run_through_graph") or not hasattr(graph, "_standardize_inputs"):
+        return None
+    return graph
+
+
+def run_layer_graph(graph: Any, inputs: Any, operation_fn: Callable[[Any], Any]) -> Any:
+    """``graph`` run on ``inputs`` as its ``call`` runs it (inputs standardised, a single output unpacked), with
+    every operation replaced by ``operation_fn(operation)`` (private ``_standardize_inputs``, ``_run_through_graph``)."""
+    outputs = graph._run_through_graph(graph._standardize_inputs(inputs), operation_fn=operation_fn)
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        return outputs[0]
+    return outputs
+
+
 @contextlib.contextmanager
 def quiet_pfor_errors() -> Iterator[None]:
     """Drop pfor's conversion-error records from TensorFlow's logger for the duration of the block."""

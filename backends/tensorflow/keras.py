@@ -253,4 +253,5 @@ def with_values(model: Any, values: Sequence[Tuple[Any, Any]]) -> Any:
 
     call.__name__ = call.__qualname__ = getattr(model, "name", type(model).__name__)
     call.__doc__ = f"Keras {type(model).__name__} {getattr(model, 'name', '')!r} with loaded non-trainable variables"
+    call.fixed_values = values  # type: ignore[attr-defined]  # for the layer-by-layer mode
     return call

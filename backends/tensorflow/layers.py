@@ -1,34 +1,61 @@
-"""The outputs of a Keras model's layers at one input, for ``gb.compare``'s layer-by-layer mode.
+"""A Keras model's layers tapped, for ``gb.compare``'s layer-by-layer mode (:class:`gradbridge._adapter.LayerTaps`).
 
-Invariant: the user's model is not changed: a second functional model over the same layers (sharing their
-weights, adding none) computes every layer's output in one call, and is dropped afterwards.
+Invariant: the user's model is not changed: its functional graph is run as its own ``call`` runs it, with each
+layer's output passed through the comparison's taps on the way (nothing is registered on the model or its layers).
+A Dense or Conv layer with a non-linear ``activation`` is tapped after it and marked as fused, so the comparison
+may match it with another framework's separate activation layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Optional
 
-import numpy as np
+import tensorflow as tf
 
-from .keras import is_keras_layer
+from gradbridge._adapter import ParamBinding
+from gradbridge._taps import active
+
+from . import compat
+from .keras import is_keras_layer, reading_values
 
 
-def layer_outputs(fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
-    """``[(layer name, output as float64 NumPy), ...]`` in the model's layer order, for a Sequential or
-    functional Keras model given as ``fn``; empty for anything else (a subclassed model has no symbolic outputs
-    to read)."""
-    if not is_keras_layer(fn) or not getattr(fn, "layers", None):
-        return []
-    import keras
+def _fused(layer: Any) -> bool:
+    activation = getattr(layer, "activation", None)
+    return activation is not None and getattr(activation, "__name__", "") != "linear"
 
-    try:
-        inputs = fn.inputs[0] if len(fn.inputs) == 1 else fn.inputs
-        layers = [layer for layer in fn.layers if not isinstance(layer, keras.layers.InputLayer)]
-        outputs = [layer.output for layer in layers]
-    except (AttributeError, ValueError):  # a subclassed model, or one never called
-        return []
-    probe = keras.Model(inputs, outputs)
-    values = probe(args[0] if len(args) == 1 else list(args))
-    if not isinstance(values, (list, tuple)):
-        values = [values]
-    return [(layer.name, np.asarray(value, dtype=np.float64)) for layer, value in zip(layers, values)]
+
+def _tapped(operation: Any) -> Any:
+    keras = compat.loaded_keras()
+    if not isinstance(operation, keras.layers.Layer) or isinstance(operation, compat.input_layer_type()):
+        return operation
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        output = operation(*args, **kwargs)
+        taps = active()
+        if taps is None or not tf.is_tensor(output) or not output.dtype.is_floating:
+            return output
+        return taps.take(operation.name, output, _fused(operation))
+
+    return call
+
+
+def with_layer_taps(binding: ParamBinding, layered: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+    """The tapped form of a Sequential or functional Keras model (``binding.params``), else None."""
+    model = binding.params
+    if not is_keras_layer(model):
+        return None
+    graph = compat.layer_graph(model)
+    if graph is None:
+        return None
+    fixed = getattr(binding.fn, "fixed_values", ())
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        inputs = args[0] if len(args) == 1 else list(args)
+        with reading_values(fixed):
+            return compat.run_layer_graph(graph, inputs, _tapped)
+
+    def tapped(layers: Any, *args: Any, **kwargs: Any) -> Any:
+        return layered(call, layers, *args, **kwargs)
+
+    tapped.__name__ = tapped.__qualname__ = getattr(model, "name", type(model).__name__)
+    return tapped

@@ -172,9 +172,10 @@ class TorchAdapter:
         return ParamBinding(fn=fn, leading_args=(native,), leading_names=("params",),
                             names={leaf.path: name for leaf, name in zip(leaves, native)})
 
-    def layer_outputs(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
-        """Each layer's output at ``args``, for ``gb.compare(..., layers=True)`` (see :mod:`.layers`)."""
-        return layers.layer_outputs(fn, args)
+    def with_layer_taps(self, binding: ParamBinding, layered: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+        """A module's leaf submodules tapped by forward hooks, for ``gb.compare(..., layers=True)`` (see
+        :mod:`.layers`); None for a plain function."""
+        return layers.with_layer_taps(binding.fn, layered)
 
     def parameter_roles(self, fn: Callable[..., Any], params: Any = None) -> Optional[mapping.Roles]:
         """An ``nn.Module``'s ``state_dict`` entries by role (see :mod:`gradbridge._comparing.mapping`), from the

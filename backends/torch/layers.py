@@ -1,38 +1,55 @@
-"""The outputs of a module's layers at one input, for ``gb.compare``'s layer-by-layer mode.
+"""A module's layers tapped, for ``gb.compare``'s layer-by-layer mode (:class:`gradbridge._adapter.LayerTaps`).
 
-Invariant: the module is left exactly as it was: the forward hooks are removed (also when fn raises), nothing
-else is registered or changed, and the run is the same forward call the comparison makes.
+Invariant: the module is left exactly as it was: the forward hooks live only while one call of the tapped
+module runs and are removed in a ``finally``; outside the comparison's tapping context (another thread) they
+return the output unchanged. The tapped module holds the model as a submodule, so the check promotes, pins and
+restores it as it does the model itself.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional
 
-import numpy as np
 import torch
 
+from gradbridge._taps import active
 
-def layer_outputs(fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]:
-    """``[(layer path, output as float64 NumPy), ...]`` in the order the layers ran, for every leaf submodule
-    of ``fn`` (an ``nn.Module``) that returned one tensor; empty when ``fn`` is not a module."""
-    if not isinstance(fn, torch.nn.Module):
-        return []
-    found: List[Tuple[str, np.ndarray]] = []
-    handles = []
 
-    def record(name: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.is_floating_point():
-                found.append((name, output.detach().to(torch.float64).cpu().numpy().copy()))
-        return hook
+class LayerTapped(torch.nn.Module):
+    """``forward(layers, *args)``: ``layered(call, layers, *args)`` with ``call`` running ``model`` with every
+    leaf submodule's tensor output passed through the active taps."""
 
-    try:
-        for name, module in fn.named_modules():
-            if name and not any(True for _ in module.children()):
-                handles.append(module.register_forward_hook(record(name)))
-        with torch.no_grad():
-            fn(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
+    def __init__(self, model: torch.nn.Module, layered: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._layered = layered
+
+    def forward(self, layers: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._layered(self._tapped_call, layers, *args, **kwargs)
+
+    def _tapped_call(self, *args: Any, **kwargs: Any) -> Any:
+        handles: List[Any] = []
+
+        def tap(name: str) -> Callable[..., Optional[torch.Tensor]]:
+            def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Optional[torch.Tensor]:
+                taps = active()
+                if taps is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                    return None
+                return taps.take(name, output)
+            return hook
+
+        try:
+            for name, module in self.model.named_modules():
+                if name and not any(True for _ in module.children()):
+                    handles.append(module.register_forward_hook(tap(name)))
+            return self.model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def with_layer_taps(fn: Any, layered: Callable[..., Any]) -> Optional[torch.nn.Module]:
+    """The tapped form of ``fn`` when it is a module with submodules, else None."""
+    if not isinstance(fn, torch.nn.Module) or not any(True for _ in fn.children()):
+        return None
+    return LayerTapped(fn, layered)

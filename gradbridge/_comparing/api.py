@@ -12,7 +12,7 @@ adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this pa
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Optional, Set
+from typing import Any, List, Mapping, Optional, Sequence, Set
 
 
 from .. import _hooks
@@ -23,8 +23,10 @@ from .._options import Options, validate_kwargs, validate_options
 from . import mapping
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
+from .layer_runs import trace_layers
+from .layers import LayerDivergence, divergences, layer_sentences
 from .result import Comparison
-from .runs import _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
+from .runs import ImplementationRun, _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
 from .verdicts import _verdicts
 
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
@@ -37,7 +39,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = SEED,
             rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
             name: Optional[str] = None, param_map: Optional[Mapping[str, Mapping[str, str]]] = None,
-            param_templates: Optional[Mapping[str, Any]] = None, **check_options: Any) -> Comparison:
+            param_templates: Optional[Mapping[str, Any]] = None, layers: bool = False,
+            **check_options: Any) -> Comparison:
     """Run the same inputs through several implementations of one function and say which side is wrong.
 
     ``gb.compare({"torch": model, "jax": f_jax, "tensorflow": keras_model, "numpy": (f_np, grad_np)}, x,
@@ -112,6 +115,14 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             running statistics <-> moving statistics, paired by layer name, else by layer order and shape.
         param_templates: ``{label: nested mapping}``: how a plain function (a JAX function of a flax-style
             parameter tree) takes its parameters, when its names cannot be read from ``params`` itself.
+        layers: also compare layer by layer and say where each pair of implementations first diverges: the
+            first layer whose outputs differ, or, when every layer's output agrees, the layer whose backward pass
+            differs (from the gradients flowing into each layer's output, with the same cotangent). The layers
+            of a torch module and of a Sequential or functional Keras model are found automatically (by forward
+            hooks, by running the model's graph), paired by name (``fc1`` with ``fc1``), else by position among
+            layers of the same shape; a plain function (JAX, NumPy, a subclassed model's ``call``) marks its
+            layers with :func:`gradbridge.tap`. Costs about two more evaluations and precision measurements per
+            implementation. ``comparison.layers`` and the report's "Layer by layer" section give the result.
         **check_options: options of the own checks: ``mode``, ``order``, ``eps``, ``probes``,
             ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress``, ``memory`` (see
             :func:`check`).
@@ -129,6 +140,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     rtol_value, atol_value = tolerances(rtol, atol)  # None: derived per pair from the measured precisions
     if not isinstance(own_check, bool):
         raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
+    if not isinstance(layers, bool):
+        raise InvalidArgumentError(f"layers: expected True or False, got {layers!r}")
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(f"name: expected a string or None, got {type(name).__name__}")
     options = _own_check_options(check_options, seed)
@@ -153,25 +166,43 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     cotangents, output_notes, mismatches = _cotangents(runs, seed)
     for run in runs:
         gradient_run(run, cotangents[run.entry.label], at[run.entry.label])
+        measure_precision(run, cotangents[run.entry.label], seed)  # in the implementation's own layouts
         if mapped:
             run.gradients = mapped[run.entry.label].gradients_to_source(run.gradients)
-        measure_precision(run, cotangents[run.entry.label], seed)
+            run.precision.gradients = mapped[run.entry.label].gradients_to_source(run.precision.gradients)
     notes = conversion_notes(source, numpy_params, runs) + output_notes
     pairs, pair_tolerances = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(coverage_notes(runs, selected))
     notes.extend(b.note for b in bindings if b.note)
     notes.extend(m.note for m in (mapped or {}).values() if m.note)
+    layer_divergences = _layer_divergences(runs, cotangents, seed, at, rtol_value, atol_value, notes) if layers else []
     checks = ({run.entry.label: _own_check(run, options, selected, at[run.entry.label]) for run in runs}
               if own_check else {})
     comparison = Comparison(
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
-        tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches)
+        tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences)
     comparison.verdicts = _verdicts(comparison, runs)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)
     return comparison
+
+
+def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[str, Any], seed: int,
+                       at: Mapping[str, Any], rtol: Optional[float], atol: Optional[float],
+                       notes: List[str]) -> List[LayerDivergence]:
+    """Each pair's first diverging layer (:mod:`.layers`); implementations without layers are named in ``notes``."""
+    traces = []
+    for run in runs:
+        trace, note = trace_layers(run, cotangents[run.entry.label], seed, at[run.entry.label])
+        if trace is not None:
+            traces.append(trace)
+        if note:
+            notes.append(note)
+    found = divergences(traces, rtol, atol)
+    notes.extend(layer_sentences(found)["notes"])
+    return found
 
 
 def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:

@@ -1,34 +1,33 @@
-"""Layer by layer: where two ports of a model first diverge.
+"""Layer by layer: where two ports of a model first diverge, in their outputs or in their gradients.
 
-Each implementation that can (an adapter offering :class:`LayerOutputs`: a torch module, a Sequential or
-functional Keras model) reports its layers' outputs at the compared point. Layers are paired across
-implementations by name (``encoder.fc1`` and ``Encoder/FC1`` name the same layer:
-:func:`.mapping.names.layer_key`), otherwise by position among the layers of the same output shape, and
-compared in order with the pairwise rule; the first pair that differs is the first layer where the ports
-diverge: the bug is in that layer or in its weights, not later.
+Each implementation's layers (:mod:`.layer_runs`: a torch module's or Keras model's layers, or the values a plain
+function passes through ``gb.tap``) are paired across implementations by name (``encoder.fc1`` and
+``Encoder/FC1`` name the same layer: :func:`.mapping.names.layer_key`, the last path component too), otherwise
+by position among the layers of the same output shape, and compared with the pairwise rule (the pair's
+tolerance from the precision each computes in, each entry's measured magnitude):
 
-Invariant: a divergence is reported only for a pair whose outputs really differ under the comparison's own
-tolerance, and the layers before it are said to agree; layers that cannot be paired are listed, never guessed.
+* outputs, forward: the first pair whose outputs differ is where the ports diverge; the bug is in that layer or
+  its weights. A layer that applies its activation inside (Keras ``Dense(activation=...)``) may match the other
+  side's separate activation layer that follows; that pairing is tried before a divergence is claimed.
+* gradients, when every paired output agrees: the gradient flowing into each layer's output, from the last layer
+  back; the first that differs (going backward) sits just before the layer whose backward pass differs.
+
+Invariant: a divergence is claimed only for a pair whose numbers differ under the comparison's own rule, and the
+layers before it (after it, for gradients) are said to agree; layers that cannot be paired are listed.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .differences import difference
+from .differences import difference, pair_tolerance
+from .layer_runs import LayerTrace
 from .mapping.names import layer_key
-
-
-@runtime_checkable
-class LayerOutputs(Protocol):
-    """An adapter that can run ``fn`` once and give its layers' outputs: ``[(layer name, array), ...]`` in the
-    order they ran, or ``[]`` when ``fn`` has no layers it can see."""
-
-    def layer_outputs(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> List[Tuple[str, np.ndarray]]: ...
 
 
 @dataclass
@@ -37,28 +36,49 @@ class LayerDivergence:
 
     Attributes:
         first, second: the implementations' labels.
-        agreeing: the paired layers (first's name, second's name) that agree, in order, before the divergence.
-        layer: the first pair of layers whose outputs differ (first's name, second's name), or None.
-        max_rel_diff: the largest relative difference of that layer's outputs.
+        quantity: ``"value"`` (the layers' outputs, forward) or ``"gradient"`` (the gradients flowing into their
+            outputs, backward); ``""`` when everything paired agrees.
+        agreeing: the paired layers (first's name, second's name) that agree: before the divergence for values,
+            after it for gradients.
+        layer: the pair of layers where they diverge (first's name, second's name), or None.
+        culprit: for gradients, the layer whose backward pass differs (the paired layer after ``layer``), or None
+            when the divergence is already at the last layer (the code after it).
+        max_rel_diff: the largest relative difference there.
         unpaired: layers of either side that could not be paired.
+        notes: pairings worth saying (a fused activation matched to a separate layer).
     """
 
     first: str
     second: str
+    quantity: str
     agreeing: List[Tuple[str, str]]
     layer: Optional[Tuple[str, str]]
-    max_rel_diff: float
-    unpaired: List[str]
+    max_rel_diff: float = 0.0
+    culprit: Optional[Tuple[str, str]] = None
+    unpaired: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     def sentence(self) -> str:
+        names = f"{self.first} and {self.second}"
+        left = f" (not paired: {', '.join(self.unpaired)})" if self.unpaired else ""
         if self.layer is None:
-            return (f"{self.first} and {self.second}: all {len(self.agreeing)} paired layers agree"
-                    + (f" (not paired: {', '.join(self.unpaired)})" if self.unpaired else ""))
-        before = (f"after {len(self.agreeing)} agreeing layer(s) (last: {self.agreeing[-1][0]})"
-                  if self.agreeing else "at the first paired layer")
-        return (f"{self.first} and {self.second} first diverge at layer {self.layer[0]!r} ({self.first}) / "
-                f"{self.layer[1]!r} ({self.second}), {before}: relative difference {self.max_rel_diff:.2e}; "
-                "the bug is in that layer or its weights (layout, a missing term, an epsilon, an axis)")
+            return f"layer by layer, {names}: all {len(self.agreeing)} paired layers agree, outputs and gradients{left}"
+        where = _both(self.layer, self.first, self.second)
+        if self.quantity == "value":
+            before = (f"after {len(self.agreeing)} agreeing layer(s) (last: {self.agreeing[-1][0]!r})"
+                      if self.agreeing else "at the first paired layer")
+            return (f"layer by layer, {names} first diverge at the output of layer {where}, {before}: relative "
+                    f"difference {self.max_rel_diff:.2e}; the bug is in that layer or its weights (layout, a missing "
+                    f"term, an epsilon, an axis){left}")
+        culprit = (f"the backward pass of layer {_both(self.culprit, self.first, self.second)} differs (the gradients "
+                   "flowing into its output agree, those flowing out of it do not)" if self.culprit is not None else
+                   "the backward pass of what follows it differs")
+        return (f"layer by layer, {names}: every paired output agrees, but the gradients flowing into layer {where}'s "
+                f"output differ (relative difference {self.max_rel_diff:.2e}): {culprit}{left}")
+
+
+def _both(pair: Tuple[str, str], first: str, second: str) -> str:
+    return repr(pair[0]) if pair[0] == pair[1] else f"{pair[0]!r} ({first}) / {pair[1]!r} ({second})"
 
 
 def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[str, np.ndarray]]
@@ -92,15 +112,98 @@ def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[
     return sorted(pairs), unpaired
 
 
-def first_divergence(first_label: str, first: Sequence[Tuple[str, np.ndarray]], second_label: str,
-                     second: Sequence[Tuple[str, np.ndarray]], rtol: float, atol: float = 0.0) -> LayerDivergence:
-    """The first paired layer whose outputs differ under the pairwise rule (:func:`.differences.difference`)
-    at ``rtol`` and ``atol``."""
-    pairs, unpaired = pair_layers(first, second)
+class _Judge:
+    """The pairwise rule on two traces' layers, with the pair's tolerance and one scale per quantity."""
+
+    def __init__(self, one: LayerTrace, other: LayerTrace, rtol: Optional[float], atol: Optional[float]) -> None:
+        self.one, self.other = one, other
+        tolerance = pair_tolerance(one.run, other.run, rtol, atol)
+        self.rtol, self.atol = tolerance.rtol, tolerance.atol
+        self.scale = {q: max((float(np.max(m)) for trace in (one, other) for m in self._sizes(trace, q)
+                              if m is not None and m.size), default=0.0) for q in ("value", "gradient")}
+
+    @staticmethod
+    def _sizes(trace: LayerTrace, quantity: str) -> List[Optional[np.ndarray]]:
+        arrays = trace.values if quantity == "value" else trace.gradients
+        measured = trace.value_magnitudes if quantity == "value" else trace.gradient_magnitudes
+        return [None if a is None else (np.abs(a) if m is None else np.maximum(np.abs(a), m))
+                for a, m in itertools.zip_longest(arrays, measured)]
+
+    def differ(self, quantity: str, i: int, j: int) -> Tuple[bool, float]:
+        """Whether layer i of one and layer j of other differ in ``quantity``, and their relative difference."""
+        a = (self.one.values if quantity == "value" else self.one.gradients)[i]
+        b = (self.other.values if quantity == "value" else self.other.gradients)[j]
+        magnitude = np.maximum(self._sizes(self.one, quantity)[i], self._sizes(self.other, quantity)[j])
+        _, rel, _, passed = difference(a, b, self.rtol, self.atol, self.scale[quantity], magnitude)[:4]
+        return not passed, rel
+
+
+def first_divergence(one: LayerTrace, other: LayerTrace, rtol: Optional[float] = None,
+                     atol: Optional[float] = None) -> LayerDivergence:
+    """Where ``one`` and ``other`` first diverge: their outputs forward, else the gradients into them backward.
+    ``rtol``/``atol``: the user's pairwise tolerance (None: the pair's, from the precisions measured)."""
+    pairs, unpaired = pair_layers(list(zip(one.names, one.values)), list(zip(other.names, other.values)))
+    judge = _Judge(one, other, rtol, atol)
+    notes: List[str] = []
     agreeing: List[Tuple[str, str]] = []
-    for i, j in pairs:
-        _, rel, _, passed = difference(first[i][1], second[j][1], rtol, atol, 0.0)[:4]
-        if not passed:
-            return LayerDivergence(first_label, second_label, agreeing, (first[i][0], second[j][0]), rel, unpaired)
-        agreeing.append((first[i][0], second[j][0]))
-    return LayerDivergence(first_label, second_label, agreeing, None, 0.0, unpaired)
+    paired_second = {j for _, j in pairs}
+    paired_first = {i for i, _ in pairs}
+    for position, (i, j) in enumerate(pairs):
+        differs, rel = judge.differ("value", i, j)
+        if differs:
+            fused = _fused_match(judge, one, other, i, j, paired_first, paired_second)
+            if fused is None:
+                return LayerDivergence(one.label, other.label, "value", agreeing, (one.names[i], other.names[j]),
+                                       rel, unpaired=unpaired)
+            i, j, note = fused
+            pairs[position] = (i, j)
+            notes.append(note)
+            unpaired = [n for n in unpaired if n not in (one.names[i], other.names[j])]
+        agreeing.append((one.names[i], other.names[j]))
+    with_gradients = [(i, j) for i, j in pairs if one.gradients[i] is not None and other.gradients[j] is not None]
+    after: List[Tuple[str, str]] = []
+    for position in range(len(with_gradients) - 1, -1, -1):
+        i, j = with_gradients[position]
+        differs, rel = judge.differ("gradient", i, j)
+        if differs:
+            culprit = None
+            if position + 1 < len(with_gradients):
+                k, m = with_gradients[position + 1]
+                culprit = (one.names[k], other.names[m])
+            return LayerDivergence(one.label, other.label, "gradient", after[::-1], (one.names[i], other.names[j]),
+                                   rel, culprit, unpaired, notes)
+        after.append((one.names[i], other.names[j]))
+    return LayerDivergence(one.label, other.label, "", agreeing, None, unpaired=unpaired, notes=notes)
+
+
+def _fused_match(judge: _Judge, one: LayerTrace, other: LayerTrace, i: int, j: int, paired_first: set,
+                 paired_second: set) -> Optional[Tuple[int, int, str]]:
+    """When layer i or j applies its activation inside, the other side's unpaired layer right after its partner
+    (the separate activation) that agrees with it: ``(i, j', note)`` or ``(i', j, note)``; else None."""
+    for fused_side, (a, b) in ((one, (i, j)), (other, (j, i))):
+        if not fused_side.fused[a]:
+            continue
+        partner = other if fused_side is one else one
+        paired = paired_second if fused_side is one else paired_first
+        for k in range(b + 1, len(partner.names)):
+            if k in paired:
+                break
+            if partner.values[k].shape != fused_side.values[a].shape:
+                continue
+            first_index, second_index = (a, k) if fused_side is one else (k, a)
+            if not judge.differ("value", first_index, second_index)[0]:
+                note = (f"{fused_side.label}'s layer {fused_side.names[a]!r} applies its activation inside; compared "
+                        f"with {partner.label}'s {partner.names[k]!r}, the activation that follows "
+                        f"{partner.names[b]!r}")
+                return first_index, second_index, note
+    return None
+
+
+def divergences(traces: Sequence[LayerTrace], rtol: Optional[float], atol: Optional[float]) -> List[LayerDivergence]:
+    """Every pair of traced implementations, in the comparison's order."""
+    return [first_divergence(one, other, rtol, atol) for one, other in itertools.combinations(traces, 2)]
+
+
+def layer_sentences(found: Sequence[LayerDivergence]) -> Dict[str, List[str]]:
+    """``{"verdicts": ..., "notes": ...}`` for the comparison's text."""
+    return {"verdicts": [d.sentence() for d in found], "notes": [n for d in found for n in d.notes]}

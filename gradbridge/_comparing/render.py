@@ -55,6 +55,10 @@ def render_comparison(comparison: Comparison) -> str:
         lines.append("")
         lines.append("Patterns of the differences:")
         lines.extend(f"  - {sentence}" for sentence in comparison.patterns)
+    if comparison.layers:
+        lines.append("")
+        lines.append("Layer by layer:")
+        lines.extend(f"  - {divergence.sentence()}" for divergence in comparison.layers)
     if comparison.checks:
         lines.append("")
         lines.append("Own finite-difference checks:")

@@ -77,6 +77,8 @@ class Comparison:
         mismatches: structural differences (outputs missing or shaped differently); each fails.
         patterns: the shape of a failing pair's difference where it has a simple one (one side transposed, a
             constant factor or offset, one row, column or element): it usually names the porting bug.
+        layers: with ``layers=True``, per pair of implementations with layers, where their layers first diverge
+            (:class:`gradbridge._comparing.layers.LayerDivergence`; its ``sentence()`` says it in words).
     """
 
     function: str
@@ -90,6 +92,7 @@ class Comparison:
     tolerance: str = ""
     mismatches: List[str] = field(default_factory=list)
     patterns: List[str] = field(default_factory=list)
+    layers: List[Any] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -124,7 +127,8 @@ class Comparison:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of the whole comparison (own checks through :meth:`Report.to_dict`)."""
         data: Dict[str, Any] = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-                                if f.name not in ("checks", "pairs")}
+                                if f.name not in ("checks", "pairs", "layers")}
+        data["layers"] = [dict(asdict(d), sentence=d.sentence()) for d in self.layers]
         data["checks"] = {label: report.to_dict() for label, report in self.checks.items()}
         data["pairs"] = [asdict(p) for p in self.pairs]
         data["passed"] = self.passed

@@ -1,4 +1,5 @@
-"""Layer by layer: the first layer where a torch model and its Keras port diverge (real models, shared weights)."""
+"""Layer by layer (``gb.compare(..., layers=True)``): the first layer where ports of one model diverge, forward or
+backward. Real models in torch, Keras and JAX sharing one state_dict; seeded porting bugs."""
 
 from __future__ import annotations
 
@@ -7,83 +8,167 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
+import gradbridge as gb
 from backend_matrix import require_backend
-from gradbridge._comparing.layers import first_divergence, pair_layers
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(3, 4))
-W1, B1 = RNG.normal(size=(5, 4)), RNG.normal(size=5)  # torch layout (out, in)
-W2, B2 = RNG.normal(size=(5, 5)), RNG.normal(size=5)
-W3, B3 = RNG.normal(size=(2, 5)), RNG.normal(size=2)
+PARAMS = {"fc1.weight": RNG.normal(size=(5, 4)), "fc1.bias": RNG.normal(size=5),  # torch layouts (out, in)
+          "norm.weight": 1 + 0.1 * RNG.normal(size=5), "norm.bias": 0.1 * RNG.normal(size=5),
+          "fc2.weight": RNG.normal(size=(5, 5)), "fc2.bias": RNG.normal(size=5),
+          "out.weight": RNG.normal(size=(2, 5)), "out.bias": RNG.normal(size=2)}
 
 
-def _torch_model():
+def _torch_model(wrong_tanh_backward: bool = False):
     require_backend("torch")
     import torch
 
-    model = torch.nn.Sequential(OrderedDict(
-        fc1=torch.nn.Linear(4, 5), act=torch.nn.Tanh(), norm=torch.nn.LayerNorm(5), fc2=torch.nn.Linear(5, 5),
-        out=torch.nn.Linear(5, 2))).double()
-    with torch.no_grad():
-        for layer, (w, b) in ((model.fc1, (W1, B1)), (model.fc2, (W2, B2)), (model.out, (W3, B3))):
-            layer.weight.copy_(torch.tensor(w))
-            layer.bias.copy_(torch.tensor(b))
-    return model, (torch.tensor(X),)
+    class Tanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.tanh(x)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y) if wrong_tanh_backward else g * (1 - y * y)
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return Tanh.apply(x)
+
+    return torch.nn.Sequential(OrderedDict(
+        fc1=torch.nn.Linear(4, 5), act=Act(), norm=torch.nn.LayerNorm(5), fc2=torch.nn.Linear(5, 5),
+        out=torch.nn.Linear(5, 2)))
 
 
-def _keras_model(norm_eps: float = 1e-5, untransposed_fc2: bool = False):
+def _keras_model(norm_eps: float = 1e-5, fused: bool = False):
     require_backend("tensorflow")
     keras = pytest.importorskip("keras")
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="fc1", dtype="float64"),
-                              keras.layers.Activation("tanh", name="act", dtype="float64"),
-                              keras.layers.LayerNormalization(epsilon=norm_eps, name="norm", dtype="float64"),
-                              keras.layers.Dense(5, name="fc2", dtype="float64"),
-                              keras.layers.Dense(2, name="out", dtype="float64")])
-    model.get_layer("fc1").set_weights([W1.T, B1])
-    model.get_layer("fc2").set_weights([W2 if untransposed_fc2 else W2.T, B2])
-    model.get_layer("out").set_weights([W3.T, B3])
-    return model, (np.asarray(X),)
+    first = ([keras.layers.Dense(5, activation="tanh", name="fc1")] if fused else
+             [keras.layers.Dense(5, name="fc1"), keras.layers.Activation("tanh", name="act")])
+    model = keras.Sequential([keras.Input((4,)), *first, keras.layers.LayerNormalization(epsilon=norm_eps, name="norm"),
+                              keras.layers.Dense(5, name="fc2"), keras.layers.Dense(2, name="out")])
+    model(np.zeros((1, 4), dtype="float32"))
+    return gb.Implementation(model, backend="tensorflow")
 
 
-def _layers(backend: str, model, args):
-    from gradbridge import _registry
-    from gradbridge.backends import torch as torch_backend, tensorflow as tf_backend  # noqa: F401
+def _jax_mlp(norm_eps: float = 1e-5):
+    require_backend("jax")
+    import jax.numpy as jnp
 
-    module = {"torch": "gradbridge.backends.torch.layers", "tensorflow": "gradbridge.backends.tensorflow.layers"}
-    import importlib
+    def mlp(p, x):
+        h = gb.tap("fc1", x @ p["fc1.weight"].T + p["fc1.bias"])
+        h = gb.tap("act", jnp.tanh(h))
+        mu = h.mean(-1, keepdims=True)
+        var = ((h - mu) ** 2).mean(-1, keepdims=True)
+        h = gb.tap("norm", (h - mu) / jnp.sqrt(var + norm_eps) * p["norm.weight"] + p["norm.bias"])
+        h = gb.tap("fc2", h @ p["fc2.weight"].T + p["fc2.bias"])
+        return h @ p["out.weight"].T + p["out.bias"]
 
-    _registry.get_adapter(backend)
-    return importlib.import_module(module[backend]).layer_outputs(model, args)
-
-
-# Keras' float64 LayerNormalization differs from torch's by up to ~2e-7 of the layer's scale (its own accuracy,
-# not a bug), so layers are judged at rtol 1e-6: far below the smallest real porting bug (1e-4 relative).
-def test_a_faithful_port_agrees_layer_by_layer() -> None:
-    torch_layers = _layers("torch", *_torch_model())
-    keras_layers = _layers("tensorflow", *_keras_model())
-    assert [name for name, _ in torch_layers] == ["fc1", "act", "norm", "fc2", "out"]
-    found = first_divergence("torch", torch_layers, "keras", keras_layers, rtol=1e-6)
-    assert found.layer is None and len(found.agreeing) == 5 and not found.unpaired, found.sentence()
+    return mlp
 
 
-@pytest.mark.parametrize("bug, layer", [(dict(norm_eps=1e-3), "norm"), (dict(untransposed_fc2=True), "fc2")])
-def test_the_first_diverging_layer_is_named(bug, layer) -> None:
-    torch_layers = _layers("torch", *_torch_model())
-    keras_layers = _layers("tensorflow", *_keras_model(**bug))
-    found = first_divergence("torch", torch_layers, "keras", keras_layers, rtol=1e-6)
-    assert found.layer == (layer, layer), found.sentence()
-    assert layer in found.sentence() and "first diverge" in found.sentence()
+def _compare(implementations):
+    return gb.compare(implementations, X, params=PARAMS, layers=True, own_check=False)
 
 
-def test_the_hooks_are_removed_and_the_model_is_unchanged() -> None:
-    model, args = _torch_model()
+def _between(comparison, first, second):
+    return next(d for d in comparison.layers if (d.first, d.second) == (first, second))
+
+
+def test_faithful_ports_agree_layer_by_layer() -> None:
+    comparison = _compare({"torch": _torch_model(), "keras": _keras_model(), "jax": _jax_mlp()})
+    assert comparison.passed, comparison
+    assert len(comparison.layers) == 3
+    for divergence in comparison.layers:
+        assert divergence.layer is None, divergence.sentence()
+    assert len(_between(comparison, "torch", "keras").agreeing) == 5
+    assert "Layer by layer:" in str(comparison) and "all 5 paired layers agree" in str(comparison)
+
+
+@pytest.mark.parametrize("buggy", ["keras", "jax"])
+def test_a_wrong_layernorm_epsilon_is_found_at_the_norm_layer(buggy) -> None:
+    implementations = {"torch": _torch_model(), "keras": _keras_model(norm_eps=1e-3 if buggy == "keras" else 1e-5),
+                       "jax": _jax_mlp(norm_eps=1e-3 if buggy == "jax" else 1e-5)}
+    comparison = _compare(implementations)
+    assert not comparison.passed
+    divergence = _between(comparison, "torch", buggy)
+    assert divergence.quantity == "value" and divergence.layer == ("norm", "norm"), divergence.sentence()
+    assert [a for a, _ in divergence.agreeing] == ["fc1", "act"]
+    other = "jax" if buggy == "keras" else "keras"
+    assert _between(comparison, *sorted(("torch", other), key=list(implementations).index)).layer is None
+    assert "first diverge at the output of layer 'norm'" in str(comparison)
+
+
+def test_a_wrong_backward_inside_one_layer_is_named() -> None:
+    comparison = _compare({"torch": _torch_model(wrong_tanh_backward=True), "keras": _keras_model()})
+    assert not comparison.passed
+    divergence = _between(comparison, "torch", "keras")
+    assert divergence.quantity == "gradient", divergence.sentence()
+    assert divergence.layer == ("fc1", "fc1") and divergence.culprit == ("act", "act"), divergence.sentence()
+    assert "the backward pass of layer 'act' differs" in divergence.sentence()
+
+
+def test_a_fused_keras_activation_is_matched_with_the_separate_one() -> None:
+    comparison = _compare({"torch": _torch_model(), "keras": _keras_model(fused=True)})
+    assert comparison.passed, comparison
+    divergence = _between(comparison, "torch", "keras")
+    assert divergence.layer is None, divergence.sentence()
+    assert ("act", "fc1") in divergence.agreeing
+    assert any("applies its activation inside" in note for note in comparison.notes), comparison.notes
+
+
+def test_the_module_is_unchanged_and_no_hook_is_left() -> None:
+    model = _torch_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _layers("torch", model, args)
+    _compare({"torch": model, "jax": _jax_mlp()})
     assert all(not m._forward_hooks for m in model.modules())
-    assert all((before[k] == v).all() for k, v in model.state_dict().items())
+    assert all(v.dtype == before[k].dtype and (v == before[k]).all() for k, v in model.state_dict().items())
+
+
+def test_an_implementation_without_layers_is_named_not_guessed() -> None:
+    require_backend("jax")
+    import jax.numpy as jnp
+
+    def untapped(p, x):
+        h = jnp.tanh(x @ p["fc1.weight"].T + p["fc1.bias"])
+        mu = h.mean(-1, keepdims=True)
+        h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * p["norm.weight"] + p["norm.bias"]
+        return (h @ p["fc2.weight"].T + p["fc2.bias"]) @ p["out.weight"].T + p["out.bias"]
+
+    comparison = _compare({"torch": _torch_model(), "jax": untapped})
+    assert comparison.passed and comparison.layers == []
+    assert any("jax has no layers to compare" in note for note in comparison.notes), comparison.notes
+
+
+def test_tap_is_the_identity_outside_a_comparison() -> None:
+    value = np.arange(3.0)
+    assert gb.tap("fc1", value) is value
+    with pytest.raises(gb.InvalidArgumentError, match="gb.tap: name"):
+        from gradbridge._taps import tapping
+        with tapping():
+            gb.tap("", value)
+
+
+def test_layers_must_be_a_bool() -> None:
+    with pytest.raises(gb.InvalidArgumentError, match="layers: expected True or False"):
+        gb.compare({"numpy": (np.sin, np.cos), "np2": gb.Implementation(np.sin, np.cos, "numpy")}, X, layers="yes")
+
+
+def test_mapped_parameters_keep_their_measured_round_off() -> None:
+    """A parameter mapped to another layout (Linear weight -> Dense kernel) used to make the precision measurement
+    compare gradients in two layouts and drop every measured magnitude of that implementation."""
+    comparison = gb.compare({"torch": _torch_model(), "keras": _keras_model()}, X, params=PARAMS, own_check=False)
+    assert comparison.passed, comparison
+    assert not any("round-off was not measured" in note for note in comparison.notes), comparison.notes
 
 
 def test_layers_pair_by_name_then_by_shape() -> None:
+    from gradbridge._comparing.layers import pair_layers
+
     a = [("encoder.fc1", np.zeros((2, 3))), ("head", np.zeros((2, 1)))]
     b = [("Encoder/FC1", np.zeros((2, 3))), ("dense_7", np.zeros((2, 1))), ("extra", np.zeros((4,)))]
     pairs, unpaired = pair_layers(a, b)
