@@ -12,7 +12,7 @@ adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this pa
 from __future__ import annotations
 
 import time
-from typing import Any, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set
 
 
 from .. import _hooks
@@ -21,6 +21,7 @@ from .._errors import InvalidArgumentError
 from .._defaults import CHECK_DEFAULTS, SEED
 from .._options import Options, validate_kwargs, validate_options
 from . import mapping
+from . import points as points_module
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .layer_runs import trace_layers
@@ -39,7 +40,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = SEED,
             rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
             name: Optional[str] = None, param_map: Optional[Mapping[str, Mapping[str, str]]] = None,
-            param_templates: Optional[Mapping[str, Any]] = None, layers: bool = False,
+            param_templates: Optional[Mapping[str, Any]] = None, layers: bool = False, points: int = 3,
             **check_options: Any) -> Comparison:
     """Run the same inputs through several implementations of one function and say which side is wrong.
 
@@ -123,6 +124,12 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             layers of the same shape; a plain function (JAX, NumPy, a subclassed model's ``call``) marks its
             layers with :func:`gradbridge.tap`. Costs about two more evaluations and precision measurements per
             implementation. ``comparison.layers`` and the report's "Layer by layer" section give the result.
+        points: how many points to compare at: the given inputs, then ``points - 1`` drawn around them (every
+            input element ``x`` moved to ``x * exp(s z)``, ``s`` = 0.5, 1, 2, ...: signs, zeros and domains kept,
+            magnitudes changed several-fold), so a port that differs only away from the given point (at larger
+            inputs: an overflow, a clamp, an approximation) is caught. Values and gradients are compared at each;
+            the own checks and the layer mode run at the given point. Each extra point costs about one
+            evaluation, one VJP and one precision measurement per implementation. 1 compares the given point only.
         **check_options: options of the own checks: ``mode``, ``order``, ``eps``, ``probes``,
             ``analytic``, ``train``, ``chunk_size``, ``budget``, ``kinks``, ``progress``, ``memory`` (see
             :func:`check`).
@@ -142,6 +149,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         raise InvalidArgumentError(f"own_check: expected True or False, got {own_check!r}")
     if not isinstance(layers, bool):
         raise InvalidArgumentError(f"layers: expected True or False, got {layers!r}")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise InvalidArgumentError(f"points: expected a whole number >= 1 (1: the given inputs only), got {points!r}")
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(f"name: expected a string or None, got {type(name).__name__}")
     options = _own_check_options(check_options, seed)
@@ -164,12 +173,16 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     for run in runs:
         evaluate_run(run, at[run.entry.label])
     cotangents, output_notes, mismatches = _cotangents(runs, seed)
-    for run in runs:
-        gradient_run(run, cotangents[run.entry.label], at[run.entry.label])
-        measure_precision(run, cotangents[run.entry.label], seed)  # in the implementation's own layouts
+
+    def to_source(run: ImplementationRun) -> None:  # gradients in the names and layouts of params
         if mapped:
             run.gradients = mapped[run.entry.label].gradients_to_source(run.gradients)
             run.precision.gradients = mapped[run.entry.label].gradients_to_source(run.precision.gradients)
+
+    for run in runs:
+        gradient_run(run, cotangents[run.entry.label], at[run.entry.label])
+        measure_precision(run, cotangents[run.entry.label], seed)  # in the implementation's own layouts
+        to_source(run)
     notes = conversion_notes(source, numpy_params, runs) + output_notes
     pairs, pair_tolerances = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(coverage_notes(runs, selected))
@@ -184,9 +197,45 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
         tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences)
     comparison.verdicts = _verdicts(comparison, runs)
+    if points > 1:
+        inputs = {name for run in runs for name in run.leaf_names if name not in (numpy_params or {})}
+        _extra_points(comparison, runs, points, inputs, seed, cotangents, to_source, selected, rtol_value, atol_value)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)
     return comparison
+
+
+def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], points: int, inputs: Set[str],
+                  seed: int, cotangents: Mapping[str, Any], to_source: Callable[[ImplementationRun], None],
+                  selected: Optional[Set[str]], rtol: Optional[float], atol: Optional[float]) -> None:
+    """The comparison repeated at ``points - 1`` points around the given one (:mod:`.points`): their pairs go to
+    ``comparison.other_points`` (``point`` 1, 2, ...); where one differs, a verdict says at which point and how."""
+    comparison.notes.append(points_module.describe(points, seed))
+    failing_at: List[int] = []
+    for point in range(1, points):
+        drawn: dict = {}
+        moved_runs, why = points_module.runs_at(point, runs, inputs, seed, dict(cotangents), to_source, drawn)
+        comparison.point_inputs[point + 1] = drawn
+        if moved_runs is None:
+            comparison.notes.append(why or f"point {point + 1} skipped")
+            continue
+        pairs = _pairs(moved_runs, selected, rtol, atol)[0]
+        for pair in pairs:
+            pair.point = point
+        comparison.other_points.extend(pairs)
+        if any(not p.passed for p in pairs):
+            if not failing_at and all(p.passed for p in comparison.pairs):
+                at_point = Comparison(function=comparison.function, implementations=comparison.implementations,
+                                      checks={}, pairs=pairs,
+                                      verdicts=[], notes=[], seconds=0.0)
+                comparison.verdicts.extend(
+                    f"at point {point + 1} (inputs moved around the given ones, in comparison.point_inputs[{point + 1}]; "
+                    "they agree at the given point): "
+                    f"{sentence}" for sentence in _verdicts(at_point, moved_runs))
+            failing_at.append(point + 1)
+    if failing_at and (len(failing_at) > 1 or any(not p.passed for p in comparison.pairs)):
+        comparison.notes.append(f"the implementations differ at point(s) {', '.join(map(str, failing_at))} of "
+                                f"{points} too (the table lists where)")
 
 
 def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[str, Any], seed: int,

@@ -41,11 +41,12 @@ def render_comparison(comparison: Comparison) -> str:
                                                for label in comparison.implementations)
              + f" | {comparison.seconds:.3f} s",
              f"  tolerance: {comparison.tolerance}", ""]
-    rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf, _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
+    shown = list(comparison.pairs) + [p for p in comparison.other_points if not p.passed]  # elsewhere: differences
+    rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf + (f" @ point {p.point + 1}" if p.point else ""), _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
              "ok" if p.passed else "DIFFER",
              "" if p.passed else f"{element_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
              + (f" ({p.mismatches} of {int(np.prod(p.shape, dtype=np.int64))} outside)" if p.shape else "")]
-            for p in comparison.pairs]
+            for p in shown]
     lines.extend(_table(("pair", "quantity", "leaf", "max |a-b|", "rel diff", "verdict", "worst element"), rows))
     if comparison.verdicts:
         lines.append("")

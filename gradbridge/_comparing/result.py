@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
+import numpy as np
+
 from .._reporting.report import Report
 from .render import render_comparison
 from .render import failed_rows
@@ -40,7 +42,8 @@ class PairDifference:
     its tolerance (or closest to it), where ``first_value``/``second_value`` are read; ``allowed`` is the
     tolerance there. ``mismatches`` counts the elements outside the tolerance, ``outside`` lists the first
     :data:`OUTSIDE_LISTED` of them. ``rtol`` is the pair's relative tolerance (the user's, or the one the
-    precisions of the two implementations decided; ``Comparison.tolerance`` says which).
+    precisions of the two implementations decided; ``Comparison.tolerance`` says which). ``point`` is 0 at the
+    given inputs, 1, 2, ... at the points drawn around them (``gb.compare(points=...)``).
     """
 
     first: str
@@ -58,6 +61,7 @@ class PairDifference:
     mismatches: int = 0
     outside: List[Tuple[int, ...]] = field(default_factory=list)
     rtol: float = 0.0
+    point: int = 0
 
 
 @dataclass
@@ -68,7 +72,11 @@ class Comparison:
         function: a readable name of what was compared.
         implementations: the labels, in the order given.
         checks: each implementation's own finite-difference check (empty with ``own_check=False``).
-        pairs: one entry per pair of implementations and output value or gradient leaf.
+        pairs: one entry per pair of implementations and output value or gradient leaf, at the given inputs.
+        other_points: the same at the points drawn around the given inputs (``gb.compare(points=...)``; each
+            entry's ``point`` says which: 1, 2, ...).
+        point_inputs: the inputs at each of those points, ``{2: {input name: float64 array}, 3: ...}``, to
+            reproduce a difference found there (point 1 is the given inputs).
         verdicts: plain sentences naming the side that is wrong and what to look at (empty on a pass).
         notes: how the comparison was made (cotangent, conversions, leaves not common to all).
         seconds: wall time.
@@ -93,16 +101,18 @@ class Comparison:
     mismatches: List[str] = field(default_factory=list)
     patterns: List[str] = field(default_factory=list)
     layers: List[Any] = field(default_factory=list)
+    other_points: List[PairDifference] = field(default_factory=list)
+    point_inputs: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         """True when every pair agrees, every own check passes and the outputs have the same structure."""
-        return (not self.mismatches and all(p.passed for p in self.pairs)
+        return (not self.mismatches and all(p.passed for p in self.pairs) and all(p.passed for p in self.other_points)
                 and all(r.passed for r in self.checks.values()))
 
     @property
     def failures(self) -> List[PairDifference]:
-        return [p for p in self.pairs if not p.passed]
+        return [p for p in self.pairs + self.other_points if not p.passed]
 
     def summary(self) -> str:
         """One line: the verdict and what disagrees."""
@@ -110,14 +120,19 @@ class Comparison:
         grads = {p.leaf for p in self.pairs if p.quantity == "gradient"}
         if self.passed:
             own = "; own checks pass" if self.checks else ""
+            points = 1 + len({p.point for p in self.other_points})
+            where = f" at {points} points" if points > 1 else ""
             return (f"passed: {len(self.implementations)} implementations agree on {len(values)} output(s) and the "
-                    f"gradients of {len(grads)} leaf/leaves{own}")
+                    f"gradients of {len(grads)} leaf/leaves{where}{own}")
         parts = []
         if self.mismatches:
             parts.append(f"{len(self.mismatches)} structural mismatch(es)")
-        failed = self.failures
+        failed = [p for p in self.pairs if not p.passed]
         if failed:
             parts.append(f"{len(failed)} of {len(self.pairs)} pairwise comparisons differ")
+        elsewhere = sorted({p.point + 1 for p in self.other_points if not p.passed})
+        if elsewhere:
+            parts.append(f"differences at point(s) {', '.join(map(str, elsewhere))} around the given inputs")
         own = [f"{label} ({', '.join(failed_rows(report)) or 'no verdict'})"
                for label, report in self.checks.items() if not report.passed]
         if own:
@@ -127,10 +142,13 @@ class Comparison:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of the whole comparison (own checks through :meth:`Report.to_dict`)."""
         data: Dict[str, Any] = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-                                if f.name not in ("checks", "pairs", "layers")}
+                                if f.name not in ("checks", "pairs", "layers", "other_points", "point_inputs")}
+        data["point_inputs"] = {str(k): {n: np.asarray(v).tolist() for n, v in inputs.items()}
+                                for k, inputs in self.point_inputs.items()}
         data["layers"] = [dict(asdict(d), sentence=d.sentence()) for d in self.layers]
         data["checks"] = {label: report.to_dict() for label, report in self.checks.items()}
         data["pairs"] = [asdict(p) for p in self.pairs]
+        data["other_points"] = [asdict(p) for p in self.other_points]
         data["passed"] = self.passed
         return data
 

@@ -51,7 +51,7 @@ class _Facts:
         self.unjudged = {label for label, report in comparison.checks.items() if report.problem is not None}
         self.disagree: Dict[Tuple[str, str], Set[frozenset]] = {}
         self.worst: Dict[Tuple[str, str], PairDifference] = {}
-        for p in comparison.pairs:
+        for p in self.pairs:
             key = (p.quantity, p.leaf)
             self.disagree.setdefault(key, set())
             if not p.passed:
@@ -63,7 +63,7 @@ class _Facts:
         self.kinks = _kink_indices(comparison.checks)
         self.kink_pairs: Dict[str, List[PairDifference]] = {}  # leaf -> pairs differing at kinks only
         self.kink_own: Dict[str, List[str]] = {}  # leaf -> labels whose own check fails at kinks only
-        for p in comparison.pairs:
+        for p in self.pairs:
             if not p.passed and p.quantity == "gradient" and self._at_kinks_only(p):
                 self.kink_pairs.setdefault(p.leaf, []).append(p)
                 self.disagree[(p.quantity, p.leaf)].discard(frozenset((p.first, p.second)))

@@ -1,0 +1,79 @@
+"""More than one point: the comparison repeated at a few points drawn around the given one.
+
+A port can agree at the given inputs and differ elsewhere (a bug that shows only at large inputs: an overflow, a
+clamp, a branch, a different approximation). After the comparison at the given point, every implementation is
+evaluated and differentiated again, with the same cotangent, at ``points - 1`` more points, and its precision is
+measured there as at the first: the inputs (never the parameters) are moved element by element to
+``x * exp(s * z)``, ``z`` standard normal from the comparison's seed, ``s`` cycling through :data:`SPREADS`, so
+signs, zeros (masks, padding) and the domain of ``log`` or ``sqrt`` are kept while magnitudes change by factors up
+to ``exp(2 s)`` or so; an input that is zero everywhere moves by ``s * z`` instead.
+
+Invariant: every implementation sees exactly the same inputs at each point, its ``x0`` is put back whatever
+happens, and a point where an implementation cannot run is skipped with a note, never counted as a disagreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from .._errors import GradbridgeError
+from .runs import ImplementationRun, evaluate_run, gradient_run, measure_precision
+
+#: The spread ``s`` of each extra point in turn (the second point uses the first spread, and so on, cycling).
+SPREADS = (0.5, 1.0, 2.0)
+
+
+def moved(value: np.ndarray, point: int, seed: int, name: str) -> np.ndarray:
+    """The input leaf ``name`` at extra point ``point`` (1, 2, ...)."""
+    spread = SPREADS[(point - 1) % len(SPREADS)]
+    rng = np.random.default_rng([seed, 17, point, zlib.crc32(name.encode())])
+    z = rng.standard_normal(value.shape)
+    if not np.any(value):
+        return value + spread * z
+    return value * np.exp(spread * z)
+
+
+def describe(points: int, seed: int) -> str:
+    """The note saying where the implementations were compared."""
+    spreads = ", ".join(f"{SPREADS[(k - 1) % len(SPREADS)]:g}" for k in range(1, points))
+    return (f"compared at {points} points: the given one and {points - 1} drawn around it (each input element x "
+            f"moved to x * exp(s z), z standard normal, seed {seed}; s = {spreads}; parameters as given)")
+
+
+def runs_at(point: int, runs: Sequence[ImplementationRun], inputs: Set[str], seed: int, cotangents: Dict[str, np.ndarray],
+            to_source: Callable[[ImplementationRun], None], drawn: Dict[str, np.ndarray]
+            ) -> Tuple[Optional[List[ImplementationRun]], Optional[str]]:
+    """Every implementation evaluated, differentiated and measured at extra point ``point``; or None and why not.
+
+    ``inputs``: the common names of the input leaves to move; ``to_source`` maps a run's gradients to the
+    layouts of ``params`` (as the comparison at the given point does); ``drawn`` receives the inputs there."""
+    moved_runs: List[ImplementationRun] = []
+    saved = [np.array(run.prepared.x0, copy=True) for run in runs]
+    try:
+        for run in runs:
+            x = np.array(run.prepared.x0, dtype=np.float64, copy=True)
+            for leaf in run.prepared.leaves:
+                name = run.common(leaf)
+                if name in inputs:
+                    x[leaf.slice] = moved(x[leaf.slice].reshape(leaf.shape), point, seed, name).reshape(-1)
+            run.prepared.x0 = x
+            if not moved_runs:
+                drawn.update({run.common(leaf): x[leaf.slice].reshape(leaf.shape) for leaf in run.prepared.leaves
+                              if run.common(leaf) in inputs})
+            at = dataclasses.replace(run, values={}, output_order=[], gradients={}, precision=None)
+            evaluate_run(at, None)
+            gradient_run(at, cotangents[run.entry.label], None)
+            measure_precision(at, cotangents[run.entry.label], seed)
+            to_source(at)
+            moved_runs.append(at)
+    except (GradbridgeError, ArithmeticError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"point {point + 1} skipped: {text}"
+    finally:
+        for run, x0 in zip(runs, saved):
+            run.prepared.x0 = x0
+    return moved_runs, None

@@ -1,0 +1,90 @@
+"""More than one point (``gb.compare(points=...)``): a port that agrees at the given inputs and differs at larger
+ones is caught at the points drawn around them; correct ports agree at every point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradbridge as gb
+from backend_matrix import require_backend
+from gradbridge._comparing.points import moved
+
+X = np.array([[0.3, -1.2, 0.8], [1.5, 0.0, -0.4]])
+
+
+def _softplus_ports(clamp_at: float = np.inf):
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    def torch_softplus(x):
+        return torch.logaddexp(x, torch.zeros_like(x)) * 2.0
+
+    def jax_softplus(x):  # a port that "protects against overflow" by clamping the input
+        return jnp.log1p(jnp.exp(jnp.minimum(x, clamp_at))) * 2.0
+
+    return {"torch": torch_softplus, "jax": jax_softplus}
+
+
+def test_a_bug_at_larger_inputs_is_caught_at_the_points_around_the_given_one() -> None:
+    ports = _softplus_ports(clamp_at=2.0)  # every |x| here is below 2: the given point cannot show it
+    assert gb.compare(ports, X, points=1).passed
+    comparison = gb.compare(ports, X)
+    assert not comparison.passed
+    assert all(p.passed for p in comparison.pairs), "the given point agrees"
+    assert comparison.failures and all(p.point >= 1 for p in comparison.failures)
+    assert any(s.startswith("at point ") and "they agree at the given point" in s for s in comparison.verdicts), \
+        comparison.verdicts
+    assert "@ point" in str(comparison) and "differences at point(s)" in comparison.summary()
+    # the point is there to reproduce it: the clamp's difference shows where an input exceeds 2
+    (point,) = {p.point + 1 for p in comparison.failures}
+    assert np.abs(comparison.point_inputs[point]["x"]).max() > 2.0
+    import json
+    json.dumps(comparison.to_dict())
+
+
+def test_correct_ports_agree_at_every_point() -> None:
+    comparison = gb.compare(_softplus_ports(), X, points=5)
+    assert comparison.passed, comparison
+    assert len({p.point for p in comparison.other_points}) == 4
+    assert "at 5 points" in comparison.summary()
+    assert any("compared at 5 points" in note for note in comparison.notes)
+
+
+def test_the_points_keep_signs_zeros_and_domains() -> None:
+    x = np.array([2.0, -3.0, 0.0, 1e-3])
+    for point in (1, 2, 3):
+        y = moved(x, point, seed=0, name="x")
+        assert np.all(np.sign(y) == np.sign(x)) and y[2] == 0.0 and not np.allclose(y, x)
+    assert np.any(moved(np.zeros(3), 1, seed=0, name="x") != 0)  # an all-zero input still moves
+    # every implementation sees the same point: the draw depends on the name, the point and the seed only
+    assert np.array_equal(moved(x, 2, seed=5, name="x"), moved(x.copy(), 2, seed=5, name="x"))
+
+
+def test_parameters_stay_as_given_and_the_given_point_is_restored() -> None:
+    require_backend("torch")
+    import torch
+
+    seen = []
+
+    def f(params, x):
+        seen.append((params["w"].detach().clone(), x.detach().clone()))
+        return torch.tanh(x * params["w"]).sum()
+
+    w = np.array([0.5, -1.0, 2.0])
+    x = np.array([1.0, 2.0, -0.5])
+    comparison = gb.compare({"torch": f, "t2": gb.Implementation(f, backend="torch")}, x, params={"w": w}, points=3,
+                            own_check=False)
+    assert comparison.passed, comparison
+    # (the precision measurement moves everything by at most 256 float32 roundings, 3e-5; the points move only
+    # the inputs, by factors)
+    assert all(np.allclose(p.numpy(), w, rtol=1e-4, atol=0) for p, _ in seen)
+    assert any(not np.allclose(v.numpy(), x, rtol=1e-2) for _, v in seen)
+
+
+def test_points_must_be_a_positive_whole_number() -> None:
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(gb.InvalidArgumentError, match="points: expected a whole number"):
+            gb.compare({"numpy": (np.sin, np.cos), "np2": gb.Implementation(np.sin, np.cos, "numpy")}, X, points=bad)
