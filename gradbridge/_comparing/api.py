@@ -25,6 +25,7 @@ from . import points as points_module
 from .differences import conversion_notes, coverage_notes, describe_tolerance, _pairs, select, tolerances
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .layer_runs import trace_layers
+from .randomness import random_implementations
 from .layers import LayerDivergence, divergences, layer_sentences
 from .result import Comparison
 from .runs import ImplementationRun, _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
@@ -196,7 +197,9 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
         tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences)
-    comparison.verdicts = _verdicts(comparison, runs)
+    random = (random_implementations(runs, at) if any(p.quantity == "value" and not p.passed for p in pairs)
+              else {})
+    comparison.verdicts = _verdicts(comparison, runs, random)
     if points > 1:
         inputs = {name for run in runs for name in run.leaf_names if name not in (numpy_params or {})}
         _extra_points(comparison, runs, points, inputs, seed, cotangents, to_source, selected, rtol_value, atol_value)

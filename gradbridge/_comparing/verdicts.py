@@ -16,6 +16,7 @@ from .differences import leaf_order
 from .result import Comparison, PairDifference
 from .patterns import describe
 from .render import joined, element_at, quoted
+from .randomness import randomness_sentence
 from .runs import ImplementationRun
 
 # --- verdicts ---
@@ -143,12 +144,21 @@ def _kink_sentence(facts: "_Facts", leaf: str) -> str:
             "align the conventions if they matter to you")
 
 
-def _verdicts(comparison: Comparison, runs: Sequence[ImplementationRun]) -> List[str]:
+def _verdicts(comparison: Comparison, runs: Sequence[ImplementationRun],
+              random: Optional[Mapping[str, List[str]]] = None) -> List[str]:
     """Plain sentences: which side is wrong, on what, and where to look. Also fills ``comparison.patterns``
-    (the shapes of the failing pairs' differences), drawn from the same facts."""
+    (the shapes of the failing pairs' differences), drawn from the same facts. ``random``: implementations whose
+    outputs change with the seed (:mod:`.randomness`): their disagreements are explained as randomness."""
     facts = _Facts(comparison, runs)
-    comparison.patterns = _patterns(facts)
     sentences = list(comparison.mismatches)
+    if random:
+        sentences.append(randomness_sentence(random, comparison.implementations))
+        for disagree in facts.disagree.values():
+            for pair in list(disagree):
+                if pair & set(random):
+                    disagree.discard(pair)
+        facts.pairs = [p for p in facts.pairs if p.first not in random and p.second not in random]
+    comparison.patterns = _patterns(facts)
     forward_suspects, value_sentences = _value_verdicts(facts)
     sentences.extend(value_sentences)
     sentences.extend(_gradient_verdicts(facts, forward_suspects))
