@@ -11,6 +11,7 @@ are imported only when a check needs them.
 from ._api import assert_check, check, clear_cache
 from ._cli.cases import case
 from ._comparing import Comparison, Implementation, PairDifference, compare
+from ._comparing.mapping import Layout, channels_last
 from ._errors import (BackendNotAvailableError, FunctionEvaluationError, GradbridgeError, GradientCheckError,
                       InvalidArgumentError, ModeUnsupportedError)
 from ._reporting.export import write_html, write_json
@@ -24,5 +25,5 @@ __all__ = [
     "check", "assert_check", "clear_cache", "Report", "RowResult", "WorstElement", "GradbridgeError", "GradientCheckError",
     "InvalidArgumentError", "BackendNotAvailableError", "FunctionEvaluationError", "ModeUnsupportedError",
     "StepSweep", "__version__", "case", "compare", "Comparison", "Implementation", "PairDifference",
-    "print_report", "write_json", "write_html", "tap",
+    "print_report", "write_json", "write_html", "tap", "Layout", "channels_last",
 ]

@@ -12,7 +12,7 @@ adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this pa
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
 
 
 from .. import _hooks
@@ -41,7 +41,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             kwargs: Optional[Mapping[str, Any]] = None, wrt: Any = None, seed: int = SEED,
             rtol: Optional[float] = None, atol: Optional[float] = None, own_check: bool = True,
             name: Optional[str] = None, param_map: Optional[Mapping[str, Mapping[str, str]]] = None,
-            param_templates: Optional[Mapping[str, Any]] = None, layers: bool = False, points: int = 3,
+            param_templates: Optional[Mapping[str, Any]] = None, layouts: Optional[Mapping[str, Any]] = None,
+            layers: bool = False, points: int = 3,
             **check_options: Any) -> Comparison:
     """Run the same inputs through several implementations of one function and say which side is wrong.
 
@@ -117,6 +118,10 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             running statistics <-> moving statistics, paired by layer name, else by layer order and shape.
         param_templates: ``{label: nested mapping}``: how a plain function (a JAX function of a flax-style
             parameter tree) takes its parameters, when its names cannot be read from ``params`` itself.
+        layouts: ``{label: gb.channels_last()}``: an implementation that takes its images (and returns its
+            outputs, ``gb.channels_last(outputs=("out",))``) channels-last (N, H, W, C) where the others use
+            channels-first (N, C, H, W); its inputs are transposed for it, its outputs and gradients back, so
+            everything is compared in one layout. :class:`gradbridge.Layout` gives any other permutation.
         layers: also compare layer by layer and say where each pair of implementations first diverges: the
             first layer whose outputs differ, or, when every layer's output agrees, the layer whose backward pass
             differs (from the gradients flowing into each layer's output, with the same cotangent). The layers
@@ -168,28 +173,44 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     if mapped:
         bindings = [mapped[entry.label].rename(binding) for entry, binding in zip(entries, bindings)]
     arg_names = common_argument_names(bindings, len(args))
-    runs = [start_run(entry, binding, inputs, arg_names, options, seed, at[entry.label])
+    unknown = [k for k in (layouts or {}) if k not in {e.label for e in entries}]
+    if unknown:
+        raise InvalidArgumentError(f"layouts: {unknown[0]!r} is not one of the implementations' labels "
+                                   f"({', '.join(e.label for e in entries)})")
+    arrangers = {e.label: mapping.Arranger(_layout_of(layouts, e.label), arg_names) for e in entries}
+    runs = [start_run(entry, binding, inputs, arg_names, options, seed, at[entry.label],
+                      arrange=lambda i, a, label=entry.label: arrangers[label].arrange(i, a, arg_names))
             for entry, binding in zip(entries, bindings)]
     selected = select(wrt, runs, arg_names)
-    for run in runs:
-        evaluate_run(run, at[run.entry.label])
-    cotangents, output_notes, mismatches = _cotangents(runs, seed)
 
-    def to_source(run: ImplementationRun) -> None:  # gradients in the names and layouts of params
+    def common_values(run: ImplementationRun) -> None:  # outputs in the common layout (NCHW where others use it)
+        run.values = arrangers[run.entry.label].outputs_from(run.values)
+
+    def finish(run: ImplementationRun) -> None:  # gradients and magnitudes in the names and layouts of params
+        arranger = arrangers[run.entry.label]
         if mapped:
             run.gradients = mapped[run.entry.label].gradients_to_source(run.gradients)
             run.precision.gradients = mapped[run.entry.label].gradients_to_source(run.precision.gradients)
+        run.gradients = arranger.inputs_from(run.gradients)
+        run.precision.gradients = arranger.inputs_from(run.precision.gradients)
+        run.precision.values = arranger.outputs_from(run.precision.values)
 
+    for run in runs:
+        evaluate_run(run, at[run.entry.label])
+        common_values(run)
+    cotangents, output_notes, mismatches = _cotangents(
+        runs, seed, lambda label, name, block: arrangers[label].layout.output_to_implementation(name, block))
     for run in runs:
         gradient_run(run, cotangents[run.entry.label], at[run.entry.label])
         measure_precision(run, cotangents[run.entry.label], seed)  # in the implementation's own layouts
-        to_source(run)
+        finish(run)
     notes = conversion_notes(source, numpy_params, runs) + output_notes
     pairs, pair_tolerances = _pairs(runs, selected, rtol_value, atol_value)
     notes.extend(coverage_notes(runs, selected))
     notes.extend(b.note for b in bindings if b.note)
     notes.extend(m.note for m in (mapped or {}).values() if m.note)
-    layer_divergences = _layer_divergences(runs, cotangents, seed, at, rtol_value, atol_value, notes) if layers else []
+    layer_divergences = (_layer_divergences(runs, cotangents, seed, at, rtol_value, atol_value, notes, arrangers)
+                         if layers else [])
     checks = ({run.entry.label: _own_check(run, options, selected, at[run.entry.label]) for run in runs}
               if own_check else {})
     comparison = Comparison(
@@ -197,19 +218,34 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
         tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences)
-    random = (random_implementations(runs, at) if any(p.quantity == "value" and not p.passed for p in pairs)
+    random = (random_implementations(runs, at, common_values) if any(p.quantity == "value" and not p.passed for p in pairs)
               else {})
     comparison.verdicts = _verdicts(comparison, runs, random)
     if points > 1:
         inputs = {name for run in runs for name in run.leaf_names if name not in (numpy_params or {})}
-        _extra_points(comparison, runs, points, inputs, seed, cotangents, to_source, selected, rtol_value, atol_value)
+        _extra_points(comparison, runs, points, inputs, seed, cotangents, (arrangers, common_values, finish), selected,
+                      rtol_value, atol_value)
     comparison.seconds = time.perf_counter() - started
     _hooks.notify(comparison)
     return comparison
 
 
+def _layout_of(layouts: Optional[Mapping[str, Any]], label: str) -> Optional[mapping.Layout]:
+    """The layout given for ``label`` (validated), or None."""
+    if layouts is None:
+        return None
+    if not isinstance(layouts, Mapping):
+        raise InvalidArgumentError(f"layouts: expected a mapping of label -> gb.channels_last() (or gb.Layout), got "
+                                   f"{type(layouts).__name__}")
+    value = layouts.get(label)
+    if value is not None and not isinstance(value, mapping.Layout):
+        raise InvalidArgumentError(f"layouts[{label!r}]: expected gb.channels_last(...) or gb.Layout(...), got "
+                                   f"{type(value).__name__}")
+    return value
+
+
 def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], points: int, inputs: Set[str],
-                  seed: int, cotangents: Mapping[str, Any], to_source: Callable[[ImplementationRun], None],
+                  seed: int, cotangents: Mapping[str, Any], conversions: Tuple[Any, Callable, Callable],
                   selected: Optional[Set[str]], rtol: Optional[float], atol: Optional[float]) -> None:
     """The comparison repeated at ``points - 1`` points around the given one (:mod:`.points`): their pairs go to
     ``comparison.other_points`` (``point`` 1, 2, ...); where one differs, a verdict says at which point and how."""
@@ -217,7 +253,7 @@ def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], poi
     failing_at: List[int] = []
     for point in range(1, points):
         drawn: dict = {}
-        moved_runs, why = points_module.runs_at(point, runs, inputs, seed, dict(cotangents), to_source, drawn)
+        moved_runs, why = points_module.runs_at(point, runs, inputs, seed, dict(cotangents), conversions, drawn)
         comparison.point_inputs[point + 1] = drawn
         if moved_runs is None:
             comparison.notes.append(why or f"point {point + 1} skipped")
@@ -243,12 +279,18 @@ def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], poi
 
 def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[str, Any], seed: int,
                        at: Mapping[str, Any], rtol: Optional[float], atol: Optional[float],
-                       notes: List[str]) -> List[LayerDivergence]:
+                       notes: List[str], arrangers: Mapping[str, Any]) -> List[LayerDivergence]:
     """Each pair's first diverging layer (:mod:`.layers`); implementations without layers are named in ``notes``."""
     traces = []
     for run in runs:
         trace, note = trace_layers(run, cotangents[run.entry.label], seed, at[run.entry.label])
         if trace is not None:
+            arranger = arrangers[run.entry.label]  # a channels-last implementation's activations, channels-first
+            trace.values = [arranger.activation_from(v) for v in trace.values]
+            trace.gradients = [None if g is None else arranger.activation_from(g) for g in trace.gradients]
+            trace.value_magnitudes = [None if m is None else arranger.activation_from(m) for m in trace.value_magnitudes]
+            trace.gradient_magnitudes = [None if m is None else arranger.activation_from(m)
+                                         for m in trace.gradient_magnitudes]
             traces.append(trace)
         if note:
             notes.append(note)

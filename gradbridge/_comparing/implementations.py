@@ -148,10 +148,26 @@ class SharedInputs:
 
     def __init__(self, args: Sequence[Any], kwargs: Mapping[str, Any], source: Set[str]) -> None:
         self.args, self._rebuild_args = _to_numpy_tree(tuple(args), "args", source)
+        self._paths = [leaf.path for leaf in flatten(tuple(args), "args", _is_array_leaf)[0]]
         self.kwargs, self._rebuild_kwargs = _to_numpy_tree(dict(kwargs), "kwargs", source)
 
-    def native(self, entry: "ImplementationEntry") -> Tuple[tuple, Dict[str, Any]]:
-        return _native(entry, self.args, self._rebuild_args), _native(entry, self.kwargs, self._rebuild_kwargs)
+    def native(self, entry: "ImplementationEntry", arrange: Optional[Callable[[int, np.ndarray], np.ndarray]] = None
+               ) -> Tuple[tuple, Dict[str, Any]]:
+        """The arguments as ``entry``'s arrays; ``arrange(position, array)`` lays out each top-level positional
+        array as the implementation takes it (a channels-last implementation's images)."""
+        args = list(self.args)
+        if arrange is not None:
+            for k, path in enumerate(self._paths):
+                position = _top_position(path)
+                if position is not None and isinstance(args[k], np.ndarray):
+                    args[k] = arrange(position, args[k])
+        return _native(entry, args, self._rebuild_args), _native(entry, self.kwargs, self._rebuild_kwargs)
+
+
+def _top_position(path: str) -> Optional[int]:
+    """``i`` for the path of a top-level positional argument (``args[i]``), else None."""
+    inner = path[len("args["):-1] if path.startswith("args[") and path.endswith("]") else ""
+    return int(inner) if inner.isdigit() else None
 
 
 def params_to_numpy(params: Any, source: Set[str]) -> Optional[Dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -45,30 +45,35 @@ def describe(points: int, seed: int) -> str:
 
 
 def runs_at(point: int, runs: Sequence[ImplementationRun], inputs: Set[str], seed: int, cotangents: Dict[str, np.ndarray],
-            to_source: Callable[[ImplementationRun], None], drawn: Dict[str, np.ndarray]
+            conversions: Tuple[Dict[str, Any], Callable[[ImplementationRun], None], Callable[[ImplementationRun], None]],
+            drawn: Dict[str, np.ndarray]
             ) -> Tuple[Optional[List[ImplementationRun]], Optional[str]]:
     """Every implementation evaluated, differentiated and measured at extra point ``point``; or None and why not.
 
-    ``inputs``: the common names of the input leaves to move; ``to_source`` maps a run's gradients to the
-    layouts of ``params`` (as the comparison at the given point does); ``drawn`` receives the inputs there."""
+    ``inputs``: the common names of the input leaves to move; ``conversions``: each label's layout arranger, and
+    the functions turning a run's values, then its gradients and magnitudes, to the common names and layouts (as at
+    the given point); ``drawn`` receives the inputs there (common layout)."""
+    arrangers, common_values, finish = conversions
     moved_runs: List[ImplementationRun] = []
     saved = [np.array(run.prepared.x0, copy=True) for run in runs]
     try:
         for run in runs:
             x = np.array(run.prepared.x0, dtype=np.float64, copy=True)
+            arranger = arrangers[run.entry.label]
             for leaf in run.prepared.leaves:
                 name = run.common(leaf)
-                if name in inputs:
-                    x[leaf.slice] = moved(x[leaf.slice].reshape(leaf.shape), point, seed, name).reshape(-1)
+                if name in inputs:  # drawn in the common layout, so every implementation gets the same point
+                    common = moved(arranger.input_from(name, x[leaf.slice].reshape(leaf.shape)), point, seed, name)
+                    x[leaf.slice] = arranger.input_to(name, common).reshape(-1)
+                    if not moved_runs:
+                        drawn[name] = common
             run.prepared.x0 = x
-            if not moved_runs:
-                drawn.update({run.common(leaf): x[leaf.slice].reshape(leaf.shape) for leaf in run.prepared.leaves
-                              if run.common(leaf) in inputs})
             at = dataclasses.replace(run, values={}, output_order=[], gradients={}, precision=None)
             evaluate_run(at, None)
+            common_values(at)
             gradient_run(at, cotangents[run.entry.label], None)
             measure_precision(at, cotangents[run.entry.label], seed)
-            to_source(at)
+            finish(at)
             moved_runs.append(at)
     except (GradbridgeError, ArithmeticError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

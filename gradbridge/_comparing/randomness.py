@@ -13,7 +13,7 @@ round-off at the compared point); the extra evaluation never changes its run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +25,8 @@ from .runs import ImplementationRun, evaluate_run, _prepare
 OTHER_SEED = 7919
 
 
-def seed_dependent(run: ImplementationRun, params: Optional[Dict[str, np.ndarray]]) -> List[str]:
+def seed_dependent(run: ImplementationRun, params: Optional[Dict[str, np.ndarray]],
+                   common_values: Callable[[ImplementationRun], None]) -> List[str]:
     """The outputs of ``run`` that change when its random generators are seeded differently (empty: none, or it
     could not be told)."""
     other = ImplementationRun(run.entry, run.binding)
@@ -33,6 +34,7 @@ def seed_dependent(run: ImplementationRun, params: Optional[Dict[str, np.ndarray
     try:
         other.prepared = _prepare(other, None, params)
         evaluate_run(other, params)
+        common_values(other)
     except (GradbridgeError, Exception):  # the question is an aid to the verdict: no answer means no claim
         return []
     eps = run.precision.eps if run.precision is not None else float(np.finfo(np.float64).eps)
@@ -40,12 +42,13 @@ def seed_dependent(run: ImplementationRun, params: Optional[Dict[str, np.ndarray
             if name in other.values and disagreement(run.values[name], other.values[name], eps, rows=False)]
 
 
-def random_implementations(runs: Sequence[ImplementationRun], params: Dict[str, Optional[Dict[str, np.ndarray]]]
-                           ) -> Dict[str, List[str]]:
-    """``{label: outputs that change with the seed}`` for every implementation with such outputs."""
+def random_implementations(runs: Sequence[ImplementationRun], params: Dict[str, Optional[Dict[str, np.ndarray]]],
+                           common_values: Callable[[ImplementationRun], None]) -> Dict[str, List[str]]:
+    """``{label: outputs that change with the seed}`` for every implementation with such outputs
+    (``common_values`` lays a run's outputs out as the comparison's are)."""
     found = {}
     for run in runs:
-        changed = seed_dependent(run, params[run.entry.label])
+        changed = seed_dependent(run, params[run.entry.label], common_values)
         if changed:
             found[run.entry.label] = changed
     return found

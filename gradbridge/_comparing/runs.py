@@ -46,10 +46,12 @@ class ImplementationRun:
         return self.binding.names.get(leaf.name, leaf.name)
 
 
-def start_run(entry: ImplementationEntry, binding: ParamBinding, inputs: SharedInputs, arg_names: Tuple[str, ...], options: Options,
-           seed: int, params: Optional[Dict[str, np.ndarray]]) -> ImplementationRun:
-    """The implementation's check spec (its own arrays, the parameters as it takes them) and prepared function."""
-    args, kwargs = inputs.native(entry)
+def start_run(entry: ImplementationEntry, binding: ParamBinding, inputs: SharedInputs, arg_names: Tuple[str, ...],
+              options: Options, seed: int, params: Optional[Dict[str, np.ndarray]],
+              arrange: Optional[Callable[[int, np.ndarray], np.ndarray]] = None) -> ImplementationRun:
+    """The implementation's check spec (its own arrays, laid out by ``arrange``; the parameters as it takes
+    them) and prepared function."""
+    args, kwargs = inputs.native(entry, arrange)
     run = ImplementationRun(entry, binding)
     run.spec = CheckSpec(fn=binding.fn, args=tuple(binding.leading_args) + tuple(args), kwargs=kwargs,
                          params=binding.params, wrt=None, grad=binding.grad, seed=seed, train=options.train,
@@ -329,7 +331,9 @@ def _moved_gradients(run: ImplementationRun, x0: np.ndarray, signs: np.ndarray, 
     return {run.common(leaf): response[leaf.slice].reshape(leaf.shape) for leaf in prepared.leaves}
 
 
-def _cotangents(runs: Sequence[ImplementationRun], seed: int) -> Tuple[Dict[str, np.ndarray], List[str], List[str]]:
+def _cotangents(runs: Sequence[ImplementationRun], seed: int,
+                to_implementation: Optional[Callable[[str, str, np.ndarray], np.ndarray]] = None
+                ) -> Tuple[Dict[str, np.ndarray], List[str], List[str]]:
     """One cotangent per implementation (laid out as its outputs), shared by output name; notes; mismatches.
 
     Outputs are matched by name, whatever order each implementation returns them in. Only outputs every
@@ -363,7 +367,9 @@ def _cotangents(runs: Sequence[ImplementationRun], seed: int) -> Tuple[Dict[str,
                      f"cotangent (standard normal, seed {seed}) shared by all implementations")
     result = {}
     for run in runs:
-        parts = [blocks[n].reshape(-1) if n in blocks else np.zeros(run.values[n].size) for n in run.output_order]
+        arranged = {n: to_implementation(run.entry.label, n, block) if to_implementation else block
+                    for n, block in blocks.items()}  # laid out as the implementation returns the output
+        parts = [arranged[n].reshape(-1) if n in blocks else np.zeros(run.values[n].size) for n in run.output_order]
         result[run.entry.label] = np.concatenate(parts)
     return result, notes, mismatches
 

@@ -6,7 +6,7 @@ Invariant: a layout only permutes axes, and converting there and back is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import (Any, Mapping, Sequence, Tuple)
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,3 +67,50 @@ def channels_last(inputs: Sequence[Any] = (0,), outputs: Sequence[str] = ()) -> 
     others use channels-first (N, C, *spatial): ``inputs`` are argument positions or names, ``outputs`` output
     names (``out``, ``out[0]``)."""
     return Layout({key: channels_last_axes for key in inputs}, {name: channels_last_axes for name in outputs})
+
+
+class Arranger:
+    """One implementation's :class:`Layout` applied to a comparison's runs, by the common argument names.
+
+    ``arg_names`` are the user's positional arguments' common names; a layout key may be a position or a name.
+    Values, gradients and measured magnitudes are turned to the common layout once computed (outputs after
+    evaluation; input gradients and magnitudes after the precision measurement), cotangents to the
+    implementation's before its VJP, inputs before conversion to its arrays."""
+
+    def __init__(self, layout: Optional[Layout], arg_names: Sequence[str]) -> None:
+        self.layout = layout if layout is not None else Layout()
+        self.keys: Dict[str, Any] = {}
+        for position, name in enumerate(arg_names):
+            for key in (position, name):
+                if key in self.layout.inputs:
+                    self.keys[name] = key
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether it takes some input channels-last (its images, and its layers' activations, are (N, ..., C))."""
+        return any(spec is channels_last_axes for spec in self.layout.inputs.values())
+
+    def arrange(self, position: int, array: np.ndarray, arg_names: Sequence[str]) -> np.ndarray:
+        name = arg_names[position] if position < len(arg_names) else None
+        key = self.keys.get(name) if name is not None else None
+        return array if key is None else self.layout.input_to_implementation(key, array)
+
+    def input_to(self, name: str, array: np.ndarray) -> np.ndarray:
+        key = self.keys.get(name)
+        return array if key is None else self.layout.input_to_implementation(key, array)
+
+    def input_from(self, name: str, array: np.ndarray) -> np.ndarray:
+        key = self.keys.get(name)
+        return array if key is None else self.layout.input_from_implementation(key, array)
+
+    def outputs_from(self, values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return {name: self.layout.output_from_implementation(name, v) for name, v in values.items()}
+
+    def inputs_from(self, gradients: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return {name: self.input_from(name, g) for name, g in gradients.items()}
+
+    def activation_from(self, array: np.ndarray) -> np.ndarray:
+        """A layer's activation in the common layout: channels-first for a channels-last implementation's images."""
+        if not self.channels_last or np.ndim(array) < 3:
+            return array
+        return np.ascontiguousarray(np.transpose(array, inverse(channels_last_axes(np.ndim(array)))))
