@@ -21,22 +21,25 @@ T = TypeVar("T")
 
 
 class Taps:
-    """The taps of one call: names (a name tapped again gets ``#2``, ``#3``), values, and whether each is an
-    adapter's layer whose activation is applied inside it (a Keras ``Dense(activation=...)``)."""
+    """The taps of one call: names (a name tapped again gets ``#2``, ``#3``), values, whether each is an
+    adapter's layer whose activation is applied inside it (a Keras ``Dense(activation=...)``), and the layer's
+    settings an adapter reads (``{"eps": 1e-5}``, ``{"approximate": "tanh"}``), in common names."""
 
     def __init__(self, deltas: Sequence[Any]) -> None:
         self.deltas = deltas
         self.names: List[str] = []
         self.values: List[Any] = []
         self.fused: List[bool] = []
+        self.settings: List[Dict[str, Any]] = []
         self._seen: Dict[str, int] = {}
 
-    def take(self, name: str, value: Any, fused: bool = False) -> Any:
+    def take(self, name: str, value: Any, fused: bool = False, settings: Optional[Dict[str, Any]] = None) -> Any:
         count = self._seen[name] = self._seen.get(name, 0) + 1
         index = len(self.values)
         self.names.append(name if count == 1 else f"{name}#{count}")
         self.values.append(value)
         self.fused.append(fused)
+        self.settings.append(dict(settings or {}))
         if not self.deltas:
             return value
         if index >= len(self.deltas):

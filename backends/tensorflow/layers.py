@@ -8,7 +8,7 @@ may match it with another framework's separate activation layer.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import tensorflow as tf
 
@@ -24,6 +24,31 @@ def _fused(layer: Any) -> bool:
     return activation is not None and getattr(activation, "__name__", "") != "linear"
 
 
+def settings(layer: Any) -> Dict[str, Any]:
+    """A layer's settings that ports get wrong, in the torch adapter's common names: ``eps`` of a normalisation
+    (Keras' ``epsilon``), ``activation`` (``gelu`` is Keras' exact GELU, ``gelu_tanh`` its approximation),
+    ``negative_slope``."""
+    found: Dict[str, Any] = {}
+    epsilon = getattr(layer, "epsilon", None)
+    if isinstance(epsilon, float) and "Normalization" in type(layer).__name__:
+        found["eps"] = epsilon
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", None)
+    if name and name != "linear":
+        found["activation"] = _ACTIVATION_NAMES.get(name, name)
+    if type(layer).__name__ in _ACTIVATION_LAYERS:
+        found["activation"] = _ACTIVATION_LAYERS[type(layer).__name__]
+    slope = getattr(layer, "negative_slope", None)
+    if isinstance(slope, float):
+        found["negative_slope"] = slope
+    return found
+
+
+#: Keras activation functions and layers by the torch adapter's common names.
+_ACTIVATION_NAMES = {"swish": "silu"}
+_ACTIVATION_LAYERS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu", "Softmax": "softmax"}
+
+
 def _tapped(operation: Any) -> Any:
     keras = compat.loaded_keras()
     if not isinstance(operation, keras.layers.Layer) or isinstance(operation, compat.input_layer_type()):
@@ -34,7 +59,7 @@ def _tapped(operation: Any) -> Any:
         taps = active()
         if taps is None or not tf.is_tensor(output) or not output.dtype.is_floating:
             return output
-        return taps.take(operation.name, output, _fused(operation))
+        return taps.take(operation.name, output, _fused(operation), settings(operation))
 
     return call
 

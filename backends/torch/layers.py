@@ -8,11 +8,32 @@ restores it as it does the model itself.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from gradbridge._taps import active
+
+
+#: Activation modules by the common name of their function (the Keras adapter uses the same names).
+_ACTIVATIONS = {"Tanh": "tanh", "ReLU": "relu", "Sigmoid": "sigmoid", "SiLU": "silu", "Softplus": "softplus",
+                "ELU": "elu", "LeakyReLU": "leaky_relu", "Mish": "mish", "Hardswish": "hard_silu", "SELU": "selu"}
+
+
+def settings(module: torch.nn.Module) -> Dict[str, Any]:
+    """A layer's settings that ports get wrong, in common names: ``eps`` of a normalisation, ``activation`` (with
+    GELU's approximation: ``gelu`` exact, ``gelu_tanh``), ``negative_slope``."""
+    found: Dict[str, Any] = {}
+    eps = getattr(module, "eps", None)
+    if isinstance(eps, float) and "Norm" in type(module).__name__:
+        found["eps"] = eps
+    if isinstance(module, torch.nn.GELU):
+        found["activation"] = "gelu" if module.approximate == "none" else f"gelu_{module.approximate}"
+    elif type(module).__name__ in _ACTIVATIONS and type(module).__module__.startswith("torch.nn"):
+        found["activation"] = _ACTIVATIONS[type(module).__name__]
+    if isinstance(module, torch.nn.LeakyReLU):
+        found["negative_slope"] = module.negative_slope
+    return found
 
 
 class LayerTapped(torch.nn.Module):
@@ -35,7 +56,7 @@ class LayerTapped(torch.nn.Module):
                 taps = active()
                 if taps is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
                     return None
-                return taps.take(name, output)
+                return taps.take(name, output, settings=settings(module))
             return hook
 
         try:

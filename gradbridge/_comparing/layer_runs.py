@@ -36,11 +36,12 @@ class Layered:
     def __init__(self) -> None:
         self.names: List[str] = []
         self.fused: List[bool] = []
+        self.settings: List[Dict[str, Any]] = []
 
     def __call__(self, call: Callable[..., Any], deltas: Tuple[Any, ...], *args: Any, **kwargs: Any) -> Any:
         with tapping(tuple(deltas)) as taps:
             out = call(*args, **kwargs)
-        self.names, self.fused = list(taps.names), list(taps.fused)
+        self.names, self.fused, self.settings = list(taps.names), list(taps.fused), list(taps.settings)
         return out, tuple(taps.values)
 
 
@@ -57,6 +58,7 @@ class LayerTrace:
     value_magnitudes: List[Optional[np.ndarray]] = field(default_factory=list)
     gradient_magnitudes: List[Optional[np.ndarray]] = field(default_factory=list)
     run: Optional[ImplementationRun] = None
+    settings: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def _layered_function(run: ImplementationRun, layered: Layered) -> Callable[..., Any]:
@@ -120,7 +122,8 @@ def trace_layers(run: ImplementationRun, cotangent: np.ndarray, seed: int,
     return LayerTrace(
         label, names, fused, [full.values[found[i]] for i in range(len(names))], gradient,
         [precision.values.get(found[i]) for i in range(len(names))],
-        [precision.gradients.get(f"{LAYERS_ARGUMENT}[{i}]") for i in range(len(names))], full), None
+        [precision.gradients.get(f"{LAYERS_ARGUMENT}[{i}]") for i in range(len(names))], full,
+        list(layered.settings)), None
 
 
 def _layered_run(run: ImplementationRun, fn: Callable[..., Any], deltas: Tuple[Any, ...],

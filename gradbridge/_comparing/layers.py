@@ -46,6 +46,7 @@ class LayerDivergence:
         max_rel_diff: the largest relative difference there.
         unpaired: layers of either side that could not be paired.
         notes: pairings worth saying (a fused activation matched to a separate layer).
+        settings: the diverging layers' settings that differ, in words (``eps 1e-05 (torch) vs 0.001 (keras)``).
     """
 
     first: str
@@ -57,6 +58,7 @@ class LayerDivergence:
     culprit: Optional[Tuple[str, str]] = None
     unpaired: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    settings: List[str] = field(default_factory=list)
 
     def sentence(self) -> str:
         names = f"{self.first} and {self.second}"
@@ -67,9 +69,10 @@ class LayerDivergence:
         if self.quantity == "value":
             before = (f"after {len(self.agreeing)} agreeing layer(s) (last: {self.agreeing[-1][0]!r})"
                       if self.agreeing else "at the first paired layer")
+            cause = (f"their settings differ: {', '.join(self.settings)}" if self.settings else
+                     "the bug is in that layer or its weights (layout, a missing term, an epsilon, an axis)")
             return (f"layer by layer, {names} first diverge at the output of layer {where}, {before}: relative "
-                    f"difference {self.max_rel_diff:.2e}; the bug is in that layer or its weights (layout, a missing "
-                    f"term, an epsilon, an axis){left}")
+                    f"difference {self.max_rel_diff:.2e}; {cause}{left}")
         culprit = (f"the backward pass of layer {_both(self.culprit, self.first, self.second)} differs (the gradients "
                    "flowing into its output agree, those flowing out of it do not)" if self.culprit is not None else
                    "the backward pass of what follows it differs")
@@ -154,7 +157,7 @@ def first_divergence(one: LayerTrace, other: LayerTrace, rtol: Optional[float] =
             fused = _fused_match(judge, one, other, i, j, paired_first, paired_second)
             if fused is None:
                 return LayerDivergence(one.label, other.label, "value", agreeing, (one.names[i], other.names[j]),
-                                       rel, unpaired=unpaired)
+                                       rel, unpaired=unpaired, settings=_differing_settings(one, other, i, j))
             i, j, note = fused
             pairs[position] = (i, j)
             notes.append(note)
@@ -197,6 +200,22 @@ def _fused_match(judge: _Judge, one: LayerTrace, other: LayerTrace, i: int, j: i
                         f"{partner.names[b]!r}")
                 return first_index, second_index, note
     return None
+
+
+def _differing_settings(one: LayerTrace, other: LayerTrace, i: int, j: int) -> List[str]:
+    """The settings both layers report (in common names) whose values differ, in words."""
+    first = one.settings[i] if i < len(one.settings) else {}
+    second = other.settings[j] if j < len(other.settings) else {}
+    found = []
+    for key in first:
+        if key not in second:
+            continue
+        a, b = first[key], second[key]
+        same = (np.isclose(a, b, rtol=1e-9, atol=0) if isinstance(a, (int, float)) and isinstance(b, (int, float))
+                and not isinstance(a, bool) and not isinstance(b, bool) else a == b)
+        if not same:
+            found.append(f"{key} {a!r} ({one.label}) vs {b!r} ({other.label})")
+    return found
 
 
 def divergences(traces: Sequence[LayerTrace], rtol: Optional[float], atol: Optional[float]) -> List[LayerDivergence]:

@@ -101,6 +101,11 @@ def test_a_wrong_layernorm_epsilon_is_found_at_the_norm_layer(buggy) -> None:
     other = "jax" if buggy == "keras" else "keras"
     assert _between(comparison, *sorted(("torch", other), key=list(implementations).index)).layer is None
     assert "first diverge at the output of layer 'norm'" in str(comparison)
+    if buggy == "keras":  # both adapters read the layer's epsilon: the report names the setting
+        assert divergence.settings == ["eps 1e-05 (torch) vs 0.001 (keras)"], divergence.sentence()
+        assert "their settings differ: eps 1e-05 (torch) vs 0.001 (keras)" in divergence.sentence()
+    else:  # a plain function's taps carry no settings: the layer is named, the cause left open
+        assert divergence.settings == [] and "the bug is in that layer" in divergence.sentence()
 
 
 def test_a_wrong_backward_inside_one_layer_is_named() -> None:
@@ -173,3 +178,21 @@ def test_layers_pair_by_name_then_by_shape() -> None:
     b = [("Encoder/FC1", np.zeros((2, 3))), ("dense_7", np.zeros((2, 1))), ("extra", np.zeros((4,)))]
     pairs, unpaired = pair_layers(a, b)
     assert pairs == [(0, 0), (1, 1)] and unpaired == ["extra"]
+
+
+def test_gelu_tanh_against_exact_gelu_is_named_as_the_activation_setting() -> None:
+    require_backend("torch")
+    import torch
+
+    keras = pytest.importorskip("keras")
+    model = torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(4, 5), act=torch.nn.GELU(approximate="tanh"),
+                                            out=torch.nn.Linear(5, 2)))
+    port = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="fc1"),
+                             keras.layers.Activation("gelu", name="act"), keras.layers.Dense(2, name="out")])
+    params = {k: v for k, v in PARAMS.items() if k.split(".")[0] in ("fc1", "out")}
+    comparison = gb.compare({"torch": model, "keras": gb.Implementation(port, backend="tensorflow")}, 3 * X,
+                            params=params, layers=True, own_check=False, points=1)
+    assert not comparison.passed
+    (divergence,) = comparison.layers
+    assert divergence.layer == ("act", "act")
+    assert divergence.settings == ["activation 'gelu_tanh' (torch) vs 'gelu' (keras)"], divergence.sentence()
