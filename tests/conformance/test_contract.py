@@ -230,3 +230,36 @@ def test_the_registry_names_each_backend_and_how_to_install_it() -> None:
         assert _registry.resolve_name(entry.name) == entry.name
         assert all(_registry.resolve_name(alias) == entry.name for alias in entry.aliases)
         assert entry.install_hint.startswith("pip install")
+
+
+def test_layer_taps_are_offered_as_the_table_says(backend: str) -> None:
+    from gradbridge._adapter import LayerTaps, ParamBinding, offered
+
+    adapter = _registry.get_adapter(backend)
+    with_taps = offered(adapter, LayerTaps, "with_layer_taps")
+    assert (with_taps is not None) == CAPABILITY_TABLE[backend]["layer_taps"]
+    if with_taps is not None:  # a plain function has no layers the adapter can see: the user's gb.tap calls count
+        fn, _, _ = make_op(backend, _forward, _backward)
+        assert with_taps(ParamBinding(fn=fn), lambda call, layers, *a: call(*a)) is None
+
+
+def test_a_tapped_plain_function_is_compared_layer_by_layer(backend: str) -> None:
+    """Every backend that differentiates a plain function gives its gb.tap values and the gradients flowing into
+    them; a hand-written NumPy gradient cannot, and is named in a note."""
+    fn, to_native, options = make_op(backend, _forward, _backward)
+    grad = options.get("grad")
+
+    def tapped(x, w):
+        return gb.tap("inner", fn(x, w)) * 2.0
+
+    tapped_grad = None if grad is None else (lambda g, x, w: grad(2.0 * g, x, w))
+    x, w = _inputs()
+    implementations = {"a": gb.Implementation(tapped, tapped_grad, backend),
+                       "b": gb.Implementation(tapped, tapped_grad, backend)}
+    comparison = gb.compare(implementations, x, w, layers=True, own_check=False, points=1)
+    assert comparison.passed, comparison
+    if grad is not None:
+        assert comparison.layers == [] and any("hand-written gradient" in note for note in comparison.notes)
+        return
+    (divergence,) = comparison.layers
+    assert divergence.layer is None and divergence.agreeing == [("inner", "inner")], divergence.sentence()
