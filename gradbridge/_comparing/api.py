@@ -94,7 +94,10 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     precision each side really computes in (float64's, or float32's for an implementation that casts to
     float32 inside: its adapter, its outputs' dtypes or its measured response say so), and ``atol`` to 0:
     2.4e-7 between float64 ports (float64 library functions are not all correctly rounded: TensorFlow's
-    exact GELU is ~5e-9 off), 1.9e-6 with a float32 side; porting bugs show at 1e-4 and more. The
+    exact GELU is ~5e-9 off), 1.9e-6 with a float32 side, whose pairs also take ``1 * s_leaf`` in place of
+    ``1e-2 * s_leaf`` (float32 library functions are not all correctly rounded: XLA's float32 tanh is exactly 1
+    from |x| ~ 8, so gradients through saturated units are off by a float32 rounding of the leaf's scale); porting
+    bugs show at 1e-4 and more. The
     measured magnitude keeps entries that are zero up to rounding (KL(p||p), a residual) from failing.
     Given ``rtol``/``atol`` are used exactly. ``comparison.tolerance`` says which rule decided.
 

@@ -121,7 +121,7 @@ class _Judge:
     def __init__(self, one: LayerTrace, other: LayerTrace, rtol: Optional[float], atol: Optional[float]) -> None:
         self.one, self.other = one, other
         tolerance = pair_tolerance(one.run, other.run, rtol, atol)
-        self.rtol, self.atol = tolerance.rtol, tolerance.atol
+        self.rtol, self.atol, self.leaf_scale = tolerance.rtol, tolerance.atol, tolerance.leaf_scale
         self.scale = {q: max((float(np.max(m)) for trace in (one, other) for m in self._sizes(trace, q)
                               if m is not None and m.size), default=0.0) for q in ("value", "gradient")}
 
@@ -137,7 +137,8 @@ class _Judge:
         a = (self.one.values if quantity == "value" else self.one.gradients)[i]
         b = (self.other.values if quantity == "value" else self.other.gradients)[j]
         magnitude = np.maximum(self._sizes(self.one, quantity)[i], self._sizes(self.other, quantity)[j])
-        _, rel, _, passed = difference(a, b, self.rtol, self.atol, self.scale[quantity], magnitude)[:4]
+        _, rel, _, passed = difference(a, b, self.rtol, self.atol, self.scale[quantity], magnitude,
+                                       self.leaf_scale)[:4]
         return not passed, rel
 
 
