@@ -134,8 +134,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
             layers with :func:`gradbridge.tap`. Costs about two more evaluations and precision measurements per
             implementation. ``comparison.layers`` and the report's "Layer by layer" section give the result.
         points: how many points to compare at: the given inputs, then ``points - 1`` drawn around them (every
-            input element ``x`` moved to ``x * exp(s z)``, ``s`` = 0.5, 1, 2, ...: signs, zeros and domains kept,
-            magnitudes changed several-fold), so a port that differs only away from the given point (at larger
+            input element ``x`` moved to ``x * exp(s z)``, ``s`` = 0.5, 1 outward (``|z|``), 2, ...: signs, zeros
+            and domains kept, magnitudes changed several-fold), so a port that differs only away from the given point (at larger
             inputs: an overflow, a clamp, an approximation) is caught. Values and gradients are compared at each;
             the own checks and the layer mode run at the given point. Each extra point costs about one
             evaluation, one VJP and one precision measurement per implementation. 1 compares the given point only.

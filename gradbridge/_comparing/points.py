@@ -4,9 +4,10 @@ A port can agree at the given inputs and differ elsewhere (a bug that shows only
 clamp, a branch, a different approximation). After the comparison at the given point, every implementation is
 evaluated and differentiated again, with the same cotangent, at ``points - 1`` more points, and its precision is
 measured there as at the first: the inputs (never the parameters) are moved element by element to
-``x * exp(s * z)``, ``z`` standard normal from the comparison's seed, ``s`` cycling through :data:`SPREADS`, so
+``x * exp(s * z)``, ``z`` standard normal from the comparison's seed, ``s`` cycling through :data:`DRAWS`, so
 signs, zeros (masks, padding) and the domain of ``log`` or ``sqrt`` are kept while magnitudes change by factors up
-to ``exp(2 s)`` or so; an input that is zero everywhere moves by ``s * z`` instead.
+to ``exp(2 s)`` or so; every second point moves outward only (``|z|``: every magnitude grows), where bugs of
+large inputs live; an input that is zero everywhere moves by ``s * z`` instead.
 
 Invariant: every implementation sees exactly the same inputs at each point, its ``x0`` is put back whatever
 happens, and a point where an implementation cannot run is skipped with a note, never counted as a disagreement.
@@ -23,15 +24,19 @@ import numpy as np
 from .._errors import GradbridgeError
 from .runs import ImplementationRun, evaluate_run, gradient_run, measure_precision
 
-#: The spread ``s`` of each extra point in turn (the second point uses the first spread, and so on, cycling).
-SPREADS = (0.5, 1.0, 2.0)
+#: ``(s, outward)`` of each extra point in turn (cycling): around the given point, then outward (``|z|``), then
+#: further around. Measured on inputs uniform in (-1.9, 1.9) (20 elements, 200 seeds) with a port that clamps at c:
+#: two extra points catch c = 3 in 94% of draws and c = 4 in 85% (80% and 59% with all three around the point).
+DRAWS = ((0.5, False), (1.0, True), (2.0, False))
 
 
 def moved(value: np.ndarray, point: int, seed: int, name: str) -> np.ndarray:
     """The input leaf ``name`` at extra point ``point`` (1, 2, ...)."""
-    spread = SPREADS[(point - 1) % len(SPREADS)]
+    spread, outward = DRAWS[(point - 1) % len(DRAWS)]
     rng = np.random.default_rng([seed, 17, point, zlib.crc32(name.encode())])
     z = rng.standard_normal(value.shape)
+    if outward:
+        z = np.abs(z)
     if not np.any(value):
         return value + spread * z
     return value * np.exp(spread * z)
@@ -39,9 +44,13 @@ def moved(value: np.ndarray, point: int, seed: int, name: str) -> np.ndarray:
 
 def describe(points: int, seed: int) -> str:
     """The note saying where the implementations were compared."""
-    spreads = ", ".join(f"{SPREADS[(k - 1) % len(SPREADS)]:g}" for k in range(1, points))
+    spreads = []
+    for k in range(1, points):
+        spread, outward = DRAWS[(k - 1) % len(DRAWS)]
+        spreads.append(f"{spread:g} outward (|z|)" if outward else f"{spread:g}")
+    spread_list = ", ".join(spreads)
     return (f"compared at {points} points: the given one and {points - 1} drawn around it (each input element x "
-            f"moved to x * exp(s z), z standard normal, seed {seed}; s = {spreads}; parameters as given)")
+            f"moved to x * exp(s z), z standard normal, seed {seed}; s = {spread_list}; parameters as given)")
 
 
 def runs_at(point: int, runs: Sequence[ImplementationRun], inputs: Set[str], seed: int, cotangents: Dict[str, np.ndarray],

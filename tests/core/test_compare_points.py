@@ -39,10 +39,20 @@ def test_a_bug_at_larger_inputs_is_caught_at_the_points_around_the_given_one() -
         comparison.verdicts
     assert "@ point" in str(comparison) and "differences at point(s)" in comparison.summary()
     # the point is there to reproduce it: the clamp's difference shows where an input exceeds 2
-    (point,) = {p.point + 1 for p in comparison.failures}
-    assert np.abs(comparison.point_inputs[point]["x"]).max() > 2.0
+    for point in {p.point + 1 for p in comparison.failures}:
+        assert np.abs(comparison.point_inputs[point]["x"]).max() > 2.0
     import json
     json.dumps(comparison.to_dict())
+
+
+def test_a_clamp_beyond_one_and_a_half_times_the_largest_input_is_caught() -> None:
+    """Inputs uniform in (-1.9, 1.9), a port clamping at 3.0: both points drawn around the given one stayed
+    below 3 (a measured miss); the outward point grows every magnitude."""
+    x = np.random.default_rng(2).uniform(-1.9, 1.9, size=(4, 5))
+    ports = _softplus_ports(clamp_at=3.0)
+    assert gb.compare(ports, x, points=1).passed
+    comparison = gb.compare(ports, x)
+    assert not comparison.passed and {p.point for p in comparison.failures} == {2}, comparison
 
 
 def test_correct_ports_agree_at_every_point() -> None:
