@@ -225,7 +225,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
               else {})
     comparison.verdicts = _verdicts(comparison, runs, random)
     if points > 1:
-        inputs = {name for run in runs for name in run.leaf_names if name not in (numpy_params or {})}
+        inputs = points_module.movable_inputs(runs, arg_names, selected)
         _extra_points(comparison, runs, points, inputs, seed, cotangents, (arrangers, common_values, finish), selected,
                       rtol_value, atol_value)
     comparison.seconds = time.perf_counter() - started

@@ -42,6 +42,38 @@ def moved(value: np.ndarray, point: int, seed: int, name: str) -> np.ndarray:
     return value * np.exp(spread * z)
 
 
+def movable_inputs(runs: Sequence[ImplementationRun], arg_names: Sequence[str], selected: Optional[Set[str]]
+                   ) -> Set[str]:
+    """The common names of the input leaves the points move: leaves of the user's positional arguments (never a
+    module's or model's own parameters, never ``params``), among those ``wrt`` selects, whose values are not all
+    whole numbers at the given point (masks, one-hot targets, counts keep their values)."""
+    found: Set[str] = set()
+    for run in runs:
+        for leaf in run.prepared.leaves:
+            name = run.common(leaf)
+            if not any(name == a or name.startswith((a + "[", a + ".")) for a in arg_names):
+                continue
+            if selected is not None and name not in selected:
+                continue
+            value = run.prepared.x0[leaf.slice]
+            if value.size and np.all(np.isfinite(value)) and np.all(value == np.round(value)):
+                continue
+            found.add(name)
+    return found
+
+
+def became_non_finite(given: Sequence[ImplementationRun], moved_runs: Sequence[ImplementationRun]) -> List[str]:
+    """``label: what`` for each implementation whose outputs or gradients are finite at the given point and not at
+    the moved one (the inputs left the function's domain: acos beyond 1, log below 0)."""
+    found = []
+    for before, after in zip(given, moved_runs):
+        for kind, old, new in (("outputs", before.values, after.values), ("gradients", before.gradients, after.gradients)):
+            bad = [n for n in new if n in old and np.all(np.isfinite(old[n])) and not np.all(np.isfinite(new[n]))]
+            if bad:
+                found.append(f"{after.entry.label}'s {kind} {', '.join(repr(n) for n in bad[:3])}")
+    return found
+
+
 def describe(points: int, seed: int) -> str:
     """The note saying where the implementations were compared."""
     spreads = []
@@ -50,7 +82,8 @@ def describe(points: int, seed: int) -> str:
         spreads.append(f"{spread:g} outward (|z|)" if outward else f"{spread:g}")
     spread_list = ", ".join(spreads)
     return (f"compared at {points} points: the given one and {points - 1} drawn around it (each input element x "
-            f"moved to x * exp(s z), z standard normal, seed {seed}; s = {spread_list}; parameters as given)")
+            f"moved to x * exp(s z), z standard normal, seed {seed}; s = {spread_list}; parameters, inputs left out "
+            "by wrt= and inputs of whole numbers (masks, one-hot targets) as given)")
 
 
 def runs_at(point: int, runs: Sequence[ImplementationRun], inputs: Set[str], seed: int, cotangents: Dict[str, np.ndarray],
@@ -90,4 +123,8 @@ def runs_at(point: int, runs: Sequence[ImplementationRun], inputs: Set[str], see
     finally:
         for run, x0 in zip(runs, saved):
             run.prepared.x0 = x0
+    outside = became_non_finite(runs, moved_runs)
+    if outside:
+        return None, (f"point {point + 1} skipped: {'; '.join(outside)} are not finite there but were at the given "
+                      "point (inputs outside the function's domain?)")
     return moved_runs, None

@@ -98,3 +98,62 @@ def test_points_must_be_a_positive_whole_number() -> None:
     for bad in (0, 2.5, True, "3"):
         with pytest.raises(gb.InvalidArgumentError, match="points: expected a whole number"):
             gb.compare({"numpy": (np.sin, np.cos), "np2": gb.Implementation(np.sin, np.cos, "numpy")}, X, points=bad)
+
+
+def test_a_modules_own_weights_are_not_moved() -> None:
+    """Without params= a module's weights are leaves too; the points move the inputs only (the JAX port closes
+    over the same weights, so moving the module's would be a false alarm)."""
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    w = {k: jnp.asarray(v.detach().double().numpy()) for k, v in model.state_dict().items()}
+
+    def port(x):
+        return jnp.tanh(x @ w["0.weight"].T + w["0.bias"]) @ w["2.weight"].T + w["2.bias"]
+
+    comparison = gb.compare({"torch": model, "jax": port}, np.random.default_rng(0).normal(size=(3, 4)),
+                            own_check=False)
+    assert comparison.passed, comparison
+    assert all(set(inputs) == {"arg0"} or set(inputs) == {"x"} for inputs in comparison.point_inputs.values())
+
+
+def test_masks_and_inputs_left_out_by_wrt_keep_their_values() -> None:
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+
+    scores = np.random.default_rng(0).normal(size=(2, 6))
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=np.float64)  # a float 0/1 padding mask
+
+    def torch_mean(scores, mask):
+        return (scores * mask).sum(-1) / mask.sum(-1)
+
+    def jax_mean(scores, mask):
+        keep = mask > 0
+        return jnp.where(keep, scores, 0.0).sum(-1) / keep.sum(-1)
+
+    comparison = gb.compare({"torch": torch_mean, "jax": jax_mean}, scores, mask, wrt="scores", own_check=False)
+    assert comparison.passed, comparison
+    assert all(set(inputs) == {"scores"} for inputs in comparison.point_inputs.values())
+    # all whole numbers: held as given also when wrt= includes it (the mask's gradients differ, as they should)
+    comparison = gb.compare({"torch": torch_mean, "jax": jax_mean}, scores, mask, own_check=False)
+    assert all(set(inputs) == {"scores"} for inputs in comparison.point_inputs.values())
+    assert {p.leaf for p in comparison.failures} == {"mask"}
+
+
+def test_a_point_outside_the_domain_is_skipped_and_said() -> None:
+    require_backend("torch")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import torch
+
+    x = np.random.default_rng(1).uniform(-0.9, 0.9, size=(6,))  # a cosine: domain [-1, 1]
+    comparison = gb.compare({"torch": lambda x: torch.acos(x.clamp(-1 + 1e-7, 1 - 1e-7)), "jax": jnp.arccos}, x,
+                            own_check=False)
+    assert comparison.passed, comparison
+    assert any("skipped" in note and "not finite there" in note and "jax" in note for note in comparison.notes), \
+        comparison.notes
