@@ -12,7 +12,7 @@ adapters' compare methods (:class:`gradbridge._adapter.CompareAdapter`); this pa
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 
 from .. import _hooks
@@ -27,6 +27,7 @@ from .implementations import SharedInputs, bind, common_argument_names, params_t
 from .layer_runs import trace_layers
 from .randomness import random_implementations
 from .layers import LayerDivergence, divergences, layer_sentences
+from .mapping.names import layer_key
 from .result import Comparison
 from .runs import ImplementationRun, _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
 from .verdicts import _verdicts
@@ -224,6 +225,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     random = (random_implementations(runs, at, common_values) if any(p.quantity == "value" and not p.passed for p in pairs)
               else {})
     comparison.verdicts = _verdicts(comparison, runs, random)
+    for divergence in comparison.layers:  # a random implementation's layers differ by its draws, not a bug
+        divergence.random = [label for label in (divergence.first, divergence.second) if label in random]
     if points > 1:
         inputs = points_module.movable_inputs(runs, arg_names, selected)
         _extra_points(comparison, runs, points, inputs, seed, cotangents, (arrangers, common_values, finish), selected,
@@ -288,18 +291,37 @@ def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[st
     for run in runs:
         trace, note = trace_layers(run, cotangents[run.entry.label], seed, at[run.entry.label])
         if trace is not None:
-            arranger = arrangers[run.entry.label]  # a channels-last implementation's activations, channels-first
-            trace.values = [arranger.activation_from(v) for v in trace.values]
-            trace.gradients = [None if g is None else arranger.activation_from(g) for g in trace.gradients]
-            trace.value_magnitudes = [None if m is None else arranger.activation_from(m) for m in trace.value_magnitudes]
-            trace.gradient_magnitudes = [None if m is None else arranger.activation_from(m)
-                                         for m in trace.gradient_magnitudes]
             traces.append(trace)
         if note:
             notes.append(note)
+    for trace in traces:
+        _channels_first(trace, arrangers[trace.label], [t for t in traces if t is not trace])
+    found = divergences(traces, rtol, atol)
     found = divergences(traces, rtol, atol)
     notes.extend(layer_sentences(found)["notes"])
     return found
+
+
+def _channels_first(trace: Any, arranger: Any, others: Sequence[Any]) -> None:
+    """A channels-last implementation's activations turned channels-first where that is what the other
+    implementations' layer of the same name (else of any name) has and the activation as it is is not: image
+    activations (N, H, W, C) are, token activations (N, T, C) stay as they are."""
+    if not arranger.channels_last:
+        return
+    shapes_by_key: Dict[str, set] = {}
+    for other in others:
+        for name, value in zip(other.names, other.values):
+            shapes_by_key.setdefault(layer_key(name), set()).add(value.shape)
+    every = set().union(*shapes_by_key.values()) if shapes_by_key else set()
+    for i, (name, value) in enumerate(zip(trace.names, trace.values)):
+        turned = arranger.activation_from(value)
+        wanted = shapes_by_key.get(layer_key(name), every)
+        if turned.shape == value.shape or value.shape in wanted or turned.shape not in wanted:
+            continue
+        trace.values[i] = turned
+        for series in (trace.gradients, trace.value_magnitudes, trace.gradient_magnitudes):
+            if i < len(series) and series[i] is not None:
+                series[i] = arranger.activation_from(series[i])
 
 
 def _own_check_options(check_options: Mapping[str, Any], seed: Any) -> Options:

@@ -47,6 +47,7 @@ class LayerDivergence:
         unpaired: layers of either side that could not be paired.
         notes: pairings worth saying (a fused activation matched to a separate layer).
         settings: the diverging layers' settings that differ, in words (``eps 1e-05 (torch) vs 0.001 (keras)``).
+        random: the implementations of the pair whose outputs change with the seed (then no bug is claimed).
     """
 
     first: str
@@ -59,6 +60,7 @@ class LayerDivergence:
     unpaired: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     settings: List[str] = field(default_factory=list)
+    random: List[str] = field(default_factory=list)
 
     def sentence(self) -> str:
         names = f"{self.first} and {self.second}"
@@ -66,6 +68,10 @@ class LayerDivergence:
         if self.layer is None:
             return f"layer by layer, {names}: all {len(self.agreeing)} paired layers agree, outputs and gradients{left}"
         where = _both(self.layer, self.first, self.second)
+        if self.random:
+            return (f"layer by layer, {names} first differ at layer {where}, but {' and '.join(self.random)} "
+                    f"{'draws' if len(self.random) == 1 else 'draw'} random numbers (see the verdicts): the layers "
+                    f"cannot be compared from there on{left}")
         if self.quantity == "value":
             before = (f"after {len(self.agreeing)} agreeing layer(s) (last: {self.agreeing[-1][0]!r})"
                       if self.agreeing else "at the first paired layer")

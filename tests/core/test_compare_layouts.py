@@ -87,3 +87,34 @@ def test_layouts_name_the_implementation_and_the_expected_value() -> None:
         gb.compare(implementations, X, params=PARAMS, layouts={"jax": gb.channels_last()})
     with pytest.raises(gb.InvalidArgumentError, match=r"layouts\['keras'\]: expected gb.channels_last"):
         gb.compare(implementations, X, params=PARAMS, layouts={"keras": "NHWC"})
+
+
+def test_token_activations_of_a_channels_last_port_are_not_transposed() -> None:
+    """Only activations whose counterpart is channels-first are turned: a patch embedding's token activations
+    (N, T, C) are the same in both layouts (they were transposed and reported as a divergence before)."""
+    require_backend("torch")
+    import torch
+
+    keras = pytest.importorskip("keras")
+
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 2, stride=2)
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(self.patch(x).flatten(2).transpose(1, 2))  # (N, 16 tokens, 16 features)
+
+    torch.manual_seed(0)
+    model = Patches()
+    port = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 2, strides=2, name="patch"),
+                             keras.layers.Reshape((16, 16), name="tokens"), keras.layers.Dense(16, name="proj")])
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8))
+    comparison = gb.compare({"torch": model, "keras": gb.Implementation(port, backend="tensorflow")}, x,
+                            params=model.state_dict(), layouts={"keras": gb.channels_last()}, layers=True,
+                            own_check=False, points=1)
+    assert comparison.passed, comparison
+    (divergence,) = comparison.layers
+    assert divergence.layer is None and [a for a, _ in divergence.agreeing] == ["patch", "proj"], \
+        divergence.sentence()

@@ -56,3 +56,11 @@ def test_a_real_forward_bug_is_still_blamed_when_nothing_is_random() -> None:
                             X, own_check=False, points=1)
     assert not comparison.passed
     assert "random" not in " ".join(comparison.verdicts)
+
+
+def test_layer_mode_does_not_blame_a_layer_of_a_random_implementation() -> None:
+    comparison = gb.compare({"torch": _torch_model(), "keras": _keras_model()}, X, params=PARAMS, train=True,
+                            points=1, own_check=False, layers=True)
+    (divergence,) = comparison.layers
+    assert divergence.random == ["torch"], divergence.sentence()
+    assert "draws random numbers" in divergence.sentence() and "the bug is in" not in divergence.sentence()
