@@ -20,8 +20,11 @@ from .keras import is_keras_layer, reading_values
 
 
 def _fused(layer: Any) -> bool:
+    """A layer with weights that applies a non-linear activation to its result (``Dense(activation="tanh")``);
+    an ``Activation`` layer is the activation itself."""
     activation = getattr(layer, "activation", None)
-    return activation is not None and getattr(activation, "__name__", "") != "linear"
+    return (activation is not None and getattr(activation, "__name__", "") != "linear"
+            and type(layer).__name__ != "Activation" and bool(getattr(layer, "weights", ())))
 
 
 def settings(layer: Any) -> Dict[str, Any]:

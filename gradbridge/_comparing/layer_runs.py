@@ -60,6 +60,9 @@ class LayerTrace:
     run: Optional[ImplementationRun] = None
     settings: List[Dict[str, Any]] = field(default_factory=list)
 
+    def settings_of(self, index: int) -> Dict[str, Any]:
+        return self.settings[index] if index < len(self.settings) else {}
+
 
 def _layered_function(run: ImplementationRun, layered: Layered) -> Callable[..., Any]:
     """The implementation as a function of ``(layers, *args)``: its adapter's tapped form, or ``fn`` itself

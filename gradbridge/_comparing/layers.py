@@ -90,10 +90,12 @@ def _both(pair: Tuple[str, str], first: str, second: str) -> str:
     return repr(pair[0]) if pair[0] == pair[1] else f"{pair[0]!r} ({first}) / {pair[1]!r} ({second})"
 
 
-def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[str, np.ndarray]]
-                ) -> Tuple[List[Tuple[int, int]], List[str]]:
+def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[str, np.ndarray]],
+                first_fused: Optional[Sequence[bool]] = None) -> Tuple[List[Tuple[int, int]], List[str]]:
     """Index pairs of layers named alike (by the last path component too), then the rest by position among
-    layers of the same shape; and the names left unpaired."""
+    layers of the same shape (a layer of ``first`` that applies its activation inside, ``first_fused``, takes
+    the place of the other side's activation: the layer after its positional match); and the names left
+    unpaired."""
     pairs: List[Tuple[int, int]] = []
     used_second: set = set()
     by_name = {layer_key(name): j for j, (name, _) in enumerate(second)}
@@ -115,6 +117,11 @@ def pair_layers(first: Sequence[Tuple[str, np.ndarray]], second: Sequence[Tuple[
         if match is None:
             unpaired.append(first[i][0])
             continue
+        after = remaining[remaining.index(match) + 1:]
+        if first_fused and first_fused[i] and after and second[after[0]][1].shape == first[i][1].shape:
+            remaining.remove(match)  # the other side's layer before its activation: the fused one is after it
+            unpaired.append(second[match][0])
+            match = after[0]
         pairs.append((i, match))
         remaining.remove(match)
     unpaired.extend(second[j][0] for j in remaining)
@@ -152,23 +159,22 @@ def first_divergence(one: LayerTrace, other: LayerTrace, rtol: Optional[float] =
                      atol: Optional[float] = None) -> LayerDivergence:
     """Where ``one`` and ``other`` first diverge: their outputs forward, else the gradients into them backward.
     ``rtol``/``atol``: the user's pairwise tolerance (None: the pair's, from the precisions measured)."""
-    pairs, unpaired = pair_layers(list(zip(one.names, one.values)), list(zip(other.names, other.values)))
-    judge = _Judge(one, other, rtol, atol)
+    a, b = list(zip(one.names, one.values)), list(zip(other.names, other.values))
+    if any(other.fused) and not any(one.fused):
+        swapped, unpaired = pair_layers(b, a, other.fused)
+        pairs = sorted((i, j) for j, i in swapped)
+    else:
+        pairs, unpaired = pair_layers(a, b, one.fused)
     notes: List[str] = []
+    pairs, unpaired = _fused_pairs(one, other, pairs, unpaired, notes)
+    judge = _Judge(one, other, rtol, atol)
     agreeing: List[Tuple[str, str]] = []
-    paired_second = {j for _, j in pairs}
-    paired_first = {i for i, _ in pairs}
-    for position, (i, j) in enumerate(pairs):
+    for i, j in pairs:
         differs, rel = judge.differ("value", i, j)
         if differs:
-            fused = _fused_match(judge, one, other, i, j, paired_first, paired_second)
-            if fused is None:
-                return LayerDivergence(one.label, other.label, "value", agreeing, (one.names[i], other.names[j]),
-                                       rel, unpaired=unpaired, settings=_differing_settings(one, other, i, j))
-            i, j, note = fused
-            pairs[position] = (i, j)
-            notes.append(note)
-            unpaired = [n for n in unpaired if n not in (one.names[i], other.names[j])]
+            return LayerDivergence(one.label, other.label, "value", agreeing, (one.names[i], other.names[j]),
+                                   rel, unpaired=unpaired, notes=notes,
+                                   settings=_differing_settings(one, other, i, j))
         agreeing.append((one.names[i], other.names[j]))
     with_gradients = [(i, j) for i, j in pairs if one.gradients[i] is not None and other.gradients[j] is not None]
     after: List[Tuple[str, str]] = []
@@ -186,27 +192,41 @@ def first_divergence(one: LayerTrace, other: LayerTrace, rtol: Optional[float] =
     return LayerDivergence(one.label, other.label, "", agreeing, None, unpaired=unpaired, notes=notes)
 
 
-def _fused_match(judge: _Judge, one: LayerTrace, other: LayerTrace, i: int, j: int, paired_first: set,
-                 paired_second: set) -> Optional[Tuple[int, int, str]]:
-    """When layer i or j applies its activation inside, the other side's unpaired layer right after its partner
-    (the separate activation) that agrees with it: ``(i, j', note)`` or ``(i', j, note)``; else None."""
-    for fused_side, (a, b) in ((one, (i, j)), (other, (j, i))):
-        if not fused_side.fused[a]:
-            continue
-        partner = other if fused_side is one else one
-        paired = paired_second if fused_side is one else paired_first
-        for k in range(b + 1, len(partner.names)):
-            if k in paired:
+def _fused_pairs(one: LayerTrace, other: LayerTrace, pairs: List[Tuple[int, int]], unpaired: List[str],
+                 notes: List[str]) -> Tuple[List[Tuple[int, int]], List[str]]:
+    """Pairs where a layer that applies its activation inside (a Keras ``Dense(activation=...)``) is paired with
+    the other side's layer before its activation: re-paired with the activation that follows (an unpaired layer of
+    the same shape before the other side's next paired layer, one reporting an ``activation`` setting first), or
+    left out when there is none (the activation is inside the other side's code): never compared across it."""
+    result: List[Tuple[int, int]] = []
+    taken_first, taken_second = {i for i, _ in pairs}, {j for _, j in pairs}
+    for i, j in pairs:
+        for fused_side, partner, a, b in ((one, other, i, j), (other, one, j, i)):
+            if not fused_side.fused[a] or "activation" in partner.settings_of(b):
+                continue  # not fused, or already paired with the other side's activation
+            taken = taken_second if fused_side is one else taken_first
+            following = []
+            for k in range(b + 1, len(partner.names)):
+                if k in taken:
+                    break
+                if partner.values[k].shape == fused_side.values[a].shape:
+                    following.append(k)
+            if not following:
+                notes.append(f"{fused_side.label}'s layer {fused_side.names[a]!r} applies its activation inside and "
+                             f"{partner.label} has no separate activation layer after {partner.names[b]!r}: not "
+                             "compared layer by layer")
                 break
-            if partner.values[k].shape != fused_side.values[a].shape:
-                continue
-            first_index, second_index = (a, k) if fused_side is one else (k, a)
-            if not judge.differ("value", first_index, second_index)[0]:
-                note = (f"{fused_side.label}'s layer {fused_side.names[a]!r} applies its activation inside; compared "
-                        f"with {partner.label}'s {partner.names[k]!r}, the activation that follows "
-                        f"{partner.names[b]!r}")
-                return first_index, second_index, note
-    return None
+            k = next((k for k in following if "activation" in partner.settings_of(k)), following[0])
+            notes.append(f"{fused_side.label}'s layer {fused_side.names[a]!r} applies its activation inside; compared "
+                         f"with {partner.label}'s {partner.names[k]!r}, the activation that follows "
+                         f"{partner.names[b]!r}")
+            taken.add(k)
+            unpaired = [n for n in unpaired if n != partner.names[k]] + [partner.names[b]]
+            result.append((a, k) if fused_side is one else (k, a))
+            break
+        else:
+            result.append((i, j))
+    return sorted(result), unpaired
 
 
 def _differing_settings(one: LayerTrace, other: LayerTrace, i: int, j: int) -> List[str]:

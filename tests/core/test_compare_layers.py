@@ -196,3 +196,70 @@ def test_gelu_tanh_against_exact_gelu_is_named_as_the_activation_setting() -> No
     (divergence,) = comparison.layers
     assert divergence.layer == ("act", "act")
     assert divergence.settings == ["activation 'gelu_tanh' (torch) vs 'gelu' (keras)"], divergence.sentence()
+
+
+def _fused_keras(activation: str = "tanh", names: bool = True):
+    keras = pytest.importorskip("keras")
+    name = (lambda n: {"name": n}) if names else (lambda n: {})
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation=activation, **name("fc1")),
+                              keras.layers.Dense(2, **name("out"))])
+    return gb.Implementation(model, backend="tensorflow")
+
+
+def _two_layer_params(torch_names: bool = True):
+    keys = ("fc1", "out") if torch_names else ("0", "2")
+    return {f"{k}.{p}": PARAMS[f"{src}.{p}"] for k, src in zip(keys, ("fc1", "out")) for p in ("weight", "bias")}
+
+
+def test_fused_activations_pair_by_position_with_default_names() -> None:
+    """torch Sequential indices against Keras' default names: the fused Dense takes the place of torch's Tanh, not
+    of its Linear (pairing by position used to name a divergence in this correct port)."""
+    require_backend("torch")
+    import torch
+
+    keras = pytest.importorskip("keras")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    port = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"),
+                             keras.layers.LayerNormalization(epsilon=1e-5), keras.layers.Dense(2)])
+    params = {"0.weight": PARAMS["fc1.weight"], "0.bias": PARAMS["fc1.bias"], "2.weight": PARAMS["norm.weight"],
+              "2.bias": PARAMS["norm.bias"], "3.weight": PARAMS["out.weight"], "3.bias": PARAMS["out.bias"]}
+    comparison = gb.compare({"torch": model, "keras": gb.Implementation(port, backend="tensorflow")}, X,
+                            params=params, layers=True, own_check=False, points=1)
+    assert comparison.passed, comparison
+    (divergence,) = comparison.layers
+    assert divergence.layer is None and len(divergence.agreeing) == 3, divergence.sentence()
+    assert divergence.agreeing[0][0] == "1"  # torch's Tanh, with the Dense that applies tanh inside
+
+
+def test_an_activation_without_a_layer_of_its_own_is_not_compared_across() -> None:
+    """torch applies tanh as a function call: there is no separate activation to pair the fused Dense with."""
+    require_backend("torch")
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.out = torch.nn.Linear(4, 5), torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.fc1(x)))
+
+    comparison = gb.compare({"torch": Net(), "keras": _fused_keras()}, X, params=_two_layer_params(), layers=True,
+                            own_check=False, points=1)
+    assert comparison.passed, comparison
+    (divergence,) = comparison.layers
+    assert divergence.layer is None, divergence.sentence()
+    assert any("no separate activation layer after 'fc1'" in note for note in comparison.notes), comparison.notes
+
+
+def test_a_wrong_fused_activation_is_named_by_its_setting() -> None:
+    require_backend("torch")
+    import torch
+
+    model = torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(4, 5), act=torch.nn.GELU(approximate="tanh"),
+                                            out=torch.nn.Linear(5, 2)))
+    comparison = gb.compare({"torch": model, "keras": _fused_keras("gelu")}, 3 * X, params=_two_layer_params(),
+                            layers=True, own_check=False, points=1)
+    (divergence,) = comparison.layers
+    assert divergence.layer == ("act", "fc1"), divergence.sentence()
+    assert divergence.settings == ["activation 'gelu_tanh' (torch) vs 'gelu' (keras)"], divergence.sentence()
