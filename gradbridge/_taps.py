@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from ._errors import InvalidArgumentError
 
@@ -25,8 +25,9 @@ class Taps:
     adapter's layer whose activation is applied inside it (a Keras ``Dense(activation=...)``), and the layer's
     settings an adapter reads (``{"eps": 1e-5}``, ``{"approximate": "tanh"}``), in common names."""
 
-    def __init__(self, deltas: Sequence[Any]) -> None:
+    def __init__(self, deltas: Sequence[Any], cast: Optional[Callable[[Any, Any], Any]] = None) -> None:
         self.deltas = deltas
+        self.cast = cast
         self.names: List[str] = []
         self.values: List[Any] = []
         self.fused: List[bool] = []
@@ -46,7 +47,8 @@ class Taps:
             raise InvalidArgumentError(
                 f"gb.tap: the function tapped more values ({index + 1}) than on its first call "
                 f"({len(self.deltas)}); layers=True needs the same taps on every call")
-        return value + self.deltas[index]
+        delta = self.deltas[index]
+        return value + (self.cast(delta, value) if self.cast is not None else delta)
 
 
 _ACTIVE: contextvars.ContextVar[Optional[Taps]] = contextvars.ContextVar("gradbridge_taps", default=None)
@@ -79,9 +81,11 @@ def active() -> Optional[Taps]:
 
 
 @contextlib.contextmanager
-def tapping(deltas: Sequence[Any] = ()) -> Iterator[Taps]:
-    """Record the taps of the calls in the block; with ``deltas`` (one per tap, in order) add them to the values."""
-    taps = Taps(deltas)
+def tapping(deltas: Sequence[Any] = (), cast: Optional[Callable[[Any, Any], Any]] = None) -> Iterator[Taps]:
+    """Record the taps of the calls in the block; with ``deltas`` (one per tap, in order) add them to the values,
+    each first given the value's dtype by ``cast(delta, value)`` (the adapter's ``cast_like``) so a float32
+    computation stays float32."""
+    taps = Taps(deltas, cast)
     token = _ACTIVE.set(taps)
     try:
         yield taps

@@ -153,6 +153,11 @@ class JaxAdapter:
     def expected_params(self, fn: Callable[..., Any]) -> Optional[ExpectedParams]:
         return None  # JAX functions are pure: parameters always come as the dict argument (the pytree)
 
+    def cast_like(self, array: Any, like: Any) -> Any:
+        """``array`` in ``like``'s dtype (a layer tap's zero added to a float32 value stays float32)."""
+        dtype = getattr(like, "dtype", None)
+        return array.astype(dtype) if dtype is not None and hasattr(array, "astype") else array
+
     def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
                     grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
         """The parameter pytree as ``fn``'s first argument: nested dicts of float64 arrays as the user nested

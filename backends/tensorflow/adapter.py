@@ -138,6 +138,10 @@ class TensorFlowAdapter:
         return ExpectedParams(f"Keras {type(fn).__name__} {fn.name!r}", 'variable paths relative to the model, "/" '
                               'written as "."', required, optional, unsupported)
 
+    def cast_like(self, array: Any, like: Any) -> Any:
+        """``array`` in ``like``'s dtype (a layer tap's zero added to a float32 value stays float32)."""
+        return tf.cast(array, like.dtype) if tf.is_tensor(like) and tf.is_tensor(array) else array
+
     def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
                     grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
         """A Keras model: checked with ``params=model``; its variables are never written (the check reads

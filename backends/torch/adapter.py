@@ -153,6 +153,10 @@ class TorchAdapter:
         optional = {name: tuple(t.shape) for name, t in fn.state_dict(keep_vars=True).items() if name not in required}
         return ExpectedParams(f"torch module {type(fn).__name__}", "state_dict names", required, optional)
 
+    def cast_like(self, array: Any, like: Any) -> Any:
+        """``array`` in ``like``'s dtype (a layer tap's zero added to a float32 value stays float32)."""
+        return array.to(like.dtype) if isinstance(like, torch.Tensor) and isinstance(array, torch.Tensor) else array
+
     def bind_params(self, fn: Callable[..., Any], params: Optional[Mapping[str, np.ndarray]],
                     grad: Optional[Callable[..., Any]] = None) -> ParamBinding:
         """A module: a float64 deep copy with ``params`` loaded through ``load_state_dict`` (the user's

@@ -33,13 +33,14 @@ class Layered:
     """``layered(call, deltas, *args, **kwargs)``: ``(call's outputs, tuple of tapped values)``, with
     ``deltas[i]`` added to the i-th tapped value; remembers the taps' names of the last call."""
 
-    def __init__(self) -> None:
+    def __init__(self, cast: Optional[Callable[[Any, Any], Any]] = None) -> None:
+        self.cast = cast
         self.names: List[str] = []
         self.fused: List[bool] = []
         self.settings: List[Dict[str, Any]] = []
 
     def __call__(self, call: Callable[..., Any], deltas: Tuple[Any, ...], *args: Any, **kwargs: Any) -> Any:
-        with tapping(tuple(deltas)) as taps:
+        with tapping(tuple(deltas), self.cast) as taps:
             out = call(*args, **kwargs)
         self.names, self.fused, self.settings = list(taps.names), list(taps.fused), list(taps.settings)
         return out, tuple(taps.values)
@@ -96,7 +97,7 @@ def trace_layers(run: ImplementationRun, cotangent: np.ndarray, seed: int,
     if run.binding.grad is not None:
         return None, (f"layers: {label} has a hand-written gradient, which cannot give the gradients flowing into "
                       "its layers; it is not compared layer by layer")
-    layered = Layered()
+    layered = Layered(getattr(run.entry.adapter, "cast_like", None))
     fn = _layered_function(run, layered)
     try:
         discovery = _layered_run(run, fn, (), params)
@@ -105,7 +106,9 @@ def trace_layers(run: ImplementationRun, cotangent: np.ndarray, seed: int,
         found = _layer_outputs(discovery.prepared)
         if not names:
             return None, (f"layers: {label} has no layers to compare: neither a torch module nor a Sequential or "
-                          "functional Keras model, and its function calls no gb.tap")
+                          "functional Keras model, and no gb.tap ran in its function (a compiled function, "
+                          "jax.jit or tf.function, runs its Python body once: taps inside it are not seen again; "
+                          "pass the function uncompiled for layers=True)")
         if len(found) != len(names):
             skipped = [n for i, n in enumerate(names) if i not in found]
             return None, f"layers: {label}: tapped values {', '.join(skipped)} are not floating arrays"

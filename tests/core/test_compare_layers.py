@@ -263,3 +263,33 @@ def test_a_wrong_fused_activation_is_named_by_its_setting() -> None:
     (divergence,) = comparison.layers
     assert divergence.layer == ("act", "fc1"), divergence.sentence()
     assert divergence.settings == ["activation 'gelu_tanh' (torch) vs 'gelu' (keras)"], divergence.sentence()
+
+
+def test_taps_keep_a_float32_port_in_float32() -> None:
+    """A tap adds a zero of the tapped value's dtype: a float32 TensorFlow port is not broken by a float64 zero
+    (it raised), and a float32 JAX port is not silently promoted to float64 after its first tap."""
+    require_backend("tensorflow")
+    require_backend("jax")
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    seen = []
+
+    def tf_port(p, x):
+        p = {k: tf.cast(v, tf.float32) for k, v in p.items()}
+        h = gb.tap("fc1", tf.cast(x, tf.float32) @ tf.transpose(p["fc1.weight"]) + p["fc1.bias"])
+        return tf.cast(gb.tap("act", tf.tanh(h)), tf.float64)
+
+    def jax_port(p, x):
+        h = gb.tap("fc1", x.astype(jnp.float32) @ p["fc1.weight"].T.astype(jnp.float32) + p["fc1.bias"].astype(
+            jnp.float32))
+        seen.append(h.dtype)
+        return gb.tap("act", jnp.tanh(h)).astype(jnp.float64)
+
+    params = {k: PARAMS[k] for k in ("fc1.weight", "fc1.bias")}
+    comparison = gb.compare({"tensorflow": tf_port, "jax": jax_port}, X, params=params, layers=True, own_check=False,
+                            points=1)
+    assert not any("could not be run layer by layer" in note for note in comparison.notes), comparison.notes
+    (divergence,) = comparison.layers
+    assert divergence.layer is None and len(divergence.agreeing) == 2, divergence.sentence()
+    assert seen and all(dtype == jnp.float32 for dtype in seen), seen
