@@ -181,7 +181,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     if unknown:
         raise InvalidArgumentError(f"layouts: {unknown[0]!r} is not one of the implementations' labels "
                                    f"({', '.join(e.label for e in entries)})")
-    arrangers = {e.label: mapping.Arranger(_layout_of(layouts, e.label), arg_names) for e in entries}
+    arrangers = {e.label: mapping.Arranger(_layout_of(layouts, e.label), arg_names, e.label) for e in entries}
     runs = [start_run(entry, binding, inputs, arg_names, options, seed, at[entry.label],
                       arrange=lambda i, a, label=entry.label: arrangers[label].arrange(i, a, arg_names))
             for entry, binding in zip(entries, bindings)]
@@ -201,6 +201,7 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
 
     for run in runs:
         evaluate_run(run, at[run.entry.label])
+        arrangers[run.entry.label].check_outputs(run.output_order)
         common_values(run)
     cotangents, output_notes, mismatches = _cotangents(
         runs, seed, lambda label, name, block: arrangers[label].layout.output_to_implementation(name, block))

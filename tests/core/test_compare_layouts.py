@@ -87,6 +87,10 @@ def test_layouts_name_the_implementation_and_the_expected_value() -> None:
         gb.compare(implementations, X, params=PARAMS, layouts={"jax": gb.channels_last()})
     with pytest.raises(gb.InvalidArgumentError, match=r"layouts\['keras'\]: expected gb.channels_last"):
         gb.compare(implementations, X, params=PARAMS, layouts={"keras": "NHWC"})
+    with pytest.raises(gb.InvalidArgumentError, match=r"layouts\['keras'\]: input 'images' is not one of the"):
+        gb.compare(implementations, X, params=PARAMS, layouts={"keras": gb.channels_last(inputs=("images",))})
+    with pytest.raises(gb.InvalidArgumentError, match=r"layouts\['keras'\]: output 'output' is not one of the"):
+        gb.compare(implementations, X, params=PARAMS, layouts={"keras": gb.channels_last(outputs=("output",))})
 
 
 def test_token_activations_of_a_channels_last_port_are_not_transposed() -> None:

@@ -77,13 +77,26 @@ class Arranger:
     evaluation; input gradients and magnitudes after the precision measurement), cotangents to the
     implementation's before its VJP, inputs before conversion to its arrays."""
 
-    def __init__(self, layout: Optional[Layout], arg_names: Sequence[str]) -> None:
+    def __init__(self, layout: Optional[Layout], arg_names: Sequence[str], label: str = "") -> None:
         self.layout = layout if layout is not None else Layout()
+        self.label = label
         self.keys: Dict[str, Any] = {}
         for position, name in enumerate(arg_names):
             for key in (position, name):
                 if key in self.layout.inputs:
                     self.keys[name] = key
+        unknown = [key for key in self.layout.inputs if key not in self.keys.values()]
+        if unknown:
+            raise InvalidArgumentError(
+                f"layouts[{label!r}]: input {unknown[0]!r} is not one of the positional arguments: give a position "
+                f"(0 to {len(arg_names) - 1}) or a name ({', '.join(arg_names)})")
+
+    def check_outputs(self, names: Sequence[str]) -> None:
+        """Raise when the layout names an output the implementation does not return."""
+        unknown = [name for name in self.layout.outputs if name not in names]
+        if unknown:
+            raise InvalidArgumentError(f"layouts[{self.label!r}]: output {unknown[0]!r} is not one of the outputs "
+                                       f"({', '.join(names)}); name them as the report does: out, out[0], out['loss']")
 
     @property
     def channels_last(self) -> bool:
