@@ -228,6 +228,8 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     comparison.verdicts = _verdicts(comparison, runs, random)
     for divergence in comparison.layers:  # a random implementation's layers differ by its draws, not a bug
         divergence.random = [label for label in (divergence.first, divergence.second) if label in random]
+        if divergence.layer is None and not divergence.random:
+            divergence.parameters = _owning_layers(divergence, pairs, set(numpy_params or {}))
     if points > 1:
         inputs = points_module.movable_inputs(runs, arg_names, selected)
         _extra_points(comparison, runs, points, inputs, seed, cotangents, (arrangers, common_values, finish), selected,
@@ -300,6 +302,22 @@ def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[st
     found = divergences(traces, rtol, atol)
     found = divergences(traces, rtol, atol)
     notes.extend(layer_sentences(found)["notes"])
+    return found
+
+
+def _owning_layers(divergence: LayerDivergence, pairs: Sequence[Any], params: Set[str]) -> List[Tuple[str, str]]:
+    """``(parameter, layer)`` for each differing parameter gradient of the divergence's pair, with the agreeing
+    layer whose name prefixes it (``fc1.weight`` -> ``fc1``), named as the first implementation names it."""
+    names = [a for a, _ in divergence.agreeing]
+    found = []
+    for pair in pairs:
+        if (pair.quantity != "gradient" or pair.passed or {pair.first, pair.second} != {divergence.first,
+                                                                                        divergence.second}
+                or (params and pair.leaf not in params)):
+            continue
+        owners = [n for n in names if pair.leaf.startswith(n + ".")]
+        if owners:
+            found.append((pair.leaf, max(owners, key=len)))
     return found
 
 

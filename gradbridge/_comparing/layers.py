@@ -48,6 +48,8 @@ class LayerDivergence:
         notes: pairings worth saying (a fused activation matched to a separate layer).
         settings: the diverging layers' settings that differ, in words (``eps 1e-05 (torch) vs 0.001 (keras)``).
         random: the implementations of the pair whose outputs change with the seed (then no bug is claimed).
+        parameters: ``(parameter, layer)`` for parameter gradients of the pair that differ while every layer's
+            output and incoming gradient agree: that layer's backward computes its parameters' gradient wrong.
     """
 
     first: str
@@ -61,10 +63,16 @@ class LayerDivergence:
     notes: List[str] = field(default_factory=list)
     settings: List[str] = field(default_factory=list)
     random: List[str] = field(default_factory=list)
+    parameters: List[Tuple[str, str]] = field(default_factory=list)
 
     def sentence(self) -> str:
         names = f"{self.first} and {self.second}"
         left = f" (not paired: {', '.join(self.unpaired)})" if self.unpaired else ""
+        if self.layer is None and self.parameters:
+            listed = ", ".join(f"{p!r} (layer {layer!r})" for p, layer in self.parameters)
+            return (f"layer by layer, {names}: all {len(self.agreeing)} paired layers agree, outputs and the gradients "
+                    f"flowing into them, but the parameter gradients {listed} differ: the backward pass of that layer "
+                    f"computes its parameters' gradient differently{left}")
         if self.layer is None:
             return f"layer by layer, {names}: all {len(self.agreeing)} paired layers agree, outputs and gradients{left}"
         where = _both(self.layer, self.first, self.second)

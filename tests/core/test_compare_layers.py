@@ -293,3 +293,32 @@ def test_taps_keep_a_float32_port_in_float32() -> None:
     (divergence,) = comparison.layers
     assert divergence.layer is None and len(divergence.agreeing) == 2, divergence.sentence()
     assert seen and all(dtype == jnp.float32 for dtype in seen), seen
+
+
+def test_a_wrong_weight_gradient_is_attributed_to_its_layer() -> None:
+    """Every layer's output and incoming gradient agree, only fc1.weight's gradient differs: layer mode says so
+    and names the layer (it said 'all layers agree, outputs and gradients')."""
+    require_backend("torch")
+    import torch
+
+    class WrongWeightGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            return x @ w.T + b
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            return g @ w, 2 * g.T @ x, g.sum(0)
+
+    class Linear(torch.nn.Linear):
+        def forward(self, x):
+            return WrongWeightGradient.apply(x, self.weight, self.bias)
+
+    model = torch.nn.Sequential(OrderedDict(fc1=Linear(4, 5), act=torch.nn.Tanh(), norm=torch.nn.LayerNorm(5),
+                                            fc2=torch.nn.Linear(5, 5), out=torch.nn.Linear(5, 2)))
+    comparison = _compare({"torch": model, "jax": _jax_mlp()})
+    (divergence,) = comparison.layers
+    assert divergence.layer is None and divergence.parameters == [("fc1.weight", "fc1")], divergence.sentence()
+    assert "the parameter gradients 'fc1.weight' (layer 'fc1') differ" in divergence.sentence()
