@@ -229,7 +229,7 @@ def _fused_pairs(one: LayerTrace, other: LayerTrace, pairs: List[Tuple[int, int]
                          f"with {partner.label}'s {partner.names[k]!r}, the activation that follows "
                          f"{partner.names[b]!r}")
             taken.add(k)
-            unpaired = [n for n in unpaired if n != partner.names[k]] + [partner.names[b]]
+            unpaired = [n for n in unpaired if n != partner.names[k]]  # b, before the activation: in the note
             result.append((a, k) if fused_side is one else (k, a))
             break
         else:
