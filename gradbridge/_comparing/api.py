@@ -26,7 +26,7 @@ from .differences import conversion_notes, coverage_notes, describe_tolerance, _
 from .implementations import SharedInputs, bind, common_argument_names, params_to_numpy, resolve, validate_params
 from .layer_runs import trace_layers
 from .randomness import random_implementations
-from .layers import LayerDivergence, divergences, layer_sentences
+from .layers import LayerDivergence, divergences
 from .mapping.names import layer_key
 from .result import Comparison
 from .runs import ImplementationRun, _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
@@ -177,13 +177,10 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     if mapped:
         bindings = [mapped[entry.label].rename(binding) for entry, binding in zip(entries, bindings)]
     arg_names = common_argument_names(bindings, len(args))
-    unknown = [k for k in (layouts or {}) if k not in {e.label for e in entries}]
-    if unknown:
-        raise InvalidArgumentError(f"layouts: {unknown[0]!r} is not one of the implementations' labels "
-                                   f"({', '.join(e.label for e in entries)})")
-    arrangers = {e.label: mapping.Arranger(_layout_of(layouts, e.label), arg_names, e.label) for e in entries}
+    arrangers = {e.label: mapping.Arranger(layout, arg_names, e.label)
+                 for e, layout in zip(entries, _layouts(layouts, [e.label for e in entries]))}
     runs = [start_run(entry, binding, inputs, arg_names, options, seed, at[entry.label],
-                      arrange=lambda i, a, label=entry.label: arrangers[label].arrange(i, a, arg_names))
+                      arrange=arrangers[entry.label].arrange)
             for entry, binding in zip(entries, bindings)]
     selected = select(wrt, runs, arg_names)
 
@@ -239,18 +236,22 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
     return comparison
 
 
-def _layout_of(layouts: Optional[Mapping[str, Any]], label: str) -> Optional[mapping.Layout]:
-    """The layout given for ``label`` (validated), or None."""
+def _layouts(layouts: Optional[Mapping[str, Any]], labels: Sequence[str]) -> List[Optional[mapping.Layout]]:
+    """The layout given for each label (validated: labels known, values gb.channels_last()/gb.Layout), or None."""
     if layouts is None:
-        return None
+        return [None] * len(labels)
     if not isinstance(layouts, Mapping):
         raise InvalidArgumentError(f"layouts: expected a mapping of label -> gb.channels_last() (or gb.Layout), got "
                                    f"{type(layouts).__name__}")
-    value = layouts.get(label)
-    if value is not None and not isinstance(value, mapping.Layout):
-        raise InvalidArgumentError(f"layouts[{label!r}]: expected gb.channels_last(...) or gb.Layout(...), got "
-                                   f"{type(value).__name__}")
-    return value
+    unknown = [k for k in layouts if k not in labels]
+    if unknown:
+        raise InvalidArgumentError(f"layouts: {unknown[0]!r} is not one of the implementations' labels "
+                                   f"({', '.join(labels)})")
+    for label, value in layouts.items():
+        if value is not None and not isinstance(value, mapping.Layout):
+            raise InvalidArgumentError(f"layouts[{label!r}]: expected gb.channels_last(...) or gb.Layout(...), got "
+                                       f"{type(value).__name__}")
+    return [layouts.get(label) for label in labels]
 
 
 def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], points: int, inputs: Set[str],
@@ -274,8 +275,7 @@ def _extra_points(comparison: Comparison, runs: Sequence[ImplementationRun], poi
         if any(not p.passed for p in pairs):
             if not failing_at and all(p.passed for p in comparison.pairs):
                 at_point = Comparison(function=comparison.function, implementations=comparison.implementations,
-                                      checks={}, pairs=pairs,
-                                      verdicts=[], notes=[], seconds=0.0)
+                                      checks={}, pairs=pairs, verdicts=[], notes=[], seconds=0.0)
                 comparison.verdicts.extend(
                     f"at point {point + 1} (inputs moved around the given ones, in comparison.point_inputs[{point + 1}]; "
                     "they agree at the given point): "
@@ -300,8 +300,7 @@ def _layer_divergences(runs: Sequence[ImplementationRun], cotangents: Mapping[st
     for trace in traces:
         _channels_first(trace, arrangers[trace.label], [t for t in traces if t is not trace])
     found = divergences(traces, rtol, atol)
-    found = divergences(traces, rtol, atol)
-    notes.extend(layer_sentences(found)["notes"])
+    notes.extend(note for divergence in found for note in divergence.notes)
     return found
 
 

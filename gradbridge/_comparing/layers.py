@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -256,8 +256,3 @@ def _differing_settings(one: LayerTrace, other: LayerTrace, i: int, j: int) -> L
 def divergences(traces: Sequence[LayerTrace], rtol: Optional[float], atol: Optional[float]) -> List[LayerDivergence]:
     """Every pair of traced implementations, in the comparison's order."""
     return [first_divergence(one, other, rtol, atol) for one, other in itertools.combinations(traces, 2)]
-
-
-def layer_sentences(found: Sequence[LayerDivergence]) -> Dict[str, List[str]]:
-    """``{"verdicts": ..., "notes": ...}`` for the comparison's text."""
-    return {"verdicts": [d.sentence() for d in found], "notes": [n for d in found for n in d.notes]}

@@ -26,6 +26,7 @@ import pytest
 import gradbridge as gb
 from gradbridge import _hooks
 
+from kit_torch import tanh_function
 from backend_matrix import require_backend
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,17 +78,7 @@ def torch_mlp(bug: Optional[str] = None, vector: bool = False):
     require_backend("torch")
     import torch
 
-    class Tanh(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            h = torch.tanh(a)
-            ctx.save_for_backward(h)
-            return h
-
-        @staticmethod
-        def backward(ctx, grad):
-            (h,) = ctx.saved_tensors
-            return grad * ((1 - h) if bug == BACKWARD else (1 - h ** 2))
+    Tanh = tanh_function(wrong_backward=bug == BACKWARD)
 
     class MLP(torch.nn.Module):
         def __init__(self) -> None:

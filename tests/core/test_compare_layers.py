@@ -10,6 +10,7 @@ import pytest
 
 import gradbridge as gb
 from backend_matrix import require_backend
+from kit_torch import tanh_function
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(3, 4))
@@ -23,17 +24,7 @@ def _torch_model(wrong_tanh_backward: bool = False):
     require_backend("torch")
     import torch
 
-    class Tanh(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            y = torch.tanh(x)
-            ctx.save_for_backward(y)
-            return y
-
-        @staticmethod
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            return g * (1 - y) if wrong_tanh_backward else g * (1 - y * y)
+    Tanh = tanh_function(wrong_backward=wrong_tanh_backward)
 
     class Act(torch.nn.Module):
         def forward(self, x):

@@ -22,3 +22,23 @@ def make(forward, backward):
             return tuple(torch.as_tensor(np.asarray(g), dtype=cotangent.dtype) for g in grads)
 
     return NumpyOp.apply, (lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)), {}
+
+
+def tanh_function(wrong_backward: bool = False):
+    """A custom ``torch.autograd.Function`` for tanh saving its output; ``wrong_backward``: the classic bug of a
+    backward multiplying by ``1 - y`` instead of ``1 - y**2``."""
+    import torch
+
+    class Tanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            h = torch.tanh(a)
+            ctx.save_for_backward(h)
+            return h
+
+        @staticmethod
+        def backward(ctx, grad):
+            (h,) = ctx.saved_tensors
+            return grad * ((1 - h) if wrong_backward else (1 - h ** 2))
+
+    return Tanh

@@ -80,6 +80,7 @@ class Arranger:
     def __init__(self, layout: Optional[Layout], arg_names: Sequence[str], label: str = "") -> None:
         self.layout = layout if layout is not None else Layout()
         self.label = label
+        self.arg_names = tuple(arg_names)
         self.keys: Dict[str, Any] = {}
         for position, name in enumerate(arg_names):
             for key in (position, name):
@@ -103,10 +104,9 @@ class Arranger:
         """Whether it takes some input channels-last (its images, and its layers' activations, are (N, ..., C))."""
         return any(spec is channels_last_axes for spec in self.layout.inputs.values())
 
-    def arrange(self, position: int, array: np.ndarray, arg_names: Sequence[str]) -> np.ndarray:
-        name = arg_names[position] if position < len(arg_names) else None
-        key = self.keys.get(name) if name is not None else None
-        return array if key is None else self.layout.input_to_implementation(key, array)
+    def arrange(self, position: int, array: np.ndarray) -> np.ndarray:
+        """The positional argument ``position`` laid out as the implementation takes it."""
+        return self.input_to(self.arg_names[position], array) if position < len(self.arg_names) else array
 
     def input_to(self, name: str, array: np.ndarray) -> np.ndarray:
         key = self.keys.get(name)
