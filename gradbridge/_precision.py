@@ -15,13 +15,15 @@ FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
 #: Machine epsilon by dtype name (the unit roundoff times two).
 DTYPE_EPS = {"float64": FLOAT64_EPS, "float32": float(np.finfo(np.float32).eps),
-             "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7}
+             "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7,
+             # complex leaves are checked through their real views: their parts' precision
+             "complex64": float(np.finfo(np.float32).eps), "complex128": FLOAT64_EPS}
 
 
 def dtype_name(dtype: object) -> str:
     """``torch.float32``, ``<dtype: 'float32'>``, ``dtype('float32')`` and ``"float32"`` all give ``"float32"``."""
     text = str(dtype)
-    for name in ("bfloat16", "float16", "float32", "float64"):  # bfloat16 before the float16 it contains
+    for name in ("bfloat16", "float16", "float32", "float64", "complex64", "complex128"):  # bfloat16 before the float16 it contains
         if name in text:
             return name
     return text
@@ -45,7 +47,7 @@ def _round_to_bfloat16(values: np.ndarray) -> np.ndarray:
 def round_to(values: np.ndarray, dtype: object) -> np.ndarray:
     """``values`` (float64) rounded to the nearest number representable in ``dtype``, still as float64."""
     name = dtype_name(dtype)
-    if name == "float32":
+    if name in ("float32", "complex64"):  # a complex64 leaf's real view holds float32 parts
         return np.asarray(values, dtype=np.float32).astype(np.float64)
     if name == "float16":
         return np.asarray(values, dtype=np.float16).astype(np.float64)
@@ -64,7 +66,7 @@ class PointRounder:
 
     def __init__(self, leaves, promote: bool) -> None:
         self.slices = [] if promote else [(leaf.slice, leaf.dtype) for leaf in leaves
-                                          if dtype_name(leaf.dtype) in ("float32", "float16", "bfloat16")]
+                                          if dtype_name(leaf.dtype) in ("float32", "float16", "bfloat16", "complex64")]
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         if not self.slices:

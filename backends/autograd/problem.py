@@ -18,6 +18,8 @@ from autograd.extend import defjvp, defvjp, primitive
 from gradbridge._adapter import CheckSpec, LeafSpec
 from gradbridge._errors import FunctionEvaluationError
 
+from gradbridge._complex import is_complex_dtype
+
 from ..common.outputs import output_leaves
 from ..numpy.problem import NumpyProblem, build_problem, floating, is_output
 from .compat import getval, isbox
@@ -62,11 +64,16 @@ class AutogradProblem(NumpyProblem):
             else:
                 assert base is not None
                 part = np.array(base[leaf.slice], dtype=np.float64).reshape(leaf.shape)
-            return part if dtype == np.float64 else cast(part, dtype)
+            part = part if dtype == np.float64 else cast(part, dtype)
+            if is_complex_dtype(leaf.dtype):  # the complex value of a complex leaf's real view
+                part = part[..., 0] + 1j * part[..., 1]
+            return part
 
         result = self.spec.fn(*self.arguments(x, leaf_value), **self.spec.kwargs)
-        leaves = [leaf for leaf in output_leaves(result, _traced_output) if floating(getval(leaf.value))]
-        found = [(leaf.path, tuple(np.shape(getval(leaf.value)))) for leaf in leaves]
+        leaves = [leaf for leaf in output_leaves(result, _traced_output)
+                  if floating(getval(leaf.value)) or np.iscomplexobj(getval(leaf.value))]
+        found = [(leaf.path, tuple(np.shape(getval(leaf.value))) + ((2,) if np.iscomplexobj(getval(leaf.value)) else ()))
+                 for leaf in leaves]
         if found != [(spec.name, spec.shape) for spec in expected]:
             raise FunctionEvaluationError(
                 "fn: returned outputs of other names or shapes while autograd traced it "
@@ -76,6 +83,8 @@ class AutogradProblem(NumpyProblem):
         parts: List[Any] = []
         for leaf in leaves:
             value = leaf.value
+            if np.iscomplexobj(getval(value)):  # its real view (autograd applies its own convention)
+                value = anp.stack([anp.real(value), anp.imag(value)], axis=-1)
             if np.asarray(getval(value)).dtype != np.float64:
                 value = cast(value, np.float64)
             parts.append(anp.ravel(value))

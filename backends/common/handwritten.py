@@ -26,6 +26,8 @@ from gradbridge._adapter import EditedEvaluation, LeafSpec, WorkingPrecision, of
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from gradbridge._tree import array_kind
 
+from .complex import is_complex_dtype, real_view_array
+
 #: ``call(cotangent_blocks)``: the user's grad at x0; ``None`` for a scalar fn (``grad(*args)``), else the
 #: flat cotangent cut per floating output (``grad(cotangent, *args)``). Returns what grad returned.
 GradCall = Callable[[Optional[List[np.ndarray]]], Any]
@@ -150,13 +152,24 @@ def hand_written_gradient(inner: Any, framework: str, call: GradCall, to_array: 
 
 def flat_gradient(item: Any, leaf: LeafSpec, to_array: Callable[[Any], np.ndarray], kind: str) -> np.ndarray:
     """One leaf's gradient returned by ``grad=``, as a flat float64 vector: refused (naming ``grad``) when
-    it is complex, not convertible (``kind`` says what was expected), of the wrong shape or not finite."""
-    refuse_complex(item, leaf)
+    it is complex, not convertible (``kind`` says what was expected), of the wrong shape or not finite.
+
+    A complex leaf (checked through its real view, see :mod:`.complex`) takes a gradient of the complex value's
+    shape in gradbridge's convention, ``dL/dRe z + i dL/dIm z``, laid out as its real view."""
+    complex_leaf = is_complex_dtype(leaf.dtype)
+    if not complex_leaf:
+        refuse_complex(item, leaf)
     try:
         gradient = to_array(item)
     except Exception as exc:
         raise FunctionEvaluationError(f"grad: the gradient for {leaf.name} is a {type(item).__name__}, not "
                                       f"{kind} ({type(exc).__name__}: {exc})") from exc
+    if complex_leaf:
+        if gradient.shape != leaf.shape[:-1] and not (gradient.size == 1 == leaf.size // 2):
+            raise FunctionEvaluationError(
+                f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape[:-1]} (the "
+                f"shape of the complex argument, in gradbridge's convention dL/dRe + i dL/dIm)")
+        gradient = real_view_array(gradient.reshape(leaf.shape[:-1]))
     if gradient.shape != leaf.shape and not (gradient.size == 1 == leaf.size):
         raise FunctionEvaluationError(
             f"grad: the gradient for {leaf.name} has shape {gradient.shape}, expected {leaf.shape} "

@@ -14,12 +14,14 @@ from gradbridge._adapter import LeafSpec
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import NodeOf, array_kind, flatten_pytree, library_of
 
+from .complex import real_view_shape
+
 #: Why a floating array without elements is not checked (every adapter says the same).
 EMPTY_REASON = "it has no elements, so there is nothing to perturb (it is passed to fn unchanged)"
 
 #: Why a complex array is not checked (every adapter says the same).
-COMPLEX_REASON = ("complex arrays are not checked (gradbridge checks real floating-point arrays); pass the real "
-                  "and imaginary parts as separate real arrays to check them")
+COMPLEX_REASON = ("complex parameters are not checked (complex arguments are, through their real views): pass it to "
+                  "fn as an argument to check it")
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,9 @@ def layout_leaves(candidates: Sequence[Candidate], wrt: Optional[Sequence[Any]],
         kinds = {c.kind for c in candidates} | {u.kind for u in unchecked}
         params = kinds == {"param"}
         raise InvalidArgumentError(
-            f"{'params' if params else 'args'}: no floating-point input to check. gradbridge checks real floating "
-            "arrays (float16/32/64, bfloat16) with at least one element among the arguments and params; found "
+            f"{'params' if params else 'args'}: no floating-point input to check. gradbridge checks floating "
+            "arrays (float16/32/64, bfloat16) and complex arguments with at least one element among the arguments "
+            "and params; found "
             f"{'; '.join(found) or 'no arrays at all'}. Python numbers pass through unchanged: pass them as arrays "
             "to check them.")
     leaves: List[LeafSpec] = []
@@ -162,17 +165,17 @@ def promotion_notes(leaves: Sequence[LeafSpec]) -> List[str]:
     """One note per original dtype below float64: which leaves are checked on float64 copies."""
     by_dtype: dict = {}
     for leaf in leaves:
-        if leaf.dtype != "float64":
+        if leaf.dtype not in ("float64", "complex128"):
             by_dtype.setdefault(leaf.dtype, []).append(leaf.name)
-    return [f"{dtype} leaves checked on float64 copies (the originals are untouched): {', '.join(names)}"
-            for dtype, names in by_dtype.items()]
+    return [f"{dtype} leaves checked on {'complex128' if 'complex' in dtype else 'float64'} copies (the originals are "
+            f"untouched): {', '.join(names)}" for dtype, names in by_dtype.items()]
 
 
 def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array: Callable[[Any], bool],
                         describe: Callable[[Any], Tuple[Tuple[int, ...], str, bool]],
                         node_of: Optional[NodeOf] = None, unchecked: Optional[List[Unchecked]] = None,
-                        native: str = "", not_checkable: Optional[Callable[[Any], str]] = None
-                        ) -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
+                        native: str = "", not_checkable: Optional[Callable[[Any], str]] = None,
+                        complex_inputs: bool = False) -> Tuple[List[Candidate], Callable[[Sequence[Any]], tuple]]:
     """The array leaves of the positional arguments as candidates, and a function rebuilding the arguments.
 
     The arguments are walked by :func:`gradbridge._tree.flatten_pytree` (dicts, lists, tuples, named tuples
@@ -198,6 +201,8 @@ def argument_candidates(args: Sequence[Any], arg_names: Sequence[str], is_array:
         for leaf in flat.leaves:
             shape, dtype, floating = describe(leaf.value)
             reason = COMPLEX_REASON if not floating and dtype.startswith("complex") else ""
+            if reason and complex_inputs:
+                shape, floating, reason = real_view_shape(shape), True, ""
             special = not_checkable(leaf.value) if not_checkable is not None else ""
             if special:
                 floating, reason = False, special

@@ -21,7 +21,8 @@ from gradbridge._comparing import mapping
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import self_reference
 
-from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, hidden_arrays, layout_leaves, unchecked_notes
+from ..common.complex import real_view_array, real_view_shape
+from ..common.layout import Candidate, Unchecked, hidden_arrays, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache
 from .compat import Tracer, is_jit_function, staging
 from .prepared import JaxPrepared
@@ -115,9 +116,10 @@ class JaxAdapter:
                 if isinstance(value, Tracer):
                     raise tracer_error("args", name + jax.tree_util.keystr(path))
                 if is_array(value):
-                    candidates.append(Candidate(name + jax.tree_util.keystr(path), value, tuple(np.shape(value)),
-                                                dtype_name(value), is_floating(value), "input", index,
-                                                unchecked_reason=COMPLEX_REASON if is_complex(value) else ""))
+                    complex_view = is_complex(value)  # checked through its real view (..common.complex)
+                    shape = real_view_shape(np.shape(value)) if complex_view else tuple(np.shape(value))
+                    candidates.append(Candidate(name + jax.tree_util.keystr(path), value, shape, dtype_name(value),
+                                                is_floating(value) or complex_view, "input", index))
                     positions.append(len(values))
                 else:  # arrays JAX's registry does not reach are passed through: say so
                     unchecked.extend(hidden_arrays(value, name + jax.tree_util.keystr(path), _hidden_reason(value)))
@@ -132,7 +134,8 @@ class JaxAdapter:
             raise tracer_error("fn", None)
         leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
         problem = JaxProblem(spec, arguments, values, candidates, positions, leaves, chosen)
-        x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).reshape(-1) for i in chosen])
+        x0 = np.concatenate([(real_view_array(candidates[i].value) if is_complex(candidates[i].value)
+                              else np.asarray(candidates[i].value, dtype=np.float64)).reshape(-1) for i in chosen])
         prepared = JaxPrepared(problem, lambda *parts: problem.call(parts), x0, compiled=problem.compiled)
         prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
         return prepared

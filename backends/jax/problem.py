@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from gradbridge import _process
@@ -79,7 +80,8 @@ def constant_token(value: Any) -> Any:
 def output_sink_flatten(result: Any, sink: Any) -> jax.Array:
     """``fn``'s output as one flat vector in the plumbing dtype; records the output layout in ``sink`` once."""
     pairs, _ = jax.tree_util.tree_flatten_with_path(result)
-    found = [("out" + jax.tree_util.keystr(path), value) for path, value in pairs if is_floating(value)]
+    found = [("out" + jax.tree_util.keystr(path), real_view(value) if is_complex(value) else value,
+              dtype_name(value)) for path, value in pairs if is_floating(value) or is_complex(value)]
     if not found:
         if is_array(result):
             got = f"an array of dtype {dtype_name(result)}"
@@ -88,9 +90,24 @@ def output_sink_flatten(result: Any, sink: Any) -> jax.Array:
         raise FunctionEvaluationError(
             f"fn: expected a floating-point array (or a pytree of them) as output, got {got}")
     if sink.outputs is None:  # shapes seen inside jax.vmap are those of one point
-        sink.outputs = output_specs([(name, tuple(value.shape), dtype_name(value)) for name, value in found])
-        sink.low_precision_outputs = [name for name, value in found if value.dtype != jnp.float64]
-    return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(plumbing_dtype()) for _, value in found])
+        sink.outputs = output_specs([(name, tuple(value.shape), dtype) for name, value, dtype in found])
+        sink.low_precision_outputs = [name for name, value, _ in found if value.dtype != jnp.float64]
+    return jnp.concatenate([jnp.ravel(jnp.asarray(value)).astype(plumbing_dtype()) for _, value, _ in found])
+
+
+def real_view(value: Any) -> jax.Array:
+    """A complex array as its real view, shape ``S + (2,)`` (see ``..common.complex``): differentiable, so JAX's
+    own complex convention is applied by JAX."""
+    return jnp.stack([jnp.real(value), jnp.imag(value)], axis=-1)
+
+
+def leaf_value(part: Any, shape: Tuple[int, ...], dtype: Any, complex_view: bool) -> Any:
+    """A checked leaf as ``fn`` sees it: ``part`` (cut from the flat vector) in the leaf's shape, cast to its own
+    dtype with ``promote=False`` (exact: points are rounded), and made complex again for a complex leaf."""
+    part = jnp.reshape(part, shape)
+    if dtype is not None:
+        part = part.astype(dtype)
+    return lax.complex(part[..., 0], part[..., 1]) if complex_view else part
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,9 @@ class JaxProblem(StateGuard):
         self._key: Optional[Tuple[Any, Any]] = None  # the key the compiled entry is kept under, when cached
         self.promote = spec.promote
         # the dtype each checked leaf takes inside fn: None (the plumbing's float64) or, with promote=False, its own
-        self.leaf_dtypes = [None if spec.promote else candidates[i].value.dtype for i in chosen]
+        self.leaf_dtypes = [None if spec.promote else real_dtype(candidates[i].value.dtype) for i in chosen]
+        # checked complex leaves: fn gets the complex array whose real view the leaf is (see ..common.complex)
+        self.leaf_complex = [is_complex(candidates[i].value) for i in chosen]
         floating = [c for c in candidates if c.floating]
         self.needs_x64 = spec.promote or any(str(c.dtype) == "float64" for c in floating)
         # promote=True only: the leaves given below float64, named in the hint when fn fails on the copies
@@ -189,7 +208,8 @@ class JaxProblem(StateGuard):
             for i, c in enumerate(self.candidates):
                 if c.floating and i not in self.chosen:
                     own = np.asarray(c.value)  # promote=False: a copy in its own dtype
-                    fixed[self.positions[i]] = jnp.asarray(own.astype(np.float64) if self.promote else own.copy())
+                    wide = np.complex128 if np.iscomplexobj(own) else np.float64
+                    fixed[self.positions[i]] = jnp.asarray(own.astype(wide) if self.promote else own.copy())
             self._fixed = fixed
         return self._fixed
 
@@ -197,9 +217,9 @@ class JaxProblem(StateGuard):
         """Run ``fn`` with the checked leaves replaced by ``parts`` (one array per leaf, in leaf order);
         returns the flat float64 output."""
         values = list(self.fixed_values())
-        for leaf, i, part, dtype in zip(self.leaves, self.chosen, parts, self.leaf_dtypes):
-            part = jnp.reshape(part, leaf.shape)
-            values[self.positions[i]] = part if dtype is None else part.astype(dtype)  # exact: points are rounded
+        for leaf, i, part, dtype, complex_view in zip(self.leaves, self.chosen, parts, self.leaf_dtypes,
+                                                      self.leaf_complex):
+            values[self.positions[i]] = leaf_value(part, leaf.shape, dtype, complex_view)
         args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count]) for a in self.arguments)
         traced = any(isinstance(part, Tracer) for part in parts)
         return output_sink_flatten(call_fn(self.spec.fn, args, self.spec.kwargs, traced), self)
@@ -232,7 +252,8 @@ class JaxProblem(StateGuard):
                                else ("array", tuple(np.shape(fixed[pos])), str(fixed[pos].dtype))
                                for pos in range(len(fixed))),
                          tuple(self.chosen),
-                         tuple((leaf.shape, str(dtype)) for leaf, dtype in zip(self.leaves, self.leaf_dtypes)),
+                         tuple((leaf.shape, str(dtype), complex_view) for leaf, dtype, complex_view
+                               in zip(self.leaves, self.leaf_dtypes, self.leaf_complex)),
                          tuple(sorted((str(k), static_token(v)) for k, v in self.spec.kwargs.items())),
                          self.promote, self.needs_x64, bool(jax.config.jax_enable_x64))
             fingerprint: Optional[JaxFingerprint] = JaxFingerprint(fn)  # before the check first runs fn
@@ -258,6 +279,7 @@ class JaxProblem(StateGuard):
         template = [None if pos in checked or pos in dynamic else value for pos, value in enumerate(self.values)]
         positions = [self.positions[i] for i in self.chosen]
         leaf_dtypes = list(self.leaf_dtypes)
+        leaf_complex = list(self.leaf_complex)
         shapes = [leaf.shape for leaf in self.leaves]
         arguments = list(self.arguments)
         kwargs = dict(self.spec.kwargs) if strong_fn is None else self.spec.kwargs
@@ -267,9 +289,8 @@ class JaxProblem(StateGuard):
             values = list(template)
             for pos, value in zip(dynamic, dyn):
                 values[pos] = value
-            for pos, part, dtype, shape in zip(positions, parts, leaf_dtypes, shapes):
-                part = jnp.reshape(part, shape)
-                values[pos] = part if dtype is None else part.astype(dtype)
+            for pos, part, dtype, shape, complex_view in zip(positions, parts, leaf_dtypes, shapes, leaf_complex):
+                values[pos] = leaf_value(part, shape, dtype, complex_view)
             args = tuple(jax.tree_util.tree_unflatten(a.treedef, values[a.start:a.start + a.count])
                          for a in arguments)
             fn = get_fn()
@@ -282,3 +303,8 @@ class JaxProblem(StateGuard):
 
         call.bind = bind  # type: ignore[attr-defined]
         return call
+
+
+def real_dtype(dtype: Any) -> Any:
+    """The dtype of a checked leaf's values in the flat vector: a complex dtype's parts."""
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype

@@ -79,8 +79,7 @@ class NumpyPrepared(ArrayPrepared):
         by_candidate = dict(zip(mapping, items))
         flat = []
         for leaf, i in zip(problem.leaves, problem.chosen):
-            flat.append(flat_gradient(by_candidate[i], leaf, lambda item: np.asarray(item, dtype=np.float64),
-                                      "an array"))
+            flat.append(flat_gradient(by_candidate[i], leaf, _as_array, "an array"))
         return np.concatenate(flat)
 
     @_process.runs_user_code
@@ -109,3 +108,9 @@ class NumpyPrepared(ArrayPrepared):
 
     def gradient_function(self, cotangent: np.ndarray) -> "NumpyPrepared":
         raise ModeUnsupportedError("order=2 needs second derivatives, which a NumPy grad= function does not provide")
+
+
+def _as_array(item: Any) -> np.ndarray:
+    """A gradient ``grad`` returned, as a float64 (or, for a complex leaf, complex128) array."""
+    array = np.asarray(item)
+    return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)

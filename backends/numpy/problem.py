@@ -27,6 +27,7 @@ from gradbridge._tree import flatten
 
 from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, promotion_notes, unchecked_notes
 from ..common.lowprec import low_precision_names, own_precision, promotion_hint, refresh_note
+from ..common.complex import complex_from_view, real_view_array
 from ..common.outputs import output_leaves, output_specs
 from ..common.rng import SharedRandomState
 
@@ -66,7 +67,10 @@ class NumpyProblem:
         self.leaves = leaves
         self.chosen = chosen
         self.rebuild_args = rebuild_args
-        self.x0 = np.concatenate([np.asarray(candidates[i].value, dtype=np.float64).ravel() for i in chosen])
+        self.x0 = np.concatenate([(real_view_array(candidates[i].value) if _is_complex(candidates[i].value)
+                                   else np.asarray(candidates[i].value, dtype=np.float64)).ravel() for i in chosen])
+        # checked complex leaves: fn gets the complex array whose real view the leaf is (see ..common.complex)
+        self.leaf_complex = [_is_complex(candidates[i].value) for i in chosen]
         self.rng = SharedRandomState(spec.seed)
         # around every call into the user's code: NumPy's and Python's generators re-seeded inside and put
         # back on the way out, under the one lock (gradbridge._process)
@@ -75,7 +79,7 @@ class NumpyProblem:
         self.output_dtypes: List[np.dtype] = []
         self.output_rebuild: Optional[Callable[[List[np.ndarray]], Any]] = None
         # promote=True: checked leaves are float64 copies; False: copies in each leaf's own dtype
-        self.leaf_dtypes = [np.dtype(np.float64) if spec.promote else np.asarray(candidates[i].value).dtype
+        self.leaf_dtypes = [np.dtype(np.float64) if spec.promote else _real_dtype(np.asarray(candidates[i].value).dtype)
                             for i in chosen]
         self.working_eps: Optional[float]
         if spec.promote:
@@ -96,11 +100,12 @@ class NumpyProblem:
         """The user's arguments with checked leaves taken from ``x`` (float64) and copies of the rest;
         ``leaf_value(x, leaf, dtype)`` builds a checked leaf instead where given (autograd's traced leaves)."""
         values = [np.array(c.value, copy=True) for c in self.candidates]
-        for leaf, i, dtype in zip(self.leaves, self.chosen, self.leaf_dtypes):
+        for leaf, i, dtype, complex_view in zip(self.leaves, self.chosen, self.leaf_dtypes, self.leaf_complex):
             if leaf_value is not None:
                 values[i] = leaf_value(x, leaf, dtype)
                 continue
-            values[i] = x[leaf.slice].reshape(leaf.shape).astype(dtype)  # exact: the core rounded x to dtype
+            value = x[leaf.slice].reshape(leaf.shape).astype(dtype)  # exact: the core rounded x to dtype
+            values[i] = complex_from_view(value).astype(np.result_type(dtype, np.complex64)) if complex_view else value
         values = [v if isinstance(c.value, np.ndarray) else (v[()] if isinstance(v, np.ndarray) else v)
                   for v, c in zip(values, self.candidates)]
         return self.rebuild_args(values)
@@ -117,7 +122,7 @@ class NumpyProblem:
                                               f"{promotion_hint(self.low)}") from exc
             raise
         all_leaves = output_leaves(result, is_output)
-        is_float = [floating(leaf.value) for leaf in all_leaves]
+        is_float = [floating(leaf.value) or _is_complex(leaf.value) for leaf in all_leaves]
         leaves = [leaf for leaf, f in zip(all_leaves, is_float) if f]
         if not leaves:
             described = type(result).__name__
@@ -125,17 +130,21 @@ class NumpyProblem:
                 described = f"an array of dtype {result.dtype}"
             raise FunctionEvaluationError(f"fn: expected a float or a floating-point NumPy array (or a tuple/list/"
                                           f"dict of them) as output, got {described}")
-        arrays = [np.asarray(leaf.value, dtype=np.float64) for leaf in leaves]
+        # complex outputs as their real views
+        arrays = [real_view_array(leaf.value) if _is_complex(leaf.value) else np.asarray(leaf.value, dtype=np.float64)
+                  for leaf in leaves]
         if self.outputs is None:
-            self.outputs = output_specs([(l.path, np.shape(l.value), str(np.asarray(l.value).dtype))
-                                         for l in leaves])
-            self.output_dtypes = [np.asarray(l.value).dtype for l in leaves]
+            self.outputs = output_specs([(l.path, a.shape, str(np.asarray(l.value).dtype))
+                                         for l, a in zip(leaves, arrays)])
+            self.output_dtypes = [_real_dtype(np.asarray(l.value).dtype) for l in leaves]
+            output_complex = [_is_complex(l.value) for l in leaves]
             _, rebuild = flatten(result, "out", is_output)
             # non-floating outputs (indices, counts) get zero cotangents of their own shape
             constants = [None if f else np.zeros(np.shape(leaf.value)) for leaf, f in zip(all_leaves, is_float)]
 
             def rebuild_cotangent(blocks: List[np.ndarray]) -> Any:
-                supply = iter(blocks)
+                # a complex output's cotangent in gradbridge's convention: dL/dRe y + i dL/dIm y
+                supply = iter([complex_from_view(b) if c else b for b, c in zip(blocks, output_complex)])
                 return rebuild([next(supply) if c is None else c for c in constants])
 
             self.output_rebuild = rebuild_cotangent
@@ -157,6 +166,15 @@ class NumpyProblem:
         return result
 
 
+def _is_complex(value: Any) -> bool:
+    return np.iscomplexobj(value) and not isinstance(value, (str, bytes))
+
+
+def _real_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of a complex dtype's parts; any other dtype unchanged."""
+    return np.dtype(dtype).type(0).real.dtype if np.issubdtype(dtype, np.complexfloating) else np.dtype(dtype)
+
+
 def build_problem(spec: CheckSpec, who: str = "the NumPy backend", kind: Type[NumpyProblem] = NumpyProblem
                   ) -> NumpyProblem:
     """The problem of a check of NumPy code: every NumPy array in the arguments a candidate, ``wrt=`` applied,
@@ -168,7 +186,7 @@ def build_problem(spec: CheckSpec, who: str = "the NumPy backend", kind: Type[Nu
     candidates, rebuild_args = argument_candidates(
         spec.args, spec.arg_names, is_array,
         lambda v: (np.shape(v), str(np.asarray(v).dtype), floating(v)), unchecked=unchecked,
-        native=f"{who} checks NumPy arrays: pass np.asarray(...) to check it")
+        native=f"{who} checks NumPy arrays: pass np.asarray(...) to check it", complex_inputs=True)
     leaves, chosen = layout_leaves(candidates, spec.wrt, unchecked)
     problem = kind(spec, candidates, leaves, chosen, rebuild_args)
     problem.notes.extend(unchecked_notes(candidates, chosen, unchecked))

@@ -20,7 +20,8 @@ from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 
 from ..common.handwritten import floating_candidates, hand_written_gradient
-from ..common.layout import Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
+from ..common.complex import real_view_array
+from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache, environment_of
 from . import layers
 from .keras import (frozen_weights, is_keras_layer, keras_names, keras_params, keras_roles, loadable_variables,
@@ -71,15 +72,16 @@ class TensorFlowAdapter:
             spec.args, spec.arg_names, is_tensor, lambda t: (tuple(t.shape), dtype_of(t).name, is_floating(t)),
             unchecked=unchecked,
             native="the TensorFlow backend checks tf.Tensor and tf.Variable values: pass tf.constant(...) to check it",
-            not_checkable=not_checkable)
+            not_checkable=not_checkable, complex_inputs=True)
         model, params = parameters(spec)
         for p in params:
             v = p.variable
             candidates.append(Candidate(p.name, v, tuple(int(d) for d in v.shape), dtype_of(v).name, is_floating(v),
-                                        "param"))
+                                        "param", unchecked_reason=COMPLEX_REASON if dtype_of(v).is_complex else ""))
         unchecked.extend(frozen_weights(model))
         leaves, chosen = layout_leaves(candidates, expand_slash_prefixes(spec.wrt, candidates), unchecked)
-        x0 = np.concatenate([as_float64(candidates[i].value).reshape(-1) for i in chosen])
+        x0 = np.concatenate([(real_view_array(candidates[i].value.numpy()) if dtype_of(candidates[i].value).is_complex
+                              else as_float64(candidates[i].value)).reshape(-1) for i in chosen])
 
         environment = environment_of(spec.fn)  # before probe runs fn: the state the check starts from
 

@@ -136,8 +136,8 @@ class TensorFlowProblem:
     def _feed_dtype(self, candidate: Candidate) -> tf.DType:
         """The dtype a checked leaf takes while ``fn`` runs."""
         own = dtype_of(candidate.value)
-        if candidate.kind == "input":
-            return tf.float64 if self.promote else own
+        if candidate.kind == "input":  # a complex input's real view: the dtype of its parts
+            return tf.float64 if self.promote else own.real_dtype
         if is_keras_variable(candidate.value) and self.promote_model:
             return tf.float64
         return own  # tf.Variables keep their dtype; Keras variables outside a model too
@@ -145,7 +145,7 @@ class TensorFlowProblem:
     def promotes(self) -> bool:
         """Whether this problem runs anything in a higher precision than the user's own dtypes."""
         own = [dtype_of(self.candidates[i].value) for i in self.chosen]
-        floating_inputs = any(c.kind == "input" and c.floating and dtype_of(c.value) != tf.float64
+        floating_inputs = any(c.kind == "input" and c.floating and dtype_of(c.value) not in (tf.float64, tf.complex128)
                               for c in self.candidates)
         return self.feed != own or self.promote_model or (self.promote and floating_inputs)
 
@@ -226,7 +226,7 @@ class TensorFlowProblem:
         if self._fed is not None and i in self._fed:
             return self._fed[i]
         if c.kind == "input" and self.promote and c.floating:
-            return tf.cast(c.value, tf.float64)
+            return tf.cast(c.value, tf.complex128 if dtype_of(c.value).is_complex else tf.float64)
         return c.value
 
     @contextlib.contextmanager
@@ -263,12 +263,15 @@ class TensorFlowProblem:
         """fn's positional arguments with the checked inputs taken from the sources (inside :meth:`applied`)."""
         values = [c.value for c in self.candidates]
         for source, i in zip(sources, self.chosen):
-            if self.candidates[i].kind == "input":
-                values[i] = source
+            if self.candidates[i].kind == "input":  # a complex leaf: the complex tensor of its real view
+                values[i] = tf.complex(source[..., 0], source[..., 1]) if self._complex(i) else source
         for i, c in enumerate(self.candidates):
             if c.kind == "input" and i not in self.chosen:
                 values[i] = self._unchecked_input(i)  # in float64 like the rest; a graph input while tracing
         return self.rebuild_args(values)
+
+    def _complex(self, i: int) -> bool:
+        return dtype_of(self.candidates[i].value).is_complex
 
     def call(self, sources: List[Source]) -> List[tf.Tensor]:
         """Run ``fn`` on the sources (inside :meth:`applied`); returns its floating output tensors."""
@@ -278,22 +281,19 @@ class TensorFlowProblem:
 
     def _outputs(self, result: Any) -> List[tf.Tensor]:
         all_leaves = output_leaves(result, is_tensor)
-        leaves = [leaf for leaf in all_leaves if is_floating(leaf.value)]
-        complex_leaves = [leaf for leaf in all_leaves if dtype_of(leaf.value).is_complex]
-        if not leaves and complex_leaves:
-            raise FunctionEvaluationError(
-                f"fn: returned {complex_leaves[0].path} as a complex tensor ({dtype_of(complex_leaves[0].value).name}); "
-                "gradbridge checks real-valued outputs: return its real and imaginary parts (tf.math.real, "
-                "tf.math.imag) as two real outputs, or a real function of it (tf.abs)")
+        leaves = [leaf for leaf in all_leaves if is_floating(leaf.value) or dtype_of(leaf.value).is_complex]
         if not leaves:
             container = isinstance(result, (tuple, list, dict))
             raise FunctionEvaluationError(
                 f"fn: expected a floating-point tf.Tensor (or a tuple/list/dict of them) as output, got "
                 f"{type(result).__name__}{' with no floating tensor in it' if container else ''}; return tensors, "
                 "not NumPy values or Python numbers, so gradients can flow")
-        tensors = [tf.convert_to_tensor(leaf.value) for leaf in leaves]
+        values = [tf.convert_to_tensor(leaf.value) for leaf in leaves]
+        # a complex output as its real view (differentiable: TensorFlow applies its own complex convention)
+        tensors = [tf.stack([tf.math.real(t), tf.math.imag(t)], axis=-1) if t.dtype.is_complex else t for t in values]
         if self.outputs is None:
-            self.outputs = output_specs([(l.path, tuple(t.shape), t.dtype.name) for l, t in zip(leaves, tensors)])
+            self.outputs = output_specs([(l.path, tuple(t.shape), v.dtype.name)
+                                         for l, t, v in zip(leaves, tensors, values)])
             self.output_dtypes = [t.dtype for t in tensors]
         return tensors
 

@@ -91,7 +91,7 @@ class TorchAdapter:
             spec.args, spec.arg_names, _is_tensor, lambda t: (tuple(t.shape), _dtype_name(t), _floating(t)),
             node_of=pytree_node, unchecked=unchecked,
             native="the torch backend checks torch tensors: pass torch.as_tensor(...) to check it",
-            not_checkable=_not_checkable)
+            not_checkable=_not_checkable, complex_inputs=True)
         module, param_tensors = _parameters(spec)
         _refuse_meta(candidates, param_tensors)
         for name, tensor in param_tensors:
@@ -124,7 +124,7 @@ class TorchAdapter:
         problem = TorchProblem(spec, candidates, leaves, chosen,
                                rebuild_args,
                                module, module_state, data_swap, device)
-        x0 = np.concatenate([candidates[i].value.detach().to(torch.float64).reshape(-1).cpu().numpy() for i in chosen])
+        x0 = np.concatenate([_flat_float64(candidates[i].value) for i in chosen])
         prepared = TorchPrepared(problem, problem.forward, x0)
         prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
@@ -265,3 +265,11 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
 
 
 ADAPTER = TorchAdapter()
+
+
+def _flat_float64(tensor: torch.Tensor) -> np.ndarray:
+    """A checked leaf's values as a flat float64 array (a complex tensor's real view: real and imaginary parts)."""
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor.resolve_conj().to(torch.complex128))
+    return tensor.to(torch.float64).reshape(-1).cpu().numpy()

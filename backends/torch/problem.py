@@ -89,8 +89,11 @@ class TorchProblem:
         self.outputs: Optional[List[LeafSpec]] = None
         self.low_precision_outputs: List[str] = []
         self.promote = spec.promote
-        # the dtype each checked leaf takes while fn runs: float64, or its own with promote=False
-        self.leaf_dtypes = [torch.float64 if spec.promote else candidates[i].value.dtype for i in chosen]
+        # the dtype each checked leaf takes while fn runs: float64, or its own with promote=False (a complex leaf's
+        # real view: the dtype of its parts)
+        self.leaf_dtypes = [torch.float64 if spec.promote else _real_dtype(candidates[i].value.dtype) for i in chosen]
+        # checked complex leaves: fn gets the complex tensor whose real view the leaf is (see ..common.complex)
+        self._complex = {k for k, i in enumerate(chosen) if candidates[i].value.is_complex()}
         # promote=True only: the tensors given below float64, named in the hint when fn fails on the copies
         self.low_precision = low_precision_names(
             [(c.name, _dtype_name(c.value)) for c in candidates if c.floating]) if spec.promote else ""
@@ -104,7 +107,7 @@ class TorchProblem:
         self._cast = any(dtype != torch.float64 for dtype in self.leaf_dtypes)
         chosen_set = set(chosen)
         self._inputs = [(k, i) for k, i in enumerate(chosen) if candidates[i].kind == "input"]
-        self._copies = [(i, c.value, torch.float64 if _floating(c.value) and spec.promote else c.value.dtype)
+        self._copies = [(i, c.value, _promoted(c.value.dtype) if spec.promote else c.value.dtype)
                         for i, c in enumerate(candidates)
                         if c.kind == "input" and i not in chosen_set and _is_tensor(c.value)]
         self._values = [c.value for c in candidates]
@@ -196,6 +199,8 @@ class TorchProblem:
     def arguments(self, leaf_values: Sequence[torch.Tensor]) -> tuple:
         """fn's positional arguments with the checked leaves' values in place and fresh copies of the
         unchecked input tensors (the user's stay untouched), floating ones in float64 like the rest."""
+        if self._complex:
+            leaf_values = [torch.view_as_complex(v) if k in self._complex else v for k, v in enumerate(leaf_values)]
         slots = self._slots
         if slots is not None:  # every argument a tensor or a constant (no containers): filled in directly
             template, fill = slots
@@ -270,14 +275,17 @@ class TorchProblem:
         view of fn's own output (a single tensor): callers copy what they keep."""
         if self.outputs is not None:
             if isinstance(result, torch.Tensor):  # the common case: no tree to walk, nothing to concatenate
+                if result.is_complex():
+                    result = torch.view_as_real(result)
                 if result.is_floating_point():
                     flat = result.reshape(-1)
                     return flat if flat.dtype == torch.float64 else flat.to(torch.float64)
             else:
-                tensors = [t for t in _output_tensors(result, []) if t.is_floating_point()]
+                tensors = [_real(t) for t in _output_tensors(result, []) if t.is_floating_point() or t.is_complex()]
                 if tensors:
                     return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        leaves = [leaf for leaf in output_leaves(result, _is_tensor) if leaf.value.is_floating_point()]
+        leaves = [leaf for leaf in output_leaves(result, _is_tensor)
+                  if leaf.value.is_floating_point() or leaf.value.is_complex()]
         if not leaves:
             got = type(result).__name__
             if isinstance(result, torch.Tensor):
@@ -287,12 +295,30 @@ class TorchProblem:
             raise FunctionEvaluationError(
                 f"fn: expected a floating-point tensor (or a tuple/list/dict of them) as output, got {got}")
         if self.outputs is None:
-            self.outputs = output_specs([(l.path, tuple(l.value.shape), _dtype_name(l.value)) for l in leaves])
-            self.low_precision_outputs = [l.path for l in leaves if l.value.dtype != torch.float64]
-        return torch.cat([l.value.reshape(-1).to(torch.float64) for l in leaves])
+            self.outputs = output_specs([(l.path, tuple(_real(l.value).shape), _dtype_name(l.value)) for l in leaves])
+            self.low_precision_outputs = [l.path for l in leaves
+                                          if l.value.dtype not in (torch.float64, torch.complex128)]
+        return torch.cat([_real(l.value).reshape(-1).to(torch.float64) for l in leaves])
 
     def to_tensor(self, vector: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(vector), dtype=torch.float64, device=self.device)
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex output as its real view (differentiable: autograd applies torch's complex convention)."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a checked leaf's values in the flat vector: a complex dtype's parts."""
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+
+
+def _promoted(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an unchecked input tensor is copied in when promoting: float64 or complex128."""
+    if dtype.is_complex:
+        return torch.complex128
+    return torch.float64 if dtype.is_floating_point else dtype
 
 
 def _argument_slots(spec: CheckSpec, candidates: List[Candidate], chosen: List[int],

@@ -40,6 +40,7 @@ from .context import CheckContext, EvaluationCounts, working_eps
 from .full_rows import columns_for_auto
 from .orders import check_order, second_order, spread_notes
 from .strategy import choose_mode, planned_cost, verified_diagonal
+from .._complex import mark_complex
 
 def run_check(prepared: PreparedFunction, options: Options, report: Report,
               structures: Optional[Mapping[str, Structure]] = None,
@@ -80,6 +81,7 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
                 report.rows.extend(second_order(evaluator, context, counts))
             for row in report.rows:
                 explain_grade(row, tolerance.user_given)
+            mark_complex(report.rows, prepared.leaves, prepared.output_specs, report.notes)
             report.notes.extend(n for n in context.notes if n not in report.notes)
             report.strategy = [f"{name}: {how}" for name, how in context.strategy.items()]
             report.problem = _transient_faults(counts)

@@ -20,7 +20,7 @@ def relative_step(eps: Optional[float], working_eps: float = FLOAT64_EPS) -> flo
 
 
 def precision_name(working_eps: float) -> str:
-    names = {eps: name for name, eps in DTYPE_EPS.items()}
+    names = {eps: name for name, eps in reversed(DTYPE_EPS.items())}  # the real dtype where a complex one shares it
     return names.get(float(working_eps), f"eps {working_eps:.3g}")
 
 

@@ -22,6 +22,7 @@ from .._precision import PointRounder
 from .._reporting.report import KinkPoint, RowResult, StepSweep, WorstElement
 from .verified_groups import ColumnAnalytic
 from .context import KINKS_LISTED, CheckContext
+from .._complex import conjugation, is_complex_dtype
 
 def as_elements(row: RowResult, worst_at: Optional[Tuple[int, int]], entry: LeafDirections, output: LeafSpec,
                  analytic: np.ndarray, verdicts: ElementVerdicts, owners: np.ndarray, scales: np.ndarray,
@@ -184,6 +185,11 @@ def block_row(entry: LeafDirections, output: LeafSpec, analytic: np.ndarray, ver
             direction="" if entry.basis is None else entry.label(int(d_j)),
             jump=float(verdicts.jump[where][out_i, d_j]) if jumped[out_i, d_j] else None))
     row.message = _row_message(row, kinks, int((at_kink & ~at_jump & ~unresolved & ~subgradient).sum()))
+    complex_in, complex_out = is_complex_dtype(leaf.dtype), is_complex_dtype(output.dtype)
+    if row.status == "fail" and entry.basis is None and not entry.compressed and (complex_in or complex_out):
+        conjugated = conjugation(a, n, allowed, leaf.name, complex_in, output.name, complex_out)
+        if conjugated:
+            row.message = "; ".join(part for part in (conjugated, row.message) if part)
     if spread > 0 and bad.any():
         row.message = "; ".join(part for part in (_noise_message(row, spread, int(noise.sum())), row.message) if part)
     return row, worst_at

@@ -31,6 +31,8 @@ from .mapping.names import layer_key
 from .result import Comparison
 from .runs import ImplementationRun, _cotangents, evaluate_run, gradient_run, measure_precision, _own_check, start_run
 from .verdicts import _verdicts
+from .._complex import view_note
+from .runs import complex_leaves
 
 #: Options of the implementations' own checks that ``compare`` passes on (see :func:`gradbridge.check`).
 CHECK_OPTIONS = ("mode", "order", "eps", "probes", "analytic", "train", "chunk_size", "budget", "kinks", "progress",
@@ -219,7 +221,10 @@ def compare(implementations: Mapping[str, Any], *args: Any, params: Optional[Map
         function=name if name is not None else function_name(entries[0].fn),
         implementations=[e.label for e in entries], checks=checks, pairs=pairs, verdicts=[], notes=notes,
         seconds=0.0, backends={e.label: f"{e.adapter.name} {e.adapter.version()}" for e in entries},
-        tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences)
+        tolerance=describe_tolerance(pair_tolerances), mismatches=mismatches, layers=layer_divergences,
+        complex_leaves=complex_leaves(runs))
+    if comparison.complex_leaves:
+        comparison.notes.append(view_note(comparison.complex_leaves))
     random = (random_implementations(runs, at, common_values) if any(p.quantity == "value" and not p.passed for p in pairs)
               else {})
     comparison.verdicts = _verdicts(comparison, runs, random)

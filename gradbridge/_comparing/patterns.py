@@ -19,9 +19,11 @@ import numpy as np
 EXPLAINS = 1e-6
 
 
-def describe(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str, leaf: str) -> Optional[str]:
+def describe(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str, leaf: str,
+             complex_view: bool = False) -> Optional[str]:
     """A sentence naming the pattern of the difference between ``first`` and ``second`` (the same leaf of two
-    implementations), or None when no simple pattern explains every entry."""
+    implementations), or None when no simple pattern explains every entry. ``complex_view``: the leaf is a complex
+    value's real view (last axis: real, imaginary part), where one side being the other's conjugate is a pattern."""
     a = np.asarray(first, dtype=np.float64)
     b = np.asarray(second, dtype=np.float64)
     if a.shape != b.shape or a.size < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
@@ -36,6 +38,10 @@ def describe(first: np.ndarray, second: np.ndarray, first_name: str, second_name
 
     if explains(b):
         return None
+    if complex_view and a.shape[-1] == 2 and explains(b * np.array([1.0, -1.0])):
+        return (f"{leaf}: {first_name}'s is {second_name}'s complex conjugate: a rule written in one framework's "
+                "convention and run in the other's (PyTorch's and TensorFlow's gradients are dL/dRe + i dL/dIm, a "
+                "JAX custom_vjp returns the conjugate), or a missing or extra conj()")
     if a.ndim == 2 and a.shape[0] == a.shape[1] and explains(b.T):
         return (f"{leaf}: {first_name}'s is {second_name}'s transposed: they would agree if one side's layout "
                 "were transposed (a kernel stored (out, in) read as (in, out)?)")

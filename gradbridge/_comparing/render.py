@@ -10,6 +10,7 @@ import numpy as np
 from typing import TYPE_CHECKING
 
 from .._reporting.report import Report
+from .._complex import index_text
 
 if TYPE_CHECKING:
     from .result import Comparison
@@ -44,7 +45,7 @@ def render_comparison(comparison: Comparison) -> str:
     shown = list(comparison.pairs) + [p for p in comparison.other_points if not p.passed]  # elsewhere: differences
     rows = [[f"{p.first} vs {p.second}", p.quantity, p.leaf + (f" @ point {p.point + 1}" if p.point else ""), _fmt(p.max_abs_diff), _fmt(p.max_rel_diff),
              "ok" if p.passed else "DIFFER",
-             "" if p.passed else f"{element_at(p.leaf, p.worst_index)}: {p.first_value:.10g} vs {p.second_value:.10g}"
+             "" if p.passed else f"{element_at(p.leaf, p.worst_index, p.leaf in comparison.complex_leaves)}: {p.first_value:.10g} vs {p.second_value:.10g}"
              + (f" ({p.mismatches} of {int(np.prod(p.shape, dtype=np.int64))} outside)" if p.shape else "")]
             for p in shown]
     lines.extend(_table(("pair", "quantity", "leaf", "max |a-b|", "rel diff", "verdict", "worst element"), rows))
@@ -78,7 +79,7 @@ def _failure_lines(report: Report) -> List[str]:
         text = f"      {row.input} -> {row.output}: {row.status}"
         if row.worst is not None:
             w = row.worst
-            index = list(w.input_index) if w.input_index else ""
+            index = index_text(w.input_index, row.input_complex)
             text += (f", {row.mismatches} of {row.compared} entries outside tolerance; worst {row.input}{index}: "
                      f"analytic {w.analytic:.10g} vs numeric {w.numeric:.10g}")
         elif row.message:
@@ -87,9 +88,9 @@ def _failure_lines(report: Report) -> List[str]:
     return lines
 
 
-def element_at(leaf: str, index: Sequence[int]) -> str:
-    """``leaf[i, j]`` (just ``leaf`` for a scalar)."""
-    return f"{leaf}[{', '.join(str(i) for i in index)}]" if index else leaf
+def element_at(leaf: str, index: Sequence[int], complex_view: bool = False) -> str:
+    """``leaf[i, j]`` (just ``leaf`` for a scalar; ``leaf[i].imag`` for an element of a complex value's real view)."""
+    return f"{leaf}{index_text(index, complex_view)}" if index else leaf
 
 
 def joined(items: Sequence[str]) -> str:

@@ -85,6 +85,8 @@ class Comparison:
         mismatches: structural differences (outputs missing or shaped differently); each fails.
         patterns: the shape of a failing pair's difference where it has a simple one (one side transposed, a
             constant factor or offset, one row, column or element): it usually names the porting bug.
+        complex_leaves: the complex inputs and outputs, compared through their real views (last index 0 real
+            part, 1 imaginary part; elements read ``z[1].imag``), gradients in gradbridge's convention.
         layers: with ``layers=True``, per pair of implementations with layers, where their layers first diverge
             (:class:`gradbridge._comparing.layers.LayerDivergence`; its ``sentence()`` says it in words).
     """
@@ -103,6 +105,7 @@ class Comparison:
     layers: List[Any] = field(default_factory=list)
     other_points: List[PairDifference] = field(default_factory=list)
     point_inputs: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    complex_leaves: List[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

@@ -25,6 +25,7 @@ from .._errors import FunctionEvaluationError, GradbridgeError, InvalidArgumentE
 from .._options import Options
 from .._reporting.report import Report
 from .implementations import ImplementationEntry, SharedInputs
+from .._complex import is_complex_dtype
 
 # --- running each implementation ---
 
@@ -399,3 +400,16 @@ def _own_check(run: ImplementationRun, options: Options, selected: Optional[Set[
             row.step_sweep.element = common + row.step_sweep.element[len(row.input):]
         row.input = common
     return report
+
+
+def complex_leaves(runs: Sequence[ImplementationRun]) -> List[str]:
+    """The common names of the complex inputs and outputs of any implementation (compared through real views)."""
+    found: List[str] = []
+    for run in runs:
+        prepared = run.prepared
+        if prepared is None:
+            continue
+        named = [run.common(leaf) for leaf in prepared.leaves if is_complex_dtype(leaf.dtype)]
+        named += [spec.name for spec in prepared.output_specs if is_complex_dtype(spec.dtype)]
+        found.extend(name for name in named if name not in found)
+    return found

@@ -48,6 +48,7 @@ class _Facts:
         self.labels = comparison.implementations
         self.runs = {r.entry.label: r for r in runs}
         self.pairs = list(comparison.pairs)
+        self.complex = set(comparison.complex_leaves)
         #: implementations whose own check could not judge (it raised or refused): never "passes"
         self.unjudged = {label for label, report in comparison.checks.items() if report.problem is not None}
         self.disagree: Dict[Tuple[str, str], Set[frozenset]] = {}
@@ -132,10 +133,10 @@ def _kink_indices(checks: Mapping[str, Report]) -> Dict[str, Set[Tuple[int, ...]
 def _kink_sentence(facts: "_Facts", leaf: str) -> str:
     """Differences at non-differentiable points: subgradient conventions, not wrong gradients."""
     points = sorted(facts.kinks.get(leaf, set()))
-    shown = ", ".join(element_at(leaf, index) for index in points[:3]) + (", ..." if len(points) > 3 else "")
+    shown = ", ".join(element_at(leaf, index, leaf in facts.complex) for index in points[:3]) + (", ..." if len(points) > 3 else "")
     parts = [f"'{leaf}' sits at a non-differentiable point here ({shown}: the one-sided derivatives differ)"]
     for p in facts.kink_pairs.get(leaf, []):
-        parts.append(f"{p.first} and {p.second} return different subgradients there ({element_at(leaf, p.worst_index)}: "
+        parts.append(f"{p.first} and {p.second} return different subgradients there ({element_at(leaf, p.worst_index, leaf in facts.complex)}: "
                      f"{p.first_value!r} vs {p.second_value!r})")
     own = facts.kink_own.get(leaf, [])
     if own:
@@ -184,7 +185,7 @@ def _patterns(facts: _Facts) -> List[str]:
         if first is None or second is None:
             continue
         what = f"the {'value' if pair.quantity == 'value' else 'gradient'} of '{pair.leaf}'"
-        sentence = describe(first, second, pair.first, pair.second, what)
+        sentence = describe(first, second, pair.first, pair.second, what, pair.leaf in facts.complex)
         if sentence is not None:
             found.append(sentence)
         if len(found) == PATTERNS_LISTED:
@@ -211,7 +212,7 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
             continue
         involved = [x for x in having if any(x in p for p in disagree)]
         suspects.update(involved)
-        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(leaf, worst.worst_index)}: "
+        where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(leaf, worst.worst_index, leaf in facts.complex)}: "
                  f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
         if len(having) == 2:
             sentences.append(
@@ -236,7 +237,7 @@ def _value_verdicts(facts: _Facts) -> Tuple[Set[str], List[str]]:
                        + ": fix the forward first." if grads else "")
         sentences.append(
             f"{label}: value of {quoted(leaves)} disagrees with {joined(majority)}, which agree with each other "
-            f"(largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index)}): "
+            f"(largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index, worst.leaf in facts.complex)}): "
             f"{label}'s forward pass is wrong; look at how it computes {quoted(leaves)} (weight layout or transpose, "
             f"a missing bias or term, an axis, an epsilon, a different convention).{consequence}")
     return suspects, sentences
@@ -302,7 +303,7 @@ def _unexplained(facts: _Facts, leaf: str, having: Sequence[str], failing: Seque
 def _unexplained_sentence(facts: _Facts, kind: str, who: Tuple[str, ...], majority: Tuple[str, ...],
                           leaves: Sequence[str]) -> str:
     worst = facts.worst_among("gradient", leaves, who, majority)
-    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index)}: "
+    where = (f"largest relative difference {worst.max_rel_diff:.2e} at {element_at(worst.leaf, worst.worst_index, worst.leaf in facts.complex)}: "
              f"{worst.first_value!r} ({worst.first}) vs {worst.second_value!r} ({worst.second})")
     names = quoted(leaves)
     involved = list(who) + list(majority)

@@ -13,6 +13,7 @@ import html
 from typing import Any, List, Optional, Sequence
 
 from .report import Report, RowResult
+from .._complex import index_text
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em; color: #222; }
@@ -85,8 +86,8 @@ def _rows_table(report: Report) -> str:
 
 def _worst_table(row: RowResult) -> str:
     w = row.worst
-    where = w.direction or f"{row.input}{_index(w.input_index)}"
-    cells = [("element", f"{where} -> {row.output}{_index(w.output_index)}"),
+    where = w.direction or f"{row.input}{index_text(w.input_index, row.input_complex)}"
+    cells = [("element", f"{where} -> {row.output}{index_text(w.output_index, row.output_complex)}"),
              ("analytic (autodiff/grad)", repr(w.analytic)),
              ("numeric (finite differences)", repr(w.numeric) + (f" ({w.method})" if w.method else "")),
              ("|difference|", f"{_num(w.abs_error)} ({_num(w.ratio)}x the allowed {_num(w.allowed)})")]
@@ -139,8 +140,8 @@ def _kinks(report: Report) -> str:
     items = []
     for row in report.rows:
         for k in row.nondifferentiable:
-            where = k.direction or f"{row.input}{_index(k.input_index)}"
-            items.append(f"<li><code>{_e(where)} -> {_e(row.output)}{_index(k.output_index)}</code>: left "
+            where = k.direction or f"{row.input}{index_text(k.input_index, row.input_complex)}"
+            items.append(f"<li><code>{_e(where)} -> {_e(row.output)}{index_text(k.output_index, row.output_complex)}</code>: left "
                          f"{_num(k.left)}, right {_num(k.right)}, analytic {_num(k.analytic)} "
                          f"({'a valid subgradient' if k.subgradient else 'not a subgradient'})</li>")
     return f"<p>Non-differentiable points:</p><ul>{''.join(items)}</ul>" if items else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from .report import Report, RowResult
+from .._complex import index_text
 
 
 def _fmt(value: float) -> str:
@@ -36,8 +37,8 @@ def row_cells(row: RowResult) -> List[str]:
     elif row.worst is not None and row.output == "v.out":
         worst = "(random projections)"
     elif row.worst is not None:
-        where = row.worst.direction or f"{row.input}{_index(row.worst.input_index)}"
-        worst = f"{where} -> {row.output}{_index(row.worst.output_index)}"
+        where = row.worst.direction or f"{row.input}{index_text(row.worst.input_index, row.input_complex)}"
+        worst = f"{where} -> {row.output}{index_text(row.worst.output_index, row.output_complex)}"
     return [name, row.output, str(tuple(row.shape)), row.analytic_mode, verdict, row.grade, _fmt(row.rel_error),
             _fmt(row.max_abs_error), worst]
 
@@ -73,8 +74,8 @@ def detail_lines(report: Report) -> List[str]:
             lines.append(f"      reverse mode <J^T v, u>: {w.analytic!r}")
             lines.append(f"      forward mode <v, J u>:   {w.numeric!r}")
         else:
-            where = w.direction or f"{row.input}{_index(w.input_index)}"
-            lines.append(f"    worst element {where} -> {row.output}{_index(w.output_index)}:")
+            where = w.direction or f"{row.input}{index_text(w.input_index, row.input_complex)}"
+            lines.append(f"    worst element {where} -> {row.output}{index_text(w.output_index, row.output_complex)}:")
             lines.append(f"      analytic (autodiff/grad): {w.analytic!r}")
             lines.append(f"      numeric (finite diff.):   {w.numeric!r}" + (f"  ({w.method})" if w.method else ""))
         step = "" if w.step is None else f", step {w.step:.3g}"
@@ -109,16 +110,16 @@ def _kink_lines(report: Report) -> List[str]:
     lines: List[str] = []
     for row in report.rows:
         for k in row.nondifferentiable:
-            where = k.direction or f"{row.input}{_index(k.input_index)}"
+            where = k.direction or f"{row.input}{index_text(k.input_index, row.input_complex)}"
             if k.discontinuous:
                 verdict = ("one of them: the derivative of the branch fn takes" if k.subgradient
                            else "NEITHER of them: wrong on both sides")
-                lines.append(f"    discontinuity {where} -> {row.output}{_index(k.output_index)}: fn jumps by "
+                lines.append(f"    discontinuity {where} -> {row.output}{index_text(k.output_index, row.output_complex)}: fn jumps by "
                              f"{_fmt(k.jump)}; derivative on the left {_fmt(k.left)}, on the right {_fmt(k.right)}; "
                              f"analytic {_fmt(k.analytic)} ({verdict})")
                 continue
             verdict = "a valid subgradient" if k.subgradient else "NOT between them: not a subgradient"
-            lines.append(f"    non-differentiable point {where} -> {row.output}{_index(k.output_index)}: one-sided "
+            lines.append(f"    non-differentiable point {where} -> {row.output}{index_text(k.output_index, row.output_complex)}: one-sided "
                          f"left {_fmt(k.left)}, right {_fmt(k.right)}; analytic {_fmt(k.analytic)} ({verdict})")
         if row.kinks + row.jumps > len(row.nondifferentiable):
             lines.append(f"    ... and {row.kinks + row.jumps - len(row.nondifferentiable)} more in "

@@ -111,6 +111,9 @@ class RowResult:
     its worst output entry, in the input's shape), ``outside_map`` (which elements have an entry outside
     tolerance) and ``step_sweep`` (its worst element's central differences over many step sizes): the
     HTML report draws them as a heatmap and a step-size plot.
+
+    ``input_complex``/``output_complex``: the input or output is complex and was checked through its real view
+    (last index 0 real part, 1 imaginary part); indices are shown as ``z[1].imag``.
     """
 
     input: str
@@ -138,6 +141,9 @@ class RowResult:
     error_map: Optional[Any] = None
     outside_map: Optional[Any] = None
     step_sweep: Optional[StepSweep] = None
+    # a complex input or output, checked through its real view: its indices read [i].real / [i].imag
+    input_complex: bool = False
+    output_complex: bool = False
 
     @property
     def passed(self) -> bool:
