@@ -20,7 +20,7 @@ from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 
 from ..common.handwritten import floating_candidates, hand_written_gradient
-from ..common.complex import real_view_array
+from ..common.complex import complex_from_view, real_view_array
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from .cache import cache_size, clear_cache, environment_of
 from . import layers
@@ -201,17 +201,25 @@ def hand_written_call(problem: TensorFlowProblem, prepared: TensorFlowPrepared
                 if not structure:
                     problem.reseed()
                     leaves, rebuild = flatten(problem.fn(*args, **problem.spec.kwargs), "out", is_tensor)
-                    structure.append((rebuild, [(is_floating(leaf.value), tf.convert_to_tensor(leaf.value))
-                                                for leaf in leaves]))
+                    structure.append((rebuild, [(is_floating(leaf.value) or dtype_of(leaf.value).is_complex,
+                                                 tf.convert_to_tensor(leaf.value)) for leaf in leaves]))
                 rebuild, outputs = structure[0]
                 supply = iter(blocks)
-                leading = (rebuild([tf.constant(next(supply), dtype=like.dtype) if floating else tf.zeros_like(like)
+                leading = (rebuild([_cotangent(next(supply), like) if floating else tf.zeros_like(like)
                                     for floating, like in outputs]),)
             problem.reseed()
             return problem.spec.grad(*leading, *args, **problem.spec.kwargs)
 
     return call
 
+
+
+def _cotangent(block: np.ndarray, like: tf.Tensor) -> tf.Tensor:
+    """One output's cotangent block as a tensor of the output's dtype; a complex output's block is its real view,
+    given to ``grad`` as ``dL/dRe y + i dL/dIm y`` (gradbridge's and TensorFlow's convention)."""
+    if like.dtype.is_complex:
+        return tf.constant(complex_from_view(block), dtype=like.dtype)
+    return tf.constant(block, dtype=like.dtype)
 
 
 ADAPTER = TensorFlowAdapter()

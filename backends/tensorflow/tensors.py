@@ -113,4 +113,5 @@ def to_array(value: Any) -> np.ndarray:
         value = tf.convert_to_tensor(value)
     if is_tensor(value):
         value = value.numpy()
-    return np.asarray(value, dtype=np.float64)
+    array = np.asarray(value)
+    return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)  # complex: for a complex leaf

@@ -22,6 +22,7 @@ from gradbridge._comparing import mapping
 from gradbridge._errors import InvalidArgumentError
 from gradbridge._tree import flatten
 from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
+from ..common.complex import complex_from_view
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
 from . import cache, layers
 from .compat import pytree_node
@@ -231,8 +232,10 @@ def _module_roles(module: torch.nn.Module) -> mapping.Roles:
 def _to_array(value: Any) -> np.ndarray:
     """A gradient a hand-written ``grad=`` returned (tensor, array, number) as a float64 NumPy array."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float64).cpu().numpy()
-    return np.asarray(value, dtype=np.float64)
+        value = value.detach().resolve_conj()
+        return value.to(torch.complex128 if value.is_complex() else torch.float64).cpu().numpy()
+    array = np.asarray(value)
+    return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)  # complex: for a complex leaf
 
 
 def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callable[[Optional[List[np.ndarray]]], Any]:
@@ -246,7 +249,8 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
             with torch.no_grad(), problem.window():
                 result = problem.call_with_arguments(problem.spec.fn, (), problem.to_tensor(prepared.x0))
             leaves, rebuild = flatten(result, "out", _is_tensor)
-            structure.append((rebuild, [(leaf.value.is_floating_point(), leaf.value.detach()) for leaf in leaves]))
+            structure.append((rebuild, [(leaf.value.is_floating_point() or leaf.value.is_complex(), leaf.value.detach())
+                                        for leaf in leaves]))
         return structure[0]
 
     def call(blocks: Optional[List[np.ndarray]]) -> Any:
@@ -254,14 +258,21 @@ def _hand_written_call(problem: TorchProblem, prepared: TorchPrepared) -> Callab
         if blocks is not None:
             rebuild, outputs = output_structure()
             supply = iter(blocks)
-            leading = (rebuild([torch.as_tensor(np.ascontiguousarray(next(supply)), dtype=like.dtype,
-                                                device=like.device) if floating else torch.zeros_like(like)
+            leading = (rebuild([_cotangent(next(supply), like) if floating else torch.zeros_like(like)
                                 for floating, like in outputs]),)
         # the grad mode user code is written for (its inputs do not require grad), in the check's window as fn
         with torch.enable_grad(), problem.window():
             return problem.call_with_arguments(problem.spec.grad, leading, problem.to_tensor(prepared.x0))
 
     return call
+
+
+def _cotangent(block: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """One output's cotangent block as a tensor of the output's dtype and device; a complex output's block is its
+    real view, given to ``grad`` as ``dL/dRe y + i dL/dIm y`` (gradbridge's and PyTorch's convention)."""
+    if like.is_complex():
+        block = complex_from_view(block)
+    return torch.as_tensor(np.ascontiguousarray(block), dtype=like.dtype, device=like.device)
 
 
 ADAPTER = TorchAdapter()

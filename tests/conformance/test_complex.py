@@ -184,3 +184,19 @@ def _x64_unchanged(backend: str):
     before = bool(jax.config.jax_enable_x64)
     yield
     assert bool(jax.config.jax_enable_x64) == before
+
+
+def test_a_hand_written_grad_of_complex_values(backend: str) -> None:
+    """``grad=`` on the frameworks that take one: gradbridge's convention, cotangent of a complex output included."""
+    if backend in ("jax", "autograd"):
+        pytest.skip(f"{backend} takes no grad= on its own arrays")
+    xp = namespace(backend)
+    z, w = to_native(backend, Z), to_native(backend, W)
+    right = gb.check(lambda z, w: z * w, z, w, grad=lambda g, z, w: (g * xp.conj(w), g * xp.conj(z)))
+    assert right.passed, str(right)
+    wrong = gb.check(lambda z, w: z * w, z, w, grad=lambda g, z, w: (g * w, g * z))
+    assert not wrong.passed and "conjugated" in " ".join(r.message for r in wrong.failures), str(wrong)
+    loss = gb.check(lambda z: xp.total(xp.abs2(z)), z, grad=lambda z: 2 * z)
+    assert loss.passed, str(loss)
+    jax_style = gb.check(lambda z: xp.total(xp.abs2(z)), z, grad=lambda z: 2 * xp.conj(z))
+    assert not jax_style.passed, str(jax_style)
