@@ -200,7 +200,9 @@ class TorchProblem:
         """fn's positional arguments with the checked leaves' values in place and fresh copies of the
         unchecked input tensors (the user's stay untouched), floating ones in float64 like the rest."""
         if self._complex:
-            leaf_values = [torch.view_as_complex(v) if k in self._complex else v for k, v in enumerate(leaf_values)]
+            # torch.complex, not view_as_complex: a leaf cut from a batch of points may start at an odd offset
+            leaf_values = [torch.complex(v[..., 0], v[..., 1]) if k in self._complex else v
+                           for k, v in enumerate(leaf_values)]
         slots = self._slots
         if slots is not None:  # every argument a tensor or a constant (no containers): filled in directly
             template, fill = slots

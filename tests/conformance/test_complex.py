@@ -200,3 +200,22 @@ def test_a_hand_written_grad_of_complex_values(backend: str) -> None:
     assert loss.passed, str(loss)
     jax_style = gb.check(lambda z: xp.total(xp.abs2(z)), z, grad=lambda z: 2 * xp.conj(z))
     assert not jax_style.passed, str(jax_style)
+
+
+def test_real_and_complex_arguments_mixed(backend: str) -> None:
+    """A real argument of odd size before a complex one: the complex leaf starts at an odd offset of the flat
+    vector (and of each point in a batch)."""
+    x = np.array([0.3, -0.7, 1.1])
+
+    def forward(xp, x, z):
+        return xp.cplx(x) * z * z
+
+    def backward(xp, g, x, z):
+        return xp.real(g * xp.conj(z * z)), g * xp.conj(2 * xp.cplx(x) * z)
+
+    fn, options = make_rule(backend, forward, backward)
+    report = gb.check(fn, to_native(backend, x), to_native(backend, Z), **options)
+    assert report.passed, str(report)
+    wrong, options = make_rule(backend, forward, lambda xp, g, x, z: (xp.real(g * z * z), g * xp.conj(2 * xp.cplx(x) * z)))
+    failed = gb.check(wrong, to_native(backend, x), to_native(backend, Z), **options)
+    assert not failed.passed and len(failed.failures) == 1, str(failed)

@@ -58,6 +58,8 @@ CATEGORIES = {
     "jump": "fn itself jumps exactly at the input (a sampler's branch switch, a tax bracket, floor): judged "
             "against the derivative on each side",
     "adaptive": "internal adaptivity: bisection to a tolerance (a staircase), an adaptive RK45 with its adjoint",
+    "complex": "complex inputs and outputs (holomorphic and not, a real loss, mixed real-complex): missing conj, "
+               "the other framework's convention, 1e-4 relative",
     "nondeterministic": "backwards that differ from call to call: a scatter-add summed in a new order each call "
                         "(atomics), call-to-call noise below the tolerance",
 }
@@ -597,6 +599,34 @@ def _noisy_tanh_vjp(g, x, bug=0.0):
 case("tanh(Ax), noisy backward", "nondeterministic", lambda x: np.tanh(_NOISY_A @ x), _noisy_tanh_vjp,
      [r.normal(size=4)], "x", lambda g, x: _noisy_tanh_vjp(g, x, bug=1e-4), "x",
      "1e-4 relative error on one element under call-to-call noise", worst_index=(1,))
+
+
+# --------------------------------------------------------------------------------------------- complex
+# Backwards in gradbridge's convention (PyTorch's and TensorFlow's): g is dL/dRe y + i dL/dIm y, each gradient
+# dL/dRe z + i dL/dIm z; the JAX and autograd kits conjugate both ends (their convention).
+r = _rng("complex")
+
+
+def _cz(*shape):
+    return r.normal(size=shape) + 1j * r.normal(size=shape)
+
+
+case("complex product", "complex", lambda z, w: z * w, lambda g, z, w: (g * np.conj(w), g * np.conj(z)),
+     [_cz(5), _cz(5)], ("z", "w"), lambda g, z, w: (g * w, g * np.conj(z)), "z", "missing conj (holomorphic)")
+case("complex exp", "complex", np.exp, lambda g, z: (g * np.conj(np.exp(z)),), [_cz(2, 3)], "z",
+     lambda g, z: (g * np.exp(z),), "z", "missing conj of the derivative")
+case("z*conj(w)", "complex", lambda z, w: z * np.conj(w), lambda g, z, w: (g * w, np.conj(g) * z),
+     [_cz(4), _cz(4)], ("z", "w"), lambda g, z, w: (g * w, g * z), "w",
+     "non-holomorphic: the cotangent not conjugated")
+case("|z|^2 row losses", "complex", lambda z: np.sum(np.real(z * np.conj(z)), axis=1),
+     lambda g, z: (2 * z * g[:, None],), [_cz(2, 3)], "z",
+     lambda g, z: (2 * np.conj(z) * g[:, None],), "z", "JAX's convention (the conjugate) in a PyTorch-convention rule")
+case("complex matmul", "complex", lambda a, b: a @ b, lambda g, a, b: (g @ np.conj(b).T, np.conj(a).T @ g),
+     [_cz(3, 4), _cz(4, 2)], ("a", "b"), lambda g, a, b: (g @ np.conj(b).T * (1 + 1e-4), np.conj(a).T @ g), "a",
+     "1e-4 relative error")
+case("complex scale by real", "complex", lambda z, x: z * x,
+     lambda g, z, x: (g * x, np.real(g * np.conj(z))), [_cz(5), r.normal(size=5)], ("z", "x"),
+     lambda g, z, x: (g * x, np.real(g * z)), "x", "real input's gradient from the unconjugated product")
 
 
 # ------------------------------------------------------------------------------------------- variants

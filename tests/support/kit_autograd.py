@@ -23,9 +23,9 @@ def make(forward: Callable[..., np.ndarray], backward: Callable[..., Tuple[np.nd
         return forward(*inputs)
 
     def vjp_maker(argnums, ans, args, kwargs):
-        def vjp(g):
-            grads = backward(np.asarray(g), *args)
-            return tuple(grads[i] for i in argnums)
+        def vjp(g):  # autograd's complex convention is the conjugate of gradbridge's
+            grads = backward(np.conj(np.asarray(g)), *args)
+            return tuple(np.conj(grads[i]) for i in argnums)
 
         return vjp
 

@@ -20,7 +20,10 @@ def make(forward: Callable[..., np.ndarray], backward: Callable[..., Tuple[np.nd
     def call_forward(*inputs: Any) -> Any:
         dtype = inputs[0].dtype
         with np.errstate(all="ignore"):  # shape probe on zeros, at trace time
-            shape = np.shape(forward(*[np.zeros(x.shape, x.dtype) for x in inputs]))
+            probe = forward(*[np.zeros(x.shape, x.dtype) for x in inputs])
+        shape = np.shape(probe)
+        if np.iscomplexobj(np.zeros((), dtype)) and not np.iscomplexobj(probe):  # a real loss of complex inputs
+            dtype = np.zeros((), dtype).real.dtype
         return jax.pure_callback(lambda *arrays: np.asarray(forward(*arrays), dtype=dtype),
                                  jax.ShapeDtypeStruct(shape, dtype), *inputs, vmap_method="sequential")
 
@@ -35,8 +38,9 @@ def make(forward: Callable[..., np.ndarray], backward: Callable[..., Tuple[np.nd
         structs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs)
 
         def host_backward(g: np.ndarray, *arrays: np.ndarray) -> Tuple[np.ndarray, ...]:
-            grads = backward(np.asarray(g), *arrays)
-            return tuple(np.asarray(grad, dtype=s.dtype) for grad, s in zip(grads, structs))
+            # JAX's complex convention is the conjugate of gradbridge's, for the cotangent and the gradients
+            grads = backward(np.conj(np.asarray(g)), *arrays)
+            return tuple(np.asarray(np.conj(grad), dtype=s.dtype) for grad, s in zip(grads, structs))
 
         return tuple(jax.pure_callback(host_backward, structs, cotangent, *inputs, vmap_method="sequential"))
 

@@ -13,13 +13,15 @@ def make(forward, backward):
         def forward(ctx, *inputs):
             ctx.save_for_backward(*inputs)
             arrays = [t.detach().cpu().numpy() for t in inputs]
-            return torch.as_tensor(np.asarray(forward(*arrays)), dtype=inputs[0].dtype)
+            result = np.asarray(forward(*arrays))
+            dtype = inputs[0].dtype  # a real result of complex inputs (a loss) stays real
+            return torch.as_tensor(result, dtype=dtype if np.iscomplexobj(result) else dtype.to_real())
 
         @staticmethod
-        def backward(ctx, cotangent):
+        def backward(ctx, cotangent):  # PyTorch's complex convention is gradbridge's
             arrays = [t.detach().cpu().numpy() for t in ctx.saved_tensors]
             grads = backward(cotangent.detach().cpu().numpy(), *arrays)
-            return tuple(torch.as_tensor(np.asarray(g), dtype=cotangent.dtype) for g in grads)
+            return tuple(torch.as_tensor(np.asarray(g), dtype=x.dtype) for g, x in zip(grads, ctx.saved_tensors))
 
     return NumpyOp.apply, (lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)), {}
 
