@@ -13,8 +13,8 @@ counted apart from pass and fail.
 Pass rules (each checker's documented or in-house rule, default options):
 
   gradbridge   gb.check(fn, *args, **case.options) with every other option at its default;
-               pass = report.passed. A buggy case counts as "located" when the failing rows name
-               exactly the input the bug breaks.
+               pass = report.passed. A buggy case counts as "located" when the failing rows (or, where every row
+               passes, a violated contract) name exactly the input the bug breaks.
   torch        torch.autograd.gradcheck(fn, inputs, raise_exception=False) with its defaults
                (eps=1e-6, atol=1e-5, rtol=1e-3, slow mode: every Jacobian entry,
                allclose(analytic, numeric)); pass = True. Inputs are leaf tensors with
@@ -104,10 +104,10 @@ def run_gradbridge(fn: Callable[..., Any], args: Sequence[Any], options: Dict[st
         return "error", None, _first_line(exc)
     if report.passed:
         return "pass", None, ""
-    failed = {row.input for row in report.failures}
-    located = None if failing is None else (len(failed) == 1 and failed.pop() in corpus.failing_names(failing, position))
-    reasons = "; ".join(f"{row.input}: {row.message.splitlines()[0][:120] if row.message else row.status}"
-                        for row in report.failures[:3])
+    located = None if failing is None else corpus.located(report, failing, position)
+    reasons = "; ".join([f"{row.input}: {row.message.splitlines()[0][:120] if row.message else row.status}"
+                         for row in report.failures[:3]]
+                        + [f"contract {c.name}: {c.message[:120]}" for c in report.contracts if not c.passed][:2])
     return "fail", located, (report.problem or reasons)
 
 

@@ -203,6 +203,46 @@ class ForwardRules(Protocol):
 
 
 @runtime_checkable
+class DifferentiatedPrimal(Protocol):
+    """``differentiated_primal()``: the flat output at ``x0`` as the framework's differentiation computes it (the
+    primal ``jax.vjp`` returns, so a ``custom_vjp``'s ``fwd`` or a ``custom_jvp`` rule's primal output; the forward
+    torch records for backward; the forward TensorFlow records on a tape), for the contract check that it equals
+    ``fn(x0)``. Called inside the session; raises ModeUnsupportedError where there is none."""
+
+    def differentiated_primal(self) -> np.ndarray: ...
+
+
+@runtime_checkable
+class BatchedRules(Protocol):
+    """``vjp_batched_and_looped(cotangents)``: the (k, n) VJPs of the (k, m) cotangents computed twice at ``x0``,
+    under the framework's vmap (``torch.autograd.grad(is_grads_batched=True)``, ``jax.vmap`` of the VJP: what
+    per-sample gradients and ``jacrev`` run) and one cotangent at a time, for the contract check that they agree.
+    Raises ModeUnsupportedError saying why when the rule cannot run under vmap."""
+
+    def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class StridedInputs(Protocol):
+    """``strided_variants(cotangent)``: fn and its VJP at ``cotangent`` computed twice per memory layout the
+    framework exposes, once with the checked inputs as contiguous arrays and once laid out that way
+    (``"non-contiguous"``: transposed or strided storage; ``"expanded"``: a stride-0 dimension, at the point whose
+    rows all equal the first), as ``[(layout, (outputs, vjp) contiguous, (outputs, vjp) laid out)]``, flat float64.
+    A layout fn raises on gives ``(layout, error message)`` instead. For frameworks whose arrays have strides (torch)."""
+
+    def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]: ...
+
+
+@runtime_checkable
+class InPlaceWrites(Protocol):
+    """``in_place_writes(cotangent)``: what fn and its backward write in place that they must not, found by one
+    forward and one backward at ``x0`` with snapshots: ``{"inputs": [names of inputs fn changed], "cotangent":
+    [names of outputs whose incoming gradient the backward changed]}``. For frameworks with mutable arrays (torch)."""
+
+    def in_place_writes(self, cotangent: np.ndarray) -> Dict[str, List[str]]: ...
+
+
+@runtime_checkable
 class PytreeNodes(Protocol):
     """An adapter whose framework registers container types (pytrees): ``pytree_node(value)`` gives
     ``(keys, children, rebuild)`` for such a container, None otherwise."""
@@ -235,7 +275,7 @@ class LayerTaps(Protocol):
 
 
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
-                                  ForwardRules)
+                                  ForwardRules, DifferentiatedPrimal, BatchedRules, StridedInputs, InPlaceWrites)
 
 
 #: (class, capability) pairs known to offer it through a class member: true for every instance of the class.

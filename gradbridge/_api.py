@@ -27,11 +27,13 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
           wrt: Wrt = None, mode: str = _defaults.MODE, order: int = _defaults.ORDER, eps: Optional[float] = None,
           atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = _defaults.SEED,
           backend: Optional[str] = None, kwargs: Optional[Mapping[str, Any]] = None,
-          analytic: str = _defaults.ANALYTIC, probes: int = _defaults.PROBES, train: bool = _defaults.TRAIN,
+          analytic: Union[str, Sequence[str]] = _defaults.ANALYTIC, probes: int = _defaults.PROBES,
+          train: bool = _defaults.TRAIN,
           chunk_size: int = _defaults.CHUNK_SIZE, budget: int = _defaults.BUDGET, kinks: str = _defaults.KINKS,
           promote: bool = _defaults.PROMOTE,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
-          progress: Optional[bool] = None, executor: Any = None, memory: Union[None, int, str] = None) -> Report:
+          progress: Optional[bool] = None, executor: Any = None, memory: Union[None, int, str] = None,
+          contracts: bool = True) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -57,8 +59,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             ``probes`` Gaussian probes per checked leaf and re-runs ``full`` on a failing leaf;
             ``"auto"`` (the default) is ``full`` unless its cost is above ``budget``, then ``fast``
             (the report says which ran and why).
-        order: 1 checks first derivatives; 2 also checks the derivative of ``x -> J(x)^T v`` (like
-            ``torch.autograd.gradgradcheck``).
+        order: 1 checks first derivatives; k >= 2 (up to 4) also checks each level's derivative of the function
+            the level below built: ``x -> J(x)^T v`` where that level is checked in reverse mode (2 is like
+            ``torch.autograd.gradgradcheck``), ``x -> J(x) t`` where it is checked in forward mode. A scalar fn's
+            second order also checks that the Hessian is symmetric.
         eps: relative finite-difference step; the step of element j is ``eps * max(1, |x_j|)``.
             Default ``cbrt(float64 eps)`` (about 6e-6).
         atol, rtol: replace the default error-estimated rule (the difference must stay within a few
@@ -70,7 +74,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         analytic: ``"auto"`` (the default) checks every rule the user wrote: reverse mode (VJPs: backward
             passes), plus forward mode where fn has its own forward rule (a torch ``Function.jvp``), and
             forward mode instead where fn supports only forward mode. ``"rev"`` (VJPs), ``"fwd"`` (JVPs)
-            or ``"both"`` ask for exactly those modes (a mode fn lacks is then reported unsupported).
+            or ``"both"`` ask for exactly those modes (a mode fn lacks is then reported unsupported); a string
+            applies to every order. With ``order >= 2`` a sequence gives each level's mode, innermost first:
+            ``("rev", "fwd")`` is forward-over-reverse, ``("fwd", "rev")`` reverse-over-forward, and ``"fwd"``
+            (or ``("fwd", "fwd")``) forward-over-forward (what ``jacfwd(jacfwd(f))`` runs).
         probes: number of random probes per leaf in ``fast`` mode.
         train: keep the modules' own train/eval modes (a model in training mode is checked in training
             mode: dropout masks frozen by re-seeding, BatchNorm on batch statistics) instead of the
@@ -99,6 +106,12 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             an address-space limit). A full comparison above it is not started: ``mode="auto"`` takes
             random projections (a failing leaf localised by bisection), ``mode="full"`` raises.
 
+        contracts: True (the default) also checks, with a few analytic calls and no finite differences, what every
+            rule must satisfy (``report.contracts``): the backward is linear in its incoming gradient (zero in, zero
+            out); the primal computed under differentiation equals fn(x); on torch, the backward under vmap equals
+            the loop and non-contiguous and expanded inputs give what contiguous ones give; at order 2 a scalar fn's
+            Hessian is symmetric. A violated contract fails the check. False skips them.
+
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
 
@@ -112,7 +125,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
                                    f"got {type(fn).__name__}")
     options = validate_options(mode=mode, order=order, eps=eps, atol=atol, rtol=rtol, seed=seed, probes=probes,
                                analytic=analytic, train=train, chunk_size=chunk_size, budget=budget, kinks=kinks,
-                               promote=promote, progress=progress, memory=memory)
+                               promote=promote, progress=progress, memory=memory, contracts=contracts)
     structures = validate_structure(structure)
     executor = validate_executor(executor)
     call_kwargs = validate_kwargs(kwargs)

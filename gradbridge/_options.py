@@ -36,6 +36,16 @@ class Options:
     promote: bool = _defaults.PROMOTE
     progress: Optional[bool] = None
     memory: Optional[int] = None  # bytes a check may allocate; None: half of what is available
+    # the analytic mode of each derived level (2..order) when ``analytic`` was given per level (a tuple); empty:
+    # every level takes ``analytic``
+    levels: Tuple[str, ...] = ()
+    contracts: bool = True  # the contract checks on the rules (see gradbridge._checking.contracts)
+
+    def level_modes(self) -> Tuple[str, ...]:
+        """The analytic mode of each level, 1..order: the mode the level's derivative is checked in. Level k + 1
+        differentiates the function level k built: ``x -> J(x)^T v`` where level k is ``rev`` or ``both``
+        (reverse mode), ``x -> J(x) t`` where it is ``fwd`` (forward mode)."""
+        return (self.analytic,) + (self.levels or (self.analytic,) * (self.order - 1))
 
 
 def _number(name: str, value: Any, *, positive: bool) -> Optional[float]:
@@ -95,10 +105,19 @@ def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
 def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, seed: Any, probes: Any,
                      analytic: Any, train: Any, chunk_size: Any, budget: Any = DEFAULT_BUDGET,
                      kinks: Any = "allow", promote: Any = True, progress: Any = None,
-                     memory: Any = None) -> Options:
+                     memory: Any = None, contracts: Any = True) -> Options:
     """Check every option's type and range; raise :class:`InvalidArgumentError` naming the first bad one."""
-    if order not in (1, 2) or isinstance(order, bool):
-        raise InvalidArgumentError(f"order: expected 1 (gradients) or 2 (gradients of gradients), got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= MAX_ORDER:
+        raise InvalidArgumentError(f"order: expected an integer from 1 (gradients) to {MAX_ORDER} (2: gradients of "
+                                   f"gradients, ...), got {order!r}")
+    levels: Tuple[str, ...] = ()
+    if isinstance(analytic, (tuple, list)):
+        levels = _level_modes(analytic, int(order))
+        analytic = levels[0]
+        levels = levels[1:]
+    if not isinstance(contracts, bool):
+        raise InvalidArgumentError(f"contracts: expected True (check the rules' contracts, the default) or False, got "
+                                   f"{contracts!r}")
     if not isinstance(train, bool):
         raise InvalidArgumentError(f"train: expected True or False, got {train!r}")
     if not isinstance(promote, bool):
@@ -123,7 +142,25 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
         promote=promote,
         progress=progress,
         memory=parse_memory(memory),
+        levels=levels,
+        contracts=contracts,
     )
+
+
+#: The highest derivative order a check takes (each level costs a full check of the level below's derivative).
+MAX_ORDER = 4
+LEVEL_MODES = ("rev", "fwd")
+
+
+def _level_modes(analytic: Any, order: int) -> Tuple[str, ...]:
+    """``analytic`` given per level, innermost first: ``("rev", "fwd")`` is forward-over-reverse."""
+    modes = tuple(analytic)
+    if len(modes) != order or any(m not in LEVEL_MODES for m in modes):
+        raise InvalidArgumentError(
+            f"analytic: a sequence gives the mode of each derivative level, innermost first, one per order "
+            f"('rev' or 'fwd'; order={order} needs {order}): ('rev', 'fwd') is forward-over-reverse, ('fwd', 'rev') "
+            f"reverse-over-forward, ('fwd', 'fwd') forward-over-forward; got {analytic!r}")
+    return modes
 
 
 def validate_executor(executor: Any) -> Any:

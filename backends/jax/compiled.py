@@ -62,6 +62,7 @@ class Compiled:
         self.gradient: Optional[Compiled] = None
         self.gradient_error: Optional[BaseException] = None
         self.gradient_probed = False
+        self._primal: Optional[Callable[..., jax.Array]] = None  # see primal_under_vjp
 
         def flat(x: jax.Array, dyn: Any) -> jax.Array:
             return function(self.split(x), dyn)
@@ -81,6 +82,17 @@ class Compiled:
 
     def split(self, x: Any) -> List[Any]:
         return [jnp.reshape(x[offset:offset + size], shape) for offset, size, shape in self.layout]
+
+    def primal_under_vjp(self, x: jax.Array, dyn: Any) -> jax.Array:
+        """The primal output ``jax.vjp`` returns at ``x`` (a ``custom_vjp``'s ``fwd``), jitted once per entry."""
+        if self._primal is None:
+            function, split = self.function, self.split
+
+            def primal(x: jax.Array, dyn: Any) -> jax.Array:
+                return jax.vjp(lambda *parts: function(list(parts), dyn), *split(x))[0]
+
+            self._primal = jax.jit(primal)
+        return self._primal(x, dyn)
 
     def alive(self) -> bool:
         """Whether the objects its key names by identity still live (else an id may name another object)."""
@@ -169,6 +181,19 @@ class CompiledPath:
     def __init__(self, owner: "JaxPrepared", compiled: Callable[[], Tuple[Compiled, Any]]) -> None:
         self.owner = owner
         self.compiled = compiled
+
+    def differentiated_primal(self, x: jax.Array) -> Optional[np.ndarray]:
+        """The primal under ``jax.vjp`` at the point ``x``, compiled; None where the eager path must compute it."""
+        entry, dyn = self.compiled()
+        if entry.evaluation_fails or entry.linear.get("rev") is False:
+            return None
+        try:
+            self.owner.problem.rng.reseed()
+            return np.asarray(entry.primal_under_vjp(x, dyn), dtype=np.float64)
+        except GradbridgeError:
+            raise
+        except Exception:  # the eager path computes it and reports what fails
+            return None
 
     def evaluate(self, points: np.ndarray, x: jax.Array) -> Optional[np.ndarray]:
         owner, problem = self.owner, self.owner.problem

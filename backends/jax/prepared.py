@@ -23,10 +23,10 @@ from gradbridge._errors import ModeUnsupportedError
 
 from ..common.layout import promotion_notes
 from ..common.lowprec import own_precision, refresh_note
-from ..common.outputs import gradient_output_specs
+from ..common.outputs import gradient_output_specs, output_specs
 from .batching import COMPILED, choices
 from .compiled import Compiled, CompiledPath, Results
-from .derivatives import first_line
+from .derivatives import FORWARD_UNSUPPORTED_HINTS, NO_DERIVATIVE_HINTS, first_line, mentions
 from .eager import EagerPath, eager_on_leak
 from .problem import JaxProblem
 from .x64 import plumbing_dtype
@@ -142,6 +142,24 @@ class JaxPrepared(ProblemBackedFunction, WorkingPrecision, UndefinedGradients, T
 
     @_process.runs_user_code
     @eager_on_leak
+    def differentiated_primal(self) -> np.ndarray:
+        """The primal output ``jax.vjp`` returns at ``x0``: what a ``custom_vjp``'s ``fwd`` (or a ``custom_jvp``
+        rule's primal output) computes, for the contract check that it equals ``fn(x0)``."""
+        if self.compiled_path is not None and not self._paths[COMPILED].looped:
+            primal = self.compiled_path.differentiated_primal(jnp.asarray(self.x0, dtype=plumbing_dtype()))
+            if primal is not None:
+                return primal
+        self.problem.rng.reseed()
+        try:
+            primal, _ = jax.vjp(self.function, *self.parts0())
+        except Exception as exc:  # an input JAX cannot differentiate: its rows say so ("no gradient")
+            if mentions(exc, NO_DERIVATIVE_HINTS) or mentions(exc, FORWARD_UNSUPPORTED_HINTS):
+                raise ModeUnsupportedError(f"jax.vjp cannot differentiate fn ({first_line(exc)})") from exc
+            raise
+        return np.asarray(primal, dtype=np.float64)
+
+    @_process.runs_user_code
+    @eager_on_leak
     def evaluate(self, points: np.ndarray) -> np.ndarray:
         x = jnp.asarray(points, dtype=plumbing_dtype())
         self._eager()  # a stateful fn is said in the notes before anything runs
@@ -209,6 +227,26 @@ class JaxPrepared(ProblemBackedFunction, WorkingPrecision, UndefinedGradients, T
 
     @_process.runs_user_code
     @eager_on_leak
+    def tangent_function(self, tangent: np.ndarray) -> "JaxPrepared":
+        """The function ``x -> J(x) t`` (forward mode, ``jax.jvp``: a ``custom_jvp`` rule runs, a ``custom_vjp``
+        cannot) as a new prepared function, for a derivative level built in forward mode (``analytic="fwd"`` at
+        order 2 is forward-over-forward). Evaluated and differentiated eagerly."""
+        t = jnp.asarray(tangent, dtype=plumbing_dtype())
+        tangents = tuple(self.problem.split(t))
+        first = self.function
+
+        def pushed(*parts: jax.Array) -> jax.Array:
+            return jax.jvp(first, tuple(parts), tangents)[1]
+
+        try:
+            jax.eval_shape(pushed, *self.parts0())
+        except Exception as exc:
+            if mentions(exc, NO_DERIVATIVE_HINTS) or mentions(exc, FORWARD_UNSUPPORTED_HINTS):
+                raise ModeUnsupportedError(f"JAX cannot run fn in forward mode: {first_line(exc)}") from exc
+            raise
+        outputs = output_specs([(f"jvp[{spec.name}]", spec.shape, "float64") for spec in self.output_specs])
+        return JaxPrepared(self.problem, pushed, self.x0, outputs=outputs)
+
     def gradient_function(self, cotangent: np.ndarray) -> "JaxPrepared":
         v = jnp.asarray(cotangent, dtype=plumbing_dtype())
         first = self.function

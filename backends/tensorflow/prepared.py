@@ -129,6 +129,17 @@ class TensorFlowPrepared(BatchedPaths, TransposedVJP, ProblemBackedFunction, Wor
     # --- reverse mode: VJPs ---
 
     @_process.runs_user_code
+    def differentiated_primal(self) -> np.ndarray:
+        """fn's output at ``x0`` as recorded on a ``GradientTape`` watching the checked leaves (a
+        ``tf.custom_gradient``'s forward under a tape), for the contract check that it equals ``fn(x0)``."""
+        with self.problem.applied(self.x0) as sources:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                watch(tape, sources)
+                out = flat(self.forward(sources))
+            del tape
+        return out.numpy().astype(np.float64)
+
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         cotangents = np.asarray(cotangents, dtype=np.float64)
         if self._worth_batching("vjp", len(cotangents)):
@@ -203,8 +214,6 @@ class TensorFlowPrepared(BatchedPaths, TransposedVJP, ProblemBackedFunction, Wor
         return np.concatenate(parts)
 
     def gradient_function(self, cotangent: np.ndarray) -> "TensorFlowPrepared":
-        if self.order != 1:
-            raise ModeUnsupportedError("gradbridge checks up to second derivatives")
         v = tf.constant(cotangent, tf.float64)
         first = self.forward
         leaves = self.leaves
@@ -217,6 +226,6 @@ class TensorFlowPrepared(BatchedPaths, TransposedVJP, ProblemBackedFunction, Wor
             return [tf.zeros(leaf.shape, tf.float64) if g is None else tf.cast(dense(g), tf.float64)
                     for leaf, g in zip(leaves, grads)]
 
-        return TensorFlowPrepared(self.problem, gradient, self.x0, order=2, outputs=gradient_output_specs(leaves),
-                                  notes=self.notes)
+        return TensorFlowPrepared(self.problem, gradient, self.x0, order=self.order + 1,
+                                  outputs=gradient_output_specs(leaves), notes=self.notes)
 

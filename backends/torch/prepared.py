@@ -29,7 +29,7 @@ from gradbridge._adapter import (EditedEvaluation, ForwardRules, LeafSpec, Probl
 from gradbridge._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ..common.layout import promotion_notes
 from ..common.lowprec import own_precision, promotion_hint, refresh_note
-from ..common.outputs import gradient_output_specs
+from ..common.outputs import gradient_output_specs, output_specs
 from .batching import _FIRST_BATCH, BatchedPaths
 from .compat import _pull
 from ..common.reach import MISSING as _MISSING
@@ -170,6 +170,127 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
     # --- reverse mode ---
 
     @_process.runs_user_code
+    def differentiated_primal(self) -> np.ndarray:
+        """fn's output at ``x0`` from the forward autograd records for backward (grad enabled, the checked leaves
+        requiring grad), for the contract check that it equals ``fn(x0)`` evaluated without recording."""
+        problem = self.problem
+        x = problem.to_tensor(self.x0).requires_grad_(True)
+        with problem.params_held(x):
+            _, out, _ = _vjp_graph(problem, self.forward, x)
+        return out.detach().cpu().numpy().copy()
+
+    @_process.runs_user_code
+    def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]:
+        """fn and its VJP with the checked inputs contiguous and laid out non-contiguously (every input of two or
+        more axes transposed in memory, vectors every other element of a buffer) or expanded (a stride-0 first axis,
+        at the point whose rows equal the first), for the memory-layout contract (see
+        :class:`gradbridge._adapter.StridedInputs`). Parameters stay as the module holds them."""
+        problem = self.problem
+        if self.needs_grad or problem.data_swap is not None:
+            raise ModeUnsupportedError("memory layouts are checked for first derivatives of functions and modules")
+        v = problem.to_tensor(cotangent)
+        values = [problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape) for leaf in self.leaves]
+        found: List[Tuple[str, Any]] = []
+        for layout, make in (("non-contiguous", _non_contiguous), ("expanded", _expanded)):
+            # the inputs fn is given (a module's parameters are its own: swapped in as the module holds them)
+            laid_out = [make(value) if leaf.kind == "input" else None for leaf, value in zip(self.leaves, values)]
+            if all(tensor is None for tensor in laid_out):
+                continue
+            contiguous = [value if tensor is None else tensor.detach().contiguous()
+                          for value, tensor in zip(values, laid_out)]
+            strided = [value if tensor is None else tensor for value, tensor in zip(values, laid_out)]
+            try:
+                reference = self._run_on(contiguous, v)
+            except GradbridgeError:
+                raise
+            except Exception as exc:  # no backward for some input (its rows say so): nothing to compare layouts on
+                raise ModeUnsupportedError(f"the backward of the contiguous inputs raised {_first_line(exc)}") from exc
+            try:
+                found.append((layout, (reference, self._run_on(strided, v))))
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                found.append((layout, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
+        return found
+
+    def _run_on(self, parts: List[torch.Tensor], cotangent: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        """fn's flat output and its VJP at ``cotangent``, with the leaves given as these very tensors (their
+        layouts kept: each is a fresh leaf requiring grad, or a stride-0 view of one)."""
+        with torch.enable_grad():  # the caller may be in no_grad: the expanded views must record their base
+            return self._run_recorded(parts, cotangent)
+
+    def _run_recorded(self, parts: List[torch.Tensor], cotangent: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        problem = self.problem
+        leaves = []
+        for part in parts:
+            if part.stride() and 0 in part.stride():  # an expanded view: its base is the leaf, the view is fed
+                base = part[tuple(slice(0, 1) if st == 0 else slice(None) for st in part.stride())].detach()
+                leaves.append(base.clone().requires_grad_(True).expand(part.shape))
+            else:
+                leaf = part.detach()
+                leaf = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device).copy_(leaf)
+                leaves.append(leaf.requires_grad_(True))
+        with problem.params_held(None, leaves), torch.enable_grad():
+            out, _ = problem.forward(None, True, leaf_values=leaves)
+            # a cotangent of its own: a backward writing it in place must not change the other layout's run
+            grads = torch.autograd.grad(out, leaves, cotangent.clone(), allow_unused=True)
+        flat = np.concatenate([np.zeros(p.numel()) if g is None else g.detach().reshape(-1).cpu().numpy()
+                               for p, g in zip(leaves, grads)])
+        return out.detach().cpu().numpy().copy(), flat
+
+    @_process.runs_user_code
+    def in_place_writes(self, cotangent: np.ndarray) -> Dict[str, List[str]]:
+        """The inputs fn wrote in place and the outputs whose incoming gradient the backward wrote in place (see
+        :class:`gradbridge._adapter.InPlaceWrites`): one forward on recorded copies of the inputs, one backward with
+        the cotangent as a tensor of its own, each compared with its snapshot afterwards."""
+        problem = self.problem
+        if self.needs_grad or problem.data_swap is not None:
+            raise ModeUnsupportedError("in-place writes are checked for first derivatives of functions and modules")
+        with torch.enable_grad():
+            bases = [problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape).requires_grad_(True)
+                     for leaf in self.leaves]
+            given = [base.clone() if leaf.kind == "input" else base for leaf, base in zip(self.leaves, bases)]
+            snapshots = [g.detach().clone() for g in given]
+            with problem.params_held(None, given):
+                out, _ = problem.forward(None, True, leaf_values=given)
+                changed = [leaf.name for leaf, g, snap in zip(self.leaves, given, snapshots)
+                           if leaf.kind == "input" and not torch.equal(g.detach(), snap)]
+                v = problem.to_tensor(cotangent).clone()
+                before = v.clone()
+                if out.requires_grad:
+                    try:
+                        torch.autograd.grad(out, bases, v, allow_unused=True)
+                    except GradbridgeError:
+                        raise
+                    except Exception as exc:  # no backward for some input (its rows say so)
+                        raise ModeUnsupportedError(f"the backward raised {_first_line(exc)}") from exc
+        written = [] if torch.equal(v, before) else [spec.name for spec in self.output_specs
+                                                      if not torch.equal(v[spec.slice], before[spec.slice])]
+        return {"inputs": changed, "cotangent": written}
+
+    @_process.runs_user_code
+    def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The VJPs of ``cotangents`` from one ``torch.func.vjp`` pullback, under ``torch.func.vmap`` (what
+        per-sample gradients and ``torch.func.jacrev`` run, custom ``vmap`` rules included) and one cotangent at a
+        time, for the batched-backward contract (torch's ``check_batched_grad``)."""
+        problem = self.problem
+        if self.needs_grad or problem.data_swap is not None:
+            raise ModeUnsupportedError("batched VJPs are checked for first derivatives of functions and modules")
+        x0 = problem.to_tensor(self.x0)
+        batch = problem.to_tensor(cotangents)
+        try:
+            with torch.enable_grad():
+                _, pullback = torch.func.vjp(lambda point: self.forward(point, False)[0], x0)
+                # each call gets a cotangent of its own: a backward writing it in place must not change the next
+                looped = np.stack([pullback(v.clone())[0].detach().reshape(-1).cpu().numpy() for v in batch])
+                batched = torch.func.vmap(pullback)(batch.clone())[0].detach().reshape(len(batch), -1).cpu().numpy()
+        except GradbridgeError:
+            raise
+        except Exception as exc:
+            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.vjp raised {_first_line(exc)}") from exc
+        return batched, looped
+
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         try:
             return self._vjp(cotangents)
@@ -273,6 +394,25 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
             rows.append(np.zeros(out.numel()) if pushed is None else np.array(pushed.detach().cpu().numpy()))
         return np.stack(rows)
 
+    def tangent_function(self, tangent: np.ndarray) -> "TangentFunction":
+        """The function ``x -> J(x) t`` (forward mode through ``torch.func.jvp``, so a ``Function.jvp`` runs as
+        ``torch.func.jacfwd`` runs it) as a new prepared function, for a level built in forward mode
+        (``analytic="fwd"`` at order 2 is forward-over-forward, ``("fwd", "rev")`` reverse-over-forward)."""
+        problem = self.problem
+        if problem.data_swap is not None:
+            raise ModeUnsupportedError("forward mode is not available for params given as plain tensors; pass the "
+                                       "nn.Module as params= instead")
+        t = problem.to_tensor(tangent)
+        first = self.forward
+
+        def pushed(x: torch.Tensor, needs_grad: bool) -> Tuple[torch.Tensor, list]:
+            with torch.enable_grad():
+                _, out = torch.func.jvp(lambda point: first(point, needs_grad)[0], (x,), (t,))
+            return out, []
+
+        outputs = output_specs([(f"jvp[{spec.name}]", spec.shape, "float64") for spec in self.output_specs])
+        return TangentFunction(problem, pushed, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
+
     def gradient_function(self, cotangent: np.ndarray) -> "TorchPrepared":
         problem = self.problem
         v = problem.to_tensor(cotangent)
@@ -289,3 +429,48 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
 
         outputs = gradient_output_specs(problem.leaves)
         return TorchPrepared(problem, gradient, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
+
+
+class TangentFunction(TorchPrepared):
+    """``x -> J(x) t`` of a torch function (see :meth:`TorchPrepared.tangent_function`): evaluated point by point,
+    differentiated in reverse mode by autograd (reverse-over-forward) and in forward mode by ``torch.func.jvp``
+    again (forward-over-forward: what ``torch.func.jacfwd(torch.func.jacfwd(f))`` runs)."""
+
+    @_process.runs_user_code
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        problem = self.problem
+        x0 = problem.to_tensor(self.x0)
+        rows = []
+        for tangent in tangents:
+            try:
+                _, pushed = torch.func.jvp(lambda point: self.forward(point, False)[0], (x0,),
+                                           (problem.to_tensor(tangent),))
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                if (isinstance(exc, (RuntimeError, NotImplementedError))
+                        and any(hint in str(exc).lower() for hint in _FORWARD_AD_HINTS)):
+                    raise ModeUnsupportedError(f"forward-over-forward unsupported: {str(exc).splitlines()[0]}") from exc
+                raise
+            rows.append(np.array(pushed.detach().cpu().numpy()))
+        return np.stack(rows)
+
+
+def _non_contiguous(value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``value`` stored non-contiguously: transposed in memory (two or more axes), or every other element of a
+    buffer (one axis); None for a scalar or a single element."""
+    if value.numel() < 2:
+        return None
+    if value.dim() >= 2:
+        return value.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    buffer = torch.zeros(value.numel() * 2, dtype=value.dtype, device=value.device)
+    strided = buffer[::2]
+    strided.copy_(value.detach().reshape(-1))
+    return strided.reshape(value.shape)
+
+
+def _expanded(value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``value``'s first row expanded along its first axis (stride 0); None where that axis has one element."""
+    if value.dim() == 0 or value.shape[0] < 2:
+        return None
+    return value.detach()[:1].expand(value.shape)

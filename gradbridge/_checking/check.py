@@ -38,9 +38,10 @@ from .structure import Structure
 from .tolerance import Tolerance
 from .context import CheckContext, EvaluationCounts, working_eps
 from .full_rows import columns_for_auto
-from .orders import check_order, second_order, spread_notes
+from .orders import check_order, higher_orders, spread_notes
 from .strategy import choose_mode, planned_cost, verified_diagonal
 from .._complex import mark_complex
+from .contracts import run_contracts
 
 def run_check(prepared: PreparedFunction, options: Options, report: Report,
               structures: Optional[Mapping[str, Structure]] = None,
@@ -77,8 +78,10 @@ def run_check(prepared: PreparedFunction, options: Options, report: Report,
             context.columns = columns
             report.rows.extend(check_order(evaluator, context, f0, order=1))
             spread_notes(context, report.rows)
-            if options.order == 2:
-                report.rows.extend(second_order(evaluator, context, counts))
+            if options.contracts:
+                report.contracts.extend(run_contracts(evaluator, context, f0, precision, report.rows))
+            if options.order >= 2:
+                report.rows.extend(higher_orders(evaluator, context, counts, report.contracts))
             for row in report.rows:
                 explain_grade(row, tolerance.user_given)
             mark_complex(report.rows, prepared.leaves, prepared.output_specs, report.notes)

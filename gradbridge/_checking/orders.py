@@ -7,6 +7,7 @@ or unsupported row saying why; nothing is silently left unchecked.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Sequence
 
 import numpy as np
@@ -19,27 +20,72 @@ from .finite_diff import relative_step
 from .localize import bisection_row
 from .memory import full_check_bytes
 from .._precision import PointRounder
-from .._reporting.report import RowResult
+from .._options import LEVEL_MODES
+from .._reporting.report import Contract, RowResult
+from .contracts import hessian_symmetry
 from .context import CheckContext, EvaluationCounts, working_eps
 from .fast_rows import consistency_rows, _fast_rows
 from .full_rows import full_rows, _strategy
 
-def second_order(first: Evaluator, context: CheckContext, counts: EvaluationCounts) -> List[RowResult]:
-    output_size = sum(spec.size for spec in first.prepared.output_specs)
-    cotangent = np.random.default_rng(context.options.seed + 1).standard_normal(output_size)
-    try:
-        derived = first.prepared.gradient_function(cotangent)
-    except GradbridgeError as exc:
-        if not isinstance(exc, ModeUnsupportedError):
-            raise
-        return [RowResult(input=leaf.name, output="gradient", shape=leaf.shape, kind=leaf.kind, order=2,
-                          status="unsupported", message=str(exc)) for leaf in first.prepared.leaves]
-    except Exception as exc:  # the framework refused to build the gradient function: the user's code is at fault
-        raise FunctionEvaluationError(f"building the gradient of fn for order=2 raised {type(exc).__name__}: {exc}") from exc
-    evaluator = counts.add(Evaluator(derived, context.options.chunk_size, what="the gradient of fn",
-                                     progress=context.progress))
-    f0 = evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])[0]
-    return check_order(evaluator, context, f0, order=2)
+#: How each mode builds the next level's function, and what the report calls it.
+_BUILT_BY = {"rev": ("gradient_function", "the gradient of", "x -> J(x)^T v, reverse mode"),
+             "both": ("gradient_function", "the gradient of", "x -> J(x)^T v, reverse mode"),
+             "fwd": ("tangent_function", "the directional derivative of", "x -> J(x) t, forward mode")}
+_MODE_NAMES = {"rev": "reverse", "fwd": "forward", "both": "reverse and forward"}
+
+
+def higher_orders(first: Evaluator, context: CheckContext, counts: EvaluationCounts,
+                  contracts: List[Contract]) -> List[RowResult]:
+    """Levels 2..order: each differentiates the function the level below built (``x -> J(x)^T v`` from reverse
+    mode, ``x -> J(x) t`` from forward mode, at a random ``v`` or ``t``) and checks it in its own mode, so
+    ``analytic=("rev", "fwd")`` checks forward-over-reverse, ``("fwd", "fwd")`` forward-over-forward. A scalar
+    fn's reverse-mode level 2 also gets the Hessian-symmetry contract (appended to ``contracts``)."""
+    options = context.options
+    modes = options.level_modes()
+    rows: List[RowResult] = []
+    current, what = first, "fn"
+    for level in range(2, options.order + 1):
+        below, mode = modes[level - 2], modes[level - 1]
+        method, prefix, formula = _BUILT_BY[below]
+        size = (sum(spec.size for spec in current.prepared.output_specs) if method == "gradient_function"
+                else len(current.prepared.x0))
+        direction = np.random.default_rng(options.seed + level - 1).standard_normal(size)
+        build = getattr(current.prepared, method, None)
+        try:
+            if build is None:
+                raise ModeUnsupportedError(f"this backend cannot build {formula} as a function to differentiate again")
+            derived = build(direction)
+        except GradbridgeError as exc:
+            if not isinstance(exc, ModeUnsupportedError):
+                raise
+            return rows + [RowResult(input=leaf.name, output="derivative", shape=leaf.shape, kind=leaf.kind,
+                                     order=order, analytic_mode=each, status="unsupported",
+                                     message=f"order {order}: {exc}")
+                           for order in range(level, options.order + 1)
+                           for each in (LEVEL_MODES if modes[order - 1] == "both" else (modes[order - 1],))
+                           for leaf in first.prepared.leaves]
+        except Exception as exc:  # the framework refused to build the derivative function: the user's code is at fault
+            raise FunctionEvaluationError(f"building {prefix} {what} ({formula}) for order={level} raised "
+                                          f"{type(exc).__name__}: {exc}") from exc
+        what = f"{prefix} {what}"
+        evaluator = counts.add(Evaluator(derived, options.chunk_size, what=what, progress=context.progress))
+        f0 = evaluator.evaluate(derived.x0[None, :], ["the unperturbed input"])[0]
+        context.notes.append(f"order {level}: {what} ({formula} at a random {'v' if 'v,' in formula else 't'}), "
+                             f"checked in {_MODE_NAMES[mode]} mode"
+                             + (f": {_MODE_NAMES[mode]}-over-{_MODE_NAMES[below]}" if mode in LEVEL_MODES
+                                and below in LEVEL_MODES else ""))
+        saved = context.options
+        context.options = dataclasses.replace(saved, analytic=mode)
+        try:
+            rows.extend(check_order(evaluator, context, f0, order=level))
+        finally:
+            context.options = saved
+        if level == 2 and method == "gradient_function" and size == 1 and options.contracts:
+            symmetric = hessian_symmetry(evaluator, options.seed, working_eps(evaluator.prepared, options))
+            if symmetric is not None:
+                contracts.append(symmetric)
+        current = evaluator
+    return rows
 
 
 def check_order(evaluator: Evaluator, context: CheckContext, f0: np.ndarray, order: int) -> List[RowResult]:

@@ -56,6 +56,11 @@ def header_lines(report: Report) -> List[str]:
              f"  step:      {report.step}"]
     if report.strategy:
         lines.append(f"  strategy:  {'; '.join(report.strategy)}")
+    held = [c.name for c in report.contracts if c.passed and c.checked]
+    if held:
+        lines.append(f"  contracts: held: {', '.join(held)}")
+    lines.extend(f"  contract not checked: {c.name}: {c.message}" for c in report.contracts if not c.checked)
+    lines.extend(f"  contract VIOLATED: {c.name}: {c.message}" for c in report.contracts if not c.passed)
     lines.extend(f"  note: {note}" for note in report.notes)
     return lines
 

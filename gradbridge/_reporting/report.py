@@ -156,6 +156,21 @@ class RowResult:
 
 
 @dataclass
+class Contract:
+    """One contract check on the analytic side (no finite differences): ``name`` (``linear in the cotangent``,
+    ``primal under differentiation``), whether it held, the analytic ``mode`` it concerns (``rev``/``fwd``) and a
+    sentence saying what the rule did (see :mod:`gradbridge._checking.contracts`). A violated contract fails the
+    check; one that could not run (``checked=False``: a rule that cannot be batched) is reported, not failed."""
+
+    name: str
+    passed: bool
+    mode: str
+    message: str
+    checked: bool = True  # False: the contract could not run (the message says why); never a failure
+    calls: int = 0  # the analytic calls (VJPs, or JVPs for mode "fwd") it made, counted in the report's totals
+
+
+@dataclass
 class Report:
     """Outcome of :func:`gradbridge.check`. ``passed`` is the verdict; ``rows`` the details.
 
@@ -175,6 +190,8 @@ class Report:
         strategy: how each checked leaf was compared (``"x: 16 verified column groups ..."``): the
             path the check chose, so the cost in ``evaluations`` and ``seconds`` can be read against it.
         notes: things the user should know (promotion from float32, modes put in eval, ...).
+        contracts: the contract checks on the rules (:class:`Contract`: linear in the cotangent, the primal under
+            differentiation equals fn(x)); a violated one fails the check.
     """
 
     function: str
@@ -193,12 +210,14 @@ class Report:
     seconds: float = 0.0
     strategy: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    contracts: List[Contract] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        """True when every row passed and at least one derivative was really compared."""
+        """True when every row passed, at least one derivative was really compared, and every contract held."""
         compared = any(row.status in ("pass", "no-gradient") for row in self.rows)
-        return self.problem is None and compared and all(row.passed for row in self.rows)
+        return (self.problem is None and compared and all(row.passed for row in self.rows)
+                and all(contract.passed for contract in self.contracts))
 
     @property
     def failures(self) -> List[RowResult]:
@@ -208,6 +227,10 @@ class Report:
     def nondifferentiable(self) -> List[KinkPoint]:
         """Every element found at a non-differentiable point (shown; fails only with ``kinks=`` set so)."""
         return [k for row in self.rows for k in row.nondifferentiable]
+
+    def contract_calls(self, mode: str = "rev") -> int:
+        """How many of the report's VJPs (``mode="rev"``) or JVPs (``"fwd"``) the contract checks made."""
+        return sum(c.calls for c in self.contracts if c.mode == mode)
 
     def row(self, input: str, output: Optional[str] = None, order: int = 1) -> RowResult:
         """The row for ``input`` (and ``output``, if several) at ``order``; KeyError if there is none."""
@@ -232,6 +255,10 @@ class Report:
         if self.problem:
             return f"FAILED: {self.problem}"
         failed = self.failures
+        violated = [c.name for c in self.contracts if not c.passed]
+        if violated:
+            rows = f"; {len(failed)} of {len(self.rows)} block(s) wrong" if failed else ""
+            return f"FAILED: contract violated: {', '.join(violated)}{rows}"
         if not failed and not self.passed:
             return "FAILED: nothing was compared (every requested mode is unsupported for this function)"
         if not failed:

@@ -20,7 +20,7 @@ import gradbridge as gb
 from backend_matrix import ALL_BACKENDS
 from capabilities import CAPABILITY_TABLE
 from gradbridge import _registry
-from gradbridge._adapter import (CAPABILITIES, Adapter, CheckSpec, EditedEvaluation, PreparedFunction, PytreeNodes,
+from gradbridge._adapter import (CAPABILITIES, Adapter, CheckSpec, DifferentiatedPrimal, EditedEvaluation, PreparedFunction, PytreeNodes,
                                  TransposedProducts, capabilities)
 from gradbridge._agreement import disagreement
 from gradbridge._errors import InvalidArgumentError, ModeUnsupportedError
@@ -129,6 +129,17 @@ def test_edits_give_what_evaluate_gives(backend: str) -> None:
         edited = prepared.evaluate_edits(positions, values)
         direct = prepared.evaluate(points)
     assert disagreement(edited, direct, EPS) is None
+
+
+def test_the_differentiated_primal_is_what_evaluate_gives(backend: str) -> None:
+    prepared, _ = _prepared(backend)
+    if not isinstance(prepared, DifferentiatedPrimal):
+        pytest.skip(f"{backend} offers no primal under differentiation (its rules compute no forward of their own)")
+    with prepared.session():
+        primal = prepared.differentiated_primal()
+        direct = prepared.evaluate(prepared.x0[None, :])[0]
+    assert primal.shape == direct.shape
+    assert disagreement(primal[None, :], direct[None, :], EPS) is None
 
 
 def test_vjps_are_linear_and_agree_with_the_rule(backend: str) -> None:

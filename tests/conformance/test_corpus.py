@@ -48,8 +48,9 @@ def test_correct_gradient_passes(backend, variant):
 
 def _assert_caught(report: gb.Report, failing: str, position: int, worst_index=None) -> None:
     assert not report.passed, str(report)
-    failed = {row.input for row in report.failures}
-    assert len(failed) == 1 and failed.pop() in corpus.failing_names(failing, position), str(report)
+    assert corpus.located(report, failing, position), str(report)
+    if not report.failures:  # a contract caught it (every Jacobian entry is right): located by its message
+        return
     worst = report.failures[0].worst
     assert worst is not None and worst.abs_error > worst.allowed, str(report)
     if worst_index is not None:

@@ -122,7 +122,7 @@ OPTION_CASES = [
     ("eps-nan", {"eps": float("nan")}, "eps", None),
     ("eps-string", {"eps": "small"}, "eps", None),
     ("mode", {"mode": "slow"}, "mode", None),
-    ("order", {"order": 3}, "order", None),
+    ("order", {"order": 5}, "order", None),
     ("atol-negative", {"atol": -1.0}, "atol", None),
     ("rtol-inf", {"rtol": float("inf")}, "rtol", None),
     ("seed-negative", {"seed": -1}, "seed", None),

@@ -20,7 +20,7 @@ def square_grad(x):
 
 @pytest.mark.parametrize("options, argument", [
     ({"mode": "slow"}, "mode"),
-    ({"order": 3}, "order"),
+    ({"order": 5}, "order"),
     ({"eps": -1.0}, "eps"),
     ({"eps": "small"}, "eps"),
     ({"atol": -1}, "atol"),

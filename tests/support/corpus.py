@@ -58,6 +58,8 @@ CATEGORIES = {
     "jump": "fn itself jumps exactly at the input (a sampler's branch switch, a tax bracket, floor): judged "
             "against the derivative on each side",
     "adaptive": "internal adaptivity: bisection to a tolerance (a staircase), an adaptive RK45 with its adjoint",
+    "contract": "backwards not linear in their incoming gradient (clipped, squared, thresholded, a constant added): "
+                "right on every Jacobian entry and wrong for other cotangents",
     "complex": "complex inputs and outputs (holomorphic and not, a real loss, mixed real-complex): missing conj, "
                "the other framework's convention, 1e-4 relative",
     "nondeterministic": "backwards that differ from call to call: a scatter-add summed in a new order each call "
@@ -629,6 +631,29 @@ case("complex scale by real", "complex", lambda z, x: z * x,
      lambda g, z, x: (g * x, np.real(g * z)), "x", "real input's gradient from the unconjugated product")
 
 
+# --------------------------------------------------------------------------------------------- contract
+# Backwards right on every Jacobian entry (the unit cotangents of a full check) and wrong for other cotangents: only
+# the linearity contract sees them; and one wrong everywhere by a constant the rows see too.
+r = _rng("contract")
+_T = r.normal(size=(3, 4))
+
+
+def _dtanh(x):
+    return 1 - np.tanh(x) ** 2
+
+
+case("tanh, cotangent clipped at 2", "contract", np.tanh, lambda g, x: (g * _dtanh(x),), [_T], "x",
+     lambda g, x: (np.clip(g, -2, 2) * _dtanh(x),), "x", "incoming gradient clipped (right for unit cotangents)")
+case("tanh, cotangent squared", "contract", np.tanh, lambda g, x: (g * _dtanh(x),), [r.normal(size=6)], "x",
+     lambda g, x: (g * np.abs(g) * _dtanh(x),), "x", "incoming gradient squared (right for unit cotangents)")
+case("x*w, w's cotangent thresholded", "contract", lambda x, w: x * w, lambda g, x, w: (g * w, g * x),
+     [r.normal(size=5), r.normal(size=5)], ("x", "w"),
+     lambda g, x, w: (g * w, np.where(np.abs(g) > 1.5, 1.5 * np.sign(g), g) * x), "w",
+     "w's incoming gradient thresholded at 1.5")
+case("sin, constant added in backward", "contract", np.sin, lambda g, x: (g * np.cos(x),), [r.normal(size=5)], "x",
+     lambda g, x: (g * np.cos(x) + 1e-3,), "x", "a term that does not depend on the incoming gradient")
+
+
 # ------------------------------------------------------------------------------------------- variants
 def variants(correct: Optional[bool] = None) -> List[Variant]:
     """Every (case, backward) pair: the correct ones, then the buggy ones."""
@@ -849,7 +874,63 @@ def _numpy_logreg(bug: bool):
     return make
 
 
+_ORDER_X = _rn.normal(size=5)
+_STRIDE_X = _rn.normal(size=(3, 4))
+
+
+def _jax_sine_rule(detach: bool):
+    """A ``jax.custom_jvp`` sine whose tangent rule is right at first order; ``detach``: it stops the gradient of
+    the point it differentiates at, so its own derivative (forward-over-forward) is lost."""
+    def make():
+        import jax
+        import jax.numpy as jnp
+
+        @jax.custom_jvp
+        def sine(x):
+            return jnp.sin(x)
+
+        @sine.defjvp
+        def rule(primals, tangents):
+            (x,), (t,) = primals, tangents
+            return jnp.sin(x), jnp.cos(jax.lax.stop_gradient(x) if detach else x) * t
+
+        return sine, (_ORDER_X,)
+
+    return make
+
+
+def _torch_strided_square(bug: bool):
+    """A torch Function for x**2 whose backward (``bug``) reads the saved input's memory as if it were contiguous."""
+    def make():
+        import torch
+
+        class Square(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.save_for_backward(x)
+                return x ** 2
+
+            @staticmethod
+            def backward(ctx, g):
+                (x,) = ctx.saved_tensors
+                if bug:
+                    x = torch.as_strided(x, x.shape, (x.shape[1], 1))
+                return 2 * g * x
+
+        return Square.apply, (_STRIDE_X,)
+
+    return make
+
+
 NATIVE_CASES: List[NativeCase] = [
+    NativeCase("custom_jvp sine, forward-over-forward", "jax", True, _jax_sine_rule(False),
+               options={"order": 2, "analytic": "fwd"}),
+    NativeCase("custom_jvp sine, forward-over-forward", "jax", False, _jax_sine_rule(True), "x",
+               "tangent rule detaches the point: right at first order, its derivative lost",
+               options={"order": 2, "analytic": "fwd"}),
+    NativeCase("Function reading memory as contiguous", "torch", True, _torch_strided_square(False)),
+    NativeCase("Function reading memory as contiguous", "torch", False, _torch_strided_square(True), "x",
+               "backward reads a non-contiguous saved input as contiguous (right on contiguous copies)"),
     NativeCase("Linear Function", "torch", True, _torch_linear(False)),
     NativeCase("Linear Function", "torch", False, _torch_linear(True), "w", "weight gradient transposed", 1),
     NativeCase("relu autograd near 0", "torch", True, _torch_relu),
@@ -881,6 +962,19 @@ def build_native(case: NativeCase) -> Tuple[Callable[..., Any], List[Any], Dict[
 def failing_names(name: str, position: int) -> Tuple[str, ...]:
     """Names a failing row may carry: the input's name, or ``arg{k}`` / ``inputs[{k}]`` for ``*inputs`` ops."""
     return (name, f"arg{position}", f"inputs[{position}]")
+
+
+def located(report: Any, name: str, position: int) -> bool:
+    """Whether a failing report blames input ``name``: its failing rows name that one input, or, where every row
+    passes, a violated contract names an element of it (a backward that clips its cotangent is right on every
+    Jacobian entry and wrong only for other cotangents)."""
+    names = failing_names(name, position)
+    failed = {row.input for row in report.failures}
+    if failed:
+        return len(failed) == 1 and failed.pop() in names
+    violated = [c.message for c in report.contracts if not c.passed]
+    return bool(violated) and any(f"at {n}[" in message or f"at {n} " in message
+                                  for message in violated for n in names)
 
 
 def summary() -> Dict[str, Tuple[int, int]]:
