@@ -21,7 +21,7 @@ never fails these checks; a clipped, squared or offset cotangent is off by order
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -84,12 +84,11 @@ def _linearity(evaluator: Evaluator, context: CheckContext, mode: str, precision
     rng = np.random.default_rng(context.options.seed + (17 if mode == "fwd" else 11))
     v1 = PROBE_SCALE * rng.standard_normal(size)
     v2 = PROBE_SCALE * rng.standard_normal(size)
-    probes = np.stack([v1, v2, v1 + v2, np.zeros(size)])
-    try:
-        results = evaluator.vjp(probes) if mode == "rev" else evaluator.jvp(probes)
+    call = evaluator.vjp if mode == "rev" else evaluator.jvp
+    try:  # one call per probe, as a user calls the rule (and the batch size a compiled map already has)
+        g1, g2, g12, g0 = (call(probe[None, :])[0] for probe in (v1, v2, v1 + v2, np.zeros(size)))
     except ModeUnsupportedError:
         return None
-    g1, g2, g12, g0 = results
     spread = context.spreads.get(mode)
     noise = SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
     scale = np.abs(g1) + np.abs(g2) + np.abs(g12)
@@ -163,18 +162,26 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
                     calls=2 * len(cotangents))
 
 
+def _asked(evaluator: Evaluator, context: CheckContext, capability: type, member: str, seed: int) -> Any:
+    """What the adapter's ``member`` (of ``capability``) answers for a random cotangent with entries of about
+    :data:`PROBE_SCALE`, or None where the adapter does not offer it or it does not apply (ModeUnsupportedError)."""
+    method = offered(evaluator.prepared, capability, member)
+    if method is None:
+        return None
+    size = sum(spec.size for spec in evaluator.prepared.output_specs)
+    cotangent = PROBE_SCALE * np.random.default_rng(context.options.seed + seed).standard_normal(size)
+    try:
+        return method(cotangent)
+    except ModeUnsupportedError:
+        return None
+
+
 def _strided(evaluator: Evaluator, context: CheckContext, precision: float, resolution: float) -> List[Contract]:
     """fn and its backward give the same values for inputs laid out non-contiguously or expanded (stride 0) as
     for contiguous ones (Chainer checks non-contiguous inputs by default): a kernel that indexes memory by shape,
     not stride, is wrong only on such inputs, which users pass (a transposed weight, a broadcast bias)."""
-    method = offered(evaluator.prepared, StridedInputs, "strided_variants")
-    if method is None:
-        return []
-    size = sum(spec.size for spec in evaluator.prepared.output_specs)
-    cotangent = PROBE_SCALE * np.random.default_rng(context.options.seed + 31).standard_normal(size)
-    try:
-        variants = method(cotangent)
-    except ModeUnsupportedError:
+    variants = _asked(evaluator, context, StridedInputs, "strided_variants", 31)
+    if variants is None:
         return []
     found = []
     relative = max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution
@@ -213,16 +220,11 @@ def _strided(evaluator: Evaluator, context: CheckContext, precision: float, reso
 
 def _in_place(evaluator: Evaluator, context: CheckContext) -> List[Contract]:
     """fn leaves its inputs as they were, and the backward leaves its incoming gradient as it was: a backward that
-    scales ``grad_output`` in place is right in a test and corrupts the gradient of an output used twice (PyTorch's
-    own request for this check has been open since 2022); a forward writing its input changes the caller's data."""
-    method = offered(evaluator.prepared, InPlaceWrites, "in_place_writes")
-    if method is None:
-        return []
-    size = sum(spec.size for spec in evaluator.prepared.output_specs)
-    cotangent = PROBE_SCALE * np.random.default_rng(context.options.seed + 37).standard_normal(size)
-    try:
-        writes = method(cotangent)
-    except ModeUnsupportedError:
+    scales ``grad_output`` in place gives right values in a test and silently changes the caller's gradient tensor
+    (a cotangent passed to ``torch.autograd.grad`` and reused, which the result may even alias; PyTorch's own request
+    for this check has been open since 2022); a forward writing its input changes the caller's data."""
+    writes = _asked(evaluator, context, InPlaceWrites, "in_place_writes", 37)
+    if writes is None:
         return []
     evaluator.vjps += 1
     found = []
@@ -233,8 +235,9 @@ def _in_place(evaluator: Evaluator, context: CheckContext) -> List[Contract]:
                           else "fn leaves its inputs as they were"))
     found.append(Contract("incoming gradient untouched", not cotangents, "rev", calls=1, message=
                           f"the backward writes the incoming gradient of {', '.join(cotangents)} in place (grad_output "
-                          "*= ..., add_, copy_): right while the output feeds one consumer, corrupted gradients when "
-                          "it feeds two, or when the gradient is reused; compute into a new tensor" if cotangents
+                          "*= ..., add_, copy_): the values are right, but the caller's gradient tensor changes (a "
+                          "cotangent reused after torch.autograd.grad, which the result may alias); compute into a "
+                          "new tensor" if cotangents
                           else "the backward leaves its incoming gradient as it was"))
     return found
 
