@@ -221,6 +221,9 @@ class BatchedRules(Protocol):
 
     def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]: ...
 
+    def jvp_batched_and_looped(self, tangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The same for the (k, m) JVPs of (k, n) tangents (forward-mode rules under vmap, ``jacfwd``)."""
+
 
 @runtime_checkable
 class StridedInputs(Protocol):

@@ -291,6 +291,28 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         return batched, looped
 
     @_process.runs_user_code
+    def jvp_batched_and_looped(self, tangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The JVPs of ``tangents`` through ``torch.func.jvp``, under ``torch.func.vmap`` (what ``torch.func.jacfwd``
+        runs, a ``Function.jvp`` included) and one tangent at a time (torch's ``check_batched_forward_grad``)."""
+        problem = self.problem
+        if self.needs_grad or problem.data_swap is not None:
+            raise ModeUnsupportedError("batched JVPs are checked for first derivatives of functions and modules")
+        x0 = problem.to_tensor(self.x0)
+        batch = problem.to_tensor(tangents)
+
+        def pushed(tangent: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda point: self.forward(point, False)[0], (x0,), (tangent,))[1]
+
+        try:
+            looped = np.stack([pushed(t.clone()).detach().reshape(-1).cpu().numpy() for t in batch])
+            batched = torch.func.vmap(pushed)(batch.clone()).detach().reshape(len(batch), -1).cpu().numpy()
+        except GradbridgeError:
+            raise
+        except Exception as exc:
+            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.jvp raised {_first_line(exc)}") from exc
+        return batched, looped
+
+    @_process.runs_user_code
     def vjp(self, cotangents: np.ndarray) -> np.ndarray:
         try:
             return self._vjp(cotangents)

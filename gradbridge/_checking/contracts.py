@@ -57,10 +57,11 @@ def run_contracts(evaluator: Evaluator, context: CheckContext, f0: np.ndarray, p
         contract = _linearity(evaluator, context, "fwd", precision, resolution)
         if contract is not None:
             found.append(contract)
-    if modes in ("rev", "both"):
-        batched = _batched(evaluator, context, precision, resolution)
-        if batched is not None:
-            found.append(batched)
+    for mode in ("rev", "fwd"):
+        if modes in (mode, "both"):
+            batched = _batched(evaluator, context, precision, resolution, mode)
+            if batched is not None:
+                found.append(batched)
     if modes in ("rev", "both"):
         found.extend(_strided(evaluator, context, precision, resolution))
         found.extend(_in_place(evaluator, context))
@@ -126,40 +127,51 @@ def _linearity(evaluator: Evaluator, context: CheckContext, mode: str, precision
                                       f"(v2) and a zero {what} gives zero")
 
 
-def _batched(evaluator: Evaluator, context: CheckContext, precision: float, resolution: float) -> Optional[Contract]:
-    """The backward under the framework's vmap equals the backward one cotangent at a time (torch's
-    ``check_batched_grad``), for random dense cotangents."""
-    method = offered(evaluator.prepared, BatchedRules, "vjp_batched_and_looped")
+def _batched(evaluator: Evaluator, context: CheckContext, precision: float, resolution: float,
+             mode: str = "rev") -> Optional[Contract]:
+    """The backward (``mode="rev"``; torch's ``check_batched_grad``) or the forward-mode rule (``"fwd"``; torch's
+    ``check_batched_forward_grad``) under the framework's vmap equals the rule one vector at a time, for random dense
+    cotangents or tangents."""
+    member = "vjp_batched_and_looped" if mode == "rev" else "jvp_batched_and_looped"
+    method = offered(evaluator.prepared, BatchedRules, member)
     if method is None:
         return None
-    size = sum(spec.size for spec in evaluator.prepared.output_specs)
-    rng = np.random.default_rng(context.options.seed + 29)
-    cotangents = PROBE_SCALE * rng.standard_normal((BATCH, size))
-    name = "batched (vmap)"
+    size = (sum(spec.size for spec in evaluator.prepared.output_specs) if mode == "rev"
+            else len(evaluator.prepared.x0))
+    rng = np.random.default_rng(context.options.seed + (29 if mode == "rev" else 41))
+    vectors = PROBE_SCALE * rng.standard_normal((BATCH, size))
+    side, what, product = (("backward", "cotangent", "VJP") if mode == "rev"
+                           else ("forward-mode rule", "tangent", "JVP"))
+    name = "batched (vmap)" if mode == "rev" else "batched forward (vmap)"
     try:
-        batched, looped = method(cotangents)
+        batched, looped = method(vectors)
     except ModeUnsupportedError as exc:
-        return Contract(name, True, "rev", f"the backward cannot run under vmap ({exc}): per-sample gradients "
-                                           "(torch.func.vmap / jax.vmap of the VJP, jacrev) of this rule fail",
+        return Contract(name, True, mode, f"the {side} cannot run under vmap ({exc}): per-sample "
+                                          f"{'gradients' if mode == 'rev' else 'JVPs'} (vmap of the {product}, "
+                                          f"{'jacrev' if mode == 'rev' else 'jacfwd'}) of this rule fail",
                         checked=False)
-    evaluator.vjps += 2 * len(cotangents)
+    if mode == "rev":
+        evaluator.vjps += 2 * len(vectors)
+    else:
+        evaluator.jvps += 2 * len(vectors)
     batched, looped = np.asarray(batched, dtype=np.float64), np.asarray(looped, dtype=np.float64)
-    spread = context.spreads.get("rev")
+    spread = context.spreads.get(mode)
     noise = SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
     scale = np.abs(looped)
     largest = float(np.max(scale, initial=0.0))
     allowed = (max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution) * (scale + largest) + 2 * noise
     excess = np.abs(batched - looped) - allowed
+    name_of = evaluator.input_name if mode == "rev" else evaluator.output_name
     if (excess > 0).any():
         row, k = np.unravel_index(int(np.argmax(excess)), excess.shape)
-        return Contract(name, False, "rev", calls=2 * len(cotangents), message=
-                        f"the backward gives other gradients under vmap than one cotangent at a time: "
-                        f"{batched[row, k]:.10g} vs {looped[row, k]:.10g} at {evaluator.input_name(int(k))} for "
-                        f"cotangent {int(row) + 1} of {len(cotangents)}. Per-sample gradients and jacrev run the "
+        return Contract(name, False, mode, calls=2 * len(vectors), message=
+                        f"the {side} gives other values under vmap than one {what} at a time: "
+                        f"{batched[row, k]:.10g} vs {looped[row, k]:.10g} at {name_of(int(k))} for "
+                        f"{what} {int(row) + 1} of {len(vectors)}. Per-sample gradients, jacrev and jacfwd run the "
                         "batched path: the rule's batching (a vmap rule, a callback that claims to vectorise, state "
                         "shared across the batch) is wrong")
-    return Contract(name, True, "rev", f"{len(cotangents)} cotangents: vmap of the VJP equals the loop",
-                    calls=2 * len(cotangents))
+    return Contract(name, True, mode, f"{len(vectors)} {what}s: vmap of the {product} equals the loop",
+                    calls=2 * len(vectors))
 
 
 def _asked(evaluator: Evaluator, context: CheckContext, capability: type, member: str, seed: int) -> Any:

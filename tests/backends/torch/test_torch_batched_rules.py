@@ -89,3 +89,66 @@ def test_a_rule_that_cannot_run_under_vmap_is_reported_not_failed() -> None:
     batched = [c for c in report.contracts if c.name == "batched (vmap)"]
     assert batched and not batched[0].checked and "cannot run under vmap" in batched[0].message
     assert "contract not checked: batched (vmap)" in str(report)
+
+
+def _tanh_with_jvp(vmap_bug: bool):
+    """tanh as a torch.func-style Function whose jvp multiplies through the kernel op above."""
+    import torch
+
+    class Mul(torch.autograd.Function):
+        @staticmethod
+        def forward(a, b):
+            return a * b
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def vmap(info, in_dims, a, b):
+            a_dim, b_dim = in_dims
+            a = a.movedim(a_dim, 0) if a_dim is not None else a.expand(info.batch_size, *a.shape)
+            b = b.movedim(b_dim, 0) if b_dim is not None else b.expand(info.batch_size, *b.shape)
+            out = a * b
+            if vmap_bug:
+                out = out.mean(0, keepdim=True).expand_as(out)
+            return out, 0
+
+    class Tanh(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.tanh(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output)
+            ctx.save_for_forward(output)
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y ** 2)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (y,) = ctx.saved_tensors
+            return Mul.apply(t, 1 - y ** 2)
+
+        @staticmethod
+        def vmap(info, in_dims, x):
+            return torch.tanh(x), in_dims[0]
+
+    return Tanh.apply
+
+
+def test_a_jvp_whose_vmap_path_is_wrong_fails_the_batched_forward_contract() -> None:
+    require_backend("torch")
+    import torch
+
+    x = torch.tensor(np.array([[0.3, -0.7, 1.1], [0.5, 2.0, -1.4]]))
+    right = gb.check(_tanh_with_jvp(False), x)
+    assert right.passed and [c for c in right.contracts if c.name == "batched forward (vmap)" and c.checked], \
+        str(right)
+    wrong = gb.check(_tanh_with_jvp(True), x)
+    assert not wrong.passed and all(row.passed for row in wrong.rows), str(wrong)
+    assert [c.name for c in wrong.contracts if not c.passed] == ["batched forward (vmap)"], str(wrong)
