@@ -14,8 +14,9 @@ from backend_matrix import require_backend
 pytestmark = pytest.mark.torch
 
 
-def _scaled_square(vmap_bug: bool):
-    """x**2 whose backward multiplies through a custom op with a hand-written vmap rule (a kernel wrapper's)."""
+def _kernel_mul(vmap_bug: bool):
+    """a * b as a custom op with a hand-written vmap rule (a kernel wrapper's); ``vmap_bug``: the rule mixes the
+    samples of the batch (right for a batch of one only)."""
     import torch
 
     class Mul(torch.autograd.Function):
@@ -33,9 +34,18 @@ def _scaled_square(vmap_bug: bool):
             a = a.movedim(a_dim, 0) if a_dim is not None else a.expand(info.batch_size, *a.shape)
             b = b.movedim(b_dim, 0) if b_dim is not None else b.expand(info.batch_size, *b.shape)
             out = a * b
-            if vmap_bug:  # the rule mixes the samples of the batch: right for a batch of one only
+            if vmap_bug:
                 out = out.mean(0, keepdim=True).expand_as(out)
             return out, 0
+
+    return Mul
+
+
+def _scaled_square(vmap_bug: bool):
+    """x**2 whose backward multiplies through a custom op with a hand-written vmap rule (a kernel wrapper's)."""
+    import torch
+
+    Mul = _kernel_mul(vmap_bug)
 
     class Square(torch.autograd.Function):
         @staticmethod
@@ -95,24 +105,7 @@ def _tanh_with_jvp(vmap_bug: bool):
     """tanh as a torch.func-style Function whose jvp multiplies through the kernel op above."""
     import torch
 
-    class Mul(torch.autograd.Function):
-        @staticmethod
-        def forward(a, b):
-            return a * b
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def vmap(info, in_dims, a, b):
-            a_dim, b_dim = in_dims
-            a = a.movedim(a_dim, 0) if a_dim is not None else a.expand(info.batch_size, *a.shape)
-            b = b.movedim(b_dim, 0) if b_dim is not None else b.expand(info.batch_size, *b.shape)
-            out = a * b
-            if vmap_bug:
-                out = out.mean(0, keepdim=True).expand_as(out)
-            return out, 0
+    Mul = _kernel_mul(vmap_bug)
 
     class Tanh(torch.autograd.Function):
         @staticmethod
