@@ -156,6 +156,13 @@ def render_report(report: Report, label: Optional[str], plots: bool, anchor: str
              f" | mode {_e(report.mode)} | order {report.order} | {report.evaluations} evaluations, "
              f"{report.vjps} VJPs, {report.jvps} JVPs | {report.seconds:.3f} s<br>tolerance: "
              f"{_e(report.tolerance)}<br>step: {_e(report.step)}</p>"]
+    held = [c.name for c in report.contracts if c.passed and c.checked]
+    if held:
+        parts.append(f"<p class='note'>contracts held: {_e(', '.join(held))}</p>")
+    parts.extend(f"<p class='note'>contract not checked: {_e(c.name)}: {_e(c.message)}</p>"
+                 for c in report.contracts if not c.checked)
+    parts.extend(f"<p class='fail'>contract VIOLATED: {_e(c.name)}: {_e(c.message)}</p>"
+                 for c in report.contracts if not c.passed)
     parts.extend(f"<p class='note'>note: {_e(n)}</p>" for n in report.notes)
     if report.rows:
         parts.append(_rows_table(report))

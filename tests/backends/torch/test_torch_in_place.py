@@ -46,3 +46,15 @@ def test_a_backward_writing_its_incoming_gradient_fails() -> None:
     v = torch.ones(4, dtype=torch.float64)
     first = torch.autograd.grad(_scale(True)(leaf), leaf, v)[0]
     assert torch.equal(v, torch.full_like(v, 3.0)) and first is v
+
+
+def test_the_html_report_shows_the_contracts() -> None:
+    require_backend("torch")
+    import torch
+
+    from gradbridge._reporting.html import render_html
+
+    report = gb.check(_scale(True), torch.tensor(np.array([0.3, -0.7, 1.1, 0.5])))
+    page = render_html([report], [None])
+    assert "contract VIOLATED: incoming gradient untouched" in page
+    assert "contracts held: linear in the cotangent" in page
