@@ -19,7 +19,7 @@ from typing import Any, Sequence, Tuple
 
 import numpy as np
 
-from gradbridge._complex import CONVENTION, REAL_PARTS, is_complex_dtype  # noqa: F401 (the kit's vocabulary)
+from gradbridge._complex import is_complex_dtype  # noqa: F401 (the kit's vocabulary)
 
 
 def real_view_shape(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -37,8 +37,3 @@ def complex_from_view(view: Any) -> np.ndarray:
     """The complex NumPy array whose real view is ``view`` (shape ``S + (2,)``)."""
     view = np.asarray(view)
     return view[..., 0] + 1j * view[..., 1]
-
-
-def real_dtype_name(dtype: str) -> str:
-    """The dtype of a leaf's parts: ``float32`` for ``complex64``; any other dtype unchanged."""
-    return REAL_PARTS.get(str(dtype), str(dtype))

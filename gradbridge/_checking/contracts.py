@@ -71,6 +71,19 @@ def run_contracts(evaluator: Evaluator, context: CheckContext, f0: np.ndarray, p
     return found
 
 
+def _relative(precision: float, resolution: float = 0.0) -> float:
+    """The relative tolerance of a linearity-like contract: at least sqrt(eps) (the resolution of the comparison
+    with finite differences itself) and 64 eps, plus what a non-smooth function's measured resolution allows."""
+    return max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution
+
+
+def _noise(context: CheckContext, mode: str) -> float:
+    """How far apart two analytic calls of ``mode`` at probes of :data:`PROBE_SCALE` may be from noise alone (a
+    non-deterministic backward's measured spread, scaled), 0 where the analytic side is deterministic."""
+    spread = context.spreads.get(mode)
+    return SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
+
+
 def _resolution(rows: Sequence[RowResult]) -> float:
     """The relative resolution below which the check could not see errors: the largest measured ``resolution``
     of a row (fn not smooth below the step), else 0 (smooth: round-off decides)."""
@@ -90,14 +103,13 @@ def _linearity(evaluator: Evaluator, context: CheckContext, mode: str, precision
         g1, g2, g12, g0 = (call(probe[None, :])[0] for probe in (v1, v2, v1 + v2, np.zeros(size)))
     except ModeUnsupportedError:
         return None
-    spread = context.spreads.get(mode)
-    noise = SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
+    noise = _noise(context, mode)
     scale = np.abs(g1) + np.abs(g2) + np.abs(g12)
     largest = float(np.max(scale)) if scale.size else 0.0
     # relative to the largest entry (an entry that is zero by cancellation carries its terms' round-off), at least
     # sqrt(eps): the resolution of the comparison with finite differences itself (an adaptive solver's adjoint is
     # linear only to its tolerance), and what the function's non-smoothness allows
-    relative = max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution
+    relative = _relative(precision, resolution)
     allowed = relative * (scale + largest) + 2 * noise
     what, incoming, side = (("cotangent", "incoming gradient", "backward") if mode == "rev"
                             else ("tangent", "tangent", "forward-mode (JVP) rule"))
@@ -155,11 +167,10 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
     else:
         evaluator.jvps += 2 * len(vectors)
     batched, looped = np.asarray(batched, dtype=np.float64), np.asarray(looped, dtype=np.float64)
-    spread = context.spreads.get(mode)
-    noise = SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
+    noise = _noise(context, mode)
     scale = np.abs(looped)
     largest = float(np.max(scale, initial=0.0))
-    allowed = (max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution) * (scale + largest) + 2 * noise
+    allowed = _relative(precision, resolution) * (scale + largest) + 2 * noise
     excess = np.abs(batched - looped) - allowed
     name_of = evaluator.input_name if mode == "rev" else evaluator.output_name
     if (excess > 0).any():
@@ -196,7 +207,7 @@ def _strided(evaluator: Evaluator, context: CheckContext, precision: float, reso
     if variants is None:
         return []
     found = []
-    relative = max(ROUNDOFF * precision, float(np.sqrt(precision))) + 4 * resolution
+    relative = _relative(precision, resolution)
     for layout, result in variants:
         name = f"{layout} inputs"
         if isinstance(result, str):
@@ -206,8 +217,7 @@ def _strided(evaluator: Evaluator, context: CheckContext, precision: float, reso
                                   checked=False))
             continue
         evaluator.vjps += 2
-        spread = context.spreads.get("rev")
-        noise = SPREAD_EXPLAINS * PROBE_SCALE * spread.value if spread is not None else 0.0
+        noise = _noise(context, "rev")
         (out_c, grad_c), (out_s, grad_s) = result
         for what, first, second, name_of in (("output", out_c, out_s, evaluator.output_name),
                                              ("gradient", grad_c, grad_s, evaluator.input_name)):
@@ -297,7 +307,7 @@ def hessian_symmetry(gradient: Evaluator, seed: int, precision: float = FLOAT64_
     first, second = float(pulled[0] @ w), float(pulled[1] @ u)
     scale = float(np.abs(pulled[0]) @ np.abs(w) + np.abs(pulled[1]) @ np.abs(u))
     name = "Hessian symmetric"
-    if abs(first - second) > max(ROUNDOFF * precision, float(np.sqrt(precision))) * scale:
+    if abs(first - second) > _relative(precision) * scale:
         return Contract(name, False, "rev", calls=2, message=
                         f"the second derivative the double backward implements is not symmetric: u^T H w = "
                         f"{first:.10g} but w^T H u = {second:.10g} for random u, w. A Hessian of a scalar function is "

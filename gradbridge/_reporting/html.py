@@ -48,10 +48,6 @@ def _num(value: Optional[float]) -> str:
     return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
-def _index(index: Sequence[int]) -> str:
-    return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
-
-
 def _image(png: bytes, css_class: str, alt: str, caption: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (f'<figure><img class="{css_class}" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
@@ -185,7 +181,7 @@ def render_comparison(comparison: Any, label: Optional[str], plots: bool, anchor
     for p in comparison.pairs:
         verdict = '<span class="pass">agree</span>' if p.passed else '<span class="fail">DIFFER</span>'
         cells = [_e(f"{p.first} vs {p.second}"), _e(p.quantity), _e(p.leaf), verdict, _num(p.max_abs_diff),
-                 _num(p.max_rel_diff), _num(p.allowed), _e(_index(p.worst_index)), _num(p.first_value),
+                 _num(p.max_rel_diff), _num(p.allowed), _e(index_text(p.worst_index)), _num(p.first_value),
                  _num(p.second_value)]
         lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     lines.append("</table>")

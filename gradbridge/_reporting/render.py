@@ -14,10 +14,6 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
-def _index(index: Sequence[int]) -> str:
-    return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
