@@ -238,9 +238,12 @@ class StridedInputs(Protocol):
 
 @runtime_checkable
 class InPlaceWrites(Protocol):
-    """``in_place_writes(cotangent)``: what fn and its backward write in place that they must not, found by one
-    forward and one backward at ``x0`` with snapshots: ``{"inputs": [names of inputs fn changed], "cotangent":
-    [names of outputs whose incoming gradient the backward changed]}``. For frameworks with mutable arrays (torch)."""
+    """``in_place_writes(cotangent)``: what fn and its backward write in place or return that they must not, found
+    by one forward and one backward at ``x0`` with snapshots: ``{"inputs": [names of inputs fn changed],
+    "backward_inputs": [names of inputs the backward changed], "cotangent": [names of outputs whose incoming
+    gradient the backward changed], "rules": [the user's custom rules the backward ran], "saved": [a phrase per
+    rule that wrote its saved tensors], "gradients": [a phrase per gradient a rule returned in another dtype,
+    device or shape than its input's]}``. For frameworks with mutable arrays (torch)."""
 
     def in_place_writes(self, cotangent: np.ndarray) -> Dict[str, List[str]]: ...
 

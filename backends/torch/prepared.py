@@ -35,7 +35,12 @@ from .compat import _pull
 from ..common.reach import MISSING as _MISSING
 from .forward_rules import _FORWARD_AD_HINTS, _forward_rules, _jvp_hint, _raised_in_user_jvp
 from .problem import TorchProblem, _combine, _first_line, _vjp_graph
+from .rule_audit import RuleAudit, leaf_namer
 from .transposed import TransposedVJP
+
+
+#: torch's words when a backward reads a saved tensor that was written in place after it was saved
+_SAVED_WRITTEN = "modified by an inplace operation"
 
 
 def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -54,6 +59,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
     # False forces the point-by-point loop for evaluate and vjp (on an instance, or on the class for
     # every check: comparisons of the two paths, debugging)
     batching = True
+    # True once a backward was seen writing its saved tensors: each VJP then records a graph of its own
+    graph_per_vjp = False
 
     def __init__(self, problem: TorchProblem, forward: Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]],
                  x0: np.ndarray, needs_grad_to_evaluate: bool = False, outputs: Optional[List[LeafSpec]] = None) -> None:
@@ -232,20 +239,24 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 leaves.append(leaf.requires_grad_(True))
         with problem.params_held(None, leaves), torch.enable_grad():
             out, _ = problem.forward(None, True, leaf_values=leaves)
+            # read before the backward, which may write a saved output (the contract on saved tensors says so)
+            values = out.detach().cpu().numpy().copy()
             # a cotangent of its own: a backward writing it in place must not change the other layout's run
             grads = torch.autograd.grad(out, leaves, cotangent.clone(), allow_unused=True)
         flat = np.concatenate([np.zeros(p.numel()) if g is None else g.detach().reshape(-1).cpu().numpy()
                                for p, g in zip(leaves, grads)])
-        return out.detach().cpu().numpy().copy(), flat
+        return values, flat
 
     @_process.runs_user_code
     def in_place_writes(self, cotangent: np.ndarray) -> Dict[str, List[str]]:
-        """The inputs fn wrote in place and the outputs whose incoming gradient the backward wrote in place (see
+        """What fn and its custom rules write in place or return that they must not (see
         :class:`gradbridge._adapter.InPlaceWrites`): one forward on recorded copies of the inputs, one backward with
-        the cotangent as a tensor of its own, each compared with its snapshot afterwards."""
+        the cotangent as a tensor of its own and the custom-rule nodes audited (:class:`.rule_audit.RuleAudit`),
+        each compared with its snapshot afterwards."""
         problem = self.problem
         if self.needs_grad or problem.data_swap is not None:
             raise ModeUnsupportedError("in-place writes are checked for first derivatives of functions and modules")
+        names = [leaf.name for leaf in self.leaves]
         with torch.enable_grad():
             bases = [problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape).requires_grad_(True)
                      for leaf in self.leaves]
@@ -257,16 +268,22 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                            if leaf.kind == "input" and not torch.equal(g.detach(), snap)]
                 v = problem.to_tensor(cotangent).clone()
                 before = v.clone()
+                audit = RuleAudit(out, leaf_namer(bases, names), list(zip(names, given)))
                 if out.requires_grad:
                     try:
-                        torch.autograd.grad(out, bases, v, allow_unused=True)
+                        with audit:
+                            torch.autograd.grad(out, bases, v, allow_unused=True, retain_graph=True)
                     except GradbridgeError:
                         raise
                     except Exception as exc:  # no backward for some input (its rows say so)
                         raise ModeUnsupportedError(f"the backward raised {_first_line(exc)}") from exc
+                in_backward = [name for name, g, snap in zip(names, given, snapshots)
+                               if name not in changed and not torch.equal(g.detach(), snap)]
+                found = audit.findings()
         written = [] if torch.equal(v, before) else [spec.name for spec in self.output_specs
                                                       if not torch.equal(v[spec.slice], before[spec.slice])]
-        return {"inputs": changed, "cotangent": written}
+        return {"inputs": changed, "cotangent": written, "backward_inputs": in_backward, "rules": audit.rules,
+                **found}
 
     @_process.runs_user_code
     def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -322,6 +339,18 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
             return self._vjp_without(cotangents, set(self.undefined_gradients))
 
     def _vjp(self, cotangents: np.ndarray) -> np.ndarray:
+        if not self.graph_per_vjp:
+            try:
+                return self._vjp_shared_graph(cotangents)
+            except RuntimeError as exc:
+                if self.needs_grad or _SAVED_WRITTEN not in str(exc):
+                    raise
+                # a backward that writes its saved tensors breaks every later pass through its graph; its own values
+                # are what the check is about (the "saved tensors untouched" contract fails the check)
+                self.graph_per_vjp = True
+        return self._vjp_own_graphs(cotangents)
+
+    def _vjp_shared_graph(self, cotangents: np.ndarray) -> np.ndarray:
         problem = self.problem
         x = problem.to_tensor(self.x0).requires_grad_(True)
         with problem.params_held(x):  # the graph is built and walked while params= point into x
@@ -330,20 +359,34 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
 
             def loop(rows: np.ndarray) -> np.ndarray:
                 """One backward pass per cotangent through the one recorded graph."""
-                size = x.numel()
-                pulled = np.zeros((len(rows), size))
+                pulled = np.zeros((len(rows), x.numel()))
                 if not out.requires_grad:  # nothing depends on the checked leaves
                     return pulled
                 batch = problem.to_tensor(rows)
                 for k in range(len(rows)):
-                    grads = _pull((out,), inputs, (batch[k],))
-                    if problem.data_swap is not None:
-                        pulled[k] = _combine(problem, grads[0], grads[1:], size).detach().cpu().numpy()
-                    elif grads[0] is not None:  # None: x unused (zeros)
-                        pulled[k] = grads[0].detach().cpu().numpy()
+                    self._store_pulled(pulled, k, _pull((out,), inputs, (batch[k],)), x.numel())
                 return pulled
 
             return self._vjp_paths(loop, x, out, swapped, cotangents)
+
+    def _vjp_own_graphs(self, cotangents: np.ndarray) -> np.ndarray:
+        """One forward and one backward per cotangent, for a backward that writes its saved tensors."""
+        problem = self.problem
+        pulled = np.zeros((len(cotangents), self.x0.size))
+        batch = problem.to_tensor(cotangents)
+        for k in range(len(cotangents)):
+            x = problem.to_tensor(self.x0).requires_grad_(True)
+            with problem.params_held(x):
+                _, out, swapped = _vjp_graph(problem, self.forward, x)
+                if out.requires_grad:
+                    self._store_pulled(pulled, k, _pull((out,), [x] + list(swapped), (batch[k],)), x.numel())
+        return pulled
+
+    def _store_pulled(self, pulled: np.ndarray, k: int, grads, size: int) -> None:
+        if self.problem.data_swap is not None:
+            pulled[k] = _combine(self.problem, grads[0], grads[1:], size).detach().cpu().numpy()
+        elif grads[0] is not None:  # None: x unused (zeros)
+            pulled[k] = grads[0].detach().cpu().numpy()
 
     def _leaf_graph(self):
         """The forward graph built from one independent tensor per leaf, so that asking for one leaf's

@@ -251,16 +251,39 @@ def _in_place(evaluator: Evaluator, context: CheckContext) -> List[Contract]:
     evaluator.vjps += 1
     found = []
     inputs, cotangents = writes.get("inputs", []), writes.get("cotangent", [])
-    found.append(Contract("inputs untouched", not inputs, "rev",
-                          f"fn writes its input(s) {', '.join(inputs)} in place: the caller's tensors change, and "
-                          "autograd may differentiate the modified values; compute into a new tensor" if inputs
-                          else "fn leaves its inputs as they were"))
+    in_backward = writes.get("backward_inputs", [])
+    if inputs:
+        message = (f"fn writes its input(s) {', '.join(inputs)} in place: the caller's tensors change, and autograd "
+                   "may differentiate the modified values; compute into a new tensor")
+    elif in_backward:
+        message = (f"the backward writes the input(s) {', '.join(in_backward)} in place (a tensor it saved or kept "
+                   "on ctx): the caller's tensors change after every backward; compute into a new tensor")
+    else:
+        message = "fn and its backward leave their inputs as they were"
+    found.append(Contract("inputs untouched", not (inputs or in_backward), "rev", message))
     found.append(Contract("incoming gradient untouched", not cotangents, "rev", calls=1, message=
                           f"the backward writes the incoming gradient of {', '.join(cotangents)} in place (grad_output "
                           "*= ..., add_, copy_): the values are right, but the caller's gradient tensor changes (a "
                           "cotangent reused after torch.autograd.grad, which the result may alias); compute into a "
                           "new tensor" if cotangents
                           else "the backward leaves its incoming gradient as it was"))
+    rules = writes.get("rules", [])
+    if not rules:  # autodiff through the framework's own formulas only: nothing of the user's to audit
+        return found
+    saved, mismatched = writes.get("saved", []), writes.get("gradients", [])
+    found.append(Contract("saved tensors untouched", not saved, "rev",
+                          f"the backward of {'; '.join(saved)} writes what it saved for backward in place: this "
+                          "backward's values are right, every later one through the same graph (a second consumer "
+                          "of the output, retain_graph, a double backward) reads corrupted tensors; compute into a "
+                          "new tensor" if saved
+                          else f"the backward of {', '.join(rules)} leaves its saved tensors as they were"))
+    found.append(Contract("gradients match their inputs", not mismatched, "rev",
+                          "; ".join(mismatched) + ". torch casts or sums such a gradient to its input silently: "
+                          "precision lost to a narrower dtype, a device copy per step, or a reduction the rule "
+                          "should do itself; return each gradient in its input's dtype, device and shape"
+                          if mismatched
+                          else f"{', '.join(rules)} return{'s' if len(rules) == 1 else ''} each gradient in its "
+                               "input's dtype, device and shape"))
     return found
 
 

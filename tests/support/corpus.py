@@ -922,6 +922,33 @@ def _torch_strided_square(bug: bool):
     return make
 
 
+def _torch_saved_scale(bug: str):
+    """A torch Function for ``x * tanh(x)`` saving its input; ``bug``: ``"saved"`` scales the saved input in place
+    in the backward (right values once, corrupted ones for every later backward and for the caller's tensor),
+    ``"float32"`` returns the gradient in float32 (torch casts it back silently)."""
+    def make():
+        import torch
+
+        class TanhScale(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.save_for_backward(x)
+                return x * torch.tanh(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                (x,) = ctx.saved_tensors
+                t = torch.tanh(x)
+                grad = g * (t + x * (1 - t * t))
+                if bug == "saved":
+                    x.mul_(1.0)  # the values stay, the write is there: a version bump on the caller's tensor
+                return grad.float() if bug == "float32" else grad
+
+        return TanhScale.apply, (_STRIDE_X,)
+
+    return make
+
+
 NATIVE_CASES: List[NativeCase] = [
     NativeCase("custom_jvp sine, forward-over-forward", "jax", True, _jax_sine_rule(False),
                options={"order": 2, "analytic": "fwd"}),
@@ -931,6 +958,11 @@ NATIVE_CASES: List[NativeCase] = [
     NativeCase("Function reading memory as contiguous", "torch", True, _torch_strided_square(False)),
     NativeCase("Function reading memory as contiguous", "torch", False, _torch_strided_square(True), "x",
                "backward reads a non-contiguous saved input as contiguous (right on contiguous copies)"),
+    NativeCase("Function auditing its saved input", "torch", True, _torch_saved_scale("")),
+    NativeCase("Function auditing its saved input", "torch", False, _torch_saved_scale("saved"), "x",
+               "backward writes the input it saved in place (right values once)"),
+    NativeCase("Function auditing its saved input", "torch", False, _torch_saved_scale("float32"), "x",
+               "backward returns a float32 gradient for a float64 input (torch casts it silently)"),
     NativeCase("Linear Function", "torch", True, _torch_linear(False)),
     NativeCase("Linear Function", "torch", False, _torch_linear(True), "w", "weight gradient transposed", 1),
     NativeCase("relu autograd near 0", "torch", True, _torch_relu),
@@ -967,14 +999,15 @@ def failing_names(name: str, position: int) -> Tuple[str, ...]:
 def located(report: Any, name: str, position: int) -> bool:
     """Whether a failing report blames input ``name``: its failing rows name that one input, or, where every row
     passes, a violated contract names an element of it (a backward that clips its cotangent is right on every
-    Jacobian entry and wrong only for other cotangents)."""
+    Jacobian entry and wrong only for other cotangents; a backward returning a float32 gradient for ``(x)``, or
+    writing its saved ``the input x``, is right on every entry too)."""
     names = failing_names(name, position)
     failed = {row.input for row in report.failures}
     if failed:
         return len(failed) == 1 and failed.pop() in names
     violated = [c.message for c in report.contracts if not c.passed]
-    return bool(violated) and any(f"at {n}[" in message or f"at {n} " in message
-                                  for message in violated for n in names)
+    return bool(violated) and any(f"at {n}[" in message or f"at {n} " in message or f"({n})" in message
+                                  or f"the input {n})" in message for message in violated for n in names)
 
 
 def summary() -> Dict[str, Tuple[int, int]]:

@@ -44,7 +44,7 @@ def _square(forward_bug: bool, backward_bug: bool):
 
 
 def _layout_contracts(report):
-    return {c.name: c for c in report.contracts if c.name.endswith(" inputs")}
+    return {c.name: c for c in report.contracts if c.name.endswith(("contiguous inputs", "expanded inputs"))}
 
 
 def test_a_stride_aware_rule_holds_both_layout_contracts() -> None:
