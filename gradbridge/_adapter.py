@@ -215,14 +215,23 @@ class DifferentiatedPrimal(Protocol):
 @runtime_checkable
 class BatchedRules(Protocol):
     """``vjp_batched_and_looped(cotangents)``: the (k, n) VJPs of the (k, m) cotangents computed twice at ``x0``,
-    under the framework's vmap (``torch.autograd.grad(is_grads_batched=True)``, ``jax.vmap`` of the VJP: what
-    per-sample gradients and ``jacrev`` run) and one cotangent at a time, for the contract check that they agree.
-    Raises ModeUnsupportedError saying why when the rule cannot run under vmap."""
+    under the framework's vmap (``torch.func.vmap`` of the pullback, ``tf.vectorized_map`` of ``tape.gradient``:
+    what per-sample gradients and ``jacrev``/``tape.jacobian`` run) and one cotangent at a time, for the contract
+    check that they agree. Raises ModeUnsupportedError saying why when the rule cannot run under vmap, and
+    CostlyProbeSkipped when running it would cost a trace or compile the check has not paid for, unless
+    ``thorough``."""
 
-    def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]: ...
+    def vjp_batched_and_looped(self, cotangents: np.ndarray,
+                               thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]: ...
 
-    def jvp_batched_and_looped(self, tangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """The same for the (k, m) JVPs of (k, n) tangents (forward-mode rules under vmap, ``jacfwd``)."""
+
+@runtime_checkable
+class BatchedForwardRules(Protocol):
+    """``jvp_batched_and_looped(tangents)``: the same for the (k, m) JVPs of (k, n) tangents (forward-mode rules
+    under vmap, what ``jacfwd`` runs)."""
+
+    def jvp_batched_and_looped(self, tangents: np.ndarray,
+                               thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]: ...
 
 
 @runtime_checkable
@@ -281,7 +290,8 @@ class LayerTaps(Protocol):
 
 
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
-                                  ForwardRules, DifferentiatedPrimal, BatchedRules, StridedInputs, InPlaceWrites)
+                                  ForwardRules, DifferentiatedPrimal, BatchedRules, BatchedForwardRules, StridedInputs,
+                                  InPlaceWrites)
 
 
 #: (class, capability) pairs known to offer it through a class member: true for every instance of the class.

@@ -33,7 +33,7 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
           promote: bool = _defaults.PROMOTE,
           structure: Optional[Mapping[str, Union[str, Callable[[Any], Any]]]] = None,
           progress: Optional[bool] = None, executor: Any = None, memory: Union[None, int, str] = None,
-          contracts: bool = True) -> Report:
+          contracts: Union[bool, str] = True) -> Report:
     """Check the gradients of ``fn`` at ``args`` against central finite differences.
 
     The check runs on float64 copies of every floating-point array among ``args`` (nested in lists,
@@ -109,8 +109,10 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
         contracts: True (the default) also checks, with a few analytic calls and no finite differences, what every
             rule must satisfy (``report.contracts``): the backward is linear in its incoming gradient (zero in, zero
             out); the primal computed under differentiation equals fn(x); on torch, the backward under vmap equals
-            the loop and non-contiguous and expanded inputs give what contiguous ones give; at order 2 a scalar fn's
-            Hessian is symmetric. A violated contract fails the check. False skips them.
+            the loop and non-contiguous and expanded inputs give what contiguous ones give, the custom rules write
+            nothing in place and return gradients in their inputs' dtypes and shapes; at order 2 a scalar fn's
+            Hessian is symmetric. A violated contract fails the check. ``"all"`` also runs those that cost a trace
+            the check has not paid for (the batched contract of a small TensorFlow check); False skips them.
 
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.

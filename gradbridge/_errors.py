@@ -39,6 +39,11 @@ class ModeUnsupportedError(GradbridgeError, NotImplementedError):
     """A differentiation mode (for example forward mode) is not available for this function."""
 
 
+class CostlyProbeSkipped(ModeUnsupportedError):
+    """A contract the adapter could run but skipped because it costs more than the check itself (a trace or
+    compile the check has not paid for); the message says what it would cost. ``contracts="all"`` runs it."""
+
+
 class GradientCheckError(GradbridgeError, AssertionError):
     """Raised by :func:`gradbridge.assert_check` when a check fails; carries the report."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from . import _defaults
 from ._errors import InvalidArgumentError
@@ -39,7 +39,9 @@ class Options:
     # the analytic mode of each derived level (2..order) when ``analytic`` was given per level (a tuple); empty:
     # every level takes ``analytic``
     levels: Tuple[str, ...] = ()
-    contracts: bool = True  # the contract checks on the rules (see gradbridge._checking.contracts)
+    # the contract checks on the rules (see gradbridge._checking.contracts): True the cheap ones, "all" also those
+    # that cost a trace or compile the check has not paid for, False none
+    contracts: Union[bool, str] = True
 
     def level_modes(self) -> Tuple[str, ...]:
         """The analytic mode of each level, 1..order: the mode the level's derivative is checked in. Level k + 1
@@ -115,9 +117,9 @@ def validate_options(*, mode: Any, order: Any, eps: Any, atol: Any, rtol: Any, s
         levels = _level_modes(analytic, int(order))
         analytic = levels[0]
         levels = levels[1:]
-    if not isinstance(contracts, bool):
-        raise InvalidArgumentError(f"contracts: expected True (check the rules' contracts, the default) or False, got "
-                                   f"{contracts!r}")
+    if not isinstance(contracts, bool) and contracts != "all":
+        raise InvalidArgumentError(f"contracts: expected True (check the rules' contracts, the default), 'all' (also "
+                                   f"those that cost a trace or compile) or False, got {contracts!r}")
     if not isinstance(train, bool):
         raise InvalidArgumentError(f"train: expected True or False, got {train!r}")
     if not isinstance(promote, bool):

@@ -11,7 +11,7 @@ reported, never a silent zero; forward mode refuses what TensorFlow's ForwardAcc
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -19,13 +19,13 @@ import tensorflow as tf
 from gradbridge import _process
 from gradbridge._adapter import (EditedEvaluation, ForwardRules, LeafSpec, ProblemBackedFunction, TransposedProducts,
                                  UndefinedGradients, WorkingPrecision)
-from gradbridge._errors import ModeUnsupportedError
+from gradbridge._errors import CostlyProbeSkipped, ModeUnsupportedError
 
 from . import compat
 from ..common.outputs import gradient_output_specs
 from .batching import BatchedPaths
 from .problem import TensorFlowProblem
-from .tensors import NO_GRADIENT, Forward, Source, dense, flat, watch
+from .tensors import NO_GRADIENT, Forward, Source, dense, first_line, flat, watch
 from .transposed import TransposedVJP
 
 
@@ -159,6 +159,33 @@ class TensorFlowPrepared(BatchedPaths, TransposedVJP, ProblemBackedFunction, Wor
                 rows.append(self._gradient_rows(gradients))
             del tape
         return np.stack(rows)
+
+    @_process.runs_user_code
+    def vjp_batched_and_looped(self, cotangents: np.ndarray, thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """The VJPs of ``cotangents``, ``tape.gradient`` under ``tf.vectorized_map`` (what ``tape.jacobian`` and
+        per-example gradients run, the user's ``tf.custom_gradient`` included) and one cotangent at a time, for the
+        batched-backward contract. The batched side is the check's own vectorized VJP graph: free where the check
+        traced it or an earlier check of the function kept it; tracing it anew (50-100 ms, more than a small check)
+        only when ``thorough``. One that cannot be built or run is reported, not failed."""
+        if self.order != 1:
+            raise ModeUnsupportedError("batched VJPs are checked for first derivatives")
+        reason = self.problem.unbatchable()
+        if reason is not None:
+            raise ModeUnsupportedError(f"tf.vectorized_map cannot run it: {reason}")
+        entry = self._cache_entry()
+        if not (thorough or "vjp" in self._graphs or (entry is not None and "vjp" in entry.graphs)):
+            raise CostlyProbeSkipped("this check ran its VJPs one cotangent at a time, and tracing tf.vectorized_map "
+                                     "of the backward for a new function costs 50-100 ms, more than the check")
+        reason = self._graph("vjp")
+        if reason is not None:
+            raise ModeUnsupportedError(f"tf.vectorized_map of its tape.gradient cannot run: {reason}")
+        cotangents = np.asarray(cotangents, dtype=np.float64)
+        try:
+            batched = self._run("vjp", tf.constant(self.x0, tf.float64), tf.constant(cotangents, tf.float64)).numpy()
+        except Exception as exc:  # an op without a vectorization rule (a py_function, NumPy) in fn or its gradient
+            raise ModeUnsupportedError(f"tf.vectorized_map of its tape.gradient raised {type(exc).__name__}: "
+                                       f"{first_line(exc)}") from exc
+        return batched.reshape(len(cotangents), -1), self._vjp_loop(cotangents)
 
     def _output_links(self) -> np.ndarray:
         """``links[k, j]``: whether output block k depends differentiably on leaf j (from reverse mode)."""

@@ -286,7 +286,7 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 **found}
 
     @_process.runs_user_code
-    def vjp_batched_and_looped(self, cotangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def vjp_batched_and_looped(self, cotangents: np.ndarray, thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The VJPs of ``cotangents`` from one ``torch.func.vjp`` pullback, under ``torch.func.vmap`` (what
         per-sample gradients and ``torch.func.jacrev`` run, custom ``vmap`` rules included) and one cotangent at a
         time, for the batched-backward contract (torch's ``check_batched_grad``)."""
@@ -308,7 +308,7 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         return batched, looped
 
     @_process.runs_user_code
-    def jvp_batched_and_looped(self, tangents: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def jvp_batched_and_looped(self, tangents: np.ndarray, thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The JVPs of ``tangents`` through ``torch.func.jvp``, under ``torch.func.vmap`` (what ``torch.func.jacfwd``
         runs, a ``Function.jvp`` included) and one tangent at a time (torch's ``check_batched_forward_grad``)."""
         problem = self.problem

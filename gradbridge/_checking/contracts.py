@@ -25,8 +25,9 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .._adapter import BatchedRules, DifferentiatedPrimal, InPlaceWrites, StridedInputs, offered
-from .._errors import ModeUnsupportedError
+from .._adapter import (BatchedForwardRules, BatchedRules, DifferentiatedPrimal, InPlaceWrites, StridedInputs,
+                        offered)
+from .._errors import CostlyProbeSkipped, ModeUnsupportedError
 from .._precision import FLOAT64_EPS
 from .._reporting.report import Contract, RowResult
 from .context import CheckContext
@@ -145,7 +146,7 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
     ``check_batched_forward_grad``) under the framework's vmap equals the rule one vector at a time, for random dense
     cotangents or tangents."""
     member = "vjp_batched_and_looped" if mode == "rev" else "jvp_batched_and_looped"
-    method = offered(evaluator.prepared, BatchedRules, member)
+    method = offered(evaluator.prepared, BatchedRules if mode == "rev" else BatchedForwardRules, member)
     if method is None:
         return None
     size = (sum(spec.size for spec in evaluator.prepared.output_specs) if mode == "rev"
@@ -156,7 +157,9 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
                            else ("forward-mode rule", "tangent", "JVP"))
     name = "batched (vmap)" if mode == "rev" else "batched forward (vmap)"
     try:
-        batched, looped = method(vectors)
+        batched, looped = method(vectors, thorough=context.options.contracts == "all")
+    except CostlyProbeSkipped as exc:
+        return Contract(name, True, mode, f"not run: {exc}; contracts='all' runs it", checked=False)
     except ModeUnsupportedError as exc:
         return Contract(name, True, mode, f"the {side} cannot run under vmap ({exc}): per-sample "
                                           f"{'gradients' if mode == 'rev' else 'JVPs'} (vmap of the {product}, "
