@@ -493,7 +493,44 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
             return g, swapped
 
         outputs = gradient_output_specs(problem.leaves)
-        return TorchPrepared(problem, gradient, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
+        built = GradientFunction(problem, gradient, self.x0, needs_grad_to_evaluate=True, outputs=outputs)
+        built.pulled = (first, v)
+        return built
+
+
+class GradientFunction(TorchPrepared):
+    """``x -> J(x)^T v`` of a torch function (see :meth:`TorchPrepared.gradient_function`): evaluated and
+    differentiated in reverse mode through the double backward (``gradgradcheck``), and in forward mode as
+    ``torch.func.jvp`` of the ``torch.func.vjp`` pullback: forward-over-reverse, what ``torch.func.hessian``
+    (``jacfwd(jacrev(f))``) runs, a backward's own ``Function.jvp`` rules included."""
+
+    #: (the function below, the cotangent v) this gradient function pulls back
+    pulled: Tuple[Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]], torch.Tensor]
+
+    @_process.runs_user_code
+    def jvp(self, tangents: np.ndarray) -> np.ndarray:
+        problem = self.problem
+        if problem.data_swap is not None:
+            raise ModeUnsupportedError("forward mode is not available for params given as plain tensors; pass the "
+                                       "nn.Module as params= instead")
+        first, v = self.pulled
+        x0 = problem.to_tensor(self.x0)
+
+        def gradient(point: torch.Tensor) -> torch.Tensor:
+            _, pullback = torch.func.vjp(lambda p: first(p, False)[0], point)
+            return pullback(v)[0]
+
+        rows = []
+        for tangent in tangents:
+            try:
+                _, pushed = torch.func.jvp(gradient, (x0,), (problem.to_tensor(tangent),))
+            except GradbridgeError:
+                raise
+            except Exception as exc:
+                raise ModeUnsupportedError(f"forward-over-reverse unsupported (torch.func.jvp of the torch.func.vjp "
+                                           f"pullback raised {_first_line(exc)})") from exc
+            rows.append(np.array(pushed.detach().reshape(-1).cpu().numpy()))
+        return np.stack(rows)
 
 
 class TangentFunction(TorchPrepared):

@@ -61,12 +61,13 @@ def test_third_order_of_a_smooth_function_passes(backend: str) -> None:
 def test_forward_over_forward_and_mixed_levels_of_a_smooth_function_pass(backend: str) -> None:
     require_backend(backend)
     fn, x = _smooth(backend), _native(backend, X)
-    for analytic in ("fwd", ("fwd", "rev"), ("rev", "rev")):
+    for analytic in ("fwd", ("fwd", "rev"), ("rev", "rev"), ("rev", "fwd")):
         report = gb.check(fn, x, order=2, analytic=analytic)
         assert report.passed, f"{analytic}: {report}"
         level2 = [row for row in report.rows if row.order == 2]
         expected = analytic[1] if isinstance(analytic, tuple) else analytic
         assert level2 and all(row.analytic_mode == expected for row in level2), str(report)
+        assert all(row.status != "unsupported" for row in level2), f"{analytic}: {report}"
 
 
 def _jax_sine(detach: bool):
@@ -145,6 +146,75 @@ def test_torch_forward_over_forward_through_a_function_jvp_is_caught(detach: boo
     torch_says = torch.func.jvp(lambda p: torch.func.jvp(sine, (p,), (t,))[1], (x,), (u,))[1]
     assert torch.allclose(torch_says, torch.zeros(4, dtype=torch.float64))  # what torch.func computes
     assert gb.check(torch.sin, x, order=2, analytic="fwd").passed
+
+
+def _torch_sine_with_cos_rule(jvp_bug: bool):
+    """sin as a Function whose backward multiplies by a custom cos Function: the cos rule's backward is right, its
+    ``jvp`` (``jvp_bug``) has the sign of -sin(x) lost. Reverse-over-reverse (gradgradcheck) runs the backward only;
+    forward-over-reverse, what ``torch.func.hessian`` runs, runs the jvp."""
+    import torch
+
+    class Cos(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return torch.cos(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return -g * torch.sin(x)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return (t if jvp_bug else -t) * torch.sin(x)
+
+    class Sine(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return torch.sin(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * Cos.apply(x)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return t * Cos.apply(x)
+
+    return Sine.apply
+
+
+def test_torch_forward_over_reverse_runs_the_jvp_rules_of_the_backward() -> None:
+    require_backend("torch")
+    import torch
+
+    x = _native("torch", X)
+    assert gb.check(_torch_sine_with_cos_rule(False), x, order=2, analytic=("rev", "fwd")).passed
+    buggy = _torch_sine_with_cos_rule(True)
+    assert gb.check(buggy, x, order=2, analytic="rev").passed  # what gradgradcheck sees
+    report = gb.check(buggy, x, order=2, analytic=("rev", "fwd"))
+    assert not report.passed, str(report)
+    assert {(row.order, row.analytic_mode) for row in report.failures} == {(2, "fwd")}, str(report)
+    # what a user computing Hessians with torch.func gets from this rule: the diagonal's sign flipped
+    hessian = torch.func.hessian(lambda p: buggy(p).sum())(x)
+    assert torch.allclose(torch.diagonal(hessian), torch.sin(x))
 
 
 def test_an_asymmetric_second_derivative_breaks_the_hessian_symmetry_contract() -> None:
