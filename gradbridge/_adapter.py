@@ -240,7 +240,8 @@ class StridedInputs(Protocol):
     framework exposes, once with the checked inputs as contiguous arrays and once laid out that way
     (``"non-contiguous"``: transposed or strided storage; ``"expanded"``: a stride-0 dimension, at the point whose
     rows all equal the first), as ``[(layout, (outputs, vjp) contiguous, (outputs, vjp) laid out)]``, flat float64.
-    A layout fn raises on gives ``(layout, error message)`` instead. For frameworks whose arrays have strides (torch)."""
+    A layout fn raises on gives ``(layout, error message)`` instead. For frameworks whose arrays have strides (torch,
+    NumPy)."""
 
     def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]: ...
 

@@ -121,6 +121,15 @@ class NumpyProblem:
                 raise FunctionEvaluationError(f"fn raised {type(exc).__name__} at the unperturbed input: {exc}. "
                                               f"{promotion_hint(self.low)}") from exc
             raise
+        return self.flat_outputs(result)
+
+    def call_with(self, arguments: tuple) -> np.ndarray:
+        """``fn`` on arguments built by :meth:`arguments` (laid out as the caller chose), its outputs flat."""
+        self.rng.reseed()
+        return self.flat_outputs(self.spec.fn(*arguments, **self.spec.kwargs))
+
+    def flat_outputs(self, result: Any) -> np.ndarray:
+        """fn's floating outputs as one flat float64 vector (the first call fixes the layout)."""
         all_leaves = output_leaves(result, is_output)
         is_float = [floating(leaf.value) or _is_complex(leaf.value) for leaf in all_leaves]
         leaves = [leaf for leaf, f in zip(all_leaves, is_float) if f]

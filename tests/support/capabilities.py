@@ -12,7 +12,7 @@ The suite checks every row against what the adapter really does, so the table ca
 from __future__ import annotations
 
 CAPABILITY_TABLE = {
-    "numpy": dict(prepared={"WorkingPrecision"}, jvp_of_vjp_rule=False, order2=False, compare=True,
+    "numpy": dict(prepared={"WorkingPrecision", "StridedInputs"}, jvp_of_vjp_rule=False, order2=False, compare=True,
                   pytree=False, layer_taps=False),
     "torch": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                             "ForwardRules", "DifferentiatedPrimal", "BatchedRules", "BatchedForwardRules",

@@ -922,6 +922,25 @@ def _torch_strided_square(bug: bool):
     return make
 
 
+def _numpy_c_order_kernel(bug: bool):
+    """x * exp(x) with a hand-written ``grad=`` whose "kernel" (``bug``) reads its input's buffer as C order, as a
+    ctypes or numba kernel assuming contiguous input does: right on the C-ordered copies a check makes."""
+    def make():
+        def fn(x):
+            return x * np.exp(x)
+
+        def grad(g, x):
+            if bug:
+                steps = [x.itemsize * int(np.prod(x.shape[k + 1:])) for k in range(x.ndim)]
+                x = np.lib.stride_tricks.as_strided(x, x.shape, steps)
+            return g * (1 + x) * np.exp(x)
+
+        fn.grad = grad
+        return fn, (_STRIDE_X,)
+
+    return make
+
+
 def _torch_saved_scale(bug: str):
     """A torch Function for ``x * tanh(x)`` saving its input; ``bug``: ``"saved"`` scales the saved input in place
     in the backward (right values once, corrupted ones for every later backward and for the caller's tensor),
@@ -977,6 +996,9 @@ NATIVE_CASES: List[NativeCase] = [
     NativeCase("defvjp softplus", "autograd", False, _autograd_softplus(True), "x",
                "sigmoid(-x) instead of sigmoid(x)"),
     NativeCase("abs autodiff near 0", "autograd", True, _autograd_abs),
+    NativeCase("grad= kernel reading C order", "numpy", True, _numpy_c_order_kernel(False)),
+    NativeCase("grad= kernel reading C order", "numpy", False, _numpy_c_order_kernel(True), "x",
+               "the gradient reads a Fortran-ordered input as C order (right on contiguous copies)"),
     NativeCase("logistic loss with grad=", "numpy", True, _numpy_logreg(False)),
     NativeCase("logistic loss with grad=", "numpy", False, _numpy_logreg(True), "w", "mean's 1/n missing"),
 ]
