@@ -148,57 +148,42 @@ def test_torch_forward_over_forward_through_a_function_jvp_is_caught(detach: boo
     assert gb.check(torch.sin, x, order=2, analytic="fwd").passed
 
 
+def _torch_elementwise_rule(forward, slope, tangent_slope=None):
+    """An elementwise torch Function: ``forward(x)``, backward ``g * slope(x)``, jvp ``t * tangent_slope(x)`` (the
+    slope itself unless given)."""
+    import torch
+
+    class Rule(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return forward(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * slope(ctx.saved_tensors[0])
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * (tangent_slope or slope)(ctx.saved_tensors[0])
+
+    return Rule.apply
+
+
 def _torch_sine_with_cos_rule(jvp_bug: bool):
     """sin as a Function whose backward multiplies by a custom cos Function: the cos rule's backward is right, its
     ``jvp`` (``jvp_bug``) has the sign of -sin(x) lost. Reverse-over-reverse (gradgradcheck) runs the backward only;
     forward-over-reverse, what ``torch.func.hessian`` runs, runs the jvp."""
     import torch
 
-    class Cos(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return torch.cos(x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return -g * torch.sin(x)
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return (t if jvp_bug else -t) * torch.sin(x)
-
-    class Sine(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return torch.sin(x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * Cos.apply(x)
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return t * Cos.apply(x)
-
-    return Sine.apply
+    cos = _torch_elementwise_rule(torch.cos, lambda x: -torch.sin(x), torch.sin if jvp_bug else None)
+    return _torch_elementwise_rule(torch.sin, cos)
 
 
 def test_torch_forward_over_reverse_runs_the_jvp_rules_of_the_backward() -> None:
