@@ -247,6 +247,16 @@ class StridedInputs(Protocol):
 
 
 @runtime_checkable
+class FrameworkTests(Protocol):
+    """``framework_tests(thorough)``: the framework's own tests of the checked function where it has them (torch's
+    ``torch.library.opcheck`` of a library op), run on the check's copies at ``x0``: one ``(name, passed, sentence)``
+    per test, ``passed`` None for a test not run (``thorough`` False skips those that compile), [] where none apply.
+    Reported as contracts."""
+
+    def framework_tests(self, thorough: bool = False) -> List[Tuple[str, Optional[bool], str]]: ...
+
+
+@runtime_checkable
 class InPlaceWrites(Protocol):
     """``in_place_writes(cotangent)``: what fn and its backward write in place or return that they must not, found
     by one forward and one backward at ``x0`` with snapshots: ``{"inputs": [names of inputs fn changed],
@@ -292,7 +302,7 @@ class LayerTaps(Protocol):
 
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
                                   ForwardRules, DifferentiatedPrimal, BatchedRules, BatchedForwardRules, StridedInputs,
-                                  InPlaceWrites)
+                                  InPlaceWrites, FrameworkTests)
 
 
 #: (class, capability) pairs known to offer it through a class member: true for every instance of the class.

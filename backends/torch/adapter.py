@@ -24,7 +24,7 @@ from gradbridge._tree import flatten
 from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
 from ..common.complex import complex_from_view
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
-from . import cache, layers
+from . import cache, layers, library_ops
 from .compat import pytree_node
 from .module_state import _checkable, _DataSwap, _float64_copy_with, _ModuleState, _parameters
 from .prepared import TorchPrepared
@@ -66,6 +66,10 @@ class TorchAdapter:
 
     def cache_size(self) -> int:
         return cache.cache_size()
+
+    def user_function(self, fn: Any) -> Optional[Callable[..., Any]]:
+        """A ``torch.library`` op as its author named it (qualified name, schema parameters); None otherwise."""
+        return library_ops.named_function(fn)
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, (torch.Tensor, torch.nn.Module))

@@ -218,6 +218,13 @@ class BatchedPaths:
             choice.use_loop(f"fn could not run under torch.func.vmap ({refused}): "
                             "evaluated point by point")
             return looped
+        unbatched = self.library_ops_without_batching()
+        if unbatched:
+            looped = self._evaluate_loop(points)
+            choice.use_loop(f"fn calls {', '.join(unbatched)}, which {'has' if len(unbatched) == 1 else 'have'} no "
+                            "vmap batching rule (torch.func.vmap would run it one point at a time, with a C++ warning "
+                            "per call): evaluated point by point; register_vmap gives it one")
+            return looped
         watch = _EscapeWatch()
         try:
             batched = self._evaluate_vmap(points, watch)

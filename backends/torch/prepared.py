@@ -35,6 +35,7 @@ from .compat import _pull
 from ..common.reach import MISSING as _MISSING
 from .forward_rules import _FORWARD_AD_HINTS, _forward_rules, _jvp_hint, _raised_in_user_jvp
 from .problem import TorchProblem, _combine, _first_line, _vjp_graph
+from . import library_ops
 from .rule_audit import RuleAudit, leaf_namer
 from .transposed import TransposedVJP
 
@@ -61,6 +62,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
     batching = True
     # True once a backward was seen writing its saved tensors: each VJP then records a graph of its own
     graph_per_vjp = False
+    # the library ops fn calls without a vmap batching rule, once looked for (see library_ops_without_batching)
+    _unbatched_ops: Optional[List[str]] = None
 
     def __init__(self, problem: TorchProblem, forward: Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]],
                  x0: np.ndarray, needs_grad_to_evaluate: bool = False, outputs: Optional[List[LeafSpec]] = None) -> None:
@@ -154,6 +157,11 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 try:
                     if needs_grad:
                         out, _ = forward(x.requires_grad_(True), True)
+                    elif self._unbatched_ops is None:  # the check's first evaluation: which ops fn calls
+                        seen = library_ops.OpsSeen()
+                        with seen:
+                            out, _ = forward(x, False)
+                        self._unbatched_ops = seen.without_batching_rule()
                     else:
                         out, _ = forward(x, False)
                 except Exception as exc:
@@ -285,6 +293,33 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         return {"inputs": changed, "cotangent": written, "backward_inputs": in_backward, "rules": audit.rules,
                 **found}
 
+    def library_ops_without_batching(self) -> List[str]:
+        """The ``torch.library`` ops fn calls that have no vmap batching rule (found on the check's first
+        evaluation, under a dispatch mode): such an fn never runs under vmap here (see :mod:`.library_ops`)."""
+        if self._unbatched_ops is None:  # no evaluation ran point by point yet (a batched path kept from before)
+            self._evaluate_loop(self.x0[None, :])
+        return self._unbatched_ops or []
+
+    def _refuse_unbatched_ops(self) -> None:
+        unbatched = self.library_ops_without_batching()
+        if unbatched:
+            raise ModeUnsupportedError(
+                f"fn calls {', '.join(unbatched)}, which {'has' if len(unbatched) == 1 else 'have'} no vmap batching "
+                "rule: torch.func.vmap runs such an op one sample at a time through its fallback (with a C++ warning "
+                "per call), so there is no rule of yours to check; register_vmap gives it one")
+
+    @_process.runs_user_code
+    def framework_tests(self, thorough: bool = False) -> List[Tuple[str, Optional[bool], str]]:
+        """torch.library.opcheck of a library op (see :class:`gradbridge._adapter.FrameworkTests`), on the check's
+        float64 copies at ``x0`` with the checked inputs requiring grad."""
+        problem = self.problem
+        if self.needs_grad or library_ops.library_op(problem.spec.fn) is None:
+            return []
+        with torch.enable_grad():
+            x = problem.to_tensor(self.x0).requires_grad_(True)
+            return library_ops.opcheck(problem.spec.fn, lambda runner: problem.call_with_arguments(runner, (), x),
+                                       thorough)
+
     @_process.runs_user_code
     def vjp_batched_and_looped(self, cotangents: np.ndarray, thorough: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The VJPs of ``cotangents`` from one ``torch.func.vjp`` pullback, under ``torch.func.vmap`` (what
@@ -293,6 +328,7 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         problem = self.problem
         if self.needs_grad or problem.data_swap is not None:
             raise ModeUnsupportedError("batched VJPs are checked for first derivatives of functions and modules")
+        self._refuse_unbatched_ops()
         x0 = problem.to_tensor(self.x0)
         batch = problem.to_tensor(cotangents)
         try:
@@ -304,7 +340,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         except GradbridgeError:
             raise
         except Exception as exc:
-            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.vjp raised {_first_line(exc)}") from exc
+            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.vjp raised {_first_line(exc)}; per-sample "
+                                       "gradients (vmap of the VJP, jacrev) of this rule fail the same way") from exc
         return batched, looped
 
     @_process.runs_user_code
@@ -314,6 +351,7 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         problem = self.problem
         if self.needs_grad or problem.data_swap is not None:
             raise ModeUnsupportedError("batched JVPs are checked for first derivatives of functions and modules")
+        self._refuse_unbatched_ops()
         x0 = problem.to_tensor(self.x0)
         batch = problem.to_tensor(tangents)
 
@@ -326,7 +364,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         except GradbridgeError:
             raise
         except Exception as exc:
-            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.jvp raised {_first_line(exc)}") from exc
+            raise ModeUnsupportedError(f"torch.func.vmap of its torch.func.jvp raised {_first_line(exc)}; jacfwd of "
+                                       "this rule fails the same way") from exc
         return batched, looped
 
     @_process.runs_user_code

@@ -25,8 +25,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .._adapter import (BatchedForwardRules, BatchedRules, DifferentiatedPrimal, InPlaceWrites, StridedInputs,
-                        offered)
+from .._adapter import (BatchedForwardRules, BatchedRules, DifferentiatedPrimal, FrameworkTests, InPlaceWrites,
+                        StridedInputs, offered)
 from .._errors import CostlyProbeSkipped, ModeUnsupportedError
 from .._precision import FLOAT64_EPS
 from .._reporting.report import Contract, RowResult
@@ -69,6 +69,25 @@ def run_contracts(evaluator: Evaluator, context: CheckContext, f0: np.ndarray, p
     primal = _primal(evaluator, f0, precision, resolution)
     if primal is not None:
         found.append(primal)
+    found.extend(_framework_tests(evaluator, context))
+    return found
+
+
+def _framework_tests(evaluator: Evaluator, context: CheckContext) -> List[Contract]:
+    """The framework's own tests of the function (torch.library.opcheck of a library op), each a contract line;
+    those not run are listed as not checked, with what running them costs."""
+    method = offered(evaluator.prepared, FrameworkTests, "framework_tests")
+    if method is None:
+        return []
+    try:
+        results = method(thorough=context.options.contracts == "all")
+    except ModeUnsupportedError:
+        return []
+    found = []
+    for name, passed, sentence in results:
+        if passed is None and sentence.startswith("not run"):
+            sentence = f"{sentence}; contracts='all' runs it"
+        found.append(Contract(name, passed is not False, "rev", sentence, checked=passed is not None))
     return found
 
 
@@ -161,10 +180,7 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
     except CostlyProbeSkipped as exc:
         return Contract(name, True, mode, f"not run: {exc}; contracts='all' runs it", checked=False)
     except ModeUnsupportedError as exc:
-        return Contract(name, True, mode, f"the {side} cannot run under vmap ({exc}): per-sample "
-                                          f"{'gradients' if mode == 'rev' else 'JVPs'} (vmap of the {product}, "
-                                          f"{'jacrev' if mode == 'rev' else 'jacfwd'}) of this rule fail",
-                        checked=False)
+        return Contract(name, True, mode, f"the {side} cannot run under vmap: {exc}", checked=False)
     if mode == "rev":
         evaluator.vjps += 2 * len(vectors)
     else:

@@ -69,7 +69,7 @@ def test_a_backward_that_cannot_be_vectorized_is_reported_not_failed() -> None:
     report = gb.check(_tanh_rule(True), _x(), contracts="all")
     contract = _batched(report)
     assert report.passed and not contract.checked, str(report)
-    assert "cannot run under vmap" in contract.message and "vectorized_map" in contract.message
+    assert "cannot run under vmap" in contract.message and "vectorized_map" in contract.message, contract.message
 
 
 def test_contracts_rejects_other_values() -> None:

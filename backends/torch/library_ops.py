@@ -1,0 +1,112 @@
+"""Operators registered through ``torch.library``: their names, their batching rules, and torch's own tests of them.
+
+Invariant: a ``torch.library.custom_op`` (a ``CustomOpDef``) or an operator overload (``torch.ops.ns.op.default``)
+is named in reports by its qualified name and its inputs by its schema's parameter names, as its author wrote them;
+an op without a vmap batching rule is never run under ``torch.func.vmap`` by a check (torch would loop it anyway,
+and print a C++ warning per check that no Python filter can catch); torch's ``torch.library.opcheck`` runs on the
+check's own float64 copies, never on the user's tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: torch.library.opcheck's tests, cheapest first; the last one compiles (AOTAutograd) and runs only when thorough.
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
+OPCHECK_COMPILED = "test_aot_dispatch_dynamic"
+#: Namespaces whose operators torch itself batches (its own kernels and decompositions).
+_TORCH_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_quantized", "torchvision"})
+
+
+def library_op(fn: Any) -> Optional[Any]:
+    """The operator ``fn`` is: a ``CustomOpDef``'s default overload, an ``OpOverload``, an ``OpOverloadPacket``'s
+    default; None for anything else."""
+    overload = getattr(fn, "_opoverload", None)  # torch.library.custom_op
+    if isinstance(overload, torch._ops.OpOverload):
+        return overload
+    if isinstance(fn, torch._ops.OpOverload):
+        return fn
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        return getattr(fn, "default", None)
+    return None
+
+
+def named_function(fn: Any) -> Optional[Callable[..., Any]]:
+    """A stand-in for a library op that carries its qualified name and its schema's positional parameters, so
+    reports say ``mylib::scaled_mul`` and ``x``, ``weight`` instead of ``CustomOpDef`` and ``arg0``; None when
+    ``fn`` is not one."""
+    op = library_op(fn)
+    if op is None:
+        return None
+    schema = op._schema
+    parameters = [inspect.Parameter(argument.name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                  for argument in schema.arguments if not argument.kwarg_only]
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    stand_in.__name__ = stand_in.__qualname__ = schema.name
+    stand_in.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return stand_in
+
+
+def _lacks_batching_rule(op: Any) -> bool:
+    namespace = getattr(op, "namespace", "aten")
+    if namespace in _TORCH_NAMESPACES:
+        return False
+    name = op.name()
+    return not any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+                   for key in ("FuncTorchBatched", "CompositeImplicitAutograd"))
+
+
+class OpsSeen(TorchDispatchMode):
+    """The operators the calls inside it dispatch (a custom op among them, as its author registered it); used
+    around one evaluation the check makes anyway, so looking costs no call of fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Dict[str, Any] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.setdefault(str(func), func)
+        return func(*args, **(kwargs or {}))
+
+    def without_batching_rule(self) -> List[str]:
+        """The qualified names of the library operators seen that have no vmap batching rule (no
+        ``register_vmap``, no batched kernel, no decomposition): torch.func.vmap would run them one sample at a
+        time through its fallback, which prints a C++ warning per call site."""
+        return sorted({op._schema.name for op in self.ops.values()
+                       if isinstance(op, torch._ops.OpOverload) and _lacks_batching_rule(op)})
+
+
+def opcheck(fn: Any, call: Callable[[Callable[..., Any]], Any], thorough: bool) -> List[Tuple[str, Optional[bool], str]]:
+    """torch's own tests of a library op (``torch.library.opcheck``: its schema against what it does, its autograd
+    registration, its fake-tensor kernel, and with ``thorough`` its compiled AOTAutograd path), run through
+    ``call(runner)``, which calls ``runner(*args, **kwargs)`` with the check's arguments at the point. One
+    ``(test, passed or None when not run, sentence)`` per test; [] for a function that is not a library op."""
+    if library_op(fn) is None:
+        return []
+    tests = OPCHECK_TESTS + ((OPCHECK_COMPILED,) if thorough else ())
+
+    def runner(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+        return torch.library.opcheck(fn, args, kwargs, test_utils=tests, raise_exception=False)
+
+    results = call(runner)
+    found: List[Tuple[str, Optional[bool], str]] = []
+    for test in tests:
+        outcome = results.get(test, "not run")
+        if outcome == "SUCCESS":
+            found.append((f"opcheck {test}", True, "torch.library.opcheck passes"))
+        elif isinstance(outcome, BaseException):
+            first = str(outcome).strip().splitlines()[0] if str(outcome).strip() else type(outcome).__name__
+            found.append((f"opcheck {test}", False, f"torch.library.opcheck fails: {first[:400]}"))
+        else:
+            found.append((f"opcheck {test}", None, f"torch.library.opcheck says {outcome!r}"))
+    if not thorough:
+        found.append((f"opcheck {OPCHECK_COMPILED}", None, "not run: it compiles the op with AOTAutograd (50 ms per op, 2 s on first "
+                                              "use in a process)"))
+    return found
