@@ -247,6 +247,18 @@ class StridedInputs(Protocol):
 
 
 @runtime_checkable
+class CompiledFunction(Protocol):
+    """``compiled_and_eager(cotangents)``: for a compiled function (``torch.compile``, ``jax.jit``, ``tf.function``),
+    its outputs and VJPs at ``x0`` for the (k, m) cotangents computed by the compiled function and by the eager
+    function it was made from, as ``((outputs, vjps) compiled, (outputs, vjps) eager, note)``, flat float64; the
+    note says what compiling cost during the check (recompilations), or is empty. Raises ModeUnsupportedError for a
+    function that is not compiled."""
+
+    def compiled_and_eager(self, cotangents: np.ndarray) -> Tuple[Tuple[np.ndarray, np.ndarray],
+                                                                   Tuple[np.ndarray, np.ndarray], str]: ...
+
+
+@runtime_checkable
 class FrameworkTests(Protocol):
     """``framework_tests(thorough)``: the framework's own tests of the checked function where it has them (torch's
     ``torch.library.opcheck`` of a library op), run on the check's copies at ``x0``: one ``(name, passed, sentence)``
@@ -302,7 +314,7 @@ class LayerTaps(Protocol):
 
 CAPABILITIES: Tuple[type, ...] = (WorkingPrecision, UndefinedGradients, TransposedProducts, EditedEvaluation,
                                   ForwardRules, DifferentiatedPrimal, BatchedRules, BatchedForwardRules, StridedInputs,
-                                  InPlaceWrites, FrameworkTests)
+                                  InPlaceWrites, FrameworkTests, CompiledFunction)
 
 
 #: (class, capability) pairs known to offer it through a class member: true for every instance of the class.

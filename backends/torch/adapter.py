@@ -24,7 +24,7 @@ from gradbridge._tree import flatten
 from ..common.handwritten import HandWrittenGradient, floating_candidates, hand_written_gradient
 from ..common.complex import complex_from_view
 from ..common.layout import COMPLEX_REASON, Candidate, Unchecked, argument_candidates, layout_leaves, unchecked_notes
-from . import cache, layers, library_ops
+from . import cache, compiled, layers, library_ops
 from .compat import pytree_node
 from .module_state import _checkable, _DataSwap, _float64_copy_with, _ModuleState, _parameters
 from .prepared import TorchPrepared
@@ -68,8 +68,9 @@ class TorchAdapter:
         return cache.cache_size()
 
     def user_function(self, fn: Any) -> Optional[Callable[..., Any]]:
-        """A ``torch.library`` op as its author named it (qualified name, schema parameters); None otherwise."""
-        return library_ops.named_function(fn)
+        """A ``torch.library`` op as its author named it (qualified name, schema parameters), the function or module
+        a ``torch.compile`` result was made from; None otherwise."""
+        return library_ops.named_function(fn) or compiled.original_of(fn)
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, (torch.Tensor, torch.nn.Module))
@@ -132,6 +133,14 @@ class TorchAdapter:
         x0 = np.concatenate([_flat_float64(candidates[i].value) for i in chosen])
         prepared = TorchPrepared(problem, problem.forward, x0)
         prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
+        original = compiled.original_of(spec.fn)
+        if original is not None:
+            prepared.compiled_from = original
+            prepared.batching = False  # vmap would make torch.compile skip fn for good
+            prepared.compilations_before = compiled.compilations()
+            prepared.notes.append("fn is compiled (torch.compile): the check runs its compiled code, point by point "
+                                  "(torch.func.vmap or a dispatch mode around a compiled function makes torch.compile "
+                                  "skip it for good), and compares it with the eager function it was made from")
         if spec.grad is not None:  # the analytic side is the user's hand-written gradient, never autograd
             return hand_written_gradient(prepared, "PyTorch", _hand_written_call(problem, prepared), _to_array,
                                        floating_candidates(candidates), chosen)

@@ -2,7 +2,7 @@
 
 Invariant: a ``torch.library.custom_op`` (a ``CustomOpDef``) or an operator overload (``torch.ops.ns.op.default``)
 is named in reports by its qualified name and its inputs by its schema's parameter names, as its author wrote them;
-an op without a vmap batching rule is never run under ``torch.func.vmap`` by a check (torch would loop it anyway,
+an op checked directly that has no vmap batching rule is never run under ``torch.func.vmap`` by a check (torch would loop it anyway,
 and print a C++ warning per check that no Python filter can catch); torch's ``torch.library.opcheck`` runs on the
 check's own float64 copies, never on the user's tensors.
 """
@@ -13,7 +13,6 @@ import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 #: torch.library.opcheck's tests, cheapest first; the last one compiles (AOTAutograd) and runs only when thorough.
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -63,24 +62,13 @@ def _lacks_batching_rule(op: Any) -> bool:
                    for key in ("FuncTorchBatched", "CompositeImplicitAutograd"))
 
 
-class OpsSeen(TorchDispatchMode):
-    """The operators the calls inside it dispatch (a custom op among them, as its author registered it); used
-    around one evaluation the check makes anyway, so looking costs no call of fn."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Dict[str, Any] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.setdefault(str(func), func)
-        return func(*args, **(kwargs or {}))
-
-    def without_batching_rule(self) -> List[str]:
-        """The qualified names of the library operators seen that have no vmap batching rule (no
-        ``register_vmap``, no batched kernel, no decomposition): torch.func.vmap would run them one sample at a
-        time through its fallback, which prints a C++ warning per call site."""
-        return sorted({op._schema.name for op in self.ops.values()
-                       if isinstance(op, torch._ops.OpOverload) and _lacks_batching_rule(op)})
+def without_batching_rule(fn: Any) -> List[str]:
+    """``[qualified name]`` when ``fn`` is a library op with no vmap batching rule (no ``register_vmap``, no batched
+    kernel, no decomposition): torch.func.vmap would run it one sample at a time through its fallback, which prints
+    a C++ warning per call site; [] otherwise. Only the op checked directly is looked at: finding the ops a user's
+    function calls would take a dispatch mode around fn, which makes torch.compile skip a compiled fn for good."""
+    op = library_op(fn)
+    return [op._schema.name] if op is not None and _lacks_batching_rule(op) else []
 
 
 def opcheck(fn: Any, call: Callable[[Callable[..., Any]], Any], thorough: bool) -> List[Tuple[str, Optional[bool], str]]:

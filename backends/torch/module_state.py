@@ -22,6 +22,7 @@ from gradbridge._adapter import CheckSpec
 from gradbridge._errors import InvalidArgumentError
 from ..common.params import named_params
 from .compat import reparametrize_module
+from .compiled import uncompiled_module
 
 
 class _ModuleState:
@@ -118,6 +119,7 @@ def _parameters(spec: CheckSpec) -> Tuple[Optional[torch.nn.Module], List[Tuple[
     if params is None:
         return None, []
     if isinstance(params, torch.nn.Module):
+        params = uncompiled_module(params)  # a compiled module's parameters, without the "_orig_mod." prefix
         return params, list(params.named_parameters(remove_duplicate=True))
     items = named_params(params, lambda t: isinstance(t, torch.Tensor), "an nn.Module or an iterable of tensors",
                          lambda name, t: f"params: {name} is a {type(t).__name__}, expected a torch.Tensor")

@@ -18,6 +18,8 @@ wherever no override or torch function mode could see the difference (:func:`.co
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -35,7 +37,7 @@ from .compat import _pull
 from ..common.reach import MISSING as _MISSING
 from .forward_rules import _FORWARD_AD_HINTS, _forward_rules, _jvp_hint, _raised_in_user_jvp
 from .problem import TorchProblem, _combine, _first_line, _vjp_graph
-from . import library_ops
+from . import compiled, library_ops
 from .rule_audit import RuleAudit, leaf_namer
 from .transposed import TransposedVJP
 
@@ -62,8 +64,10 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
     batching = True
     # True once a backward was seen writing its saved tensors: each VJP then records a graph of its own
     graph_per_vjp = False
-    # the library ops fn calls without a vmap batching rule, once looked for (see library_ops_without_batching)
-    _unbatched_ops: Optional[List[str]] = None
+    # a torch.compile result: the eager function or module it was made from, and dynamo's compilation count
+    # when the check began (see .compiled)
+    compiled_from: Any = None
+    compilations_before = 0
 
     def __init__(self, problem: TorchProblem, forward: Callable[[torch.Tensor, bool], Tuple[torch.Tensor, list]],
                  x0: np.ndarray, needs_grad_to_evaluate: bool = False, outputs: Optional[List[LeafSpec]] = None) -> None:
@@ -157,11 +161,6 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 try:
                     if needs_grad:
                         out, _ = forward(x.requires_grad_(True), True)
-                    elif self._unbatched_ops is None:  # the check's first evaluation: which ops fn calls
-                        seen = library_ops.OpsSeen()
-                        with seen:
-                            out, _ = forward(x, False)
-                        self._unbatched_ops = seen.without_batching_rule()
                     else:
                         out, _ = forward(x, False)
                 except Exception as exc:
@@ -294,13 +293,36 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 **found}
 
     def library_ops_without_batching(self) -> List[str]:
-        """The ``torch.library`` ops fn calls that have no vmap batching rule (found on the check's first
-        evaluation, under a dispatch mode): such an fn never runs under vmap here (see :mod:`.library_ops`)."""
-        if self._unbatched_ops is None:  # no evaluation ran point by point yet (a batched path kept from before)
-            self._evaluate_loop(self.x0[None, :])
-        return self._unbatched_ops or []
+        """``[qualified name]`` when fn is a ``torch.library`` op without a vmap batching rule, else []: such an
+        op never runs under vmap here (see :mod:`.library_ops`)."""
+        return library_ops.without_batching_rule(self.problem.spec.fn)
+
+    @_process.runs_user_code
+    def compiled_and_eager(self, cotangents: np.ndarray) -> Tuple[Tuple[np.ndarray, np.ndarray],
+                                                                   Tuple[np.ndarray, np.ndarray], str]:
+        """fn's outputs and VJPs at ``x0`` computed by the compiled function and by the eager one it was made from
+        (see :class:`gradbridge._adapter.CompiledFunction`), and how many compilations the check caused."""
+        if self.compiled_from is None or self.needs_grad:
+            raise ModeUnsupportedError("fn is not a torch.compile result")
+        eager = copy.copy(self.problem)
+        eager.spec = dataclasses.replace(self.problem.spec, fn=self.compiled_from)
+        results = []
+        for problem in (self.problem, eager):
+            x = problem.to_tensor(self.x0).requires_grad_(True)
+            with problem.params_held(x), torch.enable_grad():
+                out, swapped = problem.forward(x, True)
+                values = out.detach().cpu().numpy().copy()
+                rows = [_grad(problem, x, out, swapped, problem.to_tensor(v), False).detach().cpu().numpy()
+                        for v in cotangents]
+            results.append((values, np.stack(rows)))
+        count = compiled.compilations() - self.compilations_before
+        return results[0], results[1], (f"torch.compile compiled {count} graph(s) during the check (guards on grad "
+                                        "mode, dtypes and strides)" if count else "")
 
     def _refuse_unbatched_ops(self) -> None:
+        if self.compiled_from is not None:
+            raise ModeUnsupportedError("fn is compiled (torch.compile): torch.func.vmap around it would make "
+                                       "torch.compile skip it for good; check the eager function for its batching")
         unbatched = self.library_ops_without_batching()
         if unbatched:
             raise ModeUnsupportedError(

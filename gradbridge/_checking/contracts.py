@@ -25,8 +25,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .._adapter import (BatchedForwardRules, BatchedRules, DifferentiatedPrimal, FrameworkTests, InPlaceWrites,
-                        StridedInputs, offered)
+from .._adapter import (BatchedForwardRules, BatchedRules, CompiledFunction, DifferentiatedPrimal, FrameworkTests,
+                        InPlaceWrites, StridedInputs, offered)
 from .._errors import CostlyProbeSkipped, ModeUnsupportedError
 from .._precision import FLOAT64_EPS
 from .._reporting.report import Contract, RowResult
@@ -70,7 +70,47 @@ def run_contracts(evaluator: Evaluator, context: CheckContext, f0: np.ndarray, p
     if primal is not None:
         found.append(primal)
     found.extend(_framework_tests(evaluator, context))
+    compiled = _compiled_vs_eager(evaluator, context, precision, resolution)
+    if compiled is not None:
+        found.append(compiled)
     return found
+
+
+def _compiled_vs_eager(evaluator: Evaluator, context: CheckContext, precision: float,
+                       resolution: float) -> Optional[Contract]:
+    """A compiled function (torch.compile, jax.jit, tf.function) gives the outputs and gradients of the eager
+    function it was made from, to round-off of the terms it sums (a compiler reorders sums and fuses ops): "my
+    compiled model's gradients differ" in one line. The rows check the compiled function against finite
+    differences; this names a divergence from eager even where both are within the rows' tolerance of each other."""
+    method = offered(evaluator.prepared, CompiledFunction, "compiled_and_eager")
+    if method is None:
+        return None
+    size = sum(spec.size for spec in evaluator.prepared.output_specs)
+    rng = np.random.default_rng(context.options.seed + 53)
+    cotangents = PROBE_SCALE * rng.standard_normal((2, size))
+    try:
+        (out_c, vjp_c), (out_e, vjp_e), note = method(cotangents)
+    except ModeUnsupportedError:
+        return None
+    evaluator.vjps += 2 * len(cotangents)
+    name = "compiled = eager"
+    suffix = f" ({note})" if note else ""
+    for what, compiled, eager, name_of in (("outputs", out_c, out_e, evaluator.output_name),
+                                           ("gradients", vjp_c, vjp_e, evaluator.input_name)):
+        compiled = np.asarray(compiled, dtype=np.float64).reshape(len(cotangents) if what == "gradients" else 1, -1)
+        eager = np.asarray(eager, dtype=np.float64).reshape(compiled.shape)
+        scale = np.abs(eager)
+        largest = float(np.max(scale, initial=0.0))
+        allowed = ROUNDOFF * precision * scale + (float(np.sqrt(precision)) + resolution) * largest
+        excess = np.abs(compiled - eager) - allowed
+        if (excess > 0).any():
+            row, k = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            return Contract(name, False, "rev", calls=2 * len(cotangents), message=
+                            f"the compiled function's {what} differ from the eager function's: "
+                            f"{compiled[row, k]:.10g} vs {eager[row, k]:.10g} at {name_of(int(k))}. The compiler "
+                            f"changed what fn computes beyond round-off{suffix}")
+    return Contract(name, True, "rev", f"the compiled function's outputs and gradients equal the eager function's"
+                                       f"{suffix}", calls=2 * len(cotangents))
 
 
 def _framework_tests(evaluator: Evaluator, context: CheckContext) -> List[Contract]:

@@ -16,7 +16,7 @@ CAPABILITY_TABLE = {
                   pytree=False, layer_taps=False),
     "torch": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                             "ForwardRules", "DifferentiatedPrimal", "BatchedRules", "BatchedForwardRules",
-                            "StridedInputs", "InPlaceWrites", "FrameworkTests"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=True,
+                            "StridedInputs", "InPlaceWrites", "FrameworkTests", "CompiledFunction"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=True,
                   layer_taps=True),
     "jax": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
                           "ForwardRules", "DifferentiatedPrimal"}, jvp_of_vjp_rule=False, order2=False, compare=True, pytree=True,
