@@ -251,11 +251,13 @@ class CompiledFunction(Protocol):
     """``compiled_and_eager(cotangents)``: for a compiled function (``torch.compile``, ``jax.jit``, ``tf.function``),
     its outputs and VJPs at ``x0`` for the (k, m) cotangents computed by the compiled function and by the eager
     function it was made from, as ``((outputs, vjps) compiled, (outputs, vjps) eager, note)``, flat float64; the
-    note says what compiling cost during the check (recompilations), or is empty. Raises ModeUnsupportedError for a
-    function that is not compiled."""
+    note says what compiling cost during the check (recompilations), or is empty; ``(None, None, why)`` where the
+    two cannot be compared (random draws differ by design). Raises ModeUnsupportedError for a
+    function that is not compiled, CostlyProbeSkipped where the comparison costs a compile the check has not paid
+    for, unless ``thorough``."""
 
-    def compiled_and_eager(self, cotangents: np.ndarray) -> Tuple[Tuple[np.ndarray, np.ndarray],
-                                                                   Tuple[np.ndarray, np.ndarray], str]: ...
+    def compiled_and_eager(self, cotangents: np.ndarray, thorough: bool = False
+                           ) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray], str]: ...
 
 
 @runtime_checkable

@@ -187,6 +187,38 @@ class TensorFlowPrepared(BatchedPaths, TransposedVJP, ProblemBackedFunction, Wor
                                        f"{first_line(exc)}") from exc
         return batched.reshape(len(cotangents), -1), self._vjp_loop(cotangents)
 
+    @_process.runs_user_code
+    def compiled_and_eager(self, cotangents: np.ndarray, thorough: bool = False
+                           ) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray], str]:
+        """For a ``tf.function`` fn (``jit_compile`` or not): its outputs and VJPs at ``x0`` through the check's
+        fresh copy of the tf.function and through its Python function run eagerly (see
+        :class:`gradbridge._adapter.CompiledFunction`); the note counts the copy's traces."""
+        problem = self.problem
+        if self.order != 1 or problem.fn is problem.spec.fn or self.forward != problem.call:
+            raise ModeUnsupportedError("fn is not a tf.function")
+        if problem.tf_rng.clear_kernel_cache:  # a graph and eager execution draw other streams from one seed
+            return None, None, ("fn draws from stateful random ops, which a graph and eager execution draw in other "
+                                "streams from one seed")
+        compiled_fn = problem.fn
+        results = []
+        try:
+            for fn in (compiled_fn, problem.spec.fn.python_function):
+                problem.fn = fn
+                with problem.applied(self.x0) as sources:
+                    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                        watch(tape, sources)
+                        out = flat(problem.call(sources))
+                    rows = [self._gradient_rows(tape.gradient(out, sources,
+                                                              output_gradients=tf.constant(v, tf.float64)))
+                            for v in cotangents]
+                    del tape
+                results.append((out.numpy().astype(np.float64), np.stack(rows)))
+        finally:
+            problem.fn = compiled_fn
+        traces = compiled_fn.experimental_get_tracing_count()
+        how = "XLA (jit_compile=True)" if getattr(compiled_fn, "_jit_compile", None) else "a graph"
+        return results[0], results[1], f"tf.function traced {traces} time(s) during the check, compiled to {how}"
+
     def _output_links(self) -> np.ndarray:
         """``links[k, j]``: whether output block k depends differentiably on leaf j (from reverse mode)."""
         if self._links is None:

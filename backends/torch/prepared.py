@@ -298,8 +298,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         return library_ops.without_batching_rule(self.problem.spec.fn)
 
     @_process.runs_user_code
-    def compiled_and_eager(self, cotangents: np.ndarray) -> Tuple[Tuple[np.ndarray, np.ndarray],
-                                                                   Tuple[np.ndarray, np.ndarray], str]:
+    def compiled_and_eager(self, cotangents: np.ndarray, thorough: bool = False
+                           ) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray], str]:
         """fn's outputs and VJPs at ``x0`` computed by the compiled function and by the eager one it was made from
         (see :class:`gradbridge._adapter.CompiledFunction`), and how many compilations the check caused."""
         if self.compiled_from is None or self.needs_grad:
@@ -307,16 +307,21 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         eager = copy.copy(self.problem)
         eager.spec = dataclasses.replace(self.problem.spec, fn=self.compiled_from)
         results = []
-        for problem in (self.problem, eager):
+        for problem in (eager, self.problem):
             x = problem.to_tensor(self.x0).requires_grad_(True)
             with problem.params_held(x), torch.enable_grad():
+                problem.reseed()
+                seeded = torch.random.get_rng_state()
                 out, swapped = problem.forward(x, True)
+                if problem is eager and not torch.equal(torch.random.get_rng_state(), seeded):
+                    return None, None, ("fn draws random numbers, which torch.compile's generated code draws its own "
+                                        "way (not eager's stream)")
                 values = out.detach().cpu().numpy().copy()
                 rows = [_grad(problem, x, out, swapped, problem.to_tensor(v), False).detach().cpu().numpy()
                         for v in cotangents]
             results.append((values, np.stack(rows)))
         count = compiled.compilations() - self.compilations_before
-        return results[0], results[1], (f"torch.compile compiled {count} graph(s) during the check (guards on grad "
+        return results[1], results[0], (f"torch.compile compiled {count} graph(s) during the check (guards on grad "
                                         "mode, dtypes and strides)" if count else "")
 
     def _refuse_unbatched_ops(self) -> None:

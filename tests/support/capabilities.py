@@ -19,10 +19,10 @@ CAPABILITY_TABLE = {
                             "StridedInputs", "InPlaceWrites", "FrameworkTests", "CompiledFunction"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=True,
                   layer_taps=True),
     "jax": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
-                          "ForwardRules", "DifferentiatedPrimal"}, jvp_of_vjp_rule=False, order2=False, compare=True, pytree=True,
+                          "ForwardRules", "DifferentiatedPrimal", "CompiledFunction"}, jvp_of_vjp_rule=False, order2=False, compare=True, pytree=True,
                 layer_taps=False),
     "tensorflow": dict(prepared={"WorkingPrecision", "UndefinedGradients", "TransposedProducts", "EditedEvaluation",
-                                 "ForwardRules", "DifferentiatedPrimal", "BatchedRules"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=False,
+                                 "ForwardRules", "DifferentiatedPrimal", "BatchedRules", "CompiledFunction"}, jvp_of_vjp_rule=False, order2=True, compare=True, pytree=False,
                        layer_taps=True),
     # no EditedEvaluation (the NumPy backend's point-by-point evaluation); TransposedProducts is offered, and refused
     # with ModeUnsupportedError where a rule's backward runs plain NumPy (the kit's); no pytree registry
