@@ -110,9 +110,12 @@ def check(fn: Callable[..., Any], *args: Any, grad: Optional[Callable[..., Any]]
             rule must satisfy (``report.contracts``): the backward is linear in its incoming gradient (zero in, zero
             out); the primal computed under differentiation equals fn(x); on torch, the backward under vmap equals
             the loop and non-contiguous and expanded inputs give what contiguous ones give, the custom rules write
-            nothing in place and return gradients in their inputs' dtypes and shapes; at order 2 a scalar fn's
-            Hessian is symmetric. A violated contract fails the check. ``"all"`` also runs those that cost a trace
-            the check has not paid for (the batched contract of a small TensorFlow check); False skips them.
+            nothing in place and return gradients in their inputs' dtypes and shapes, and a ``torch.library`` op
+            passes ``torch.library.opcheck``; a compiled fn (``torch.compile``, ``tf.function``) gives what the eager
+            function it was made from gives; at order 2 a scalar fn's Hessian is symmetric. A violated contract
+            fails the check. ``"all"`` also runs those that cost a trace or compile the check has not paid for (the
+            batched contract of a small TensorFlow check, ``jax.jit`` against eager, opcheck's AOT dispatch test);
+            False skips them.
 
     Returns:
         A :class:`Report`; ``report.passed`` is the verdict.
