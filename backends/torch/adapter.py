@@ -137,6 +137,7 @@ class TorchAdapter:
         if original is not None:
             prepared.compiled_from = original
             prepared.batching = False  # vmap would make torch.compile skip fn for good
+            prepared.graph_per_vjp = True  # a compiled backward may run once per graph (donated buffers)
             prepared.compilations_before = compiled.compilations()
             prepared.notes.append("fn is compiled (torch.compile): the check runs its compiled code, point by point "
                                   "(torch.func.vmap or a dispatch mode around a compiled function makes torch.compile "

@@ -94,16 +94,17 @@ def _engine() -> Optional[Callable[..., tuple]]:
 
 
 def _pull(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
-          create_graph: bool = False) -> tuple:
-    """``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, create_graph=create_graph,
-    allow_unused=True)``, calling the engine directly where that is the same (see :func:`_engine`)."""
+          create_graph: bool = False, retain_graph: bool = True) -> tuple:
+    """``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain_graph, create_graph=create_graph,
+    allow_unused=True)``, calling the engine directly where that is the same (see :func:`_engine`). A graph pulled
+    once (``retain_graph=False``) is what a compiled backward with donated buffers allows."""
     if (len(outputs) == len(cotangents)
             and all(type(o) is torch.Tensor and type(c) is torch.Tensor and o.shape == c.shape and o.dtype == c.dtype
                     for o, c in zip(outputs, cotangents))
             and not has_torch_function(tuple(outputs) + tuple(inputs))):  # also True under a torch function mode
         engine = _engine()
         if engine is not None:
-            return engine(tuple(outputs), tuple(cotangents), True, create_graph, tuple(inputs), True,
-                          accumulate_grad=False)
-    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), retain_graph=True,
+            return engine(tuple(outputs), tuple(cotangents), retain_graph or create_graph, create_graph,
+                          tuple(inputs), True, accumulate_grad=False)
+    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), retain_graph=retain_graph or create_graph,
                                create_graph=create_graph, allow_unused=True)

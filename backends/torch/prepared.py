@@ -46,11 +46,12 @@ from .transposed import TransposedVJP
 _SAVED_WRITTEN = "modified by an inplace operation"
 
 
-def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool) -> torch.Tensor:
+def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool,
+          retain_graph: bool = True) -> torch.Tensor:
     if not out.requires_grad:
         return torch.zeros_like(x)
     inputs = [x] + list(swapped)
-    grads = _pull((out,), inputs, (cotangent,), create_graph)
+    grads = _pull((out,), inputs, (cotangent,), create_graph, retain_graph)
     return _combine(problem, grads[0], grads[1:], x.numel())
 
 
@@ -275,11 +276,15 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                            if leaf.kind == "input" and not torch.equal(g.detach(), snap)]
                 v = problem.to_tensor(cotangent).clone()
                 before = v.clone()
-                audit = RuleAudit(out, leaf_namer(bases, names), list(zip(names, given)))
+                # a compiled function's graph is one compiled node whose backward may run once only (donated
+                # buffers): its rules are compiled code, not audited
+                audit = RuleAudit(out if self.compiled_from is None else out.detach(), leaf_namer(bases, names),
+                                  list(zip(names, given)))
                 if out.requires_grad:
                     try:
                         with audit:
-                            torch.autograd.grad(out, bases, v, allow_unused=True, retain_graph=True)
+                            torch.autograd.grad(out, bases, v, allow_unused=True,
+                                                retain_graph=self.compiled_from is None)
                     except GradbridgeError:
                         raise
                     except Exception as exc:  # no backward for some input (its rows say so)
@@ -308,17 +313,19 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         eager.spec = dataclasses.replace(self.problem.spec, fn=self.compiled_from)
         results = []
         for problem in (eager, self.problem):
-            x = problem.to_tensor(self.x0).requires_grad_(True)
-            with problem.params_held(x), torch.enable_grad():
-                problem.reseed()
-                seeded = torch.random.get_rng_state()
-                out, swapped = problem.forward(x, True)
-                if problem is eager and not torch.equal(torch.random.get_rng_state(), seeded):
-                    return None, None, ("fn draws random numbers, which torch.compile's generated code draws its own "
-                                        "way (not eager's stream)")
-                values = out.detach().cpu().numpy().copy()
-                rows = [_grad(problem, x, out, swapped, problem.to_tensor(v), False).detach().cpu().numpy()
-                        for v in cotangents]
+            values, rows = None, []
+            for v in cotangents:  # a forward per cotangent: a compiled backward may run once per graph
+                x = problem.to_tensor(self.x0).requires_grad_(True)
+                with problem.params_held(x), torch.enable_grad():
+                    problem.reseed()
+                    seeded = torch.random.get_rng_state()
+                    out, swapped = problem.forward(x, True)
+                    if problem is eager and not torch.equal(torch.random.get_rng_state(), seeded):
+                        return None, None, ("fn draws random numbers, which torch.compile's generated code draws its "
+                                            "own way (not eager's stream)")
+                    values = out.detach().cpu().numpy().copy()
+                    rows.append(_grad(problem, x, out, swapped, problem.to_tensor(v), False, retain_graph=False)
+                                .detach().cpu().numpy())
             results.append((values, np.stack(rows)))
         count = compiled.compilations() - self.compilations_before
         return results[1], results[0], (f"torch.compile compiled {count} graph(s) during the check (guards on grad "
@@ -445,7 +452,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
             with problem.params_held(x):
                 _, out, swapped = _vjp_graph(problem, self.forward, x)
                 if out.requires_grad:
-                    self._store_pulled(pulled, k, _pull((out,), [x] + list(swapped), (batch[k],)), x.numel())
+                    self._store_pulled(pulled, k, _pull((out,), [x] + list(swapped), (batch[k],), retain_graph=False),
+                                       x.numel())
         return pulled
 
     def _store_pulled(self, pulled: np.ndarray, k: int, grads, size: int) -> None:
