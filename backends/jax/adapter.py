@@ -138,6 +138,9 @@ class JaxAdapter:
                               else np.asarray(candidates[i].value, dtype=np.float64)).reshape(-1) for i in chosen])
         prepared = JaxPrepared(problem, lambda *parts: problem.call(parts), x0, compiled=problem.compiled)
         prepared.notes.extend(unchecked_notes(candidates, chosen, unchecked))
+        if callable(getattr(spec.fn, "lower", None)) and callable(getattr(spec.fn, "__wrapped__", None)):
+            prepared.notes.append("fn is a jax.jit function: the check runs it compiled, inside its own jit(vmap(...)) "
+                                  "of fn; contracts='all' also compares it with the Python function it wraps")
         return prepared
 
     # --- gb.compare (see gradbridge._adapter.CompareAdapter) ---

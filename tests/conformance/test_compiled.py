@@ -103,8 +103,10 @@ def test_python_state_frozen_at_trace_time_fails_compiled_equals_eager(variant: 
 
 def test_jax_runs_the_comparison_only_when_asked() -> None:
     require_backend("jax")
-    contract = _contract(gb.check(_compile("jax", _layer("jax")), *_args("jax")))
+    report = gb.check(_compile("jax", _layer("jax")), *_args("jax"))
+    contract = _contract(report)
     assert not contract.checked and "contracts='all' runs it" in contract.message
+    assert any(note.startswith("fn is a jax.jit function") for note in report.notes), report.notes
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
