@@ -241,9 +241,10 @@ class StridedInputs(Protocol):
     (``"non-contiguous"``: transposed or strided storage; ``"expanded"``: a stride-0 dimension, at the point whose
     rows all equal the first), as ``[(layout, (outputs, vjp) contiguous, (outputs, vjp) laid out)]``, flat float64.
     A layout fn raises on gives ``(layout, error message)`` instead. For frameworks whose arrays have strides (torch,
-    NumPy)."""
+    NumPy). Raises CostlyProbeSkipped where the layouts cost compilations the check has not paid for (a compiled
+    function guards on strides), unless ``thorough``."""
 
-    def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]: ...
+    def strided_variants(self, cotangent: np.ndarray, thorough: bool = False) -> List[Tuple[str, Any]]: ...
 
 
 @runtime_checkable

@@ -106,7 +106,7 @@ class NumpyPrepared(ArrayPrepared):
         return np.stack(rows)
 
     @_process.runs_user_code
-    def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]:
+    def strided_variants(self, cotangent: np.ndarray, thorough: bool = False) -> List[Tuple[str, Any]]:
         """fn and ``grad`` with the checked arrays contiguous and laid out non-contiguously (Fortran order for two
         or more axes, every other element of a buffer for vectors) or expanded (a read-only stride-0 first axis, at
         the point whose rows equal the first), for the memory-layout contract (see

@@ -28,7 +28,7 @@ import torch
 from gradbridge import _process
 from gradbridge._adapter import (EditedEvaluation, ForwardRules, LeafSpec, ProblemBackedFunction, TransposedProducts,
                                  UndefinedGradients, WorkingPrecision)
-from gradbridge._errors import FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
+from gradbridge._errors import CostlyProbeSkipped, FunctionEvaluationError, GradbridgeError, ModeUnsupportedError
 from ..common.layout import promotion_notes
 from ..common.lowprec import own_precision, promotion_hint, refresh_note
 from ..common.outputs import gradient_output_specs, output_specs
@@ -195,7 +195,7 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         return out.detach().cpu().numpy().copy()
 
     @_process.runs_user_code
-    def strided_variants(self, cotangent: np.ndarray) -> List[Tuple[str, Any]]:
+    def strided_variants(self, cotangent: np.ndarray, thorough: bool = False) -> List[Tuple[str, Any]]:
         """fn and its VJP with the checked inputs contiguous and laid out non-contiguously (every input of two or
         more axes transposed in memory, vectors every other element of a buffer) or expanded (a stride-0 first axis,
         at the point whose rows equal the first), for the memory-layout contract (see
@@ -203,6 +203,9 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
         problem = self.problem
         if self.needs_grad or problem.data_swap is not None:
             raise ModeUnsupportedError("memory layouts are checked for first derivatives of functions and modules")
+        if self.compiled_from is not None and not thorough:
+            raise CostlyProbeSkipped("fn is compiled, and torch.compile guards on strides: each memory layout would "
+                                     "compile it again (2 of a small check's 5 compilations, measured)")
         v = problem.to_tensor(cotangent)
         values = [problem.to_tensor(self.x0[leaf.slice]).reshape(leaf.shape) for leaf in self.leaves]
         found: List[Tuple[str, Any]] = []

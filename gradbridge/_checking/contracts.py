@@ -249,16 +249,20 @@ def _batched(evaluator: Evaluator, context: CheckContext, precision: float, reso
                     calls=2 * len(vectors))
 
 
-def _asked(evaluator: Evaluator, context: CheckContext, capability: type, member: str, seed: int) -> Any:
+def _asked(evaluator: Evaluator, context: CheckContext, capability: type, member: str, seed: int,
+           **options: Any) -> Any:
     """What the adapter's ``member`` (of ``capability``) answers for a random cotangent with entries of about
-    :data:`PROBE_SCALE`, or None where the adapter does not offer it or it does not apply (ModeUnsupportedError)."""
+    :data:`PROBE_SCALE`, or None where the adapter does not offer it or it does not apply (ModeUnsupportedError);
+    CostlyProbeSkipped propagates, for the caller to list the contract as not run."""
     method = offered(evaluator.prepared, capability, member)
     if method is None:
         return None
     size = sum(spec.size for spec in evaluator.prepared.output_specs)
     cotangent = PROBE_SCALE * np.random.default_rng(context.options.seed + seed).standard_normal(size)
     try:
-        return method(cotangent)
+        return method(cotangent, **options)
+    except CostlyProbeSkipped:
+        raise
     except ModeUnsupportedError:
         return None
 
@@ -267,7 +271,12 @@ def _strided(evaluator: Evaluator, context: CheckContext, precision: float, reso
     """fn and its backward give the same values for inputs laid out non-contiguously or expanded (stride 0) as
     for contiguous ones (Chainer checks non-contiguous inputs by default): a kernel that indexes memory by shape,
     not stride, is wrong only on such inputs, which users pass (a transposed weight, a broadcast bias)."""
-    variants = _asked(evaluator, context, StridedInputs, "strided_variants", 31)
+    try:
+        variants = _asked(evaluator, context, StridedInputs, "strided_variants", 31,
+                          thorough=context.options.contracts == "all")
+    except CostlyProbeSkipped as exc:
+        return [Contract(f"{layout} inputs", True, "rev", f"not run: {exc}; contracts='all' runs it", checked=False)
+                for layout in ("non-contiguous", "expanded")]
     if variants is None:
         return []
     found = []

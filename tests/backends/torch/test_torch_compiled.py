@@ -15,6 +15,17 @@ from backend_matrix import require_backend
 pytestmark = pytest.mark.torch
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles _layer afresh: dynamo's per-code recompile limit counts every earlier compile of it (in
+    any order), and past it runs the code eagerly."""
+    require_backend("torch")
+    import torch
+
+    torch._dynamo.reset()
+    yield
+
+
 def _counting_backend(scale: float = 1.0):
     """A torch.compile backend running the captured graph as is (``scale``: times a factor, a seeded
     miscompilation), counting compilations and runs of compiled code."""
@@ -103,3 +114,20 @@ def test_random_draws_make_compiled_and_eager_not_comparable_not_a_false_alarm()
     report = gb.check(torch.compile(noisy, backend=backend), *_args())
     contract = next(c for c in report.contracts if c.name == "compiled = eager")
     assert report.passed and not contract.checked and "random" in contract.message, str(report)
+
+
+def test_layout_contracts_of_a_compiled_function_run_only_when_asked_each_costing_a_compilation() -> None:
+    require_backend("torch")
+    import torch
+
+    backend, counts = _counting_backend()
+    report = gb.check(torch.compile(_layer, backend=backend), *_args())
+    layouts = [c for c in report.contracts if c.name in ("non-contiguous inputs", "expanded inputs")]
+    assert len(layouts) == 2 and not any(c.checked for c in layouts), str(report)
+    assert all("contracts='all' runs it" in c.message for c in layouts)
+    default = counts["compiled"]
+    backend, counts = _counting_backend()
+    thorough = gb.check(torch.compile(_layer, backend=backend), *_args(), contracts="all")
+    assert all(c.checked and c.passed for c in thorough.contracts if c.name.endswith(("contiguous inputs",
+                                                                                      "expanded inputs")))
+    assert counts["compiled"] > default, (counts, default)  # torch.compile guards on strides
