@@ -10,9 +10,13 @@ check's own float64 copies, never on the user's tensors.
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch._library.custom_ops import CustomOpDef
+
+from ..common.reach import MISSING, code_loads
 
 #: torch.library.opcheck's tests, cheapest first; the last one compiles (AOTAutograd) and runs only when thorough.
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -62,13 +66,29 @@ def _lacks_batching_rule(op: Any) -> bool:
                    for key in ("FuncTorchBatched", "CompositeImplicitAutograd"))
 
 
+def _is_library_op(value: Any) -> bool:
+    return isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, CustomOpDef))
+
+
 def without_batching_rule(fn: Any) -> List[str]:
-    """``[qualified name]`` when ``fn`` is a library op with no vmap batching rule (no ``register_vmap``, no batched
-    kernel, no decomposition): torch.func.vmap would run it one sample at a time through its fallback, which prints
-    a C++ warning per call site; [] otherwise. Only the op checked directly is looked at: finding the ops a user's
-    function calls would take a dispatch mode around fn, which makes torch.compile skip a compiled fn for good."""
-    op = library_op(fn)
-    return [op._schema.name] if op is not None and _lacks_batching_rule(op) else []
+    """The qualified names of the library ops with no vmap batching rule (no ``register_vmap``, no batched kernel,
+    no decomposition) that ``fn`` is or that its own code loads (a global or closed-over op, ``torch.ops.ns.op``,
+    ``self.op`` in a module's forward; read from the code, never run): torch.func.vmap would run such an op one
+    sample at a time through its fallback, which prints a C++ warning per call site. Ops reached only through
+    functions fn calls are not seen: finding every op a call dispatches would take a dispatch mode around fn, which
+    makes torch.compile skip a compiled fn for good."""
+    candidates = [fn]
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    function = getattr(target, "__func__", target)
+    if isinstance(function, types.FunctionType) and not _is_library_op(fn):
+        self_value = fn if isinstance(fn, torch.nn.Module) else MISSING
+        candidates.extend(value for value in code_loads(function, self_value) if _is_library_op(value))
+    names = set()
+    for candidate in candidates:
+        op = library_op(candidate) if _is_library_op(candidate) else None
+        if op is not None and _lacks_batching_rule(op):
+            names.add(op._schema.name)
+    return sorted(names)
 
 
 def opcheck(fn: Any, call: Callable[[Callable[..., Any]], Any], thorough: bool) -> List[Tuple[str, Optional[bool], str]]:

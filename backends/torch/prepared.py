@@ -301,8 +301,8 @@ class TorchPrepared(ProblemBackedFunction, BatchedPaths, TransposedVJP, WorkingP
                 **found}
 
     def library_ops_without_batching(self) -> List[str]:
-        """``[qualified name]`` when fn is a ``torch.library`` op without a vmap batching rule, else []: such an
-        op never runs under vmap here (see :mod:`.library_ops`)."""
+        """The ``torch.library`` ops without a vmap batching rule that fn is or its code loads: such an fn never
+        runs under vmap here (see :mod:`.library_ops`)."""
         return library_ops.without_batching_rule(self.problem.spec.fn)
 
     @_process.runs_user_code

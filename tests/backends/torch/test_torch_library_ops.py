@@ -121,3 +121,15 @@ def test_an_undeclared_in_place_write_fails_opcheck_test_schema() -> None:
     report = gb.check(op, *_args())
     failed = {c.name for c in report.contracts if not c.passed}
     assert not report.passed and {"opcheck test_schema", "inputs untouched"} <= failed, str(report)
+
+
+def test_a_function_calling_an_op_without_a_batching_rule_is_not_vmapped(capfd) -> None:
+    require_backend("torch")
+    import torch
+
+    op, name = _scaled_mul()
+    x, w, alpha = _args()
+    report = gb.check(lambda t: torch.tanh(op(t, w, alpha)), x)  # the op closed over, read from fn's code
+    assert report.passed, str(report)
+    assert any(name in note and "no vmap batching rule" in note for note in report.notes), report.notes
+    assert not [line for line in capfd.readouterr().err.splitlines() if "batching rule" in line]
