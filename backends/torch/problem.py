@@ -40,6 +40,7 @@ from ..common.layout import Candidate
 from ..common.lowprec import low_precision_names, promotion_hint
 from ..common.outputs import output_leaves, output_specs
 from ..common.rng import SharedRandomState
+from .compat import _pull
 from .module_state import _DataSwap, _ModuleState
 
 # params_held when there is nothing to hold (nullcontext is reusable and reentrant)
@@ -381,3 +382,14 @@ def _vjp_graph(problem: TorchProblem, forward, x: torch.Tensor):
     with torch.enable_grad():
         out, swapped = forward(x, True)
     return x, out, swapped
+
+
+def _grad(problem: TorchProblem, x, out, swapped, cotangent: torch.Tensor, create_graph: bool,
+          retain_graph: bool = True) -> torch.Tensor:
+    """``cotangent``'s VJP through the recorded ``out`` with respect to the flat ``x`` (and the ``params=`` tensors
+    swapped in for some leaves, combined into it); zeros where ``out`` does not depend on ``x``."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    inputs = [x] + list(swapped)
+    grads = _pull((out,), inputs, (cotangent,), create_graph, retain_graph)
+    return _combine(problem, grads[0], grads[1:], x.numel())

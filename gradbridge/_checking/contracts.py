@@ -104,10 +104,7 @@ def _compiled_vs_eager(evaluator: Evaluator, context: CheckContext, precision: f
                                            ("gradients", vjp_c, vjp_e, evaluator.input_name)):
         compiled = np.asarray(compiled, dtype=np.float64).reshape(len(cotangents) if what == "gradients" else 1, -1)
         eager = np.asarray(eager, dtype=np.float64).reshape(compiled.shape)
-        scale = np.abs(eager)
-        largest = float(np.max(scale, initial=0.0))
-        allowed = ROUNDOFF * precision * scale + (float(np.sqrt(precision)) + resolution) * largest
-        excess = np.abs(compiled - eager) - allowed
+        excess = np.abs(compiled - eager) - _two_paths_allowance(eager, precision, resolution)
         if (excess > 0).any():
             row, k = np.unravel_index(int(np.argmax(excess)), excess.shape)
             return Contract(name, False, "rev", calls=2 * len(cotangents), message=
@@ -134,6 +131,15 @@ def _framework_tests(evaluator: Evaluator, context: CheckContext) -> List[Contra
             sentence = f"{sentence}; contracts='all' runs it"
         found.append(Contract(name, passed is not False, "rev", sentence, checked=passed is not None))
     return found
+
+
+def _two_paths_allowance(reference: np.ndarray, precision: float, resolution: float) -> np.ndarray:
+    """What two paths to the same values (a compiled batch and an eager forward, compiled and eager code: sums in
+    another order) may differ by: round-off relative to each entry, plus sqrt(eps) and the measured resolution of
+    the largest entry (the terms they sum, which the values alone do not show)."""
+    scale = np.abs(reference)
+    largest = float(np.max(scale, initial=0.0))
+    return ROUNDOFF * precision * scale + (float(np.sqrt(precision)) + resolution) * largest
 
 
 def _relative(precision: float, resolution: float = 0.0) -> float:
@@ -373,11 +379,7 @@ def _primal(evaluator: Evaluator, f0: np.ndarray, precision: float, resolution: 
     if primal.shape != reference.shape:
         return Contract(name, False, "rev", f"under differentiation fn returns {primal.size} output entries, "
                                             f"{reference.size} when evaluated")
-    scale = np.abs(reference)
-    # two paths to the same output (a compiled batch, an eager forward; a sum in another order) differ by round-off
-    # relative to the terms they sum, which the output alone does not show: sqrt(eps) of the largest output entry
-    largest = float(np.max(scale, initial=0.0))
-    allowed = ROUNDOFF * precision * scale + (float(np.sqrt(precision)) + resolution) * largest
+    allowed = _two_paths_allowance(reference, precision, resolution)
     excess = np.abs(primal - reference) - allowed
     if (excess > 0).any():
         k = int(np.argmax(excess))

@@ -14,6 +14,7 @@ import pytest
 
 import gradbridge as gb
 from backend_matrix import require_backend
+from kit_torch import tanh_with_jvp
 from kits import make_op
 
 X0 = np.array([[0.3, -0.7, 1.1], [0.5, 2.0, -1.4]])
@@ -150,27 +151,7 @@ def test_a_torch_jvp_not_linear_in_its_tangent_fails() -> None:
     import torch
 
     def make(clip: bool):
-        class Tanh(torch.autograd.Function):
-            @staticmethod
-            def forward(x):
-                return torch.tanh(x)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                ctx.save_for_backward(output)
-                ctx.save_for_forward(output)
-
-            @staticmethod
-            def backward(ctx, g):
-                (y,) = ctx.saved_tensors
-                return g * (1 - y ** 2)
-
-            @staticmethod
-            def jvp(ctx, t):
-                (y,) = ctx.saved_tensors
-                return (t.clamp(-2, 2) if clip else t) * (1 - y ** 2)
-
-        return Tanh.apply
+        return tanh_with_jvp(lambda t, y: (t.clamp(-2, 2) if clip else t) * (1 - y ** 2))
 
     x = torch.tensor(X0)
     right = gb.check(make(False), x)

@@ -44,3 +44,31 @@ def tanh_function(wrong_backward: bool = False):
             return grad * ((1 - h) if wrong_backward else (1 - h ** 2))
 
     return Tanh
+
+
+def tanh_with_jvp(jvp, vmap=None):
+    """tanh as a torch.func-style ``Function`` (``setup_context`` saving its output for both modes): backward
+    ``g * (1 - y**2)``, forward-mode rule ``jvp(t, y)``, and, where given, the hand-written batching rule ``vmap``
+    (torch's ``Function.vmap`` signature); returns its ``apply``."""
+    import torch
+
+    def forward(x):
+        return torch.tanh(x)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y ** 2)
+
+    def forward_rule(ctx, t):
+        (y,) = ctx.saved_tensors
+        return jvp(t, y)
+
+    members = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+               "backward": staticmethod(backward), "jvp": staticmethod(forward_rule)}
+    if vmap is not None:
+        members["vmap"] = staticmethod(vmap)
+    return type("Tanh", (torch.autograd.Function,), members).apply

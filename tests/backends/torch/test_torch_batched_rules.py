@@ -10,6 +10,7 @@ import pytest
 
 import gradbridge as gb
 from backend_matrix import require_backend
+from kit_torch import tanh_with_jvp
 
 pytestmark = pytest.mark.torch
 
@@ -106,32 +107,8 @@ def _tanh_with_jvp(vmap_bug: bool):
     import torch
 
     Mul = _kernel_mul(vmap_bug)
-
-    class Tanh(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return torch.tanh(x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(output)
-            ctx.save_for_forward(output)
-
-        @staticmethod
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            return g * (1 - y ** 2)
-
-        @staticmethod
-        def jvp(ctx, t):
-            (y,) = ctx.saved_tensors
-            return Mul.apply(t, 1 - y ** 2)
-
-        @staticmethod
-        def vmap(info, in_dims, x):
-            return torch.tanh(x), in_dims[0]
-
-    return Tanh.apply
+    return tanh_with_jvp(lambda t, y: Mul.apply(t, 1 - y ** 2),
+                         vmap=lambda info, in_dims, x: (torch.tanh(x), in_dims[0]))
 
 
 def test_a_jvp_whose_vmap_path_is_wrong_fails_the_batched_forward_contract() -> None:
